@@ -1,0 +1,69 @@
+"""ckptguard: crash-safe, exactly-once, verified checkpoints.
+
+A checkpoint is either committed (complete, checksummed, visible) or invisible. See
+``commit.py`` for the protocol and ``errors.py`` for the error tree. The names below are
+the public API; this core imports without torch.
+"""
+
+from __future__ import annotations
+
+from ckptguard.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
+from ckptguard.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    CommitConflict,
+    CorruptCheckpoint,
+    InvalidCheckpointName,
+    LockTimeout,
+    NoValidCheckpoint,
+    ReadOnlyStorage,
+    StorageError,
+    StorageFull,
+    StoragePermissionError,
+    TransientStorageError,
+    UnsafeManifest,
+    UnsupportedFile,
+)
+from ckptguard.manifest import FileEntry, Manifest
+from ckptguard.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
+from ckptguard.retry import RetryPolicy
+from ckptguard.storage import FileDigest, LocalStorage, Storage
+from ckptguard.verify import VerifyReport, read_manifest, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicCheckpoint",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "CommitConflict",
+    "CommitResult",
+    "CorruptCheckpoint",
+    "EntryKind",
+    "FileDigest",
+    "FileEntry",
+    "InvalidCheckpointName",
+    "LocalStorage",
+    "LockTimeout",
+    "Manifest",
+    "NoValidCheckpoint",
+    "Outcome",
+    "ReadOnlyStorage",
+    "RecoveryReport",
+    "RetryPolicy",
+    "RootEntry",
+    "Storage",
+    "StorageError",
+    "StorageFull",
+    "StoragePermissionError",
+    "TransientStorageError",
+    "UnsafeManifest",
+    "UnsupportedFile",
+    "VerifyReport",
+    "__version__",
+    "atomic_checkpoint",
+    "read_manifest",
+    "recover",
+    "scan",
+    "verify",
+]

@@ -1,0 +1,152 @@
+"""Staging directories: who owns each one, and removing those whose owner is gone.
+
+Only entries of ``ROOT/.ckptguard/staging`` whose names match our staging pattern are
+ever considered; anything else there is left alone. Removal happens only under the
+root's lock (the caller holds it), and only when :func:`staging_state` says stale: the
+owner provably died on this machine, or nothing in the staging dir changed for longer
+than ``stale_after`` seconds (see ``owner.py`` for what "provably" covers).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptguard.errors import CheckpointError
+from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name
+from ckptguard.owner import WriterInfo, is_alive_here
+from ckptguard.retry import NFS_LAG_ERRNOS, call_with_retry
+from ckptguard.verify import read_manifest
+
+if TYPE_CHECKING:
+    from ckptguard.storage import Storage
+
+__all__ = [
+    "DEFAULT_STALE_AFTER",
+    "StagingState",
+    "read_owner",
+    "remove_stale_staging",
+    "staging_state",
+    "write_owner",
+]
+
+_log = logging.getLogger("ckptguard.cleanup")
+
+# A staging dir of a writer on another host (or one we cannot identify) is stale after
+# this long without any change. Long enough for a slow multi-GB save to add files.
+DEFAULT_STALE_AFTER = 6 * 3600.0
+_MAX_OWNER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class StagingState:
+    """A staging entry and the verdict on it."""
+
+    path: str
+    name: str
+    save_id: str
+    live: bool
+    reason: str
+    owner: WriterInfo | None
+
+
+def write_owner(storage: Storage, staging_path: str, writer: WriterInfo, save_id: str) -> None:
+    """Record the owner inside a new staging dir (not durable on purpose: losing it is safe)."""
+    data = json.dumps({"save_id": save_id, "writer": writer.to_dict()}).encode()
+    storage.write_bytes(os.path.join(staging_path, OWNER_NAME), data, fsync=False)
+
+
+def _writer_from(obj: Any) -> WriterInfo | None:
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return WriterInfo(
+            host=str(obj["host"]),
+            pid=int(obj["pid"]),
+            pid_start=None if obj.get("pid_start") is None else int(obj["pid_start"]),
+            boot_id=None if obj.get("boot_id") is None else str(obj["boot_id"]),
+            pid_namespace=None if obj.get("pid_namespace") is None else str(obj["pid_namespace"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_owner(storage: Storage, staging_path: str) -> WriterInfo | None:
+    """The owner of a staging dir: its owner file, or the writer of its sealed manifest."""
+    try:
+        data = storage.read_bytes(os.path.join(staging_path, OWNER_NAME), limit=_MAX_OWNER_BYTES)
+        return _writer_from(json.loads(data).get("writer"))
+    except (OSError, ValueError, CheckpointError, AttributeError):
+        pass
+    try:
+        return read_manifest(staging_path).writer
+    except (OSError, CheckpointError):
+        return None
+
+
+def _last_change(path: str) -> float:
+    newest = os.lstat(path).st_mtime
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        pass
+    return newest
+
+
+def staging_state(
+    storage: Storage, path: str, *, stale_after: float = DEFAULT_STALE_AFTER
+) -> StagingState | None:
+    """Classify one staging entry; None if its name is not one of ours."""
+    parsed = parse_staging_name(os.path.basename(path))
+    if parsed is None:
+        return None
+    name, save_id = parsed
+    owner = read_owner(storage, path)
+    alive = is_alive_here(owner) if owner is not None else None
+    if alive is True and owner is not None:
+        return StagingState(
+            path, name, save_id, live=True, reason=f"owner pid {owner.pid} is running", owner=owner
+        )
+    if alive is False and owner is not None:
+        return StagingState(
+            path, name, save_id, live=False, reason=f"owner pid {owner.pid} has exited", owner=owner
+        )
+    try:
+        age = time.time() - _last_change(path)
+    except FileNotFoundError:
+        return StagingState(path, name, save_id, live=False, reason="vanished", owner=owner)
+    who = f"owner {owner.host}:{owner.pid}" if owner else "unknown owner"
+    if age < stale_after:
+        reason = f"{who}, changed {age:.0f}s ago (stale after {stale_after:.0f}s)"
+        return StagingState(path, name, save_id, live=True, reason=reason, owner=owner)
+    return StagingState(
+        path, name, save_id, live=False, reason=f"{who}, unchanged for {age:.0f}s", owner=owner
+    )
+
+
+def remove_stale_staging(
+    storage: Storage, layout: RootLayout, *, stale_after: float = DEFAULT_STALE_AFTER
+) -> list[StagingState]:
+    """Remove stale staging dirs of ``layout``'s root; the caller holds the root's lock."""
+    removed = []
+    for entry in storage.list_dir(layout.staging):
+        path = os.path.join(layout.staging, entry)
+        state = staging_state(storage, path, stale_after=stale_after)
+        if state is None or state.live:
+            continue
+        _log.info("removing stale staging %s (%s)", path, state.reason)
+        call_with_retry(
+            functools.partial(storage.remove_tree, path),
+            what="remove stale staging",
+            path=path,
+            also_transient=NFS_LAG_ERRNOS,
+        )
+        removed.append(state)
+    return removed

@@ -1,0 +1,517 @@
+"""The commit protocol: stage → write → seal → commit → publish.
+
+Why: a trainer that let several processes ``rename(tmp, "checkpoint-100")`` crashed every
+process but the first with ``OSError: [Errno 39] Directory not empty``, and one that
+writes straight into ``checkpoint-100`` resumes from half-written folders after a crash.
+Here a checkpoint's final name appears in one atomic step, exactly once, after every
+byte and the manifest are durable.
+
+1. ``stage``   create ``ROOT/.ckptguard/staging/<name>.<save_id>`` (0700) with an owner file.
+2. write       the caller writes files into the staging dir (any code, any rank).
+3. ``seal``    hash and fsync every file, fsync subdirectories, write the manifest under
+               a temp name, fsync it, rename it to ``ckptguard.json``, fsync the staging dir.
+4. ``commit``  under the root's lock: rename(2) the staging dir onto the final name with
+               RENAME_NOREPLACE. If the name is taken: our own save committed by a peer
+               is success; a valid checkpoint is kept, replaced (rename to trash, then
+               rename in) or reported, per ``if_exists``; anything else is quarantined.
+5. ``publish`` fsync ROOT (the commit is now durable), drop the replaced checkpoint from
+               trash, remove stale staging dirs of dead savers.
+
+``abort`` removes a staging dir; it runs on any failure before the commit. A crash at
+any point leaves either the old state or the new one; ``recovery.recover`` repairs the
+in-between states a crash can leave (stale staging, a replace cut between its renames).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import functools
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ckptguard._faults import fault_point
+from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_stale_staging, write_owner
+from ckptguard.errors import (
+    CheckpointError,
+    CommitConflict,
+    StorageError,
+    StorageFull,
+    UnsafeManifest,
+    UnsupportedFile,
+    storage_error_from_os,
+)
+from ckptguard.layout import (
+    MANIFEST_NAME,
+    MANIFEST_TMP_NAME,
+    OWNER_NAME,
+    RootLayout,
+    new_save_id,
+    step_from_name,
+    validate_name,
+)
+from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard.manifest import FileEntry, Manifest, validate_relpath
+from ckptguard.owner import WriterInfo, current_writer
+from ckptguard.retry import (
+    DEFAULT_RETRY,
+    NFS_LAG_ERRNOS,
+    PERMANENT_ERRNOS,
+    RetryPolicy,
+    call_fsync,
+    call_with_retry,
+)
+from ckptguard.storage import FileDigest, LocalStorage, Storage
+from ckptguard.verify import verify
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "AtomicCheckpoint",
+    "CommitResult",
+    "IfExists",
+    "Outcome",
+    "Staging",
+    "abort",
+    "atomic_checkpoint",
+    "commit",
+    "publish",
+    "seal",
+    "stage",
+]
+
+_log = logging.getLogger("ckptguard.commit")
+
+IfExists = Literal["keep", "replace", "error"]
+_IF_EXISTS = ("keep", "replace", "error")
+
+
+class Outcome(enum.StrEnum):
+    """What a commit did."""
+
+    COMMITTED = "committed"  # our staging dir is now the checkpoint
+    REPLACED = "replaced"  # ... and an older valid checkpoint of that name went to trash
+    ALREADY_COMMITTED = "already_committed"  # a peer committed this very save (same save id)
+    KEPT_EXISTING = "kept_existing"  # a valid checkpoint of that name exists; ours discarded
+
+
+@dataclass(frozen=True)
+class Staging:
+    """A save in progress: where it is written and by whom."""
+
+    layout: RootLayout
+    name: str
+    save_id: str
+    path: str
+    storage: Storage
+    retry: RetryPolicy = DEFAULT_RETRY
+    writer: WriterInfo = field(default_factory=current_writer)
+
+    @property
+    def final(self) -> str:
+        return self.layout.final(self.name)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """The checkpoint that is visible under the final name after a commit, and how."""
+
+    path: str
+    outcome: Outcome
+    manifest: Manifest
+    replaced: str | None = None  # trash path of the checkpoint we replaced
+    quarantined: str | None = None  # where a foreign entry in the way was moved
+
+
+def _default_dir_mode() -> int:
+    """0o777 minus the process umask, read without changing it (os.umask is racy)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o755
+
+
+def _rename(staging: Staging, src: str, dst: str) -> None:
+    call_with_retry(
+        functools.partial(staging.storage.rename_noreplace, src, dst),
+        what=f"rename {src} -> {dst}",
+        path=dst,
+        policy=staging.retry,
+        also_transient=NFS_LAG_ERRNOS,
+        passthrough=frozenset({errno.EEXIST}),
+    )
+
+
+# -- 1. stage ------------------------------------------------------------------------------
+def ensure_root(layout: RootLayout, storage: Storage, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+    """Create ROOT (like mkdir -p) and its 0700 meta directories."""
+
+    def make() -> None:
+        os.makedirs(layout.root, exist_ok=True)
+        for path in (layout.meta, layout.staging, layout.trash, layout.quarantine):
+            storage.make_dir(path, mode=0o700, exist_ok=True)
+
+    call_with_retry(make, what="create checkpoint root", path=layout.root, policy=retry)
+
+
+def stage(
+    root: str | os.PathLike[str],
+    name: str,
+    *,
+    storage: Storage | None = None,
+    save_id: str | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    writer: WriterInfo | None = None,
+) -> Staging:
+    """Create a fresh staging directory for checkpoint ``name`` under ``root``."""
+    storage = storage or LocalStorage()
+    layout = RootLayout(os.path.abspath(os.fspath(root)))
+    validate_name(name)
+    save_id = save_id or new_save_id()
+    writer = writer or current_writer()
+    ensure_root(layout, storage, retry)
+    path = layout.staging_dir(name, save_id)
+    call_with_retry(
+        functools.partial(storage.make_dir, path, mode=0o700),
+        what="create staging dir",
+        path=path,
+        policy=retry,
+    )
+    write_owner(storage, path, writer, save_id)
+    fault_point("stage.created")
+    return Staging(layout, name, save_id, path, storage, retry, writer)
+
+
+# -- 3. seal -------------------------------------------------------------------------------
+def seal(
+    staging: Staging,
+    *,
+    step: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    known: Mapping[str, FileDigest] | None = None,
+) -> Manifest:
+    """Make every file durable and write the manifest; the save stays invisible.
+
+    ``known`` holds digests of files that were checksummed and fsynced while written
+    (through ``Storage.open_write``); every other file is hashed and fsynced here.
+    """
+    storage, path = staging.storage, staging.path
+    known = known or {}
+    files, dirs = storage.walk_files(path)
+    entries = []
+    for rel in files:
+        if rel == OWNER_NAME:
+            continue
+        if rel in {MANIFEST_NAME, MANIFEST_TMP_NAME}:
+            raise UnsupportedFile(
+                f"{os.path.join(path, rel)}: {rel!r} is reserved for ckptguard's manifest",
+                path=os.path.join(path, rel),
+                hint="rename the file",
+            )
+        try:
+            validate_relpath(rel)
+        except UnsafeManifest as exc:
+            raise UnsupportedFile(
+                f"{os.path.join(path, rel)}: {exc.message}", path=os.path.join(path, rel)
+            ) from None
+        digest = known.get(rel)
+        if digest is None:
+            file_path = os.path.join(path, rel)
+            digest = _hash_and_fsync(storage, file_path)
+        entries.append(FileEntry(rel, digest.size, digest.checksum))
+    for rel in reversed(dirs):  # deepest first, so each parent is synced after its children
+        sub = os.path.join(path, rel)
+        call_fsync(functools.partial(storage.fsync_dir, sub), what="fsync directory", path=sub)
+    fault_point("seal.files_synced")
+
+    manifest = Manifest.create(
+        name=staging.name,
+        save_id=staging.save_id,
+        step=step_from_name(staging.name) if step is None else step,
+        files=entries,
+        writer=staging.writer,
+        metrics=metrics,
+        metadata=metadata,
+    )
+    tmp = os.path.join(path, MANIFEST_TMP_NAME)
+    data = manifest.to_json()
+
+    def write_manifest() -> None:
+        storage.write_bytes(tmp, data, fsync=True)
+
+    call_fsync(write_manifest, what="write manifest", path=tmp)
+    fault_point("seal.manifest_tmp_written")
+    _rename(staging, tmp, os.path.join(path, MANIFEST_NAME))
+    fault_point("seal.manifest_written")
+    storage.remove_file(os.path.join(path, OWNER_NAME))
+    call_fsync(functools.partial(storage.fsync_dir, path), what="fsync staging dir", path=path)
+    fault_point("seal.done")
+    return manifest
+
+
+def _hash_and_fsync(storage: Storage, file_path: str) -> FileDigest:
+    holder: list[FileDigest] = []
+
+    def run() -> None:
+        holder.append(storage.hash_file(file_path, fsync=True))
+
+    call_fsync(run, what="read and fsync file", path=file_path)
+    return holder[0]
+
+
+# -- 4. commit -----------------------------------------------------------------------------
+def commit(
+    staging: Staging,
+    manifest: Manifest,
+    *,
+    if_exists: IfExists = "keep",
+    dir_mode: int | None = None,
+) -> CommitResult:
+    """Make the sealed save visible under its final name. The caller holds the root's lock."""
+    if if_exists not in _IF_EXISTS:
+        raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
+    storage, final = staging.storage, staging.final
+    mode = _default_dir_mode() if dir_mode is None else dir_mode
+    storage.set_mode(staging.path, mode)
+    fault_point("commit.before_rename")
+    for _attempt in range(3):
+        try:
+            _rename(staging, staging.path, final)
+        except FileExistsError:
+            pass
+        else:
+            fault_point("commit.renamed")
+            return CommitResult(final, Outcome.COMMITTED, manifest)
+
+        existing = verify(final, checksums=False)  # sizes only: cheap, and enough to decide
+        if not existing.ok and not storage.exists(final):
+            continue  # it vanished between our rename and the look; try again
+        if existing.ok and existing.manifest is not None:
+            theirs = existing.manifest
+            if theirs.save_id == staging.save_id:
+                abort(staging)
+                return CommitResult(final, Outcome.ALREADY_COMMITTED, theirs)
+            if if_exists == "keep":
+                _log.info(
+                    "%s already holds a valid checkpoint (save %s, written by %s:%d); "
+                    "kept it and discarded this save",
+                    final, theirs.save_id, theirs.writer.host, theirs.writer.pid,
+                )  # fmt: skip
+                abort(staging)
+                return CommitResult(final, Outcome.KEPT_EXISTING, theirs)
+            if if_exists == "error":
+                abort(staging)
+                raise CommitConflict(
+                    f"{final} already holds a valid checkpoint (save {theirs.save_id})",
+                    path=final,
+                )
+            trash = os.path.join(staging.layout.trash, f"{staging.name}.{new_save_id()}")
+            _rename(staging, final, trash)
+            fault_point("commit.moved_to_trash")
+            _rename(staging, staging.path, final)
+            fault_point("commit.renamed")
+            return CommitResult(final, Outcome.REPLACED, manifest, replaced=trash)
+
+        # Not a valid ckptguard checkpoint (a half-written folder, a foreign directory):
+        # never deleted, never loaded; moved aside with the reason, then we commit.
+        quarantined = quarantine(staging, final, reason="; ".join(existing.problems))
+        fault_point("commit.quarantined")
+        _rename(staging, staging.path, final)
+        fault_point("commit.renamed")
+        return CommitResult(final, Outcome.COMMITTED, manifest, quarantined=quarantined)
+    raise StorageError(
+        f"{final} kept appearing and disappearing while committing; another process is "
+        "modifying the root without ckptguard's lock",
+        path=final,
+    )
+
+
+def quarantine(staging: Staging, path: str, *, reason: str) -> str:
+    """Move ``path`` into ROOT/.ckptguard/quarantine, with a JSON note saying why."""
+    name = os.path.basename(path)
+    target = os.path.join(staging.layout.quarantine, f"{name}.{new_save_id()}")
+    note = {"original": path, "reason": reason, "by_save": staging.save_id}
+    _log.warning("moving %s to quarantine %s: %s", path, target, reason)
+    staging.storage.write_bytes(target + ".json", _json_bytes(note), fsync=True)
+    _rename(staging, path, target)
+    return target
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json  # noqa: PLC0415 - only needed on the rare quarantine path
+
+    return json.dumps(obj, indent=1).encode()
+
+
+# -- 5. publish ----------------------------------------------------------------------------
+def publish(
+    staging: Staging, result: CommitResult, *, stale_after: float = DEFAULT_STALE_AFTER
+) -> None:
+    """Make the commit durable, then clean up. The caller holds the root's lock."""
+    storage, layout = staging.storage, staging.layout
+    call_fsync(
+        functools.partial(storage.fsync_dir, layout.root), what="fsync root", path=layout.root
+    )
+    fault_point("publish.root_synced")
+    if result.replaced is not None:
+        call_with_retry(
+            functools.partial(storage.remove_tree, result.replaced),
+            what="remove replaced checkpoint",
+            path=result.replaced,
+            policy=staging.retry,
+            also_transient=NFS_LAG_ERRNOS,
+        )
+    remove_stale_staging(storage, layout, stale_after=stale_after)
+    fault_point("publish.done")
+
+
+# -- abort ---------------------------------------------------------------------------------
+def abort(staging: Staging) -> None:
+    """Remove a staging dir; never raises (a leftover is cleaned by the next save)."""
+    try:
+        call_with_retry(
+            functools.partial(staging.storage.remove_tree, staging.path),
+            what="remove staging",
+            path=staging.path,
+            policy=RetryPolicy(deadline=min(staging.retry.deadline, 5.0)),
+            also_transient=NFS_LAG_ERRNOS,
+        )
+    except (OSError, CheckpointError) as exc:
+        _log.warning("could not remove staging %s (%s); the next save will", staging.path, exc)
+
+
+# -- the whole sequence, as a context manager ----------------------------------------------
+def _tree_size(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _typed_storage_error(exc: OSError, staging: Staging) -> StorageError:
+    """Turn a permanent OSError from the user's writes into our typed error, with sizes."""
+    err = storage_error_from_os(exc, f"writing checkpoint {staging.name}", staging.final)
+    written = _tree_size(staging.path)
+    err.message += f" after {written} bytes were written to its staging dir"
+    if isinstance(err, StorageFull):
+        free = shutil.disk_usage(staging.layout.root).free
+        err.message += (
+            f"; {free} bytes are free on {staging.layout.root}, and this save needs more "
+            f"than {written} bytes"
+        )
+        err.bytes_needed = written
+    return err
+
+
+class AtomicCheckpoint:
+    """``with atomic_checkpoint(path) as staging_dir: ...`` — see :func:`atomic_checkpoint`."""
+
+    def __init__(
+        self,
+        final_path: str | os.PathLike[str],
+        *,
+        step: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        if_exists: IfExists = "keep",
+        storage: Storage | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        dir_mode: int | None = None,
+    ) -> None:
+        if if_exists not in _IF_EXISTS:
+            raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
+        final = os.path.abspath(os.fspath(final_path))
+        self.root, self.name = os.path.dirname(final), validate_name(os.path.basename(final))
+        self.step, self.metrics, self.metadata = step, metrics, metadata
+        self.if_exists: IfExists = if_exists
+        self.storage = storage or LocalStorage()
+        self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
+        self.dir_mode = dir_mode
+        self.staging: Staging | None = None
+        self.result: CommitResult | None = None
+
+    def __enter__(self) -> Path:
+        self.staging = stage(self.root, self.name, storage=self.storage, retry=self.retry)
+        return Path(self.staging.path)
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        staging = self.staging
+        if staging is None:
+            return
+        if exc is not None:
+            typed = (
+                _typed_storage_error(exc, staging)
+                if isinstance(exc, OSError)
+                and not isinstance(exc, CheckpointError)
+                and exc.errno in PERMANENT_ERRNOS
+                else None
+            )
+            abort(staging)
+            if typed is not None:
+                raise typed from exc
+            return  # the original exception propagates
+        try:
+            manifest = seal(staging, step=self.step, metrics=self.metrics, metadata=self.metadata)
+            with root_lock(staging.layout, self.lock_timeout):
+                result = commit(staging, manifest, if_exists=self.if_exists, dir_mode=self.dir_mode)
+                publish(staging, result, stale_after=self.stale_after)
+        except BaseException:
+            abort(staging)  # a no-op if the rename already happened
+            raise
+        self.result = result
+
+
+def atomic_checkpoint(
+    final_path: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    if_exists: IfExists = "keep",
+    storage: Storage | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    dir_mode: int | None = None,
+) -> AtomicCheckpoint:
+    """Commit whatever the block writes into the yielded staging dir as ``final_path``.
+
+    ::
+
+        with ckptguard.atomic_checkpoint("runs/exp1/checkpoint-100") as staging_dir:
+            model.save_pretrained(staging_dir)
+
+    A normal exit seals and commits; an exception removes the staging dir and propagates
+    (a permanent OSError such as ENOSPC becomes a typed :class:`StorageError`). If the
+    final name already holds a valid checkpoint, ``if_exists`` decides: ``"keep"`` it
+    (default; exactly-once: the first committer wins), ``"replace"`` it (moved to trash
+    first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
+    quarantined, never deleted. The object's ``.result`` tells what happened.
+    """
+    return AtomicCheckpoint(
+        final_path,
+        step=step,
+        metrics=metrics,
+        metadata=metadata,
+        if_exists=if_exists,
+        storage=storage,
+        retry=retry,
+        lock_timeout=lock_timeout,
+        stale_after=stale_after,
+        dir_mode=dir_mode,
+    )

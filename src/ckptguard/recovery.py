@@ -1,0 +1,231 @@
+"""Recovery: classify every entry of a root, and repair what a crash can leave.
+
+Classes of entries:
+- committed-valid    a directory with a manifest that verifies;
+- committed-corrupt  a directory with a manifest (``ckptguard.json``) that does not verify;
+- staging-live       a save in progress whose owner is alive (or too recent to judge);
+- staging-stale      a save whose owner died, or that has not changed for ``stale_after``;
+- trash              a checkpoint moved aside by a replace;
+- quarantine         something that stood in a checkpoint's way, kept for a human;
+- foreign            anything else: user files, folders without a manifest (such as a
+                     half-written ``checkpoint-N`` from a tool without ckptguard).
+
+Repairs (``recover``, under the root's lock):
+- a replace cut between its two renames (old checkpoint in trash, final name missing) is
+  rolled back: the newest trash copy that verifies is renamed back;
+- trash whose checkpoint was replaced by a valid one is removed;
+- stale staging is removed.
+Nothing else is ever moved or deleted: corrupt and foreign entries are only reported.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_stale_staging, staging_state
+from ckptguard.layout import (
+    MANIFEST_NAME,
+    META_DIR,
+    QUARANTINE_REASON_SUFFIX,
+    RootLayout,
+    parse_staging_name,
+)
+from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard.retry import DEFAULT_RETRY, NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
+from ckptguard.storage import LocalStorage, Storage
+from ckptguard.verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["EntryKind", "RecoveryReport", "RootEntry", "recover", "scan"]
+
+_log = logging.getLogger("ckptguard.recovery")
+
+
+class EntryKind(enum.StrEnum):
+    """The class of an entry of a checkpoint root."""
+
+    COMMITTED_VALID = "committed-valid"
+    COMMITTED_CORRUPT = "committed-corrupt"
+    STAGING_LIVE = "staging-live"
+    STAGING_STALE = "staging-stale"
+    TRASH = "trash"
+    QUARANTINE = "quarantine"
+    FOREIGN = "foreign"
+
+
+@dataclass(frozen=True)
+class RootEntry:
+    """One classified entry."""
+
+    kind: EntryKind
+    path: str
+    name: str
+    detail: str = ""
+    report: VerifyReport | None = None
+
+    @property
+    def step(self) -> int | None:
+        return self.report.step if self.report else None
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """Every entry of a root, classified, and the repairs made (if any)."""
+
+    root: str
+    entries: tuple[RootEntry, ...]
+    actions: tuple[str, ...] = ()
+
+    def of_kind(self, kind: EntryKind) -> list[RootEntry]:
+        return [e for e in self.entries if e.kind == kind]
+
+    @property
+    def valid(self) -> list[RootEntry]:
+        """Committed checkpoints that verify, oldest first (by step, then creation time)."""
+
+        def key(e: RootEntry) -> tuple[int, str]:
+            manifest = e.report.manifest if e.report else None
+            step = manifest.step if manifest and manifest.step is not None else -1
+            return (step, manifest.created_at if manifest else "")
+
+        return sorted(self.of_kind(EntryKind.COMMITTED_VALID), key=key)
+
+    @property
+    def latest(self) -> RootEntry | None:
+        """The newest checkpoint that verifies, or None."""
+        valid = self.valid
+        return valid[-1] if valid else None
+
+
+def _classify_top(root: str, names: Iterable[str], *, checksums: bool) -> list[RootEntry]:
+    entries = []
+    for name in names:
+        if name == META_DIR:
+            continue
+        path = os.path.join(root, name)
+        is_real_dir = os.path.isdir(path) and not os.path.islink(path)
+        if is_real_dir and os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+            report = verify(path, checksums=checksums)
+            kind = EntryKind.COMMITTED_VALID if report.ok else EntryKind.COMMITTED_CORRUPT
+            detail = "" if report.ok else "; ".join(report.problems)
+            entries.append(RootEntry(kind, path, name, detail, report))
+        else:
+            what = "directory without a manifest" if is_real_dir else "not a directory"
+            entries.append(RootEntry(EntryKind.FOREIGN, path, name, what))
+    return entries
+
+
+def scan(
+    root: str | os.PathLike[str],
+    *,
+    checksums: bool = True,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    storage: Storage | None = None,
+) -> RecoveryReport:
+    """Classify every entry of ``root`` without changing anything."""
+    storage = storage or LocalStorage()
+    layout = RootLayout(os.path.abspath(os.fspath(root)))
+    entries = _classify_top(layout.root, storage.list_dir(layout.root), checksums=checksums)
+    for name in storage.list_dir(layout.staging):
+        path = os.path.join(layout.staging, name)
+        state = staging_state(storage, path, stale_after=stale_after)
+        if state is None:
+            entries.append(RootEntry(EntryKind.FOREIGN, path, name, "not a ckptguard staging"))
+        else:
+            kind = EntryKind.STAGING_LIVE if state.live else EntryKind.STAGING_STALE
+            entries.append(RootEntry(kind, path, state.name, state.reason))
+    for name in storage.list_dir(layout.trash):
+        parsed = parse_staging_name(name)
+        path = os.path.join(layout.trash, name)
+        entries.append(RootEntry(EntryKind.TRASH, path, parsed[0] if parsed else name))
+    quarantine = storage.list_dir(layout.quarantine)
+    for name in quarantine:
+        if name.endswith(QUARANTINE_REASON_SUFFIX) and name[: -len(".json")] in quarantine:
+            continue  # the note that goes with a quarantined entry
+        parsed = parse_staging_name(name)
+        path = os.path.join(layout.quarantine, name)
+        entries.append(RootEntry(EntryKind.QUARANTINE, path, parsed[0] if parsed else name))
+    return RecoveryReport(layout.root, tuple(entries))
+
+
+def _repair_trash(
+    layout: RootLayout, storage: Storage, *, checksums: bool, retry: RetryPolicy
+) -> list[str]:
+    actions = []
+    by_name: dict[str, list[str]] = {}
+    for entry in storage.list_dir(layout.trash):
+        parsed = parse_staging_name(entry)
+        if parsed is not None:
+            by_name.setdefault(parsed[0], []).append(entry)
+    for name, trash_entries in by_name.items():
+        final = os.path.join(layout.root, name)
+        newest_first = sorted(trash_entries, key=lambda e: parse_staging_name(e) or ("", ""))
+        newest_first.reverse()
+        if not storage.exists(final):
+            for entry in newest_first:
+                path = os.path.join(layout.trash, entry)
+                if verify(path, checksums=checksums).ok:
+                    # A replace was cut between "old -> trash" and "new -> final": roll back.
+                    call_with_retry(
+                        functools.partial(storage.rename_noreplace, path, final),
+                        what="restore from trash",
+                        path=final,
+                        policy=retry,
+                        also_transient=NFS_LAG_ERRNOS,
+                    )
+                    call_fsync(
+                        functools.partial(storage.fsync_dir, layout.root),
+                        what="fsync root",
+                        path=layout.root,
+                    )
+                    actions.append(f"restored {final} from {path} (an interrupted replace)")
+                    newest_first.remove(entry)
+                    break
+        if not verify(final, checksums=checksums).ok:
+            continue  # keep the old copies while the final name holds nothing valid
+        for entry in newest_first:
+            path = os.path.join(layout.trash, entry)
+            call_with_retry(
+                functools.partial(storage.remove_tree, path),
+                what="remove trash",
+                path=path,
+                policy=retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+            actions.append(f"removed {path} (replaced by a valid {final})")
+    return actions
+
+
+def recover(
+    root: str | os.PathLike[str],
+    *,
+    checksums: bool = True,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    storage: Storage | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> RecoveryReport:
+    """Repair what a crash left under ``root`` (under its lock), then classify everything."""
+    storage = storage or LocalStorage()
+    layout = RootLayout(os.path.abspath(os.fspath(root)))
+    actions: list[str] = []
+    if os.path.isdir(layout.meta) and not os.path.islink(layout.meta):
+        with root_lock(layout, lock_timeout):
+            actions += _repair_trash(layout, storage, checksums=checksums, retry=retry)
+            for state in remove_stale_staging(storage, layout, stale_after=stale_after):
+                actions.append(f"removed stale staging {state.path} ({state.reason})")
+            report = scan(
+                layout.root, checksums=checksums, stale_after=stale_after, storage=storage
+            )
+    else:
+        report = scan(layout.root, checksums=checksums, stale_after=stale_after, storage=storage)
+    for action in actions:
+        _log.info("%s", action)
+    return RecoveryReport(report.root, report.entries, tuple(actions))

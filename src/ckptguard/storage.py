@@ -1,0 +1,355 @@
+"""The storage interface, and its POSIX implementation.
+
+The commit protocol (``commit.py``) talks to a filesystem only through :class:`Storage`.
+Order of calls for one save, all made by the committing process unless noted:
+
+1. ``make_dir(staging, mode=0o700)``                          stage
+2. ``open_write`` / ``write_bytes`` (any writer, any rank)    write: checksum while writing
+   ``walk_files`` + ``hash_file(fsync=True)``                 seal: files written by others
+3. ``write_bytes(manifest tmp)``, ``rename_noreplace``,        seal
+   ``fsync_dir(staging)``
+4. ``rename_noreplace(staging, final)``                       commit: the atomic step
+5. ``fsync_dir(root)``, ``remove_tree(trash entry)``          publish
+
+Guarantees of :class:`LocalStorage`:
+- files are created with O_EXCL|O_NOFOLLOW (never through a planted symlink, never over
+  an existing file) and fsynced before they are reported written;
+- ``rename_noreplace`` uses Linux renameat2(RENAME_NOREPLACE): it never replaces an
+  existing target. Where the kernel or filesystem lacks it (ENOSYS/EINVAL; some NFS,
+  FUSE and older kernels) it falls back to check-then-rename(2), which is weaker
+  (partial): a target created by another process between the check and the rename is
+  replaced if it is an empty directory; a non-empty one still makes the rename fail.
+  ckptguard holds the root's lock around the commit, so only processes that bypass the
+  lock can hit that window;
+- ``remove_tree`` never follows a symlink: it removes the link, not its target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+
+import xxhash
+
+from ckptguard.errors import UnsupportedFile
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["FileDigest", "FileWriter", "LocalStorage", "Storage", "renameat2_available"]
+
+READ_CHUNK = 8 * 1024 * 1024
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """Size and xxh3-128 hex digest of a file's bytes."""
+
+    size: int
+    checksum: str
+
+
+class FileWriter(Protocol):
+    """A file being written: ``write`` any number of times, then ``close`` (or ``abort``)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def close(self) -> FileDigest: ...
+    def abort(self) -> None: ...
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A filesystem as the commit protocol needs it. Paths are absolute, '/'-separated."""
+
+    def make_dir(self, path: str, *, mode: int = 0o700, exist_ok: bool = False) -> None:
+        """Create one directory with ``mode`` exactly (umask does not widen or narrow it)."""
+
+    def open_write(self, path: str, *, fsync: bool = True) -> FileWriter:
+        """Create a new file (never an existing one); its digest is computed while writing."""
+
+    def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
+        """Create a new file holding ``data``."""
+
+    def read_bytes(self, path: str, *, limit: int) -> bytes:
+        """Read a regular file of at most ``limit`` bytes (never through a symlink)."""
+
+    def hash_file(
+        self, path: str, *, fsync: bool = False, progress: Callable[[int], None] | None = None
+    ) -> FileDigest:
+        """Digest a regular file by streaming it; fsync it too if asked."""
+
+    def walk_files(self, path: str) -> tuple[list[str], list[str]]:
+        """(files, dirs) under ``path`` as relative POSIX paths; refuses symlinks and specials."""
+
+    def fsync_dir(self, path: str) -> None:
+        """Make a directory's entries durable."""
+
+    def set_mode(self, path: str, mode: int) -> None:
+        """Set a directory's permission bits (no-op where the store has none)."""
+
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists."""
+
+    def list_dir(self, path: str) -> list[str]:
+        """Names in a directory, sorted; [] if it does not exist."""
+
+    def exists(self, path: str) -> bool:
+        """Whether anything (even a dangling symlink) has that name."""
+
+    def remove_tree(self, path: str) -> None:
+        """Remove a file or a directory tree; a symlink is removed, never followed."""
+
+    def remove_file(self, path: str) -> None:
+        """Remove one file; missing is fine."""
+
+
+@cache
+def _libc_renameat2() -> Callable[..., int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    result: Callable[..., int] = fn
+    return result
+
+
+def renameat2_available() -> bool:
+    """Whether the C library exposes renameat2 (the filesystem may still refuse it)."""
+    return _libc_renameat2() is not None
+
+
+class _LocalWriter:
+    def __init__(self, path: str, fd: int, *, fsync: bool) -> None:
+        self._path, self._fd, self._fsync = path, fd, fsync
+        self._hasher = xxhash.xxh3_128()
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self._size += written
+
+    def close(self) -> FileDigest:
+        try:
+            if self._fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        return FileDigest(self._size, self._hasher.hexdigest())
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class LocalStorage:
+    """POSIX storage with the fsync discipline of the on-disk contract."""
+
+    def __init__(self, *, use_renameat2: bool = True, file_mode: int = 0o644) -> None:
+        self.use_renameat2 = use_renameat2
+        self.file_mode = file_mode
+
+    # -- directories -------------------------------------------------------------------
+    def make_dir(self, path: str, *, mode: int = 0o700, exist_ok: bool = False) -> None:
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            if not exist_ok:
+                raise
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsupportedFile(
+                    f"{path} exists but is not a directory (a symlink or a file)", path=path
+                ) from None
+            return
+        os.chmod(path, mode)  # mkdir applies the umask; the contract needs the mode exactly
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def set_mode(self, path: str, mode: int) -> None:
+        os.chmod(path, mode, follow_symlinks=False)
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    # -- files -------------------------------------------------------------------------
+    def open_write(self, path: str, *, fsync: bool = True) -> _LocalWriter:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, self.file_mode)
+        return _LocalWriter(path, fd, fsync=fsync)
+
+    def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
+        with self.open_write(path, fsync=fsync) as writer:
+            writer.write(data)
+            return writer.close()
+
+    def _open_regular(self, path: str) -> tuple[int, os.stat_result]:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise UnsupportedFile(f"{path} is not a regular file", path=path)
+        return fd, st
+
+    def read_bytes(self, path: str, *, limit: int) -> bytes:
+        fd, st = self._open_regular(path)
+        try:
+            if st.st_size > limit:
+                raise ValueError(f"{path} is {st.st_size} bytes, over the limit of {limit}")
+            chunks, total = [], 0
+            while chunk := os.read(fd, min(READ_CHUNK, limit + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"{path} grew over the limit of {limit} bytes")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def hash_file(
+        self, path: str, *, fsync: bool = False, progress: Callable[[int], None] | None = None
+    ) -> FileDigest:
+        try:
+            fd, _ = self._open_regular(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedFile(f"{path} is a symlink", path=path) from None
+            raise
+        try:
+            return digest_fd(fd, progress=progress, fsync=fsync)
+        finally:
+            os.close(fd)
+
+    def walk_files(self, path: str) -> tuple[list[str], list[str]]:
+        files: list[str] = []
+        dirs: list[str] = []
+
+        def visit(abs_dir: str, rel_dir: str) -> None:
+            with os.scandir(abs_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                rel = f"{rel_dir}{entry.name}"
+                if entry.is_symlink():
+                    target = os.readlink(entry.path)
+                    raise UnsupportedFile(
+                        f"{entry.path} is a symlink (-> {target}); a checkpoint holds "
+                        "regular files only",
+                        path=entry.path,
+                        hint="copy the file into the checkpoint instead of linking it",
+                    )
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(rel)
+                    visit(entry.path, rel + "/")
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(rel)
+                else:
+                    raise UnsupportedFile(
+                        f"{entry.path} is a device, fifo or socket", path=entry.path
+                    )
+
+        visit(path, "")
+        return files, dirs
+
+    # -- rename and removal ------------------------------------------------------------
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        fn = _libc_renameat2() if self.use_renameat2 else None
+        if fn is not None:
+            ret = fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            if ret == 0:
+                return
+            code = ctypes.get_errno()
+            if code not in {errno.ENOSYS, errno.EINVAL}:
+                raise OSError(code, os.strerror(code), src, None, dst)
+            # EINVAL also means "src is an ancestor of dst"; the fallback re-detects that.
+        self._rename_check_then_rename(src, dst)
+
+    @staticmethod
+    def _rename_check_then_rename(src: str, dst: str) -> None:
+        # Weaker fallback (see module docstring): check, then rename(2).
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "target exists", dst)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            # rename(2) onto a non-empty directory: ENOTEMPTY or EEXIST. Report it as the
+            # conflict it is, so that callers never see "Directory not empty".
+            if exc.errno in {errno.ENOTEMPTY, errno.EEXIST} and os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, "target exists", dst) from exc
+            raise
+
+    def remove_file(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            self.remove_file(path)
+            return
+        # shutil.rmtree uses the fd-based walk on Linux (avoids_symlink_attacks): a
+        # symlink inside the tree is unlinked, its target left alone.
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            if os.path.lexists(path):
+                raise
+
+
+def digest_fd(
+    fd: int, *, progress: Callable[[int], None] | None = None, fsync: bool = False
+) -> FileDigest:
+    """Stream an open file through xxh3-128 with one reused buffer."""
+    hasher = xxhash.xxh3_128()
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    while n := os.readv(fd, [buf]):
+        hasher.update(view[:n])
+        size += n
+        if progress is not None:
+            progress(n)
+    if fsync:
+        os.fsync(fd)
+    return FileDigest(size, hasher.hexdigest())
