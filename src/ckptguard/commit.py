@@ -396,6 +396,8 @@ def _tree_size(path: str) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
+            if dirpath == path and f == OWNER_NAME:
+                continue
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
@@ -405,7 +407,7 @@ def _typed_storage_error(exc: OSError, staging: Staging) -> StorageError:
     """Turn a permanent OSError from the user's writes into our typed error, with sizes."""
     err = storage_error_from_os(exc, f"writing checkpoint {staging.name}", staging.final)
     written = _tree_size(staging.path)
-    err.message += f" after {written} bytes were written to its staging dir"
+    err.message += f"; {written} bytes were written to its staging dir before that"
     if isinstance(err, StorageFull):
         free = shutil.disk_usage(staging.layout.root).free
         err.message += (

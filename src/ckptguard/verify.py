@@ -161,7 +161,10 @@ def verify(
                 problems.add(f"{entry.path}: missing")
                 continue
             except OSError as exc:
-                why = "a symlink in its path" if exc.errno == errno.ELOOP else exc.strerror
+                # O_NOFOLLOW gives ELOOP on a symlinked file, O_DIRECTORY ENOTDIR on a
+                # symlinked directory component.
+                symlinked = exc.errno in {errno.ELOOP, errno.ENOTDIR}
+                why = "a symlink or non-directory in its path" if symlinked else exc.strerror
                 problems.add(f"{entry.path}: cannot open ({why})")
                 continue
             try:

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import ckptguard
+from ckptguard.layout import MANIFEST_NAME
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    with ckptguard.atomic_checkpoint(tmp_path / "checkpoint-1", metrics={"loss": 1.0}) as d:
+        (d / "a.bin").write_bytes(os.urandom(10000))
+        (d / "sub").mkdir()
+        (d / "sub" / "b.bin").write_bytes(b"hello")
+    return tmp_path / "checkpoint-1"
+
+
+def test_ok(ckpt: Path) -> None:
+    seen: list[int] = []
+    report = ckptguard.verify(ckpt, progress=seen.append)
+    assert report.ok
+    assert report.problems == []
+    assert report.files_checked == 2
+    assert report.bytes_checked == 10005 == sum(seen)
+    assert report.step == 1
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flip_is_caught_by_checksums_only(ckpt: Path) -> None:
+    _flip(ckpt / "a.bin", 1234)
+    assert ckptguard.verify(ckpt, checksums=False).ok
+    report = ckptguard.verify(ckpt)
+    assert not report.ok
+    assert report.problems == ["a.bin: checksum mismatch (content altered)"]
+
+
+def test_truncation_missing_and_extra(ckpt: Path) -> None:
+    with (ckpt / "a.bin").open("r+b") as f:
+        f.truncate(100)
+    (ckpt / "sub" / "b.bin").unlink()
+    (ckpt / "sub" / "new.bin").write_bytes(b"x")
+    report = ckptguard.verify(ckpt, checksums=False)
+    assert not report.ok
+    assert sorted(report.problems) == [
+        "a.bin: size 100, manifest says 10000",
+        "sub/b.bin: missing",
+        "sub/new.bin: extra file not in the manifest",
+    ]
+
+
+def test_symlinks_are_reported_not_followed(ckpt: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "b.bin").write_bytes(b"hello")  # same content: following it would "verify"
+    (ckpt / "sub" / "b.bin").unlink()
+    (ckpt / "sub").rmdir()
+    (ckpt / "sub").symlink_to(outside)
+    report = ckptguard.verify(ckpt)
+    assert not report.ok
+    assert "sub/b.bin: cannot open (a symlink or non-directory in its path)" in report.problems
+    assert "sub: is a symlink" in report.problems
+
+
+def test_checkpoint_path_symlink_and_missing(ckpt: Path, tmp_path: Path) -> None:
+    (tmp_path / "alias").symlink_to(ckpt)
+    assert not ckptguard.verify(tmp_path / "alias").ok
+    assert not ckptguard.verify(tmp_path / "missing").ok
+    assert "does not exist" in ckptguard.verify(tmp_path / "missing").problems[0]
+
+
+def test_manifest_missing_or_tampered(ckpt: Path) -> None:
+    manifest = ckpt / MANIFEST_NAME
+    body = json.loads(manifest.read_text())
+    body["metrics"]["loss"] = 0.001  # a better-looking metric, old self-checksum
+    manifest.write_text(json.dumps(body))
+    report = ckptguard.verify(ckpt)
+    assert not report.ok
+    assert "manifest_checksum" in report.problems[0]
+    with pytest.raises(ckptguard.UnsafeManifest):
+        ckptguard.read_manifest(str(ckpt))
+    manifest.unlink()
+    report = ckptguard.verify(ckpt)
+    assert not report.ok
+    assert "no ckptguard.json" in report.problems[0]
+
+
+def test_problem_list_is_bounded(tmp_path: Path) -> None:
+    with ckptguard.atomic_checkpoint(tmp_path / "checkpoint-1") as d:
+        for i in range(150):
+            (d / f"f{i}").write_bytes(b"x")
+    for i in range(150):
+        (tmp_path / "checkpoint-1" / f"f{i}").unlink()
+    report = ckptguard.verify(tmp_path / "checkpoint-1")
+    assert len(report.problems) == 101
+    assert report.problems[-1].startswith("...")
