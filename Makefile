@@ -8,7 +8,10 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[dev]'
+	# torch first, pinned by constraints.txt to the CPU build on this machine's disk, so
+	# that no later requirement can pull another (multi-GB CUDA) build.
+	$(PIP) install -c constraints.txt torch
+	$(PIP) install -c constraints.txt -e '.[dev,torch]'
 	touch $@
 
 install: $(VENV)/.installed

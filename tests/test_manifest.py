@@ -7,6 +7,7 @@ the only one left; the expected message proves the parser rejected it for that r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import xxhash
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ckptguard
@@ -503,11 +504,6 @@ def test_non_bytes_input_is_rejected(data: Any) -> None:
         Manifest.from_json(data)
 
 
-def test_bytearray_is_accepted() -> None:
-    manifest = _make()
-    assert Manifest.from_json(bytearray(manifest.to_json())) == manifest
-
-
 def test_exactly_max_manifest_bytes_is_accepted() -> None:
     manifest = _make()
     data = manifest.to_json().ljust(mf.MAX_MANIFEST_BYTES)  # JSON allows trailing spaces
@@ -553,13 +549,13 @@ _CANONICAL_BUG = (
 @pytest.mark.parametrize("literal", ["1e400", "-1e400", "1E999"])
 def test_out_of_range_float_literal_is_rejected(literal: str) -> None:
     # json.loads turns 1e400 into float('inf') without calling parse_constant.
-    _rejects(_signed_text_with(literal), "")
+    _rejects(_signed_text_with(literal), "invalid manifest")
 
 
 @pytest.mark.xfail(strict=True, raises=UnicodeEncodeError, reason=_CANONICAL_BUG)
 @pytest.mark.parametrize("literal", ['"\\ud800"', '"\\udfff"', '{"\\udc00": 1}'])
 def test_lone_surrogate_escape_is_rejected(literal: str) -> None:
-    _rejects(_signed_text_with(literal), "")
+    _rejects(_signed_text_with(literal), "invalid manifest")
 
 
 @pytest.mark.xfail(strict=True, raises=RecursionError, reason=_CANONICAL_BUG)
@@ -595,7 +591,7 @@ def test_nesting_just_below_the_recursion_limit_is_rejected_cleanly() -> None:
         "x" * 255,
         "d/" + "x" * 255,
         "ab/" * 1365 + "a",  # exactly 4096 characters
-        "a:b/c:d",  # a colon is fine after the first character
+        "ab:c/d:e",  # a colon is fine after the first character
         "1:/x",  # not a drive letter
     ],
 )
@@ -646,8 +642,8 @@ def test_validate_relpath_rejects(path: object, match: str) -> None:
 
 # -- fuzzing ------------------------------------------------------------------------------------
 
-_BASE = _make()
 _BASE_BYTES = _sign(_valid_dict())
+_BASE_DICT: dict[str, Any] = json.loads(_BASE_BYTES)
 
 
 def _parse_or_reject(data: bytes) -> None:
@@ -655,7 +651,9 @@ def _parse_or_reject(data: bytes) -> None:
     try:
         manifest = Manifest.from_json(data)
     except ckptguard.UnsafeManifest:
+        event("rejected")
         return
+    event("accepted")
     again = Manifest.from_json(manifest.to_json())
     assert again == manifest
     assert again.to_json() == manifest.to_json()
@@ -709,13 +707,13 @@ def _put(obj: dict[str, Any], spot: tuple[tuple[str | int, ...], str | int], val
         container[key] = value
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(data=st.binary(max_size=300))
 def test_fuzz_arbitrary_bytes(data: bytes) -> None:
     _parse_or_reject(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     edits=st.lists(
         st.tuples(st.integers(0, len(_BASE_BYTES) - 1), st.integers(0, 255)), min_size=1, max_size=3
@@ -728,26 +726,22 @@ def test_fuzz_byte_edits_of_a_valid_manifest(edits: list[tuple[int, int]]) -> No
     _parse_or_reject(bytes(data))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(value=_fuzz_values)
 def test_fuzz_any_json_document(value: Json) -> None:
     _parse_or_reject(json.dumps(value).encode())
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spot=st.sampled_from(_SPOTS), value=_fuzz_values, resign=st.booleans())
 def test_fuzz_json_values_inserted_into_a_valid_manifest(
     spot: tuple[tuple[str | int, ...], str | int], value: Json, resign: bool
 ) -> None:
-    obj = copy.deepcopy(_valid_dict_cached)
+    obj = copy.deepcopy(_BASE_DICT)
     _put(obj, spot, value)
     data = json.dumps(obj).encode()  # NaN and Infinity become literals here
     if resign:
-        try:
+        # Non-finite floats cannot be canonicalised: then the unsigned text is parsed.
+        with contextlib.suppress(ValueError):
             data = _sign(obj)
-        except ValueError:  # non-finite floats cannot be canonicalised: keep the unsigned text
-            pass
     _parse_or_reject(data)
-
-
-_valid_dict_cached: dict[str, Any] = json.loads(_BASE_BYTES)
