@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -225,6 +225,7 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         else:
             assert not leaked, f"staging left behind: {leaked}"
 
+        event(f"save: {kind}, crashed at {crash_at}" if crashed else f"save: {kind}")
         done = set(reached)
         old = _Copy(entry.save_id or "", entry.content)
         if "commit.moved_to_trash" in done:
@@ -281,12 +282,16 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         self._save(name, files, if_exists)
 
     @precondition(lambda self: any(e.valid for e in self.names.values()))
-    @rule(data=st.data(), files=files_strategy)
-    def crash_mid_replace(self, data: st.DataObject, files: Files) -> None:
+    @rule(data=st.data(), files=files_strategy, then_recover=st.booleans())
+    def crash_mid_replace(self, data: st.DataObject, files: Files, then_recover: bool) -> None:
         """The process dies after "old -> trash" and before "new -> final"."""
         name = data.draw(st.sampled_from(sorted(n for n, e in self.names.items() if e.valid)))
+        old = self.names[name].content
         self._save(name, files, "replace", crash_at="commit.moved_to_trash")
         assert not os.path.lexists(self._final(name))
+        if then_recover:
+            self._recover(DEFAULT_STALE_AFTER)
+            assert _read_tree(self._final(name)) == old  # rolled back to the OLD content
 
     @rule(
         data=st.data(),
@@ -419,8 +424,17 @@ class CheckpointRootMachine(RuleBasedStateMachine):
             _write_tree(self._final(name), {"half-written.bin": b"\0" * 5})
         self.names[name] = _Name(present=True)
 
-    @rule(stale_after=st.sampled_from([0.0, DEFAULT_STALE_AFTER]))
-    def recover(self, stale_after: float) -> None:
+    @rule()
+    def recover(self) -> None:
+        self._recover(DEFAULT_STALE_AFTER)
+
+    @rule()
+    def recover_judging_staging_by_age_only(self) -> None:
+        # stale_after=0: a staging whose owner cannot be identified (another host) is
+        # stale at once; one whose owner is alive here must still be kept.
+        self._recover(0.0)
+
+    def _recover(self, stale_after: float) -> None:
         report = ckptguard.recover(self.root, stale_after=stale_after)
         restored = set()
         for name, entry in list(self.names.items()):
@@ -439,6 +453,10 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         if stale_after == 0:
             self.foreign.clear()  # an unidentifiable owner is judged by age alone
 
+        if restored:
+            event("recover: rolled back a cut replace")
+        if stale_after == 0 and any(e.kind == EntryKind.STAGING_LIVE for e in report.entries):
+            event("recover: kept a live staging with stale_after=0")
         actions = " ".join(report.actions)
         for final in restored:
             assert f"restored {final} from " in actions

@@ -5,7 +5,6 @@ A checkpoint is either committed (complete, checksummed, visible) or invisible. 
 the public API; this core imports without torch.
 """
 
-
 from ckptguard.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
 from ckptguard.errors import (
     CheckpointError,

@@ -142,11 +142,16 @@ def remove_stale_staging(
         if state is None or state.live:
             continue
         _log.info("removing stale staging %s (%s)", path, state.reason)
-        call_with_retry(
-            functools.partial(storage.remove_tree, path),
-            what="remove stale staging",
-            path=path,
-            also_transient=NFS_LAG_ERRNOS,
-        )
+        try:
+            call_with_retry(
+                functools.partial(storage.remove_tree, path),
+                what="remove stale staging",
+                path=path,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+        except CheckpointError as exc:
+            # One stuck leftover must not block the cleanup of the others, nor a save.
+            _log.warning("could not remove stale staging %s: %s", path, exc)
+            continue
         removed.append(state)
     return removed

@@ -187,9 +187,19 @@ def stage(
         path=path,
         policy=retry,
     )
-    write_owner(storage, path, writer, save_id)
+    staging = Staging(layout, name, save_id, path, storage, retry, writer)
+    try:
+        call_with_retry(
+            functools.partial(write_owner, storage, path, writer, save_id),
+            what="record staging owner",
+            path=path,
+            policy=retry,
+        )
+    except BaseException:
+        abort(staging)  # an ownerless staging dir would look live for hours
+        raise
     fault_point("stage.created")
-    return Staging(layout, name, save_id, path, storage, retry, writer)
+    return staging
 
 
 # -- 3. seal -------------------------------------------------------------------------------
@@ -283,7 +293,12 @@ def commit(
         raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
     storage, final = staging.storage, staging.final
     mode = _default_dir_mode() if dir_mode is None else dir_mode
-    storage.set_mode(staging.path, mode)
+    call_with_retry(
+        functools.partial(storage.set_mode, staging.path, mode),
+        what="set checkpoint dir mode",
+        path=staging.path,
+        policy=staging.retry,
+    )
     fault_point("commit.before_rename")
     for _attempt in range(3):
         try:
@@ -358,21 +373,38 @@ def _json_bytes(obj: Any) -> bytes:
 def publish(
     staging: Staging, result: CommitResult, *, stale_after: float = DEFAULT_STALE_AFTER
 ) -> None:
-    """Make the commit durable, then clean up. The caller holds the root's lock."""
+    """Make the commit durable, then clean up. The caller holds the root's lock.
+
+    Once the root is fsynced the save has succeeded: a failure to clean up afterwards is
+    logged, not raised (the next save or ``recover`` finishes the cleanup).
+    """
     storage, layout = staging.storage, staging.layout
-    call_fsync(
-        functools.partial(storage.fsync_dir, layout.root), what="fsync root", path=layout.root
-    )
-    fault_point("publish.root_synced")
-    if result.replaced is not None:
-        call_with_retry(
-            functools.partial(storage.remove_tree, result.replaced),
-            what="remove replaced checkpoint",
-            path=result.replaced,
-            policy=staging.retry,
-            also_transient=NFS_LAG_ERRNOS,
+    try:
+        storage.fsync_dir(layout.root)
+    except OSError as exc:
+        # Every file, the manifest and the staging dir were fsynced before the rename, so
+        # the checkpoint is complete; only its name may not survive a power loss (it would
+        # come back as a stale staging dir, which recovery removes). Never retry the fsync.
+        err = storage_error_from_os(exc, "fsync of the root after the commit", layout.root)
+        err.message += f"; {result.path} is complete and visible, but its durability is unknown"
+        err.hint = (
+            "the filesystem reported an error; check the disk (dmesg) before relying on it. "
+            "Earlier checkpoints are intact"
         )
-    remove_stale_staging(storage, layout, stale_after=stale_after)
+        raise err from exc
+    fault_point("publish.root_synced")
+    try:
+        if result.replaced is not None:
+            call_with_retry(
+                functools.partial(storage.remove_tree, result.replaced),
+                what="remove replaced checkpoint",
+                path=result.replaced,
+                policy=staging.retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+        remove_stale_staging(storage, layout, stale_after=stale_after)
+    except (OSError, CheckpointError) as exc:
+        _log.warning("%s committed; cleanup after it failed (%s)", result.path, exc)
     fault_point("publish.done")
 
 
