@@ -136,7 +136,7 @@ def test_bad_if_exists_is_rejected_before_anything_happens(tmp_path: Path) -> No
     assert not tmp_path.joinpath(".ckptguard").exists()
 
 
-@pytest.mark.parametrize("damage", ["foreign", "corrupt", "file"])
+@pytest.mark.parametrize("damage", ["foreign", "corrupt", "bitrot", "file"])
 def test_entry_in_the_way_is_quarantined_never_deleted(tmp_path: Path, damage: str) -> None:
     root = tmp_path / "run"
     target = root / "checkpoint-5"
@@ -146,6 +146,9 @@ def test_entry_in_the_way_is_quarantined_never_deleted(tmp_path: Path, damage: s
     elif damage == "corrupt":
         _save(target, {"a": b"abc"})
         (target / "a").write_bytes(b"abcd")  # size no longer matches the manifest
+    elif damage == "bitrot":
+        _save(target, {"a": b"abc"})
+        (target / "a").write_bytes(b"abd")  # same size: only the checksum catches it
     else:
         root.mkdir(parents=True)
         target.write_bytes(b"a file, not a checkpoint")

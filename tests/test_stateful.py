@@ -101,7 +101,6 @@ class _Name:
     present: bool = False  # something exists under the final name
     content: Files | None = None  # the bytes of a valid checkpoint; None: corrupt/foreign
     save_id: str | None = None
-    sizes_intact: bool = False  # passes commit's cheap sizes-only check
     trash: list[_Copy] = dataclasses.field(default_factory=list)  # oldest first
 
     @property
@@ -109,7 +108,7 @@ class _Name:
         return self.present and self.content is not None
 
     def commit(self, content: Files, save_id: str) -> None:
-        self.present, self.content, self.save_id, self.sizes_intact = True, content, save_id, True
+        self.present, self.content, self.save_id = True, content, save_id
 
 
 def _read_tree(path: str) -> Files:
@@ -161,10 +160,13 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         return {os.path.join(self.layout.staging, e) for e in os.listdir(self.layout.staging)}
 
     def _kind_of_save(self, name: str, if_exists: IfExists) -> str:
+        # commit() fully verifies an existing checkpoint of another save before keeping,
+        # replacing or reporting it; anything that does not verify (a bit flip included)
+        # is quarantined.
         entry = self.names.get(name)
         if entry is None or not entry.present:
             return "new"
-        if not entry.sizes_intact:
+        if entry.content is None:
             return "quarantine"
         return if_exists
 
@@ -218,9 +220,10 @@ class CheckpointRootMachine(RuleBasedStateMachine):
 
         leaked = self._staging_entries() - before
         if crash_at == "stage.created" and crashed:
-            # stage() itself was interrupted: the with-block never ran, so nothing aborted
-            # the staging dir; its owner (this process) is alive, so it must stay "live".
-            assert len(leaked) == 1
+            # stage() itself was interrupted: the with-block never ran, so __exit__ did
+            # not abort, and the staging dir may stay; its owner (this process) is alive,
+            # so it must stay "live" until this process is gone.
+            assert len(leaked) <= 1
             self.live.update(dict.fromkeys(leaked))
         else:
             assert not leaked, f"staging left behind: {leaked}"
@@ -412,7 +415,6 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         else:
             (final / MANIFEST_NAME).unlink()
         entry.content = None
-        entry.sizes_intact = how == "bitflip"
 
     @rule(as_file=st.booleans())
     def foreign_entry(self, as_file: bool) -> None:
@@ -532,7 +534,7 @@ class CheckpointRootMachine(RuleBasedStateMachine):
 
 
 CheckpointRootMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=80,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -195,10 +195,12 @@ def stage(
             path=path,
             policy=retry,
         )
+        fault_point("stage.created")
     except BaseException:
-        abort(staging)  # an ownerless staging dir would look live for hours
+        # Nobody else will ever get this staging (an ownerless one would even look live
+        # for hours): remove it before the error, or a Ctrl-C, propagates.
+        abort(staging)
         raise
-    fault_point("stage.created")
     return staging
 
 
@@ -309,7 +311,7 @@ def commit(
             fault_point("commit.renamed")
             return CommitResult(final, Outcome.COMMITTED, manifest)
 
-        existing = verify(final, checksums=False)  # sizes only: cheap, and enough to decide
+        existing = verify(final, checksums=False)  # sizes first: cheap
         if not existing.ok and not storage.exists(final):
             continue  # it vanished between our rename and the look; try again
         if existing.ok and existing.manifest is not None:
@@ -317,6 +319,11 @@ def commit(
             if theirs.save_id == staging.save_id:
                 abort(staging)
                 return CommitResult(final, Outcome.ALREADY_COMMITTED, theirs)
+            # Another save: before keeping it instead of ours (or reporting it), make sure
+            # its content is intact, not just its sizes; bit rot gets quarantined.
+            existing = verify(final, checksums=True)
+        if existing.ok and existing.manifest is not None:
+            theirs = existing.manifest
             if if_exists == "keep":
                 _log.info(
                     "%s already holds a valid checkpoint (save %s, written by %s:%d); "

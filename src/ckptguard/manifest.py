@@ -138,6 +138,20 @@ def _finite(value: Any, where: str) -> Any:
     return value
 
 
+def _normalized(value: dict[str, Any], where: str) -> dict[str, Any]:
+    """``value`` as it will read back from disk (tuples become lists), or a clear error."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{where} holds text that is not valid Unicode (a lone surrogate)"
+        ) from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply") from None
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
 def _canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -175,8 +189,8 @@ class Manifest:
         metadata: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """A new manifest; checks that metrics and metadata are JSON data."""
-        metrics = dict(_finite(dict(metrics or {}), "metrics"))
-        metadata = dict(_finite(dict(metadata or {}), "metadata"))
+        metrics = _normalized(_finite(dict(metrics or {}), "metrics"), "metrics")
+        metadata = _normalized(_finite(dict(metadata or {}), "metadata"), "metadata")
         for key, value in metrics.items():
             if not isinstance(value, (int, float, str, bool)) and value is not None:
                 raise TypeError(f"metric {key!r} must be a number, str, bool or None")
@@ -243,6 +257,13 @@ def _no_constants(name: str) -> Any:
     raise _reject(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _reject(f"number {text[:40]!r} is out of range")
+    return value
+
+
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:
         raise _reject(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -275,7 +296,12 @@ def _parse(data: bytes) -> Manifest:
         raise _reject(f"larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         text = bytes(data).decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        obj = json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+        )
     except UnsafeManifest:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
@@ -292,7 +318,13 @@ def _parse(data: bytes) -> Manifest:
         )
     obj = _keys(obj, _TOP_KEYS, "manifest")
     claimed = obj.pop("manifest_checksum")
-    if not isinstance(claimed, str) or xxhash.xxh3_128_hexdigest(_canonical(obj)) != claimed:
+    try:
+        actual = xxhash.xxh3_128_hexdigest(_canonical(obj))
+    except (ValueError, RecursionError) as exc:
+        # Values json.loads accepts but we never write: lone surrogates, 1e400 (-> inf),
+        # nesting deeper than re-encoding allows.
+        raise _reject(f"content cannot be re-encoded ({type(exc).__name__})") from None
+    if not isinstance(claimed, str) or actual != claimed:
         raise _reject("manifest_checksum does not match its content (manifest altered or corrupt)")
     if obj["checksum"] != CHECKSUM_ALGORITHM:
         raise _reject(f"unknown checksum algorithm {obj['checksum']!r}")
