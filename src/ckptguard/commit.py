@@ -458,7 +458,20 @@ def _typed_storage_error(exc: OSError, staging: Staging) -> StorageError:
 
 
 class AtomicCheckpoint:
-    """``with atomic_checkpoint(path) as staging_dir: ...`` — see :func:`atomic_checkpoint`."""
+    """Commit whatever the block writes into the yielded staging dir as ``final_path``.
+
+    ::
+
+        with ckptguard.atomic_checkpoint("runs/exp1/checkpoint-100") as staging_dir:
+            model.save_pretrained(staging_dir)
+
+    A normal exit seals and commits; an exception removes the staging dir and propagates
+    (a permanent OSError such as ENOSPC becomes a typed :class:`StorageError`). If the
+    final name already holds a valid checkpoint, ``if_exists`` decides: ``"keep"`` it
+    (default; exactly-once: the first committer wins), ``"replace"`` it (moved to trash
+    first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
+    quarantined, never deleted. After the block, ``.result`` tells what happened.
+    """
 
     def __init__(
         self,
@@ -517,42 +530,5 @@ class AtomicCheckpoint:
         self.result = result
 
 
-def atomic_checkpoint(
-    final_path: str | os.PathLike[str],
-    *,
-    step: int | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    if_exists: IfExists = "keep",
-    storage: Storage | None = None,
-    retry: RetryPolicy = DEFAULT_RETRY,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    stale_after: float = DEFAULT_STALE_AFTER,
-    dir_mode: int | None = None,
-) -> AtomicCheckpoint:
-    """Commit whatever the block writes into the yielded staging dir as ``final_path``.
-
-    ::
-
-        with ckptguard.atomic_checkpoint("runs/exp1/checkpoint-100") as staging_dir:
-            model.save_pretrained(staging_dir)
-
-    A normal exit seals and commits; an exception removes the staging dir and propagates
-    (a permanent OSError such as ENOSPC becomes a typed :class:`StorageError`). If the
-    final name already holds a valid checkpoint, ``if_exists`` decides: ``"keep"`` it
-    (default; exactly-once: the first committer wins), ``"replace"`` it (moved to trash
-    first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
-    quarantined, never deleted. The object's ``.result`` tells what happened.
-    """
-    return AtomicCheckpoint(
-        final_path,
-        step=step,
-        metrics=metrics,
-        metadata=metadata,
-        if_exists=if_exists,
-        storage=storage,
-        retry=retry,
-        lock_timeout=lock_timeout,
-        stale_after=stale_after,
-        dir_mode=dir_mode,
-    )
+# The public name reads as a function, as in ``with atomic_checkpoint(path) as d:``.
+atomic_checkpoint = AtomicCheckpoint
