@@ -22,9 +22,12 @@ from ckptguard.errors import (
     UnsafeManifest,
     UnsupportedFile,
 )
+from ckptguard.manager import CheckpointInfo, CheckpointManager
 from ckptguard.manifest import FileEntry, Manifest
 from ckptguard.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
+from ckptguard.retention import RetentionPolicy
 from ckptguard.retry import RetryPolicy
+from ckptguard.rng import capture_rng_state, restore_rng_state
 from ckptguard.storage import FileDigest, LocalStorage, Storage
 from ckptguard.verify import VerifyReport, read_manifest, verify
 
@@ -33,6 +36,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AtomicCheckpoint",
     "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFound",
     "CommitConflict",
     "CommitResult",
@@ -48,6 +53,7 @@ __all__ = [
     "Outcome",
     "ReadOnlyStorage",
     "RecoveryReport",
+    "RetentionPolicy",
     "RetryPolicy",
     "RootEntry",
     "Storage",
@@ -60,8 +66,10 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "atomic_checkpoint",
+    "capture_rng_state",
     "read_manifest",
     "recover",
+    "restore_rng_state",
     "scan",
     "verify",
 ]

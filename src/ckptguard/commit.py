@@ -442,7 +442,7 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def _typed_storage_error(exc: OSError, staging: Staging) -> StorageError:
+def typed_write_error(exc: OSError, staging: Staging) -> StorageError:
     """Turn a permanent OSError from the user's writes into our typed error, with sizes."""
     err = storage_error_from_os(exc, f"writing checkpoint {staging.name}", staging.final)
     written = _tree_size(staging.path)
@@ -509,7 +509,7 @@ class AtomicCheckpoint:
             return
         if exc is not None:
             typed = (
-                _typed_storage_error(exc, staging)
+                typed_write_error(exc, staging)
                 if isinstance(exc, OSError)
                 and not isinstance(exc, CheckpointError)
                 and exc.errno in PERMANENT_ERRNOS

@@ -39,7 +39,9 @@ __all__ = [
     "OWNER_NAME",
     "QUARANTINE_DIR",
     "RESERVED_NAMES",
+    "RETIRED_SUFFIX",
     "STAGING_DIR",
+    "STATE_NAME",
     "TRASH_DIR",
     "RootLayout",
     "checkpoint_name",
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "ckptguard.json"
+STATE_NAME = "state.json"  # CheckpointManager's tree of a saved state (serialization.py)
+RETIRED_SUFFIX = ".retired"  # trash entries deleted by retention: removed, never restored
 MANIFEST_TMP_NAME = ".ckptguard.json.tmp"
 OWNER_NAME = ".ckptguard-owner.json"
 META_DIR = ".ckptguard"

@@ -32,6 +32,7 @@ from ckptguard.layout import (
     MANIFEST_NAME,
     META_DIR,
     QUARANTINE_REASON_SUFFIX,
+    RETIRED_SUFFIX,
     RootLayout,
     parse_staging_name,
 )
@@ -161,6 +162,18 @@ def _repair_trash(
     actions = []
     by_name: dict[str, list[str]] = {}
     for entry in storage.list_dir(layout.trash):
+        if entry.endswith(RETIRED_SUFFIX) and parse_staging_name(entry[: -len(RETIRED_SUFFIX)]):
+            # Deleted by retention, cut before its removal finished: finish it.
+            path = os.path.join(layout.trash, entry)
+            call_with_retry(
+                functools.partial(storage.remove_tree, path),
+                what="remove retired checkpoint",
+                path=path,
+                policy=retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+            actions.append(f"removed {path} (deleted by retention)")
+            continue
         parsed = parse_staging_name(entry)
         if parsed is not None:
             by_name.setdefault(parsed[0], []).append(entry)

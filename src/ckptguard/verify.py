@@ -23,7 +23,7 @@ from ckptguard.storage import digest_fd
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["VerifyReport", "read_manifest", "verify"]
+__all__ = ["VerifyReport", "open_checkpoint_file", "read_manifest", "verify"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -72,6 +72,15 @@ def _open_relative(dir_fd: int, rel: str) -> int:
         return os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def open_checkpoint_file(checkpoint: str, rel: str) -> int:
+    """Open file ``rel`` of a checkpoint read-only, refusing symlinks at every component."""
+    dir_fd = _open_dir(checkpoint)
+    try:
+        return _open_relative(dir_fd, rel)
+    finally:
+        os.close(dir_fd)
 
 
 def _read_manifest_fd(dir_fd: int, path: str) -> Manifest:

@@ -1,0 +1,321 @@
+"""The ``ckptguard`` command: list, verify, inspect and clean checkpoints.
+
+Exit codes: 0 all good; 1 something is corrupt (verify) ; 2 bad usage or a path that is
+not there. Every command takes ``--json`` for machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ckptguard.errors import CheckpointError
+from ckptguard.layout import MANIFEST_NAME, RootLayout, step_from_name
+from ckptguard.locking import root_lock
+from ckptguard.recovery import EntryKind, RootEntry, recover, scan
+from ckptguard.storage import LocalStorage
+from ckptguard.verify import VerifyReport, read_manifest, verify
+
+__all__ = ["main"]
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+# Verify shows a progress bar above this many bytes.
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _when(created_at: str | None) -> str:
+    if not created_at:
+        return "-"
+    try:
+        return _dt.datetime.fromisoformat(created_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return created_at
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.lexists(os.path.join(path, MANIFEST_NAME))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckptguard")
+def main() -> None:
+    """Crash-safe, exactly-once, verified checkpoints: inspect and maintain them."""
+
+
+# -- list --------------------------------------------------------------------------------------
+def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in report_entries:
+        if entry.kind not in {
+            EntryKind.COMMITTED_VALID,
+            EntryKind.COMMITTED_CORRUPT,
+            EntryKind.FOREIGN,
+        }:
+            continue
+        if entry.kind == EntryKind.FOREIGN and step_from_name(entry.name) is None:
+            continue  # user files; only checkpoint-shaped foreign folders are listed
+        manifest = entry.report.manifest if entry.report else None
+        if entry.kind == EntryKind.COMMITTED_VALID:
+            status = "ok" if entry.report and entry.report.checksums else "ok (sizes)"
+        elif entry.kind == EntryKind.COMMITTED_CORRUPT:
+            status = "corrupt"
+        else:
+            status = "no manifest"
+        rows.append(
+            {
+                "name": entry.name,
+                "path": entry.path,
+                "step": manifest.step if manifest else step_from_name(entry.name),
+                "created_at": manifest.created_at if manifest else None,
+                "size_bytes": manifest.total_size if manifest else None,
+                "files": len(manifest.files) if manifest else None,
+                "metrics": dict(manifest.metrics) if manifest else {},
+                "status": status,
+                "problems": entry.detail,
+            }
+        )
+    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
+    return rows
+
+
+@main.command("list")
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--checksums", is_flag=True, help="Verify checksums too (reads every byte).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
+    """List the checkpoints of ROOT: step, time, size, files, metrics, status."""
+    if not os.path.isdir(root):
+        _err.print(f"[red]error:[/] {root} is not a directory")
+        sys.exit(2)
+    rows = _list_rows(list(scan(root, checksums=checksums).entries))
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title=f"checkpoints in {os.path.abspath(root)}")
+    for column in ("step", "time", "size", "files", "metrics", "status"):
+        table.add_column(column, justify="right" if column in {"step", "size", "files"} else "left")
+    for row in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row["metrics"].items())  # fmt: skip
+        style = {"corrupt": "red", "no manifest": "yellow"}.get(row["status"], "green")
+        status = f"[{style}]{row['status']}[/]"
+        if row["problems"]:
+            status += f" ({row['problems'][:60]})"
+        table.add_row(
+            str(row["step"]) if row["step"] is not None else "-",
+            _when(row["created_at"]),
+            _size(row["size_bytes"]) if row["size_bytes"] is not None else "-",
+            str(row["files"]) if row["files"] is not None else "-",
+            metrics or "-",
+            status,
+        )
+    _out.print(table)
+
+
+# -- verify ------------------------------------------------------------------------------------
+def _report_json(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "path": report.path,
+        "ok": report.ok,
+        "step": report.step,
+        "problems": report.problems,
+        "files_checked": report.files_checked,
+        "bytes_checked": report.bytes_checked,
+    }
+
+
+def _verify_all(paths: list[str], *, show_progress: bool) -> list[VerifyReport]:
+    total = 0
+    for path in paths:
+        try:
+            total += read_manifest(path).total_size
+        except (CheckpointError, OSError):
+            continue
+    if not show_progress or total < PROGRESS_MIN_BYTES:
+        return [verify(p) for p in paths]
+    columns = (
+        TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=_err, transient=True) as progress:
+        task = progress.add_task("verify", total=total)
+        return [verify(p, progress=lambda n: progress.advance(task, n)) for p in paths]
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify_cmd(path: str, *, as_json: bool) -> None:
+    """Verify a checkpoint, or every checkpoint of a root. Exit 1 if any is corrupt."""
+    if not os.path.isdir(path):
+        _err.print(f"[red]error:[/] {path} is not a directory")
+        sys.exit(2)
+    if _is_checkpoint(path):
+        paths = [path]
+    else:
+        entries = scan(path, checksums=False).entries
+        paths = [
+            e.path
+            for e in entries
+            if e.kind in {EntryKind.COMMITTED_VALID, EntryKind.COMMITTED_CORRUPT}
+        ]
+        paths.sort(key=lambda p: (step_from_name(os.path.basename(p)) or -1, p))
+        if not paths:
+            _err.print(f"no checkpoints in {path}")
+    reports = _verify_all(paths, show_progress=not as_json and _err.is_terminal)
+    bad = [r for r in reports if not r.ok]
+    if as_json:
+        _emit_json({"ok": not bad, "checkpoints": [_report_json(r) for r in reports]})
+    else:
+        for r in reports:
+            if r.ok:
+                _out.print(f"[green]ok[/]       {r.path}  ({r.files_checked} files, "
+                           f"{_size(r.bytes_checked)} checked)")  # fmt: skip
+            else:
+                _out.print(f"[red]CORRUPT[/]  {r.path}")
+                for problem in r.problems:
+                    _out.print(f"           - {problem}")
+    sys.exit(1 if bad else 0)
+
+
+# -- inspect -----------------------------------------------------------------------------------
+@main.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(path: str, *, as_json: bool) -> None:
+    """Show a checkpoint's manifest, files and tensors (shapes and dtypes)."""
+    from ckptguard.serialization import iter_tensor_infos  # noqa: PLC0415 - keeps startup light
+
+    try:
+        manifest = read_manifest(path)
+        tensors: list[dict[str, Any]] = [
+            {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
+            for f, t in iter_tensor_infos(path, manifest)
+        ]
+    except FileNotFoundError:
+        _err.print(f"[red]error:[/] {path} does not exist")
+        sys.exit(2)
+    except CheckpointError as exc:
+        _err.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+    if as_json:
+        _emit_json(
+            {
+                "path": os.path.abspath(path),
+                "name": manifest.name,
+                "step": manifest.step,
+                "save_id": manifest.save_id,
+                "created_at": manifest.created_at,
+                "size_bytes": manifest.total_size,
+                "metrics": dict(manifest.metrics),
+                "metadata": dict(manifest.metadata),
+                "writer": manifest.writer.to_dict(),
+                "versions": dict(manifest.versions),
+                "files": [f.to_dict() for f in manifest.files],
+                "tensors": tensors,
+            }
+        )
+        return
+    w = manifest.writer
+    _out.print(f"[bold]{os.path.abspath(path)}[/]")
+    _out.print(f"  step {manifest.step}, saved {_when(manifest.created_at)} by {w.host} pid {w.pid}"
+               f" (ranks {list(w.ranks)} of {w.world_size})")  # fmt: skip
+    _out.print(f"  save id {manifest.save_id}, {len(manifest.files)} files, "
+               f"{_size(manifest.total_size)}")  # fmt: skip
+    if manifest.metrics:
+        _out.print(f"  metrics: {json.dumps(dict(manifest.metrics))}")
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if k != "platform")
+    _out.print(f"  versions: {versions}")
+    files = Table(title="files")
+    for column in ("path", "size", "xxh3-128"):
+        files.add_column(column, justify="right" if column == "size" else "left")
+    for f in manifest.files:
+        files.add_row(f.path, _size(f.size), f.checksum)
+    _out.print(files)
+    if tensors:
+        table = Table(title="tensors")
+        for column in ("file", "name", "dtype", "shape", "size"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for t in tensors:
+            table.add_row(t["file"], t["name"], t["dtype"], str(tuple(t["shape"])),
+                          _size(t["bytes"]))  # fmt: skip
+        _out.print(table)
+
+
+# -- clean -------------------------------------------------------------------------------------
+@main.command("clean")
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("--yes", is_flag=True, help="Really remove (default: only show what would go).")
+@click.option(
+    "--stale-after",
+    type=float,
+    default=6 * 3600.0,
+    show_default=True,
+    help="Seconds without change after which a staging dir of an unknown owner is stale.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
+    """Remove stale staging dirs, trash and quarantine of ROOT (dry run unless --yes)."""
+    if not os.path.isdir(root):
+        _err.print(f"[red]error:[/] {root} is not a directory")
+        sys.exit(2)
+    kinds = {EntryKind.STAGING_STALE, EntryKind.TRASH, EntryKind.QUARANTINE}
+    planned = [
+        e for e in scan(root, checksums=False, stale_after=stale_after).entries if e.kind in kinds
+    ]
+    removed: list[str] = []
+    actions: list[str] = []
+    if yes and planned:
+        # recover() first: it rolls back an interrupted replace instead of deleting the
+        # only copy, and removes stale staging; then trash and quarantine go.
+        actions = list(recover(root, checksums=True, stale_after=stale_after).actions)
+        storage, layout = LocalStorage(), RootLayout(os.path.abspath(root))
+        with root_lock(layout):
+            for entry in scan(root, checksums=False, stale_after=stale_after).entries:
+                if entry.kind in {EntryKind.TRASH, EntryKind.QUARANTINE}:
+                    storage.remove_tree(entry.path)
+                    storage.remove_file(entry.path + ".json")  # a quarantine note
+                    removed.append(entry.path)
+    if as_json:
+        _emit_json(
+            {
+                "dry_run": not yes,
+                "planned": [
+                    {"kind": str(e.kind), "path": e.path, "detail": e.detail} for e in planned
+                ],
+                "recovery_actions": actions,
+                "removed": removed,
+            }
+        )
+        return
+    if not planned:
+        _out.print(f"nothing to clean in {root}")
+        return
+    for e in planned:
+        _out.print(f"{'remove' if yes else 'would remove'} {e.kind:14} {e.path}"
+                   + (f"  ({e.detail})" if e.detail else ""))  # fmt: skip
+    for action in actions:
+        _out.print(f"recovered: {action}")
+    if not yes:
+        _out.print("dry run: nothing removed; run again with --yes to remove these")

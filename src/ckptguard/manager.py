@@ -1,0 +1,367 @@
+"""CheckpointManager: save, restore, list, verify and retain training checkpoints.
+
+::
+
+    mgr = CheckpointManager("runs/exp1", keep_last=3, best_metric="eval_loss")
+    mgr.save(step, {"model": model, "optimizer": opt, "rng": capture_rng_state()},
+             metrics={"eval_loss": 0.41})
+    state = mgr.restore(target={"model": model, "optimizer": opt})   # newest that verifies
+
+Each save goes through the commit protocol (``commit.py``): written into a staging dir,
+sealed, committed under its ``checkpoint-<step>`` name in one atomic rename. Retention
+runs only after the new checkpoint is committed and verified, and never deletes the
+newest valid checkpoint, the best one, a pinned one, or anything that is not valid.
+Restore takes the newest checkpoint that verifies, and logs each one it skips and why.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ckptguard.cleanup import DEFAULT_STALE_AFTER
+from ckptguard.commit import IfExists, abort, commit, publish, seal, stage, typed_write_error
+from ckptguard.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    NoValidCheckpoint,
+)
+from ckptguard.layout import (
+    META_DIR,
+    RETIRED_SUFFIX,
+    RootLayout,
+    checkpoint_name,
+    new_save_id,
+    step_from_name,
+)
+from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard.recovery import recover
+from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
+from ckptguard.retry import (
+    DEFAULT_RETRY,
+    NFS_LAG_ERRNOS,
+    PERMANENT_ERRNOS,
+    RetryPolicy,
+    call_with_retry,
+)
+from ckptguard.storage import LocalStorage, Storage
+from ckptguard.verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ckptguard.manifest import Manifest
+
+__all__ = ["CheckpointInfo", "CheckpointManager"]
+
+_log = logging.getLogger("ckptguard.manager")
+PINS_DIR = "pins"
+_RESERVED_METADATA = "ckptguard"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint of a root, as ``list``/``latest`` report it."""
+
+    step: int
+    path: str
+    created_at: str | None
+    size_bytes: int
+    metrics: dict[str, Any]
+    valid: bool
+    name: str = ""
+    files: int = 0
+    pinned: bool = False
+    checksums_verified: bool = False
+    problems: list[str] = field(default_factory=list)
+    save_id: str | None = None
+
+    @classmethod
+    def from_report(cls, step: int, report: VerifyReport, *, pinned: bool) -> CheckpointInfo:
+        m = report.manifest
+        return cls(
+            step=step,
+            path=report.path,
+            created_at=m.created_at if m else None,
+            size_bytes=m.total_size if m else 0,
+            metrics=dict(m.metrics) if m else {},
+            valid=report.ok,
+            name=os.path.basename(report.path),
+            files=len(m.files) if m else 0,
+            pinned=pinned,
+            checksums_verified=report.checksums and report.ok,
+            problems=list(report.problems),
+            save_id=m.save_id if m else None,
+        )
+
+
+def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in (metrics or {}).items():
+        value = raw.item() if callable(getattr(raw, "item", None)) else raw  # 0-d tensors
+        if isinstance(value, float) and not math.isfinite(value):
+            _log.warning("metric %r is %s; stored as a string, never counted as best", key, value)
+            value = repr(value)
+        out[str(key)] = value
+    return out
+
+
+class CheckpointManager:
+    """Checkpoints of one training run under ``root`` (see the module docstring)."""
+
+    def __init__(  # noqa: PLR0917 - DESIGN.md's public signature takes these positionally
+        self,
+        root: str | os.PathLike[str],
+        keep_last: int | None = 3,
+        keep_best: int = 1,
+        best_metric: str | None = None,
+        best_mode: Literal["min", "max"] = "min",
+        keep_every: int | None = None,
+        async_save: bool = False,  # noqa: FBT001, FBT002 - the DESIGN.md signature, positional
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        if_exists: IfExists = "replace",
+        retry: RetryPolicy = DEFAULT_RETRY,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        storage: Storage | None = None,
+    ) -> None:
+        root = os.fspath(root)
+        if "://" in root and not root.startswith("file://"):
+            raise NotImplementedError(
+                f"{root}: object-store roots (s3://, gs://, ...) are not supported yet; "
+                "use a local or shared filesystem path"
+            )
+        if async_save:
+            raise NotImplementedError(
+                "async_save=True is not available yet; saves are synchronous and atomic"
+            )
+        del storage_options  # used by object-store roots, which arrive later
+        self.root = os.path.abspath(root.removeprefix("file://"))
+        self.layout = RootLayout(self.root)
+        self.policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        self.if_exists: IfExists = if_exists
+        self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
+        self.storage = storage or LocalStorage()
+        os.makedirs(self.root, exist_ok=True)
+        report = recover(self.root, checksums=False, stale_after=stale_after, storage=self.storage)
+        for action in report.actions:
+            _log.info("startup recovery: %s", action)
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        pin: bool = False,
+        blocking: bool = True,
+    ) -> CheckpointInfo:
+        """Save ``state`` as ``checkpoint-<step>``: atomic, checksummed, then retention."""
+        if not blocking:
+            raise NotImplementedError("blocking=False is not available yet")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
+
+        user_metadata = dict(metadata or {})
+        if _RESERVED_METADATA in user_metadata:
+            raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
+        user_metadata[_RESERVED_METADATA] = {"kind": "state", "pinned": pin}
+        staging = stage(self.root, checkpoint_name(step), storage=self.storage, retry=self.retry)
+        try:
+            try:
+                digests = write_state(staging.path, state, self.storage)
+            except OSError as exc:
+                if exc.errno in PERMANENT_ERRNOS and not isinstance(exc, CheckpointError):
+                    raise typed_write_error(exc, staging) from exc
+                raise
+            manifest = seal(
+                staging, step=step, metrics=_clean_metrics(metrics), metadata=user_metadata,
+                known=digests,
+            )  # fmt: skip
+            with root_lock(self.layout, self.lock_timeout):
+                result = commit(staging, manifest, if_exists=self.if_exists)
+                publish(staging, result, stale_after=self.stale_after)
+        except BaseException:
+            abort(staging)
+            raise
+        report = verify(result.path)
+        if not report.ok:  # never delete anything on the strength of a bad save
+            raise CorruptCheckpoint(
+                f"{result.path} failed verification right after its commit",
+                path=result.path,
+                problems=report.problems,
+            )
+        self._apply_retention()
+        return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
+
+    def wait(self) -> None:
+        """Finish in-flight saves (saves are synchronous today: nothing to wait for)."""
+
+    def close(self) -> None:
+        """Release resources (nothing is held between saves today)."""
+        self.wait()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _committed(self) -> list[tuple[int, str]]:
+        """(step, path) of every ``checkpoint-<step>`` entry, newest first."""
+        found = []
+        for name in self.storage.list_dir(self.root):
+            step = step_from_name(name)
+            if step is not None and name != META_DIR:
+                found.append((step, os.path.join(self.root, name)))
+        return sorted(found, reverse=True)
+
+    def _pin_file(self, step: int) -> bool:
+        return os.path.lexists(os.path.join(self.layout.meta, PINS_DIR, checkpoint_name(step)))
+
+    def _pinned(self, step: int, manifest: Manifest | None) -> bool:
+        flags = manifest.metadata.get(_RESERVED_METADATA, {}) if manifest else {}
+        return bool(isinstance(flags, dict) and flags.get("pinned")) or self._pin_file(step)
+
+    def list(self, *, checksums: bool = False) -> list[CheckpointInfo]:
+        """Every ``checkpoint-<step>`` of the root, oldest first.
+
+        Sizes and structure are checked; checksums too with ``checksums=True``.
+        """
+        infos = []
+        for step, path in reversed(self._committed()):
+            report = verify(path, checksums=checksums)
+            infos.append(
+                CheckpointInfo.from_report(step, report, pinned=self._pinned(step, report.manifest))
+            )
+        return infos
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint that verifies (checksums included); logs each one skipped."""
+        for step, path in self._committed():
+            report = verify(path)
+            if report.ok:
+                return CheckpointInfo.from_report(
+                    step, report, pinned=self._pinned(step, report.manifest)
+                )
+            _log.warning("skipping %s: %s", path, "; ".join(report.problems))
+        return None
+
+    def verify(self, step: int | None = None) -> VerifyReport:
+        """Verify one checkpoint (default: the newest, valid or not)."""
+        committed = self._committed()
+        if step is None:
+            if not committed:
+                raise NoValidCheckpoint(f"no checkpoints in {self.root}", path=self.root)
+            return verify(committed[0][1])
+        path = os.path.join(self.root, checkpoint_name(step))
+        if not os.path.lexists(path):
+            raise CheckpointNotFound(f"no checkpoint for step {step}", path=path)
+        return verify(path)
+
+    def restore(self, step: int | None = None, target: Any = None) -> Any:
+        """Load a checkpoint (default: the newest that verifies), into ``target`` if given.
+
+        Every byte is checked against the manifest before anything is loaded into the
+        target. With ``step=None`` a corrupt checkpoint is skipped (and logged) in favour of
+        the next older one; an explicit ``step`` that does not verify raises.
+        """
+        from ckptguard.serialization import read_state  # noqa: PLC0415 - may import torch
+
+        if step is not None:
+            path = os.path.join(self.root, checkpoint_name(step))
+            return self._restore_one(path, target, read_state)
+        skipped = []
+        for _step, path in self._committed():
+            try:
+                state = self._restore_one(path, target, read_state)
+            except CorruptCheckpoint as exc:
+                _log.warning("skipping %s: %s", path, exc.message)
+                skipped.append(f"{os.path.basename(path)}: {exc.message}")
+                continue
+            _log.info(
+                "restored %s%s",
+                path,
+                f" (skipped {len(skipped)} newer: invalid)" if skipped else "",
+            )
+            return state
+        raise NoValidCheckpoint(
+            f"no checkpoint in {self.root} verifies"
+            + (f" (rejected: {'; '.join(skipped)})" if skipped else ""),
+            path=self.root,
+        )
+
+    @staticmethod
+    def _restore_one(path: str, target: Any, read_state: Any) -> Any:
+        report = verify(path, checksums=False)  # structure first: missing/extra/sizes/manifest
+        if not report.ok or report.manifest is None:
+            if not os.path.lexists(path):
+                raise CheckpointNotFound(f"no checkpoint at {path}", path=path)
+            raise CorruptCheckpoint(
+                f"{path} does not verify: {'; '.join(report.problems)}",
+                path=path,
+                problems=report.problems,
+            )
+        return read_state(path, report.manifest, target=target)  # checks every checksum
+
+    # -- retention -------------------------------------------------------------------------
+    def pin(self, step: int) -> None:
+        """Keep ``checkpoint-<step>`` whatever the retention policy says."""
+        pins = os.path.join(self.layout.meta, PINS_DIR)
+        self.storage.make_dir(pins, mode=0o700, exist_ok=True)
+        path = os.path.join(pins, checkpoint_name(step))
+        if not os.path.lexists(path):
+            self.storage.write_bytes(path, b"", fsync=True)
+            self.storage.fsync_dir(pins)
+
+    def unpin(self, step: int) -> None:
+        """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
+        self.storage.remove_file(os.path.join(self.layout.meta, PINS_DIR, checkpoint_name(step)))
+
+    def _apply_retention(self) -> None:
+        with root_lock(self.layout, self.lock_timeout):
+            candidates = []
+            for step, path in self._committed():
+                report = verify(path, checksums=False)
+                metric = None
+                if report.manifest is not None and self.policy.best_metric is not None:
+                    value = report.manifest.metrics.get(self.policy.best_metric)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        metric = float(value)
+                pinned = self._pinned(step, report.manifest)
+                candidates.append(
+                    Candidate(os.path.basename(path), step, report.ok, metric, pinned)
+                )
+            for name in select_deletions(candidates, self.policy):
+                self._retire(name)
+
+    def _retire(self, name: str) -> None:
+        """Delete a checkpoint: rename it into trash (one atomic step), then remove it."""
+        source = os.path.join(self.root, name)
+        target = os.path.join(self.layout.trash, f"{name}.{new_save_id()}{RETIRED_SUFFIX}")
+        try:
+            call_with_retry(
+                lambda: self.storage.rename_noreplace(source, target),
+                what="retire checkpoint",
+                path=source,
+                policy=self.retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+            self.storage.fsync_dir(self.root)
+            call_with_retry(
+                lambda: self.storage.remove_tree(target),
+                what="remove retired checkpoint",
+                path=target,
+                policy=self.retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+        except (OSError, CheckpointError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+                return
+            _log.warning("retention could not delete %s: %s", source, exc)
+            return
+        _log.info("retention deleted %s", source)

@@ -1,0 +1,81 @@
+"""Which checkpoints to keep: a pure function of the committed checkpoints and a policy.
+
+Always kept, whatever the policy says:
+- the newest checkpoint that is valid (resume needs it);
+- the best valid checkpoint by ``best_metric`` (when a metric is set);
+- pinned checkpoints;
+- every checkpoint that is not valid (retention never deletes what it cannot judge:
+  corrupt and foreign entries are for ``ckptguard clean`` and a human).
+Then: the ``keep_last`` newest valid ones, the ``keep_best`` best, and every step that is
+a multiple of ``keep_every``. Everything else is deleted, and only after the newest save
+has been committed and verified.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["Candidate", "RetentionPolicy", "select_deletions"]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """What to keep. ``keep_last=None`` keeps every checkpoint."""
+
+    keep_last: int | None = 3
+    keep_best: int = 1
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.keep_best < 0:
+            raise ValueError(f"keep_best must be >= 0, got {self.keep_best}")
+        if self.best_mode not in {"min", "max"}:
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ValueError(f"keep_every must be >= 1 or None, got {self.keep_every}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A committed checkpoint as retention sees it."""
+
+    name: str
+    step: int
+    valid: bool
+    metric: float | None = None
+    pinned: bool = False
+
+
+def _metric(c: Candidate) -> float | None:
+    if c.metric is None or isinstance(c.metric, bool):
+        return None
+    value = float(c.metric)
+    return value if math.isfinite(value) else None
+
+
+def select_deletions(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[str]:
+    """Names to delete, oldest first."""
+    valid = sorted((c for c in candidates if c.valid), key=lambda c: (c.step, c.name))
+    if policy.keep_last is None or not valid:
+        return []
+    keep: set[str] = {c.name for c in candidates if not c.valid or c.pinned}
+    keep.add(valid[-1].name)  # the newest valid
+    keep.update(c.name for c in valid[-policy.keep_last :])
+    if policy.keep_every:
+        keep.update(c.name for c in valid if c.step % policy.keep_every == 0)
+    if policy.best_metric is not None:
+        scored = [c for c in valid if _metric(c) is not None]
+        sign = 1.0 if policy.best_mode == "min" else -1.0
+        # Best first; ties go to the newer checkpoint.
+        scored.sort(key=lambda c: (sign * (_metric(c) or 0.0), -c.step))
+        keep.update(c.name for c in scored[: max(1, policy.keep_best)])
+    return [c.name for c in valid if c.name not in keep]

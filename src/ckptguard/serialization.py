@@ -1,0 +1,513 @@
+"""Training state <-> files, without pickle.
+
+A state is a tree of dicts, lists and tuples whose leaves are torch tensors, numpy arrays,
+Python scalars (bool, int, float, str, bytes, None), numpy scalars and torch dtypes. An
+object with ``state_dict``/``load_state_dict`` (a module, optimizer, scheduler, scaler)
+is saved as its ``state_dict()`` and, on restore into a target, loaded back through
+``load_state_dict``.
+
+On disk, inside a checkpoint:
+- ``<key>.safetensors`` for each top-level key holding tensors (``model.safetensors``
+  loads with the reference safetensors library and with Hugging Face tools), and
+- ``state.json``: the tree, with tagged references to tensors and typed scalars.
+
+Write path: each tensor's bytes go from its memory straight to the file (one write per
+tensor; only non-contiguous or non-CPU tensors are copied, one at a time), checksummed
+while written. Tensors that share storage (tied weights) are stored once and restored
+tied. Load path: each file is mapped copy-on-write, its xxh3-128 checked against the
+manifest before any tensor is used, then tensors are views of the mapping, or copied in
+place into the target's tensors. Nothing is ever unpickled.
+
+torch is imported only when the state holds tensors (or a target asks for them).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import mmap
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from ckptguard.errors import CorruptCheckpoint
+from ckptguard.layout import STATE_NAME
+from ckptguard.safetensors_format import DTYPE_SIZES, TensorInfo, build_header, parse_header
+from ckptguard.verify import open_checkpoint_file
+
+if TYPE_CHECKING:
+    from ckptguard.manifest import Manifest
+    from ckptguard.storage import FileDigest, Storage
+
+__all__ = ["StateFormatError", "read_state", "write_state"]
+
+STATE_FORMAT = "ckptguard-state"
+STATE_VERSION = 1
+MAX_STATE_JSON = 256 * 1024 * 1024
+_FILE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")
+
+_TORCH_TO_ST = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
+}  # fmt: skip
+_ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+_NUMPY_TO_ST = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16",
+    "uint32": "U32", "uint64": "U64", "complex64": "C64",
+}  # fmt: skip
+_ST_TO_NUMPY = {v: k for k, v in _NUMPY_TO_ST.items()}
+
+
+class StateFormatError(TypeError):
+    """A value in the state that ckptguard cannot store without pickle."""
+
+
+def _torch() -> Any:
+    import torch  # noqa: PLC0415 - torch is optional: imported only when tensors are involved
+
+    return torch
+
+
+def _is_tensor(value: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _is_ndarray(value: object) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.ndarray)
+
+
+def _is_np_scalar(value: object) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.generic)
+
+
+def _is_stateful(value: object) -> bool:
+    return (
+        not _is_tensor(value)
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+# -- writing -------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: Any  # tensor or ndarray
+
+
+@dataclass
+class _Group:
+    file: str
+    tensors: list[_Pending] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.groups: dict[str, _Group] = {}
+        self.seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def _name(self, group: _Group, path: list[str]) -> str:
+        base = "/".join(path) or "tensor"
+        name, n = base, 1
+        while name in group.names:
+            name, n = f"{base}#{n}", n + 1
+        group.names.add(name)
+        return name
+
+    def _tensor(self, value: Any, group: _Group, path: list[str], where: str) -> dict[str, Any]:
+        torch = _torch()
+        t = value.detach()
+        if t.is_sparse or t.layout != torch.strided:
+            raise StateFormatError(f"{where}: sparse tensors are not supported; store .to_dense()")
+        dtype = _TORCH_TO_ST.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise StateFormatError(f"{where}: dtype {t.dtype} cannot be stored in safetensors")
+        # Tied weights: the same storage, offset, shape and strides are one tensor.
+        key = (
+            "t", t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(),
+            tuple(t.shape), tuple(t.stride()), t.dtype,
+        )  # fmt: skip
+        if t.numel() > 0 and key in self.seen:
+            return self.seen[key]
+        name = self._name(group, path)
+        group.tensors.append(_Pending(name, dtype, tuple(t.shape), t))
+        ref = {"__tensor__": {"file": group.file, "name": name}}
+        if t.numel() > 0:
+            self.seen[key] = ref
+        return ref
+
+    def _ndarray(self, value: Any, group: _Group, path: list[str], where: str) -> dict[str, Any]:
+        dtype = _NUMPY_TO_ST.get(str(value.dtype))
+        if dtype is None:
+            raise StateFormatError(f"{where}: numpy dtype {value.dtype} is not supported")
+        name = self._name(group, path)
+        group.tensors.append(_Pending(name, dtype, tuple(value.shape), value))
+        return {"__ndarray__": {"file": group.file, "name": name}}
+
+    def encode(self, value: Any, group: _Group, path: list[str], where: str) -> Any:
+        if _is_stateful(value):
+            value = value.state_dict()
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            value = float(value)
+            return value if math.isfinite(value) else {"__float__": repr(value)}
+        if isinstance(value, (bytes, bytearray)):
+            return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+        if _is_tensor(value):
+            return self._tensor(value, group, path, where)
+        if _is_ndarray(value):
+            return self._ndarray(value, group, path, where)
+        if _is_np_scalar(value):
+            if str(value.dtype) not in _NUMPY_TO_ST:
+                raise StateFormatError(f"{where}: numpy scalar of dtype {value.dtype}")
+            item = self.encode(value.item(), group, path, where)
+            return {"__npscalar__": {"dtype": str(value.dtype), "value": item}}
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(value, torch.dtype):
+            return {"__torch_dtype__": str(value).removeprefix("torch.")}
+        if isinstance(value, Mapping):
+            items = [
+                (k, self.encode(v, group, [*path, str(k)], f"{where}[{k!r}]"))
+                for k, v in value.items()
+            ]
+            if all(isinstance(k, str) and not k.startswith("__") for k, _ in items):
+                return dict(items)
+            return {"__dict__": [[self.encode(k, group, path, where), v] for k, v in items]}
+        if isinstance(value, (list, tuple)):
+            encoded = [
+                self.encode(v, group, [*path, str(i)], f"{where}[{i}]") for i, v in enumerate(value)
+            ]
+            return {"__tuple__": encoded} if isinstance(value, tuple) else encoded
+        raise StateFormatError(
+            f"{where} is a {type(value).__name__}; ckptguard stores tensors, numpy arrays, "
+            "numbers, str, bytes, None, dtypes and dicts/lists/tuples of them (no pickle). "
+            "Convert it, or save it with its own state_dict()"
+        )
+
+    def group_for(self, key: str | None) -> _Group:
+        file = f"{key}.safetensors" if key and _FILE_KEY.fullmatch(key) else None
+        if file is None or file in self.groups:
+            file = f"tensors-{len(self.groups)}.safetensors"
+        return self.groups.setdefault(file, _Group(file))
+
+
+def _tensor_bytes(source: Any) -> memoryview:
+    if _is_ndarray(source):
+        np = sys.modules["numpy"]
+        return memoryview(np.ascontiguousarray(source)).cast("B")
+    torch = _torch()
+    t = source.resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()  # a copy of this one tensor, never of the whole state
+    raw = t.reshape(-1).view(torch.uint8)
+    return memoryview(raw.numpy()).cast("B")
+
+
+def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileDigest]:
+    """Write ``state`` into ``directory``; returns the digests of the files written."""
+    encoder = _Encoder()
+    if isinstance(state, Mapping) and not _is_stateful(state):
+        tree: Any = {}
+        plain = all(isinstance(k, str) and not k.startswith("__") for k in state)
+        encoded_items = []
+        for key, value in state.items():
+            group = encoder.group_for(key if isinstance(key, str) else None)
+            encoded_items.append((key, encoder.encode(value, group, [], f"state[{key!r}]")))
+        if plain:
+            tree = dict(encoded_items)
+        else:
+            tree = {
+                "__dict__": [
+                    [encoder.encode(k, encoder.group_for(None), [], "state"), v]
+                    for k, v in encoded_items
+                ]
+            }
+    else:
+        tree = encoder.encode(state, encoder.group_for("tensors"), [], "state")
+
+    digests: dict[str, FileDigest] = {}
+    for group in encoder.groups.values():
+        if not group.tensors:
+            continue
+        header, infos = build_header(
+            ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
+        )
+        by_name = {p.name: p for p in group.tensors}
+        writer = storage.open_write(os.path.join(directory, group.file))
+        try:
+            writer.write(header)
+            for info in infos:
+                if info.nbytes:
+                    writer.write(_tensor_bytes(by_name[info.name].source))
+            digests[group.file] = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    doc = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "files": sorted(digests),
+        "tree": tree,
+    }
+    data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
+    return digests
+
+
+# -- reading -------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    path: str
+    buffer: mmap.mmap
+    data_start: int
+    tensors: dict[str, TensorInfo]
+
+
+def _corrupt(path: str, message: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"{path}: {message}", path=path)
+
+
+def _map_verified(checkpoint: str, rel: str, manifest: Manifest) -> _Loaded:
+    entry = next((f for f in manifest.files if f.path == rel), None)
+    path = os.path.join(checkpoint, rel)
+    if entry is None:
+        raise _corrupt(path, "referenced by state.json but not listed in the manifest")
+    fd = open_checkpoint_file(checkpoint, rel)
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size or size < 8:
+            raise _corrupt(path, f"size {size}, manifest says {entry.size}")
+        buffer = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    if xxhash.xxh3_128_hexdigest(buffer) != entry.checksum:
+        buffer.close()
+        raise _corrupt(path, "checksum mismatch (content altered)")
+    data_start, infos, _ = parse_header(
+        memoryview(buffer)[: min(size, 8 + (100 << 20))], size, path
+    )
+    return _Loaded(path, buffer, data_start, {t.name: t for t in infos})
+
+
+def _read_state_json(checkpoint: str, manifest: Manifest) -> Any:
+    entry = next((f for f in manifest.files if f.path == STATE_NAME), None)
+    path = os.path.join(checkpoint, STATE_NAME)
+    if entry is None:
+        raise _corrupt(checkpoint, f"no {STATE_NAME}: not a CheckpointManager checkpoint")
+    if entry.size > MAX_STATE_JSON:
+        raise _corrupt(path, f"{entry.size} bytes is over the cap of {MAX_STATE_JSON}")
+    fd = open_checkpoint_file(checkpoint, STATE_NAME)
+    try:
+        data = os.read(fd, entry.size + 1)
+    finally:
+        os.close(fd)
+    if len(data) != entry.size or xxhash.xxh3_128_hexdigest(data) != entry.checksum:
+        raise _corrupt(path, "checksum mismatch (content altered)")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, f"not valid JSON ({exc})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != STATE_FORMAT
+        or doc.get("version") != STATE_VERSION
+        or not isinstance(doc.get("files"), list)
+    ):
+        raise _corrupt(path, f"not a {STATE_FORMAT} v{STATE_VERSION} document")
+    return doc
+
+
+class _Decoder:
+    def __init__(self, files: dict[str, _Loaded]) -> None:
+        self.files = files
+        self.cache: dict[tuple[str, str], Any] = {}
+
+    def _info(self, ref: Any, where: str) -> tuple[_Loaded, TensorInfo]:
+        if not isinstance(ref, dict) or set(ref) != {"file", "name"}:
+            raise CorruptCheckpoint(f"state.json: bad tensor reference at {where}")
+        loaded = self.files.get(ref["file"])
+        info = loaded.tensors.get(ref["name"]) if loaded else None
+        if loaded is None or info is None:
+            raise CorruptCheckpoint(f"state.json: {where} refers to a missing tensor {ref}")
+        return loaded, info
+
+    def tensor(self, ref: Any, where: str) -> Any:
+        loaded, info = self._info(ref, where)
+        key = (ref["file"], ref["name"])
+        if key in self.cache:
+            return self.cache[key]  # tied weights come back tied
+        torch = _torch()
+        dtype = getattr(torch, _ST_TO_TORCH[info.dtype])
+        count = math.prod(info.shape)
+        if count == 0:
+            value = torch.empty(info.shape, dtype=dtype)
+        else:
+            value = torch.frombuffer(
+                loaded.buffer, dtype=dtype, count=count, offset=loaded.data_start + info.begin
+            ).reshape(info.shape)
+        self.cache[key] = value
+        return value
+
+    def ndarray(self, ref: Any, where: str) -> Any:
+        loaded, info = self._info(ref, where)
+        import numpy as np  # noqa: PLC0415 - only for states that hold numpy arrays
+
+        if info.dtype not in _ST_TO_NUMPY:
+            raise CorruptCheckpoint(f"state.json: {where}: dtype {info.dtype} is not numpy's")
+        dtype = np.dtype(_ST_TO_NUMPY[info.dtype])
+        count = math.prod(info.shape)
+        return np.frombuffer(
+            loaded.buffer, dtype=dtype, count=count, offset=loaded.data_start + info.begin
+        ).reshape(info.shape)
+
+    def decode(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, dict):
+            raise CorruptCheckpoint(f"state.json: unexpected {type(value).__name__} at {where}")
+        tags = [k for k in value if k.startswith("__")]
+        if not tags:
+            return {k: self.decode(v, f"{where}[{k!r}]") for k, v in value.items()}
+        if len(value) != 1:
+            raise CorruptCheckpoint(f"state.json: malformed tagged value at {where}")
+        tag, body = tags[0], value[tags[0]]
+        return self._tagged(tag, body, where)
+
+    def _tagged(self, tag: str, body: Any, where: str) -> Any:
+        if tag == "__tensor__":
+            return self.tensor(body, where)
+        if tag == "__ndarray__":
+            return self.ndarray(body, where)
+        if tag == "__tuple__" and isinstance(body, list):
+            return tuple(self.decode(v, f"{where}[{i}]") for i, v in enumerate(body))
+        if tag == "__dict__" and isinstance(body, list):
+            out = {}
+            for pair in body:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise CorruptCheckpoint(f"state.json: malformed dict item at {where}")
+                key = self.decode(pair[0], where)
+                try:
+                    out[key] = self.decode(pair[1], f"{where}[{key!r}]")
+                except TypeError:
+                    raise CorruptCheckpoint(f"state.json: unhashable key at {where}") from None
+            return out
+        if tag == "__float__" and body in {"nan", "inf", "-inf"}:
+            return float(body)
+        if tag == "__bytes__" and isinstance(body, str):
+            try:
+                return base64.b64decode(body, validate=True)
+            except ValueError:
+                raise CorruptCheckpoint(f"state.json: bad base64 at {where}") from None
+        if tag == "__npscalar__" and isinstance(body, dict) and set(body) == {"dtype", "value"}:
+            import numpy as np  # noqa: PLC0415 - only for states that hold numpy scalars
+
+            if body["dtype"] not in _NUMPY_TO_ST:
+                raise CorruptCheckpoint(f"state.json: numpy dtype {body['dtype']!r} at {where}")
+            return np.dtype(body["dtype"]).type(self.decode(body["value"], where))
+        if tag == "__torch_dtype__" and body in _TORCH_TO_ST:
+            return getattr(_torch(), body)
+        raise CorruptCheckpoint(f"state.json: unknown or malformed tag {tag!r} at {where}")
+
+
+def _apply(target: Any, loaded: Any, where: str) -> Any:
+    """Load ``loaded`` into ``target`` in place where possible; returns the merged tree."""
+    if _is_stateful(target):
+        target.load_state_dict(loaded)
+        return target
+    if _is_tensor(target):
+        if not _is_tensor(loaded):
+            raise CorruptCheckpoint(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+        if tuple(target.shape) != tuple(loaded.shape) or target.dtype != loaded.dtype:
+            raise ValueError(
+                f"{where}: checkpoint tensor is {tuple(loaded.shape)} {loaded.dtype}, "
+                f"target is {tuple(target.shape)} {target.dtype}"
+            )
+        with _torch().no_grad():
+            target.copy_(loaded)
+        return target
+    if _is_ndarray(target) and _is_ndarray(loaded):
+        if target.shape != loaded.shape or target.dtype != loaded.dtype:
+            raise ValueError(f"{where}: shape or dtype differs from the target's")
+        target[...] = loaded
+        return target
+    if isinstance(target, Mapping) and isinstance(loaded, dict):
+        missing = [k for k in target if k not in loaded]
+        if missing:
+            raise KeyError(f"{where}: the checkpoint has no {missing[:5]}")
+        for key, sub in target.items():
+            loaded[key] = _apply(sub, loaded[key], f"{where}[{key!r}]")
+        return loaded
+    if isinstance(target, (list, tuple)) and isinstance(loaded, (list, tuple)):
+        if len(target) != len(loaded):
+            raise ValueError(
+                f"{where}: {len(loaded)} items in the checkpoint, {len(target)} in target"
+            )
+        merged = [
+            _apply(t, v, f"{where}[{i}]")
+            for i, (t, v) in enumerate(zip(target, loaded, strict=True))
+        ]
+        return tuple(merged) if isinstance(loaded, tuple) else merged
+    return loaded
+
+
+def read_state(checkpoint: str, manifest: Manifest, *, target: Any = None) -> Any:
+    """Load the state saved in ``checkpoint``, every byte checked against ``manifest``.
+
+    Every file is verified before any value is used, so a corrupt checkpoint raises
+    :class:`CorruptCheckpoint` without touching ``target``.
+    """
+    doc = _read_state_json(checkpoint, manifest)
+    files: dict[str, _Loaded] = {}
+    for rel in doc["files"]:
+        if not isinstance(rel, str) or rel in files:
+            raise _corrupt(checkpoint, "state.json lists a bad or duplicate file")
+        files[rel] = _map_verified(checkpoint, rel, manifest)
+    decoder = _Decoder(files)
+    try:
+        tree = decoder.decode(doc.get("tree"), "state")
+    except RecursionError:
+        raise _corrupt(checkpoint, "state.json is nested too deeply") from None
+    return tree if target is None else _apply(target, tree, "state")
+
+
+def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str, TensorInfo]]:
+    """(file, tensor info) for every tensor of a checkpoint, headers validated (for inspect)."""
+    for entry in manifest.files:
+        if not entry.path.endswith(".safetensors"):
+            continue
+        fd = open_checkpoint_file(checkpoint, entry.path)
+        try:
+            size = os.fstat(fd).st_size
+            prefix = os.pread(fd, min(size, 8 + (100 << 20)), 0)
+        finally:
+            os.close(fd)
+        _, infos, _ = parse_header(prefix, size, os.path.join(checkpoint, entry.path))
+        for info in infos:
+            yield entry.path, info
+
+
+def dtype_size(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype."""
+    return DTYPE_SIZES[dtype]
