@@ -13,15 +13,16 @@ import functools
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.errors import CheckpointError
-from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name
+from ckptguard.errors import CheckpointError, UnsupportedFile
+from ckptguard.layout import OWNER_NAME, RETIRED_SUFFIX, RootLayout, parse_staging_name
 from ckptguard.owner import WriterInfo, is_alive_here
-from ckptguard.retry import NFS_LAG_ERRNOS, call_with_retry
-from ckptguard.verify import read_manifest
+from ckptguard.retry import NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
+from ckptguard.verify import read_manifest, verify
 
 if TYPE_CHECKING:
     from ckptguard.storage import Storage
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_STALE_AFTER",
     "StagingState",
+    "check_meta_dirs",
     "read_owner",
     "remove_stale_staging",
+    "repair_trash",
     "staging_state",
     "write_owner",
 ]
@@ -155,3 +158,89 @@ def remove_stale_staging(
             continue
         removed.append(state)
     return removed
+
+
+def repair_trash(
+    layout: RootLayout, storage: Storage, *, checksums: bool, retry: RetryPolicy
+) -> list[str]:
+    """Finish or undo what replaces and retention left in trash; the caller holds the lock.
+
+    A replace cut between its two renames left the old checkpoint in trash and the final
+    name empty: the newest trash copy that verifies is renamed back. Trash whose name
+    holds a valid checkpoint again is removed, and so are retention's half-done deletions.
+    Returns what was done.
+    """
+    actions = []
+    by_name: dict[str, list[str]] = {}
+    for entry in storage.list_dir(layout.trash):
+        if entry.endswith(RETIRED_SUFFIX) and parse_staging_name(entry[: -len(RETIRED_SUFFIX)]):
+            # Deleted by retention, cut before its removal finished: finish it.
+            path = os.path.join(layout.trash, entry)
+            call_with_retry(
+                functools.partial(storage.remove_tree, path),
+                what="remove retired checkpoint",
+                path=path,
+                policy=retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+            actions.append(f"removed {path} (deleted by retention)")
+            continue
+        parsed = parse_staging_name(entry)
+        if parsed is not None:
+            by_name.setdefault(parsed[0], []).append(entry)
+    for name, trash_entries in by_name.items():
+        final = os.path.join(layout.root, name)
+        newest_first = sorted(trash_entries, key=lambda e: parse_staging_name(e) or ("", ""))
+        newest_first.reverse()
+        if not storage.exists(final):
+            for entry in newest_first:
+                path = os.path.join(layout.trash, entry)
+                if verify(path, checksums=checksums).ok:
+                    # A replace was cut between "old -> trash" and "new -> final": roll back.
+                    call_with_retry(
+                        functools.partial(storage.rename_noreplace, path, final),
+                        what="restore from trash",
+                        path=final,
+                        policy=retry,
+                        also_transient=NFS_LAG_ERRNOS,
+                    )
+                    call_fsync(
+                        functools.partial(storage.fsync_dir, layout.root),
+                        what="fsync root",
+                        path=layout.root,
+                    )
+                    actions.append(f"restored {final} from {path} (an interrupted replace)")
+                    newest_first.remove(entry)
+                    break
+        if not verify(final, checksums=checksums).ok:
+            continue  # keep the old copies while the final name holds nothing valid
+        for entry in newest_first:
+            path = os.path.join(layout.trash, entry)
+            call_with_retry(
+                functools.partial(storage.remove_tree, path),
+                what="remove trash",
+                path=path,
+                policy=retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+            actions.append(f"removed {path} (replaced by a valid {final})")
+    return actions
+
+
+def check_meta_dirs(layout: RootLayout) -> None:
+    """Refuse a root whose ``.ckptguard`` or its subdirectories are symlinks or files.
+
+    Recovery deletes entries inside them; following a planted symlink would delete
+    someone else's files.
+    """
+    for path in (layout.meta, layout.staging, layout.trash, layout.quarantine):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsupportedFile(
+                f"{path} is a symlink or not a directory; refusing to work in it",
+                path=path,
+                hint="move it away by hand; ckptguard recreates its directories",
+            )

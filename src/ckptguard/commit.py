@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckptguard._faults import fault_point
-from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_stale_staging, write_owner
+from ckptguard.cleanup import (
+    DEFAULT_STALE_AFTER,
+    remove_stale_staging,
+    repair_trash,
+    write_owner,
+)
 from ckptguard.errors import (
     CheckpointError,
     CommitConflict,
@@ -141,13 +146,14 @@ def _default_dir_mode() -> int:
     return 0o755
 
 
-def _rename(staging: Staging, src: str, dst: str) -> None:
+def _rename(staging: Staging, src: str, dst: str, *, enoent_is_transient: bool = True) -> None:
+    lag = NFS_LAG_ERRNOS if enoent_is_transient else NFS_LAG_ERRNOS - {errno.ENOENT}
     call_with_retry(
         functools.partial(staging.storage.rename_noreplace, src, dst),
         what=f"rename {src} -> {dst}",
         path=dst,
         policy=staging.retry,
-        also_transient=NFS_LAG_ERRNOS,
+        also_transient=lag,
         passthrough=frozenset({errno.EEXIST}),
     )
 
@@ -220,7 +226,9 @@ def seal(
     """
     storage, path = staging.storage, staging.path
     known = known or {}
-    files, dirs = storage.walk_files(path)
+    files, dirs = call_with_retry(
+        functools.partial(storage.walk_files, path), what="list staging dir", path=path
+    )
     entries = []
     for rel in files:
         if rel == OWNER_NAME:
@@ -266,7 +274,10 @@ def seal(
     fault_point("seal.manifest_tmp_written")
     _rename(staging, tmp, os.path.join(path, MANIFEST_NAME))
     fault_point("seal.manifest_written")
-    storage.remove_file(os.path.join(path, OWNER_NAME))
+    owner = os.path.join(path, OWNER_NAME)
+    call_with_retry(
+        functools.partial(storage.remove_file, owner), what="remove owner file", path=owner
+    )
     call_fsync(functools.partial(storage.fsync_dir, path), what="fsync staging dir", path=path)
     fault_point("seal.done")
     return manifest
@@ -294,6 +305,9 @@ def commit(
     if if_exists not in _IF_EXISTS:
         raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
     storage, final = staging.storage, staging.final
+    if not storage.exists(staging.path):
+        # Peers of one save share its staging dir; the first of them renamed it already.
+        return _committed_by_peer(staging, final)
     mode = _default_dir_mode() if dir_mode is None else dir_mode
     call_with_retry(
         functools.partial(storage.set_mode, staging.path, mode),
@@ -304,9 +318,13 @@ def commit(
     fault_point("commit.before_rename")
     for _attempt in range(3):
         try:
-            _rename(staging, staging.path, final)
+            _rename(staging, staging.path, final, enoent_is_transient=False)
         except FileExistsError:
             pass
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT and not storage.exists(staging.path):
+                return _committed_by_peer(staging, final)
+            raise
         else:
             fault_point("commit.renamed")
             return CommitResult(final, Outcome.COMMITTED, manifest)
@@ -315,35 +333,14 @@ def commit(
         if not existing.ok and not storage.exists(final):
             continue  # it vanished between our rename and the look; try again
         if existing.ok and existing.manifest is not None:
-            theirs = existing.manifest
-            if theirs.save_id == staging.save_id:
+            if existing.manifest.save_id == staging.save_id:
                 abort(staging)
-                return CommitResult(final, Outcome.ALREADY_COMMITTED, theirs)
+                return CommitResult(final, Outcome.ALREADY_COMMITTED, existing.manifest)
             # Another save: before keeping it instead of ours (or reporting it), make sure
             # its content is intact, not just its sizes; bit rot gets quarantined.
             existing = verify(final, checksums=True)
         if existing.ok and existing.manifest is not None:
-            theirs = existing.manifest
-            if if_exists == "keep":
-                _log.info(
-                    "%s already holds a valid checkpoint (save %s, written by %s:%d); "
-                    "kept it and discarded this save",
-                    final, theirs.save_id, theirs.writer.host, theirs.writer.pid,
-                )  # fmt: skip
-                abort(staging)
-                return CommitResult(final, Outcome.KEPT_EXISTING, theirs)
-            if if_exists == "error":
-                abort(staging)
-                raise CommitConflict(
-                    f"{final} already holds a valid checkpoint (save {theirs.save_id})",
-                    path=final,
-                )
-            trash = os.path.join(staging.layout.trash, f"{staging.name}.{new_save_id()}")
-            _rename(staging, final, trash)
-            fault_point("commit.moved_to_trash")
-            _rename(staging, staging.path, final)
-            fault_point("commit.renamed")
-            return CommitResult(final, Outcome.REPLACED, manifest, replaced=trash)
+            return _resolve_conflict(staging, manifest, existing.manifest, if_exists)
 
         # Not a valid ckptguard checkpoint (a half-written folder, a foreign directory):
         # never deleted, never loaded; moved aside with the reason, then we commit.
@@ -359,13 +356,68 @@ def commit(
     )
 
 
+def _committed_by_peer(staging: Staging, final: str) -> CommitResult:
+    existing = verify(final, checksums=False)
+    if existing.ok and existing.manifest and existing.manifest.save_id == staging.save_id:
+        return CommitResult(final, Outcome.ALREADY_COMMITTED, existing.manifest)
+    raise StorageError(
+        f"the staging dir {staging.path} vanished before its commit, and {final} does not "
+        "hold this save; another process removed it",
+        path=staging.path,
+        hint="check for a cleanup job or a second process using the same save id",
+    )
+
+
+def _resolve_conflict(
+    staging: Staging, ours: Manifest, theirs: Manifest, if_exists: IfExists
+) -> CommitResult:
+    """The final name holds another valid save: keep it, replace it, or report it."""
+    final = staging.final
+    newer = theirs.created_at > ours.created_at  # never replace a newer save by an older
+    if if_exists == "keep" or (if_exists == "replace" and newer):
+        log = _log.warning if newer and if_exists == "replace" else _log.info
+        log(
+            "%s already holds a valid %s checkpoint (save %s, written by %s:%d); kept it and "
+            "discarded this save",
+            final, "newer" if newer else "", theirs.save_id, theirs.writer.host,
+            theirs.writer.pid,
+        )  # fmt: skip
+        abort(staging)
+        return CommitResult(final, Outcome.KEPT_EXISTING, theirs)
+    if if_exists == "error":
+        abort(staging)
+        raise CommitConflict(
+            f"{final} already holds a valid checkpoint (save {theirs.save_id})", path=final
+        )
+    trash = os.path.join(staging.layout.trash, f"{staging.name}.{new_save_id()}")
+    _rename(staging, final, trash)
+    try:
+        fault_point("commit.moved_to_trash")
+        _rename(staging, staging.path, final)
+    except BaseException:
+        # The last good checkpoint must not stay hidden in trash: put it back at once.
+        # (After a SIGKILL here, recover() and the next publish do the same.)
+        try:
+            staging.storage.rename_noreplace(trash, final)
+        except OSError as exc:
+            _log.error("could not restore %s from %s (%s); recover() will", final, trash, exc)
+        raise
+    fault_point("commit.renamed")
+    return CommitResult(final, Outcome.REPLACED, ours, replaced=trash)
+
+
 def quarantine(staging: Staging, path: str, *, reason: str) -> str:
     """Move ``path`` into ROOT/.ckptguard/quarantine, with a JSON note saying why."""
     name = os.path.basename(path)
     target = os.path.join(staging.layout.quarantine, f"{name}.{new_save_id()}")
     note = {"original": path, "reason": reason, "by_save": staging.save_id}
     _log.warning("moving %s to quarantine %s: %s", path, target, reason)
-    staging.storage.write_bytes(target + ".json", _json_bytes(note), fsync=True)
+    data = _json_bytes(note)
+
+    def write_note() -> None:
+        staging.storage.write_bytes(target + ".json", data, fsync=True)
+
+    call_fsync(write_note, what="write quarantine note", path=target + ".json")
     _rename(staging, path, target)
     return target
 
@@ -401,14 +453,10 @@ def publish(
         raise err from exc
     fault_point("publish.root_synced")
     try:
-        if result.replaced is not None:
-            call_with_retry(
-                functools.partial(storage.remove_tree, result.replaced),
-                what="remove replaced checkpoint",
-                path=result.replaced,
-                policy=staging.retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
+        # Drops the checkpoint we replaced, and repairs what a crashed replace or deletion
+        # of another process left in trash (so nobody's last good checkpoint stays hidden).
+        for action in repair_trash(layout, storage, checksums=False, retry=staging.retry):
+            _log.info("%s", action)
         remove_stale_staging(storage, layout, stale_after=stale_after)
     except (OSError, CheckpointError) as exc:
         _log.warning("%s committed; cleanup after it failed (%s)", result.path, exc)
@@ -457,6 +505,24 @@ def typed_write_error(exc: OSError, staging: Staging) -> StorageError:
     return err
 
 
+_warned_multi_rank = False
+
+
+def _warn_if_multi_rank() -> None:
+    # Without a coordinator every process stages and commits its own save; the first
+    # commit wins and files that only other ranks wrote are not in it.
+    global _warned_multi_rank  # noqa: PLW0603 - warn once per process, not once per save
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not _warned_multi_rank and world.isdigit() and int(world) > 1:
+        _warned_multi_rank = True
+        _log.warning(
+            "atomic_checkpoint in a job of WORLD_SIZE=%s: each process commits its own save "
+            "and the first commit wins, so files written only by other ranks are dropped. "
+            "Save from one rank, or have every rank write everything it needs",
+            world,
+        )
+
+
 class AtomicCheckpoint:
     """Commit whatever the block writes into the yielded staging dir as ``final_path``.
 
@@ -500,6 +566,7 @@ class AtomicCheckpoint:
         self.result: CommitResult | None = None
 
     def __enter__(self) -> Path:
+        _warn_if_multi_rank()
         self.staging = stage(self.root, self.name, storage=self.storage, retry=self.retry)
         return Path(self.staging.path)
 

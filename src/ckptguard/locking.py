@@ -10,11 +10,12 @@ a crashed saver can never leave the root locked.
 from __future__ import annotations
 
 import contextlib
+import errno
 from typing import TYPE_CHECKING
 
 import filelock
 
-from ckptguard.errors import LockTimeout
+from ckptguard.errors import LockTimeout, storage_error_from_os
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,6 +49,14 @@ def root_lock(layout: RootLayout, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iter
         raise LockTimeout(
             f"could not lock {layout.lock} within {timeout:g}s", path=layout.lock
         ) from None
+    except OSError as exc:
+        err = storage_error_from_os(exc, "taking the root's lock", layout.lock)
+        if exc.errno in {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}:
+            err.hint = (
+                "this filesystem does not support flock(2) locks (Lustre without -o flock, "
+                "some NFS setups): enable them, or use a root on another filesystem"
+            )
+        raise err from exc
     try:
         yield
     finally:

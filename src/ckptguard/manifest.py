@@ -92,6 +92,10 @@ def validate_relpath(path: object) -> str:
         raise UnsafeManifest(f"file path longer than {MAX_PATH_LENGTH}: {path[:80]!r}...")
     if _CONTROL.search(path):
         raise UnsafeManifest(f"file path contains NUL or control characters: {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafeManifest(f"file path is not valid UTF-8: {path!r}") from None
     if "\\" in path:
         raise UnsafeManifest(f"file path contains a backslash: {path!r}")
     if path.startswith("/") or re.match(r"[A-Za-z]:", path):

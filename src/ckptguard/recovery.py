@@ -21,23 +21,27 @@ Nothing else is ever moved or deleted: corrupt and foreign entries are only repo
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_stale_staging, staging_state
+from ckptguard.cleanup import (
+    DEFAULT_STALE_AFTER,
+    check_meta_dirs,
+    remove_stale_staging,
+    repair_trash,
+    staging_state,
+)
 from ckptguard.layout import (
     MANIFEST_NAME,
     META_DIR,
     QUARANTINE_REASON_SUFFIX,
-    RETIRED_SUFFIX,
     RootLayout,
     parse_staging_name,
 )
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard.retry import DEFAULT_RETRY, NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
+from ckptguard.retry import DEFAULT_RETRY, RetryPolicy
 from ckptguard.storage import LocalStorage, Storage
 from ckptguard.verify import VerifyReport, verify
 
@@ -133,6 +137,7 @@ def scan(
     """Classify every entry of ``root`` without changing anything."""
     storage = storage or LocalStorage()
     layout = RootLayout(os.path.abspath(os.fspath(root)))
+    check_meta_dirs(layout)
     entries = _classify_top(layout.root, storage.list_dir(layout.root), checksums=checksums)
     for name in storage.list_dir(layout.staging):
         path = os.path.join(layout.staging, name)
@@ -156,66 +161,6 @@ def scan(
     return RecoveryReport(layout.root, tuple(entries))
 
 
-def _repair_trash(
-    layout: RootLayout, storage: Storage, *, checksums: bool, retry: RetryPolicy
-) -> list[str]:
-    actions = []
-    by_name: dict[str, list[str]] = {}
-    for entry in storage.list_dir(layout.trash):
-        if entry.endswith(RETIRED_SUFFIX) and parse_staging_name(entry[: -len(RETIRED_SUFFIX)]):
-            # Deleted by retention, cut before its removal finished: finish it.
-            path = os.path.join(layout.trash, entry)
-            call_with_retry(
-                functools.partial(storage.remove_tree, path),
-                what="remove retired checkpoint",
-                path=path,
-                policy=retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
-            actions.append(f"removed {path} (deleted by retention)")
-            continue
-        parsed = parse_staging_name(entry)
-        if parsed is not None:
-            by_name.setdefault(parsed[0], []).append(entry)
-    for name, trash_entries in by_name.items():
-        final = os.path.join(layout.root, name)
-        newest_first = sorted(trash_entries, key=lambda e: parse_staging_name(e) or ("", ""))
-        newest_first.reverse()
-        if not storage.exists(final):
-            for entry in newest_first:
-                path = os.path.join(layout.trash, entry)
-                if verify(path, checksums=checksums).ok:
-                    # A replace was cut between "old -> trash" and "new -> final": roll back.
-                    call_with_retry(
-                        functools.partial(storage.rename_noreplace, path, final),
-                        what="restore from trash",
-                        path=final,
-                        policy=retry,
-                        also_transient=NFS_LAG_ERRNOS,
-                    )
-                    call_fsync(
-                        functools.partial(storage.fsync_dir, layout.root),
-                        what="fsync root",
-                        path=layout.root,
-                    )
-                    actions.append(f"restored {final} from {path} (an interrupted replace)")
-                    newest_first.remove(entry)
-                    break
-        if not verify(final, checksums=checksums).ok:
-            continue  # keep the old copies while the final name holds nothing valid
-        for entry in newest_first:
-            path = os.path.join(layout.trash, entry)
-            call_with_retry(
-                functools.partial(storage.remove_tree, path),
-                what="remove trash",
-                path=path,
-                policy=retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
-            actions.append(f"removed {path} (replaced by a valid {final})")
-    return actions
-
-
 def recover(
     root: str | os.PathLike[str],
     *,
@@ -229,16 +174,14 @@ def recover(
     storage = storage or LocalStorage()
     layout = RootLayout(os.path.abspath(os.fspath(root)))
     actions: list[str] = []
-    if os.path.isdir(layout.meta) and not os.path.islink(layout.meta):
+    check_meta_dirs(layout)
+    if os.path.isdir(layout.meta):
         with root_lock(layout, lock_timeout):
-            actions += _repair_trash(layout, storage, checksums=checksums, retry=retry)
+            actions += repair_trash(layout, storage, checksums=checksums, retry=retry)
             for state in remove_stale_staging(storage, layout, stale_after=stale_after):
                 actions.append(f"removed stale staging {state.path} ({state.reason})")
-            report = scan(
-                layout.root, checksums=checksums, stale_after=stale_after, storage=storage
-            )
-    else:
-        report = scan(layout.root, checksums=checksums, stale_after=stale_after, storage=storage)
+    # Classify outside the lock: checksumming a large root must not stall other savers.
+    report = scan(layout.root, checksums=checksums, stale_after=stale_after, storage=storage)
     for action in actions:
         _log.info("%s", action)
     return RecoveryReport(report.root, report.entries, tuple(actions))

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["FileDigest", "FileWriter", "LocalStorage", "Storage", "renameat2_available"]
 
 READ_CHUNK = 8 * 1024 * 1024
+MAX_DEPTH = 64  # directories inside a checkpoint (verify.py refuses deeper trees too)
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -262,10 +263,11 @@ class LocalStorage:
     def walk_files(self, path: str) -> tuple[list[str], list[str]]:
         files: list[str] = []
         dirs: list[str] = []
-
-        def visit(abs_dir: str, rel_dir: str) -> None:
+        stack = [(path, "", 0)]
+        while stack:
+            abs_dir, rel_dir, depth = stack.pop()
             with os.scandir(abs_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=lambda e: e.name, reverse=True)
             for entry in entries:
                 rel = f"{rel_dir}{entry.name}"
                 if entry.is_symlink():
@@ -277,17 +279,22 @@ class LocalStorage:
                         hint="copy the file into the checkpoint instead of linking it",
                     )
                 if entry.is_dir(follow_symlinks=False):
+                    if depth + 1 > MAX_DEPTH:
+                        raise UnsupportedFile(
+                            f"{entry.path}: nested deeper than {MAX_DEPTH} directories",
+                            path=entry.path,
+                        )
                     dirs.append(rel)
-                    visit(entry.path, rel + "/")
+                    stack.append((entry.path, rel + "/", depth + 1))
                 elif entry.is_file(follow_symlinks=False):
                     files.append(rel)
                 else:
                     raise UnsupportedFile(
                         f"{entry.path} is a device, fifo or socket", path=entry.path
                     )
-
-        visit(path, "")
-        return files, dirs
+        # Parents before children (seal fsyncs them in reverse: children first).
+        dirs.sort(key=lambda d: (d.count("/"), d))
+        return sorted(files), dirs
 
     # -- rename and removal ------------------------------------------------------------
     def rename_noreplace(self, src: str, dst: str) -> None:

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ckptguard.errors import UnsafeManifest
+from ckptguard.errors import UnsafeManifest, storage_error_from_os
 from ckptguard.layout import MANIFEST_NAME
 from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest
 from ckptguard.storage import digest_fd
@@ -28,6 +28,7 @@ __all__ = ["VerifyReport", "open_checkpoint_file", "read_manifest", "verify"]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 MAX_PROBLEMS = 100
+MAX_DEPTH = 64  # directories inside a checkpoint; deeper is hostile, not a model
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,14 @@ def _read_manifest_fd(dir_fd: int, path: str) -> Manifest:
             raise UnsafeManifest(f"{MANIFEST_NAME} is not a regular file", path=path)
         if st.st_size > MAX_MANIFEST_BYTES:
             raise UnsafeManifest(f"{MANIFEST_NAME} is {st.st_size} bytes: too large", path=path)
-        data = os.read(fd, MAX_MANIFEST_BYTES + 1)
+        # Loop: one read(2) may return less (FUSE direct_io, network filesystems, signals).
+        chunks, total = [], 0
+        while chunk := os.read(fd, MAX_MANIFEST_BYTES + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_MANIFEST_BYTES:
+                break
+        data = b"".join(chunks)
     finally:
         os.close(fd)
     return Manifest.from_json(data, path=os.path.join(path, MANIFEST_NAME))
@@ -114,31 +122,42 @@ def read_manifest(path: str) -> Manifest:
         raise
     try:
         return _read_manifest_fd(dir_fd, path)
+    except (UnsafeManifest, FileNotFoundError):
+        raise
+    except OSError as exc:
+        raise storage_error_from_os(exc, f"reading {MANIFEST_NAME}", path) from exc
     finally:
         os.close(dir_fd)
 
 
-def _tree(dir_fd: int, prefix: str, problems: _Problems, found: set[str]) -> None:
-    with os.scandir(dir_fd) as it:
-        entries = list(it)
-    for entry in entries:
-        rel = f"{prefix}{entry.name}"
-        if entry.is_symlink():
-            problems.add(f"{rel}: is a symlink")
-        elif entry.is_dir(follow_symlinks=False):
-            try:
-                sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-            except OSError as exc:
-                problems.add(f"{rel}/: cannot open ({exc.strerror})")
-                continue
-            try:
-                _tree(sub, rel + "/", problems, found)
-            finally:
-                os.close(sub)
-        elif entry.is_file(follow_symlinks=False):
-            found.add(rel)
-        else:
-            problems.add(f"{rel}: is a device, fifo or socket")
+def _tree(dir_fd: int, problems: _Problems, found: set[str]) -> None:
+    """Every regular file under ``dir_fd``; symlinks, specials and too-deep trees are problems."""
+    stack: list[tuple[int, str, int]] = [(os.dup(dir_fd), "", 0)]
+    while stack:
+        fd, prefix, depth = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            for entry in entries:
+                rel = f"{prefix}{entry.name}"
+                if entry.is_symlink():
+                    problems.add(f"{rel}: is a symlink")
+                elif entry.is_dir(follow_symlinks=False):
+                    if depth + 1 > MAX_DEPTH:
+                        problems.add(f"{rel}/: nested deeper than {MAX_DEPTH} directories")
+                        continue
+                    try:
+                        sub = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError as exc:
+                        problems.add(f"{rel}/: cannot open ({exc.strerror})")
+                        continue
+                    stack.append((sub, rel + "/", depth + 1))
+                elif entry.is_file(follow_symlinks=False):
+                    found.add(rel)
+                else:
+                    problems.add(f"{rel}: is a device, fifo or socket")
+        finally:
+            os.close(fd)
 
 
 def verify(
@@ -162,6 +181,9 @@ def verify(
             manifest = _read_manifest_fd(dir_fd, path)
         except UnsafeManifest as exc:
             return VerifyReport(path, ok=False, problems=[exc.message])
+        except OSError as exc:
+            why = f"cannot read {MANIFEST_NAME} ({exc.strerror or exc})"
+            return VerifyReport(path, ok=False, problems=[why])
         files = bytes_checked = 0
         for entry in manifest.files:
             try:
@@ -173,8 +195,10 @@ def verify(
                 # O_NOFOLLOW gives ELOOP on a symlinked file, O_DIRECTORY ENOTDIR on a
                 # symlinked directory component.
                 symlinked = exc.errno in {errno.ELOOP, errno.ENOTDIR}
-                why = "a symlink or non-directory in its path" if symlinked else exc.strerror
-                problems.add(f"{entry.path}: cannot open ({why})")
+                reason = (
+                    "a symlink or non-directory in its path" if symlinked else str(exc.strerror)
+                )
+                problems.add(f"{entry.path}: cannot open ({reason})")
                 continue
             try:
                 st = os.fstat(fd)
@@ -196,7 +220,7 @@ def verify(
             finally:
                 os.close(fd)
         found: set[str] = set()
-        _tree(dir_fd, "", problems, found)
+        _tree(dir_fd, problems, found)
         found.discard(MANIFEST_NAME)
         listed = {f.path for f in manifest.files}
         for rel in sorted(found - listed):
