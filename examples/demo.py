@@ -1,16 +1,18 @@
-"""ckptguard demo: a save killed with SIGKILL half-way never becomes a checkpoint.
+"""ckptguard demo: a training run killed in the middle of a save resumes exactly.
 
-1. commits checkpoint-1..3 through ``atomic_checkpoint``;
-2. starts a child that saves checkpoint-4 and SIGKILLs it half-way through a file;
-3. for contrast, a child that writes straight into checkpoint-5 (as Trainer does today)
-   is killed the same way;
-4. runs ``recover`` and shows what it found, then commits checkpoint-4 for real.
+1. trains a small PyTorch model on generated data, saving every 10 steps through
+   CheckpointManager; the run SIGKILLs itself in the middle of the save at step 40;
+2. restarts: the manager repairs the root, resumes from the newest checkpoint that
+   verifies, and says which one and why; the run finishes;
+3. compares the final weights with an uninterrupted run (bit-identical), and
+4. shows `ckptguard list` of the run.
 
-Usage: python examples/demo.py [ROOT]   (default: ./demo-run, wiped first)
+Usage: python examples/demo.py [WORKDIR]   (default: ./demo-run, wiped first)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -18,110 +20,107 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ckptguard
-
-CHUNK = 1024 * 1024
+STEPS, SAVE_EVERY, KILL_AT = 60, 10, 40
 
 
-def write_checkpoint(directory: Path, step: int) -> None:
-    """What a training script would write: weights and a small state file."""
-    with (directory / "weights.bin").open("wb") as f:
-        for i in range(8):
-            f.write(bytes([step + i]) * CHUNK)
-            if i == 3 and os.environ.get("DEMO_STOP_HALFWAY"):
-                f.flush()
-                print("HALFWAY", flush=True)
-                sys.stdin.readline()  # wait here until the parent kills us
-    (directory / "trainer_state.json").write_text(f'{{"global_step": {step}}}\n')
+def train(root: Path, kill_at: int | None) -> None:
+    """The training script: resume if possible, train, save every SAVE_EVERY steps."""
+    import torch  # noqa: PLC0415 - the parent process does not need torch
 
+    import ckptguard  # noqa: PLC0415
+    from ckptguard._faults import set_fault_hook  # noqa: PLC0415
 
-def child(root: Path, mode: str, step: int) -> None:
-    if mode == "ckptguard":
-        with ckptguard.atomic_checkpoint(root / f"checkpoint-{step}") as staging:
-            write_checkpoint(staging, step)
-    else:  # the unprotected way: write straight into the final directory
-        target = root / f"checkpoint-{step}"
-        target.mkdir()
-        write_checkpoint(target, step)
-
-
-def kill_halfway(root: Path, mode: str, step: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", str(root), mode, str(step)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "DEMO_STOP_HALFWAY": "1"},
+    logging.basicConfig(level=logging.WARNING, format="    [log] %(message)s")
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(mode=True)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1)
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if line != "HALFWAY":
-        proc.kill()
-        raise SystemExit(f"demo child did not reach the middle of its save: {line!r}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    print(f"  killed pid {proc.pid} with SIGKILL half-way through checkpoint-{step} ({mode})")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+    true_w = torch.linspace(-1, 1, 16)
+    mgr = ckptguard.CheckpointManager(root, keep_last=3, best_metric="loss")
+    start = 0
+    if mgr.latest() is not None:
+        state = mgr.restore(target={"model": model, "optimizer": opt, "scheduler": sched})
+        ckptguard.restore_rng_state(state["rng"])
+        start = state["step"]
+        print(f"  resumed from checkpoint-{start}: the newest checkpoint that verifies")
+    else:
+        print("  no checkpoint yet: starting from scratch")
+
+    if kill_at is not None:
+
+        def die_mid_save(point: str) -> None:
+            if point == "seal.files_synced" and current_step == kill_at:
+                print(f"  step {kill_at}: files written, manifest not yet -> SIGKILL", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        set_fault_hook(die_mid_save)
+
+    for current_step in range(start + 1, STEPS + 1):
+        x = torch.randn(32, 16)
+        y = x @ true_w + 0.1 * torch.randn(32)
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if current_step % SAVE_EVERY == 0:
+            state = {
+                "model": model,
+                "optimizer": opt,
+                "scheduler": sched,
+                "rng": ckptguard.capture_rng_state(),
+                "step": current_step,
+            }
+            mgr.save(current_step, state, metrics={"loss": loss.item()})
+            print(f"  step {current_step}: loss {loss.item():.4f}, saved checkpoint-{current_step}")
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, root.parent / f"{root.name}.final.pt")
 
 
-def show(root: Path) -> None:
-    for name in sorted(os.listdir(root)):
-        print(f"    {name}/")
-    staging = root / ".ckptguard" / "staging"
-    for name in sorted(os.listdir(staging)):
-        print(f"    .ckptguard/staging/{name}/")
+def run_child(root: Path, *extra: str) -> int:
+    proc = subprocess.run([sys.executable, __file__, "--train", str(root), *extra], check=False)
+    return proc.returncode
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-run").resolve()
-    shutil.rmtree(root, ignore_errors=True)
-    print(f"ckptguard demo in {root}\n")
+    import torch  # noqa: PLC0415
 
-    print("1. three checkpoints committed atomically")
-    for step in (1, 2, 3):
-        tx = ckptguard.atomic_checkpoint(root / f"checkpoint-{step}")
-        with tx as staging:
-            write_checkpoint(staging, step)
-        assert tx.result is not None
-        print(f"  checkpoint-{step}: {tx.result.outcome}")
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-run").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    run = work / "run"
+    print(f"ckptguard demo in {work}\n")
 
-    print("\n2. a save through ckptguard, killed half-way")
-    kill_halfway(root, "ckptguard", 4)
-    print("\n3. for contrast, a save written straight into its folder, killed half-way")
-    kill_halfway(root, "unprotected", 5)
+    print(f"1. training for {STEPS} steps, saving every {SAVE_EVERY}; killed during save {KILL_AT}")
+    code = run_child(run, "--kill-at", str(KILL_AT))
+    print(f"  (the process ended with signal {-code})" if code < 0 else f"  exit code {code}")
+    staging = sorted(os.listdir(run / ".ckptguard" / "staging"))
+    print(f"  on disk: {sorted(n for n in os.listdir(run) if not n.startswith('.'))}")
+    print(f"  left in staging by the killed save: {staging}\n")
 
-    print("\n  what is on disk now:")
-    show(root)
-    print("  a 'resume from the highest checkpoint-N' would now pick the half-written")
-    print("  checkpoint-5; ckptguard's own checkpoint-4 never became visible.\n")
+    print("2. restart: the same command, which resumes")
+    run_child(run)
 
-    print("4. recover(): classify every entry, repair what the crash left")
-    report = ckptguard.recover(root)
-    for entry in report.entries:
-        detail = f"  ({entry.detail})" if entry.detail else ""
-        print(f"  {entry.kind:18} {os.path.relpath(entry.path, root)}{detail}")
-    for action in report.actions:
-        print(f"  repaired: {action}")
-    latest = report.latest
-    assert latest is not None
-    print(f"\n  resume from: {latest.name} (the newest checkpoint that verifies)")
-    assert latest.name == "checkpoint-3"
+    print("\n3. the same training without any interruption, for comparison")
+    reference = work / "reference"
+    run_child(reference)
+    a = torch.load(work / "run.final.pt", weights_only=True)
+    b = torch.load(work / "reference.final.pt", weights_only=True)
+    same = all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    print(f"  final weights of the interrupted run equal the uninterrupted run's: {same}")
+    if not same:
+        raise SystemExit("the resumed run diverged")
 
-    print("\n5. checkpoint-4 saved again, this time to completion")
-    with ckptguard.atomic_checkpoint(root / "checkpoint-4") as staging:
-        write_checkpoint(staging, 4)
-    verified = ckptguard.verify(root / "checkpoint-4")
-    print(
-        f"  verify checkpoint-4: ok={verified.ok}, {verified.files_checked} files, "
-        f"{verified.bytes_checked} bytes checked"
-    )
-    final = ckptguard.scan(root)
-    valid = ", ".join(e.name for e in final.valid)
-    print(f"  valid checkpoints: {valid}")
-    print(f"  staging left behind: {os.listdir(root / '.ckptguard' / 'staging')}")
+    print("\n4. ckptguard list")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-m", "ckptguard", "list", "--checksums", str(run)], check=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--train":
+        kill = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--kill-at" else None
+        train(Path(sys.argv[2]), kill)
     else:
         main()

@@ -140,7 +140,7 @@ def parse_header(
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _bad(path, f"tensor {name!r}: entry must have dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _bad(path, f"tensor {name!r}: unknown dtype {dtype!r}")
         if (
             not isinstance(shape, list)

@@ -67,6 +67,13 @@ _NUMPY_TO_ST = {
 _ST_TO_NUMPY = {v: k for k, v in _NUMPY_TO_ST.items()}
 
 
+_MAX_INT_BITS = 13_000  # about 4,000 decimal digits: Python's int <-> str limit is 4,300
+
+
+def _float_json(value: float) -> Any:
+    return value if math.isfinite(value) else {"__float__": repr(value)}
+
+
 class StateFormatError(TypeError):
     """A value in the state that ckptguard cannot store without pickle."""
 
@@ -159,27 +166,38 @@ class _Encoder:
         group.tensors.append(_Pending(name, dtype, tuple(value.shape), value))
         return {"__ndarray__": {"file": group.file, "name": name}}
 
+    def _np_scalar(self, value: Any, where: str) -> dict[str, Any]:
+        dtype = str(value.dtype)
+        if dtype not in _NUMPY_TO_ST:
+            raise StateFormatError(f"{where}: numpy scalar of dtype {dtype} is not supported")
+        item = value.item()
+        if isinstance(item, complex):
+            encoded: Any = [_float_json(item.real), _float_json(item.imag)]
+        elif isinstance(item, float):
+            encoded = _float_json(item)
+        else:
+            encoded = item
+        return {"__npscalar__": {"dtype": dtype, "value": encoded}}
+
     def encode(self, value: Any, group: _Group, path: list[str], where: str) -> Any:
         if _is_stateful(value):
             value = value.state_dict()
+        if _is_np_scalar(value):  # before float: np.float64 subclasses float
+            return self._np_scalar(value, where)
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
+            if value.bit_length() > _MAX_INT_BITS:
+                raise StateFormatError(f"{where}: an int of {value.bit_length()} bits is too big")
             return int(value)
         if isinstance(value, float):
-            value = float(value)
-            return value if math.isfinite(value) else {"__float__": repr(value)}
+            return _float_json(float(value))
         if isinstance(value, (bytes, bytearray)):
             return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
         if _is_tensor(value):
             return self._tensor(value, group, path, where)
         if _is_ndarray(value):
             return self._ndarray(value, group, path, where)
-        if _is_np_scalar(value):
-            if str(value.dtype) not in _NUMPY_TO_ST:
-                raise StateFormatError(f"{where}: numpy scalar of dtype {value.dtype}")
-            item = self.encode(value.item(), group, path, where)
-            return {"__npscalar__": {"dtype": str(value.dtype), "value": item}}
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.dtype):
             return {"__torch_dtype__": str(value).removeprefix("torch.")}
@@ -343,7 +361,11 @@ class _Decoder:
         self.cache: dict[tuple[str, str], Any] = {}
 
     def _info(self, ref: Any, where: str) -> tuple[_Loaded, TensorInfo]:
-        if not isinstance(ref, dict) or set(ref) != {"file", "name"}:
+        if (
+            not isinstance(ref, dict)
+            or set(ref) != {"file", "name"}
+            or not all(isinstance(v, str) for v in ref.values())
+        ):
             raise CorruptCheckpoint(f"state.json: bad tensor reference at {where}")
         loaded = self.files.get(ref["file"])
         info = loaded.tensors.get(ref["name"]) if loaded else None
@@ -395,6 +417,36 @@ class _Decoder:
         tag, body = tags[0], value[tags[0]]
         return self._tagged(tag, body, where)
 
+    def _np_scalar(self, body: dict[str, Any], where: str) -> Any:
+        import numpy as np  # noqa: PLC0415 - only for states that hold numpy scalars
+
+        dtype, raw = body["dtype"], body["value"]
+        if not isinstance(dtype, str) or dtype not in _NUMPY_TO_ST:
+            raise CorruptCheckpoint(f"state.json: numpy dtype {dtype!r} at {where}")
+        kind = np.dtype(dtype).kind
+        if kind == "c":
+            if not isinstance(raw, list) or len(raw) != 2:
+                raise CorruptCheckpoint(f"state.json: bad complex scalar at {where}")
+            real, imag = (self.decode(v, where) for v in raw)
+            value: Any = complex(real, imag)
+        else:
+            value = self.decode(raw, where)
+        ok = {
+            "b": isinstance(value, bool),
+            "i": isinstance(value, int) and not isinstance(value, bool),
+            "u": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            "f": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "c": isinstance(value, complex),
+        }.get(kind, False)
+        if not ok:
+            raise CorruptCheckpoint(f"state.json: {value!r} is not a {dtype} at {where}")
+        try:
+            return np.array(value, dtype=dtype)[()]
+        except (OverflowError, ValueError, TypeError):
+            raise CorruptCheckpoint(
+                f"state.json: {value!r} does not fit {dtype} at {where}"
+            ) from None
+
     def _tagged(self, tag: str, body: Any, where: str) -> Any:
         if tag == "__tensor__":
             return self.tensor(body, where)
@@ -413,7 +465,7 @@ class _Decoder:
                 except TypeError:
                     raise CorruptCheckpoint(f"state.json: unhashable key at {where}") from None
             return out
-        if tag == "__float__" and body in {"nan", "inf", "-inf"}:
+        if tag == "__float__" and isinstance(body, str) and body in {"nan", "inf", "-inf"}:
             return float(body)
         if tag == "__bytes__" and isinstance(body, str):
             try:
@@ -421,14 +473,40 @@ class _Decoder:
             except ValueError:
                 raise CorruptCheckpoint(f"state.json: bad base64 at {where}") from None
         if tag == "__npscalar__" and isinstance(body, dict) and set(body) == {"dtype", "value"}:
-            import numpy as np  # noqa: PLC0415 - only for states that hold numpy scalars
-
-            if body["dtype"] not in _NUMPY_TO_ST:
-                raise CorruptCheckpoint(f"state.json: numpy dtype {body['dtype']!r} at {where}")
-            return np.dtype(body["dtype"]).type(self.decode(body["value"], where))
-        if tag == "__torch_dtype__" and body in _TORCH_TO_ST:
+            return self._np_scalar(body, where)
+        if tag == "__torch_dtype__" and isinstance(body, str) and body in _TORCH_TO_ST:
             return getattr(_torch(), body)
         raise CorruptCheckpoint(f"state.json: unknown or malformed tag {tag!r} at {where}")
+
+
+def _check_target(target: Any, loaded: Any, where: str) -> None:
+    """Raise before anything is copied if ``loaded`` cannot go into ``target``."""
+    if _is_stateful(target):
+        return  # its load_state_dict checks (and models usually check everything first)
+    if _is_tensor(target):
+        if not _is_tensor(loaded):
+            raise CorruptCheckpoint(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+        if tuple(target.shape) != tuple(loaded.shape) or target.dtype != loaded.dtype:
+            raise ValueError(
+                f"{where}: checkpoint tensor is {tuple(loaded.shape)} {loaded.dtype}, "
+                f"target is {tuple(target.shape)} {target.dtype}"
+            )
+    elif _is_ndarray(target):
+        if not _is_ndarray(loaded) or target.shape != loaded.shape or target.dtype != loaded.dtype:
+            raise ValueError(f"{where}: shape or dtype differs from the target's")
+    elif isinstance(target, Mapping):
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+        missing = [k for k in target if k not in loaded]
+        if missing:
+            raise KeyError(f"{where}: the checkpoint has no {missing[:5]}")
+        for key, sub in target.items():
+            _check_target(sub, loaded[key], f"{where}[{key!r}]")
+    elif isinstance(target, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(target) != len(loaded):
+            raise ValueError(f"{where}: the checkpoint's sequence differs from the target's")
+        for i, (t, v) in enumerate(zip(target, loaded, strict=True)):
+            _check_target(t, v, f"{where}[{i}]")
 
 
 def _apply(target: Any, loaded: Any, where: str) -> Any:
@@ -489,7 +567,16 @@ def read_state(checkpoint: str, manifest: Manifest, *, target: Any = None) -> An
         tree = decoder.decode(doc.get("tree"), "state")
     except RecursionError:
         raise _corrupt(checkpoint, "state.json is nested too deeply") from None
-    return tree if target is None else _apply(target, tree, "state")
+    except (TypeError, ValueError, OverflowError, KeyError) as exc:
+        if isinstance(exc, CorruptCheckpoint):
+            raise
+        raise _corrupt(
+            checkpoint, f"state.json is malformed ({type(exc).__name__}: {exc})"
+        ) from None
+    if target is None:
+        return tree
+    _check_target(target, tree, "state")  # every shape and key first: all or nothing
+    return _apply(target, tree, "state")
 
 
 def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str, TensorInfo]]:
