@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import subprocess
-import types
 import sys
+import types
 
 import ckptguard
 

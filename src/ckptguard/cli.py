@@ -18,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ckptguard.errors import CheckpointError
-from ckptguard.layout import MANIFEST_NAME, RootLayout, step_from_name
+from ckptguard.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
 from ckptguard.locking import root_lock
 from ckptguard.recovery import EntryKind, RootEntry, recover, scan
 from ckptguard.storage import LocalStorage
@@ -26,8 +26,16 @@ from ckptguard.verify import VerifyReport, read_manifest, verify
 
 __all__ = ["main"]
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+
+def _console(*, stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output is for grep and logs: never wrap a path in the middle.
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "0") or 0) or 200
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+
+
+_out = _console(stderr=False)
+_err = _console(stderr=True)
 # Verify shows a progress bar above this many bytes.
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
@@ -56,6 +64,17 @@ def _emit_json(obj: Any) -> None:
 
 def _is_checkpoint(path: str) -> bool:
     return os.path.lexists(os.path.join(path, MANIFEST_NAME))
+
+
+def _is_root(path: str) -> bool:
+    """A checkpoint root: it has ckptguard's meta dir or holds checkpoints."""
+    if os.path.isdir(os.path.join(path, META_DIR)):
+        return True
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(_is_checkpoint(os.path.join(path, n)) for n in names)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,7 +190,9 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
     if not os.path.isdir(path):
         _err.print(f"[red]error:[/] {path} is not a directory")
         sys.exit(2)
-    if _is_checkpoint(path):
+    if _is_checkpoint(path) or not _is_root(path):
+        # A folder that is not a root is judged as a checkpoint: one without a manifest
+        # (a half-written Trainer save, say) fails verification instead of passing.
         paths = [path]
     else:
         entries = scan(path, checksums=False).entries
@@ -179,6 +200,8 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
             e.path
             for e in entries
             if e.kind in {EntryKind.COMMITTED_VALID, EntryKind.COMMITTED_CORRUPT}
+            # checkpoint-N folders without a manifest are not checkpoints: report them
+            or (e.kind == EntryKind.FOREIGN and step_from_name(e.name) is not None)
         ]
         paths.sort(key=lambda p: (step_from_name(os.path.basename(p)) or -1, p))
         if not paths:
@@ -207,16 +230,21 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
     """Show a checkpoint's manifest, files and tensors (shapes and dtypes)."""
     from ckptguard.serialization import iter_tensor_infos  # noqa: PLC0415 - keeps startup light
 
+    if not os.path.isdir(path):
+        why = "is not a directory" if os.path.lexists(path) else "does not exist"
+        _err.print(f"[red]error:[/] {path} {why}")
+        sys.exit(2)
     try:
         manifest = read_manifest(path)
         tensors: list[dict[str, Any]] = [
             {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
             for f, t in iter_tensor_infos(path, manifest)
         ]
-    except FileNotFoundError:
-        _err.print(f"[red]error:[/] {path} does not exist")
-        sys.exit(2)
-    except CheckpointError as exc:
+    except FileNotFoundError as exc:
+        missing = exc.filename or exc
+        _err.print(f"[red]error:[/] {path} is not a valid checkpoint: {missing} is missing")
+        sys.exit(1)
+    except (CheckpointError, OSError) as exc:
         _err.print(f"[red]error:[/] {exc}")
         sys.exit(1)
     if as_json:
@@ -264,6 +292,15 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
 
 
 # -- clean -------------------------------------------------------------------------------------
+def _restores(root: str, entry: RootEntry) -> bool:
+    """A trash entry whose checkpoint name is empty goes back there (recovery), not away."""
+    return (
+        entry.kind == EntryKind.TRASH
+        and not os.path.lexists(os.path.join(root, entry.name))
+        and verify(entry.path, checksums=False).ok
+    )
+
+
 @main.command("clean")
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("--yes", is_flag=True, help="Really remove (default: only show what would go).")
@@ -302,7 +339,13 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
             {
                 "dry_run": not yes,
                 "planned": [
-                    {"kind": str(e.kind), "path": e.path, "detail": e.detail} for e in planned
+                    {
+                        "kind": str(e.kind),
+                        "path": e.path,
+                        "detail": e.detail,
+                        "action": "restore" if _restores(root, e) else "remove",
+                    }
+                    for e in planned
                 ],
                 "recovery_actions": actions,
                 "removed": removed,
@@ -313,7 +356,8 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
         _out.print(f"nothing to clean in {root}")
         return
     for e in planned:
-        _out.print(f"{'remove' if yes else 'would remove'} {e.kind:14} {e.path}"
+        verb = "restore" if _restores(root, e) else "remove"
+        _out.print(f"{verb if yes else 'would ' + verb} {e.kind:14} {e.path}"
                    + (f"  ({e.detail})" if e.detail else ""))  # fmt: skip
     for action in actions:
         _out.print(f"recovered: {action}")

@@ -16,6 +16,7 @@ Restore takes the newest checkpoint that verifies, and logs each one it skips an
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -148,6 +149,7 @@ class CheckpointManager:
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.storage = storage or LocalStorage()
+        self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         os.makedirs(self.root, exist_ok=True)
         report = recover(self.root, checksums=False, stale_after=stale_after, storage=self.storage)
         for action in report.actions:
@@ -200,7 +202,9 @@ class CheckpointManager:
                 path=result.path,
                 problems=report.problems,
             )
-        self._apply_retention()
+        if report.manifest is not None:
+            self._verified[result.path] = report.manifest.save_id
+        self._apply_retention(os.path.basename(result.path))
         return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
 
     def wait(self) -> None:
@@ -322,21 +326,58 @@ class CheckpointManager:
         """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
         self.storage.remove_file(os.path.join(self.layout.meta, PINS_DIR, checkpoint_name(step)))
 
-    def _apply_retention(self) -> None:
+    def _fully_verified(self, path: str, save_id: str) -> bool:
+        """Checksum-verify a checkpoint once per save id in this process (then cached)."""
+        if self._verified.get(path) == save_id:
+            return True
+        report = verify(path)
+        if report.ok:
+            self._verified[path] = save_id
+        else:
+            _log.warning("%s does not verify: %s", path, "; ".join(report.problems))
+        return report.ok
+
+    def _apply_retention(self, just_saved: str) -> None:
         with root_lock(self.layout, self.lock_timeout):
-            candidates = []
+            candidates: dict[str, Candidate] = {}
+            save_ids: dict[str, str] = {}
             for step, path in self._committed():
                 report = verify(path, checksums=False)
+                name = os.path.basename(path)
                 metric = None
-                if report.manifest is not None and self.policy.best_metric is not None:
-                    value = report.manifest.metrics.get(self.policy.best_metric)
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        metric = float(value)
-                pinned = self._pinned(step, report.manifest)
-                candidates.append(
-                    Candidate(os.path.basename(path), step, report.ok, metric, pinned)
-                )
-            for name in select_deletions(candidates, self.policy):
+                if report.manifest is not None:
+                    save_ids[name] = report.manifest.save_id
+                    if self.policy.best_metric is not None:
+                        value = report.manifest.metrics.get(self.policy.best_metric)
+                        if isinstance(value, (int, float)) and not isinstance(value, bool):
+                            metric = float(value)
+                pinned = self._pinned(step, report.manifest) or name == just_saved
+                candidates[name] = Candidate(name, step, report.ok, metric, pinned)
+            newest = max(candidates.values(), key=lambda c: (c.step, c.name), default=None)
+            if newest is not None and newest.name != just_saved:
+                _log.warning(
+                    "%s has a higher step than the checkpoint just saved (%s): resume will "
+                    "pick it, not the new one",
+                    newest.name, just_saved,
+                )  # fmt: skip
+            # Sizes are cheap to check but miss bit rot. Before deleting anything, make sure
+            # that what the policy keeps in place of the deleted (the newest and the best) is
+            # really intact; one that is not is left alone and the choice made again.
+            while True:
+                deletions = select_deletions(list(candidates.values()), self.policy)
+                if not deletions:
+                    return
+                kept = [c for c in candidates.values() if c.valid and c.name not in deletions]
+                doubtful = [
+                    c
+                    for c in kept
+                    if not self._fully_verified(os.path.join(self.root, c.name), save_ids[c.name])
+                ]
+                if not doubtful:
+                    break
+                for c in doubtful:
+                    candidates[c.name] = dataclasses.replace(c, valid=False)
+            for name in deletions:
                 self._retire(name)
 
     def _retire(self, name: str) -> None:

@@ -1,0 +1,423 @@
+"""The ``ckptguard`` command, run as a real process against roots built by CheckpointManager.
+
+Exit codes: 0 all good, 1 something corrupt, 2 bad usage or a missing path. Every command
+is checked in its human form and with ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptguard
+from ckptguard.commit import stage
+from ckptguard.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard.owner import current_writer
+
+CLI = Path(sys.executable).with_name("ckptguard")
+STEPS = (1, 2, 3)
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "80", "PYTHONIOENCODING": "utf-8"}
+    env.pop("FORCE_COLOR", None)
+    return subprocess.run(
+        [str(CLI), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+def _text(output: str) -> str:
+    """Human output with whitespace collapsed: rich wraps long lines at the console width."""
+    return " ".join(output.split())
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)
+
+
+def _state(step: int) -> dict[str, Any]:
+    torch.manual_seed(step)
+    return {
+        "model": torch.nn.Linear(4, 3).state_dict(),
+        "emb": torch.zeros(2, 5, dtype=torch.bfloat16),
+        "step": step,
+    }
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A root with checkpoint-1..3, each with a loss metric."""
+    path = tmp_path / "run"
+    mgr = ckptguard.CheckpointManager(path, keep_last=None)
+    for step in STEPS:
+        mgr.save(step, _state(step), metrics={"loss": 1.0 / step})
+    return path
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _listing(path: Path) -> list[str]:
+    """Every path under ``path``, relative, sorted (to prove a dry run changed nothing)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+# -- --help / --version ------------------------------------------------------------------------
+def test_help_and_version() -> None:
+    for flag in ("--help", "-h"):
+        proc = _cli(flag)
+        assert proc.returncode == 0, proc.stderr
+        for command in ("list", "verify", "inspect", "clean"):
+            assert command in _text(proc.stdout)
+    version = _cli("--version")
+    assert version.returncode == 0, version.stderr
+    assert ckptguard.__version__ in version.stdout
+    for command in ("list", "verify", "inspect", "clean"):
+        sub = _cli(command, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "--json" in sub.stdout
+
+
+def test_bad_usage_exits_2() -> None:
+    assert _cli("no-such-command").returncode == 2
+    assert _cli("list").returncode == 2  # ROOT missing
+    assert _cli("verify", "--no-such-flag", ".").returncode == 2
+
+
+# -- list --------------------------------------------------------------------------------------
+def test_list_table(root: Path) -> None:
+    proc = _cli("list", root)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for step in STEPS:
+        assert any(re.match(rf"^\W*{step}\s", line) for line in lines), (step, proc.stdout)
+    for header in ("step", "time", "size", "files", "metrics", "status"):
+        assert header in _text(proc.stdout)
+    assert "loss=0.5" in _text(proc.stdout)
+    assert proc.stdout.count("ok (sizes)") == len(STEPS)
+
+
+def test_list_json(root: Path) -> None:
+    proc = _cli("list", "--json", root)
+    assert proc.returncode == 0, proc.stderr
+    rows = _json(proc)
+    assert [r["step"] for r in rows] == list(STEPS)
+    infos = {c.step: c for c in ckptguard.CheckpointManager(root).list()}
+    for row in rows:
+        assert row["status"] == "ok (sizes)"
+        assert row["name"] == f"checkpoint-{row['step']}"
+        assert row["metrics"] == {"loss": 1.0 / row["step"]}
+        assert row["size_bytes"] == infos[row["step"]].size_bytes > 0
+        assert row["files"] == infos[row["step"]].files
+        assert row["created_at"]
+        assert row["problems"] == ""
+
+
+def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
+    _flip_last_byte(root / "checkpoint-2" / "model.safetensors")  # same size, new content
+    with (root / "checkpoint-3" / "emb.safetensors").open("ab") as f:
+        f.write(b"\0")  # a size change: seen without checksums too
+    foreign = root / "checkpoint-9"  # left by a Trainer crash: no manifest
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(b"half")
+    (root / "notes.txt").write_text("user file, not listed")
+
+    by_step = {r["step"]: r for r in _json(_cli("list", "--json", root))}
+    assert set(by_step) == {1, 2, 3, 9}
+    assert by_step[1]["status"] == "ok (sizes)"
+    assert by_step[2]["status"] == "ok (sizes)"  # sizes only: the flipped byte is unseen
+    assert by_step[3]["status"] == "corrupt"
+    assert "emb.safetensors" in by_step[3]["problems"]
+    assert by_step[9]["status"] == "no manifest"
+    assert by_step[9]["size_bytes"] is None
+    assert by_step[9]["metrics"] == {}
+
+    proc = _cli("list", "--checksums", "--json", root)
+    assert proc.returncode == 0, proc.stderr
+    by_step = {r["step"]: r for r in _json(proc)}
+    assert by_step[1]["status"] == "ok"
+    assert by_step[2]["status"] == "corrupt"
+    assert "checksum mismatch" in by_step[2]["problems"]
+    assert by_step[3]["status"] == "corrupt"
+    assert by_step[9]["status"] == "no manifest"
+
+    table = _cli("list", "--checksums", root)
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    assert sum("corrupt" in line for line in rows) == 2
+    assert "no manifest" in _text(table.stdout)
+    assert any(re.match(r"^\W*9\s", line) for line in table.stdout.splitlines())
+
+
+def test_list_missing_root(tmp_path: Path) -> None:
+    for args in (("list",), ("list", "--json")):
+        proc = _cli(*args, tmp_path / "nope")
+        assert proc.returncode == 2
+        assert "not a directory" in _text(proc.stderr)
+
+
+# -- verify ------------------------------------------------------------------------------------
+def test_verify_all_good(root: Path) -> None:
+    proc = _cli("verify", root / "checkpoint-2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok")
+    proc = _cli("verify", root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok ") == len(STEPS)
+    report = _json(_cli("verify", "--json", root))
+    assert report["ok"] is True
+    assert [c["step"] for c in report["checkpoints"]] == list(STEPS)
+    assert all(c["ok"] and c["problems"] == [] for c in report["checkpoints"])
+    assert all(c["files_checked"] == 3 and c["bytes_checked"] > 0 for c in report["checkpoints"])
+
+
+def test_verify_corrupt(root: Path) -> None:
+    _flip_last_byte(root / "checkpoint-2" / "model.safetensors")
+
+    proc = _cli("verify", root)
+    assert proc.returncode == 1
+    assert "CORRUPT" in _text(proc.stdout)
+    assert "model.safetensors: checksum mismatch" in _text(proc.stdout)
+    proc = _cli("verify", "--json", root)
+    assert proc.returncode == 1
+    report = _json(proc)
+    assert report["ok"] is False
+    by_step = {c["step"]: c for c in report["checkpoints"]}
+    assert [by_step[s]["ok"] for s in STEPS] == [True, False, True]
+    assert any("checksum mismatch" in p for p in by_step[2]["problems"])
+
+    assert _cli("verify", root / "checkpoint-1").returncode == 0
+    single = _cli("verify", "--json", root / "checkpoint-2")
+    assert single.returncode == 1
+    assert _json(single)["ok"] is False
+
+    (root / "checkpoint-3" / MANIFEST_NAME).write_text("{not json")
+    broken = _cli("verify", "--json", root / "checkpoint-3")
+    assert broken.returncode == 1
+    assert _json(broken)["checkpoints"][0]["problems"]
+
+
+def test_verify_missing_path(tmp_path: Path) -> None:
+    for args in (("verify",), ("verify", "--json")):
+        proc = _cli(*args, tmp_path / "nope")
+        assert proc.returncode == 2
+        assert "not a directory" in _text(proc.stderr)
+    (tmp_path / "file").write_text("x")
+    assert _cli("verify", tmp_path / "file").returncode == 2
+
+
+# -- inspect -----------------------------------------------------------------------------------
+def test_inspect(root: Path) -> None:
+    path = root / "checkpoint-2"
+    proc = _cli("inspect", path)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("step 2", "weight", "bias", "F32", "BF16", "(3, 4)", "(3,)", "(2, 5)"):
+        assert text in _text(proc.stdout), text
+    assert "model.safetensors" in _text(proc.stdout)
+
+    info = _json(_cli("inspect", "--json", path))
+    assert info["step"] == 2
+    assert info["name"] == "checkpoint-2"
+    assert info["metrics"] == {"loss": 0.5}
+    assert sorted(f["path"] for f in info["files"]) == [
+        "emb.safetensors",
+        "model.safetensors",
+        "state.json",
+    ]
+    tensors = {(t["file"], t["name"]): t for t in info["tensors"]}
+    assert tensors[("model.safetensors", "weight")]["dtype"] == "F32"
+    assert tensors[("model.safetensors", "weight")]["shape"] == [3, 4]
+    assert tensors[("model.safetensors", "weight")]["bytes"] == 48
+    assert tensors[("model.safetensors", "bias")]["shape"] == [3]
+    emb = [t for (file, _), t in tensors.items() if file == "emb.safetensors"]
+    assert [(t["dtype"], t["shape"]) for t in emb] == [("BF16", [2, 5])]
+
+
+def test_inspect_missing_and_corrupt(root: Path, tmp_path: Path) -> None:
+    for args in (("inspect",), ("inspect", "--json")):
+        proc = _cli(*args, tmp_path / "nope")
+        assert proc.returncode == 2
+        assert "does not exist" in _text(proc.stderr)
+
+    (root / "checkpoint-1" / MANIFEST_NAME).write_text('{"format": "not ours"')
+    proc = _cli("inspect", root / "checkpoint-1")
+    assert proc.returncode == 1
+    assert "error" in _text(proc.stderr)
+    assert _cli("inspect", "--json", root / "checkpoint-1").returncode == 1
+
+    # A truncated safetensors header is reported, not trusted.
+    (root / "checkpoint-2" / "model.safetensors").write_bytes(b"\xff\xff\xff\xff")
+    proc = _cli("inspect", root / "checkpoint-2")
+    assert proc.returncode == 1
+    assert "invalid safetensors" in _text(proc.stderr)
+
+
+# -- clean -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Mess:
+    stale: Path
+    live: Path
+    trash_old: Path  # trash of checkpoint-1, which is still valid: safe to remove
+    trash_only_copy: Path  # checkpoint-2 cut mid-replace: the only copy, must come back
+    quarantined: Path
+
+
+def _make_mess(root: Path) -> _Mess:
+    layout = RootLayout(str(root))
+    dead = dataclasses.replace(current_writer(), pid=_dead_pid(), pid_start=1)
+    stale = Path(stage(root, "checkpoint-4", writer=dead).path)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    live = Path(stage(root, "checkpoint-5").path)  # owned by this (live) process
+    trash_old = Path(layout.trash, f"checkpoint-1.{new_save_id()}")
+    trash_old.mkdir()
+    (trash_old / "w.bin").write_bytes(b"old")
+    trash_only_copy = Path(layout.trash, f"checkpoint-2.{new_save_id()}")
+    os.rename(root / "checkpoint-2", trash_only_copy)
+    quarantined = Path(layout.quarantine, f"checkpoint-7.{new_save_id()}")
+    quarantined.mkdir()
+    (quarantined / "junk").write_text("x")
+    Path(f"{quarantined}.json").write_text('{"reason": "in the way"}')
+    return _Mess(stale, live, trash_old, trash_only_copy, quarantined)
+
+
+def _assert_cleaned(root: Path, mess: _Mess) -> None:
+    assert not mess.stale.exists()
+    assert mess.live.exists()  # never remove a staging dir a live writer owns
+    assert not mess.trash_old.exists()
+    assert not mess.trash_only_copy.exists()
+    assert not mess.quarantined.exists()
+    assert not Path(f"{mess.quarantined}.json").exists()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    for step in STEPS:
+        assert ckptguard.verify(root / f"checkpoint-{step}").ok, step
+    restored = ckptguard.CheckpointManager(root).restore(step=2)
+    assert torch.equal(restored["model"]["weight"], _state(2)["model"]["weight"])
+
+
+def test_clean_dry_run_then_yes(root: Path) -> None:
+    mess = _make_mess(root)
+    before = _listing(root)
+
+    proc = _cli("clean", root)
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run" in _text(proc.stdout)
+    assert "nothing removed" in _text(proc.stdout)
+    assert "would remove" in _text(proc.stdout)
+    for kind in ("staging-stale", "trash", "quarantine"):
+        assert kind in _text(proc.stdout)
+    assert "staging-live" not in _text(proc.stdout)
+
+    dry = _cli("clean", "--json", root)
+    assert dry.returncode == 0, dry.stderr
+    plan = _json(dry)
+    assert plan["dry_run"] is True
+    assert plan["removed"] == []
+    assert plan["recovery_actions"] == []
+    planned = {(p["kind"], p["path"]) for p in plan["planned"]}
+    assert planned == {
+        ("staging-stale", str(mess.stale)),
+        ("trash", str(mess.trash_old)),
+        ("trash", str(mess.trash_only_copy)),
+        ("quarantine", str(mess.quarantined)),
+    }
+    assert _listing(root) == before  # a dry run changes nothing
+
+    proc = _cli("clean", "--yes", root)
+    assert proc.returncode == 0, proc.stderr
+    assert "restored" in _text(proc.stdout)
+    assert "interrupted replace" in _text(proc.stdout)
+    _assert_cleaned(root, mess)
+
+    again = _cli("clean", "--yes", root)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to clean" in _text(again.stdout)
+
+
+def test_clean_yes_json(root: Path) -> None:
+    mess = _make_mess(root)
+    proc = _cli("clean", "--yes", "--json", root)
+    assert proc.returncode == 0, proc.stderr
+    result = _json(proc)
+    assert result["dry_run"] is False
+    assert str(mess.quarantined) in result["removed"]
+    actions = "\n".join(result["recovery_actions"])
+    assert f"restored {root / 'checkpoint-2'}" in actions
+    assert "stale staging" in actions
+    _assert_cleaned(root, mess)
+
+    empty = _json(_cli("clean", "--json", root))
+    assert empty == {"dry_run": True, "planned": [], "recovery_actions": [], "removed": []}
+
+
+def test_clean_nothing_and_missing_root(root: Path, tmp_path: Path) -> None:
+    proc = _cli("clean", root)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to clean" in _text(proc.stdout)
+    assert _cli("clean", "--yes", tmp_path / "nope").returncode == 2
+    assert _cli("clean", "--json", tmp_path / "nope").returncode == 2
+
+
+# -- found in review (each failed before its fix) ------------------------------------------
+def test_verify_a_folder_without_manifest_fails(root: Path) -> None:
+    half = root / "checkpoint-9"  # what a Trainer crash leaves: no manifest
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    proc = _cli("verify", half)
+    assert proc.returncode == 1, proc.stdout
+    assert "no ckptguard.json" in _text(proc.stdout)
+    proc = _cli("verify", "--json", root)
+    assert proc.returncode == 1
+    bad = [c for c in _json(proc)["checkpoints"] if not c["ok"]]
+    assert [Path(c["path"]).name for c in bad] == ["checkpoint-9"]
+
+
+def test_inspect_a_checkpoint_missing_a_file_is_corrupt_not_missing(root: Path) -> None:
+    (root / "checkpoint-3" / "emb.safetensors").unlink()
+    proc = _cli("inspect", root / "checkpoint-3")
+    assert proc.returncode == 1
+    assert "emb.safetensors" in _text(proc.stderr)
+    assert "not a valid checkpoint" in _text(proc.stderr)
+
+
+def test_clean_says_restore_for_an_interrupted_replace(root: Path) -> None:
+    trash = Path(RootLayout(str(root)).trash) / f"checkpoint-2.{new_save_id()}"
+    os.rename(root / "checkpoint-2", trash)
+    dry = _cli("clean", root)
+    assert f"would restore trash {trash}" in _text(dry.stdout)
+    planned = _json(_cli("clean", "--json", root))["planned"]
+    assert [p["action"] for p in planned] == ["restore"]
+
+
+def test_piped_output_never_wraps_a_path(root: Path) -> None:
+    deep = root / ("x" * 60) / ("y" * 60)
+    mgr = ckptguard.CheckpointManager(deep)
+    mgr.save(1, _state(1))
+    proc = _cli("verify", deep / "checkpoint-1")
+    assert str(deep / "checkpoint-1") in proc.stdout  # whole, on one line
