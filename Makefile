@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint types pytest install clean-venv
+.PHONY: demo test lint types pytest install bench clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ demo: install
 	$(PY) examples/demo.py
 
 lint: install
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff format --check src tests examples benchmarks
 
 types: install
 	$(VENV)/bin/mypy
@@ -30,6 +30,10 @@ pytest: install
 	$(PY) -m pytest -q
 
 test: lint types pytest
+
+# Speed is measured here, never in tests: ratios within one interleaved run.
+bench: install
+	$(PY) benchmarks/bench_save.py --mib 512 --rounds 9
 
 clean-venv:
 	rm -rf $(VENV)

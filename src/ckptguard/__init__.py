@@ -28,6 +28,7 @@ from ckptguard.recovery import EntryKind, RecoveryReport, RootEntry, recover, sc
 from ckptguard.retention import RetentionPolicy
 from ckptguard.retry import RetryPolicy
 from ckptguard.rng import capture_rng_state, restore_rng_state
+from ckptguard.serialization import load_legacy_pt
 from ckptguard.storage import FileDigest, LocalStorage, Storage
 from ckptguard.verify import VerifyReport, read_manifest, verify
 
@@ -67,6 +68,7 @@ __all__ = [
     "__version__",
     "atomic_checkpoint",
     "capture_rng_state",
+    "load_legacy_pt",
     "read_manifest",
     "recover",
     "restore_rng_state",

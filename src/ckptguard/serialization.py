@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ckptguard.manifest import Manifest
     from ckptguard.storage import FileDigest, Storage
 
-__all__ = ["StateFormatError", "read_state", "write_state"]
+__all__ = ["StateFormatError", "load_legacy_pt", "read_state", "write_state"]
 
 STATE_FORMAT = "ckptguard-state"
 STATE_VERSION = 1
@@ -598,3 +598,27 @@ def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str
 def dtype_size(dtype: str) -> int:
     """Bytes per element of a safetensors dtype."""
     return DTYPE_SIZES[dtype]
+
+
+def load_legacy_pt(path: str | os.PathLike[str]) -> Any:
+    """Read a legacy ``torch.save`` file (``.pt``/``.bin``): an explicit, opt-in call.
+
+    ckptguard never reads pickle files on its own. This reads one with
+    ``torch.load(weights_only=True)``, which refuses any object but tensors, primitive
+    containers and a few allow-listed types, so no code from the file is executed. A file
+    that needs more than that raises :class:`CorruptCheckpoint`; convert it in a trusted
+    environment instead.
+    """
+    torch = _torch()
+    path = os.fspath(path)
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... by file
+        raise CorruptCheckpoint(
+            f"{path}: refused by torch.load(weights_only=True): {type(exc).__name__}",
+            path=path,
+            hint="it holds objects beyond tensors and plain containers; if you trust its "
+            "origin, load it elsewhere and save the state again with ckptguard",
+        ) from exc

@@ -33,6 +33,7 @@ import errno
 import os
 import shutil
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["FileDigest", "FileWriter", "LocalStorage", "Storage", "renameat2_available"]
 
 READ_CHUNK = 8 * 1024 * 1024
+OVERLAP_MIN_BYTES = 4 * 1024 * 1024  # below this, hashing inline is cheaper than a handoff
 MAX_DEPTH = 64  # directories inside a checkpoint (verify.py refuses deeper trees too)
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
@@ -138,16 +140,39 @@ class _LocalWriter:
         self._path, self._fd, self._fsync = path, fd, fsync
         self._hasher = xxhash.xxh3_128()
         self._size = 0
+        self._pool: ThreadPoolExecutor | None = None
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self._hasher.update(view)
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _write_all(self, view: memoryview) -> int:
+        total = 0
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-            self._size += written
+            total += written
+        return total
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if len(view) < OVERLAP_MIN_BYTES:
+            self._hasher.update(view)
+            self._size += self._write_all(view)
+            return
+        # write(2) releases the GIL and xxhash does not: hash while another thread writes,
+        # so a large tensor costs max(hash, write) instead of their sum.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptguard-write")
+        pending = self._pool.submit(self._write_all, view)
+        try:
+            self._hasher.update(view)
+        finally:
+            self._size += pending.result()
 
     def close(self) -> FileDigest:
+        self._shutdown()
         try:
             if self._fsync:
                 os.fsync(self._fd)
@@ -157,6 +182,7 @@ class _LocalWriter:
         return FileDigest(self._size, self._hasher.hexdigest())
 
     def abort(self) -> None:
+        self._shutdown()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -174,9 +200,13 @@ class _LocalWriter:
 class LocalStorage:
     """POSIX storage with the fsync discipline of the on-disk contract."""
 
-    def __init__(self, *, use_renameat2: bool = True, file_mode: int = 0o644) -> None:
+    def __init__(
+        self, *, use_renameat2: bool = True, file_mode: int = 0o644, durable: bool = True
+    ) -> None:
+        """``durable=False`` skips every fsync: for benchmarks and fault-test controls only."""
         self.use_renameat2 = use_renameat2
         self.file_mode = file_mode
+        self.durable = durable
 
     # -- directories -------------------------------------------------------------------
     def make_dir(self, path: str, *, mode: int = 0o700, exist_ok: bool = False) -> None:
@@ -194,6 +224,8 @@ class LocalStorage:
         os.chmod(path, mode)  # mkdir applies the umask; the contract needs the mode exactly
 
     def fsync_dir(self, path: str) -> None:
+        if not self.durable:
+            return
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -216,7 +248,7 @@ class LocalStorage:
     def open_write(self, path: str, *, fsync: bool = True) -> _LocalWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, self.file_mode)
-        return _LocalWriter(path, fd, fsync=fsync)
+        return _LocalWriter(path, fd, fsync=fsync and self.durable)
 
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
         with self.open_write(path, fsync=fsync) as writer:
@@ -256,7 +288,7 @@ class LocalStorage:
                 raise UnsupportedFile(f"{path} is a symlink", path=path) from None
             raise
         try:
-            return digest_fd(fd, progress=progress, fsync=fsync)
+            return digest_fd(fd, progress=progress, fsync=fsync and self.durable)
         finally:
             os.close(fd)
 
