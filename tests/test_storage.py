@@ -182,3 +182,22 @@ def test_list_dir_and_exists(tmp_path: Path, storage: LocalStorage) -> None:
     assert not storage.exists(str(tmp_path / "nothing"))
     storage.fsync_dir(str(tmp_path))
     assert isinstance(storage, ckptguard.Storage)
+
+
+def test_large_writes_hash_while_writing_in_another_thread(
+    tmp_path: Path, storage: LocalStorage
+) -> None:
+    from ckptguard.storage import OVERLAP_MIN_BYTES
+
+    big = os.urandom(3 * OVERLAP_MIN_BYTES + 5)
+    writer = storage.open_write(str(tmp_path / "f"))
+    writer.write(b"head")
+    writer.write(memoryview(big))
+    digest = writer.close()
+    assert (tmp_path / "f").read_bytes() == b"head" + big
+    assert digest.size == len(big) + 4
+    assert digest.checksum == xxhash.xxh3_128_hexdigest(b"head" + big)
+    aborted = storage.open_write(str(tmp_path / "g"))
+    aborted.write(big)
+    aborted.abort()
+    assert not (tmp_path / "g").exists()
