@@ -248,7 +248,8 @@ def _reject(message: str) -> UnsafeManifest:
     return UnsafeManifest(f"invalid manifest: {message}")
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a repeated key is an error (a ValueError), never last-one-wins."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
@@ -302,7 +303,7 @@ def _parse(data: bytes) -> Manifest:
         text = bytes(data).decode("utf-8")
         obj = json.loads(
             text,
-            object_pairs_hook=_no_duplicate_keys,
+            object_pairs_hook=no_duplicate_keys,
             parse_constant=_no_constants,
             parse_float=_finite_float,
         )

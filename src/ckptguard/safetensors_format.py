@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.errors import CorruptCheckpoint
+from ckptguard.manifest import no_duplicate_keys
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -95,15 +96,6 @@ def _bad(path: str, message: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"invalid safetensors file {path}: {message}", path=path)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def parse_header(
     prefix: bytes | memoryview, file_size: int, path: str
 ) -> tuple[int, list[TensorInfo], dict[str, str]]:
@@ -121,7 +113,7 @@ def parse_header(
     try:
         obj = json.loads(
             bytes(prefix[8 : 8 + length]).decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
+            object_pairs_hook=no_duplicate_keys,
             parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)),
         )
     except (ValueError, RecursionError) as exc:
