@@ -244,10 +244,13 @@ class CheckpointRootMachine(RuleBasedStateMachine):
             entry.commit(files, save_id)
         if kind == "replace" and "publish.done" in done:
             entry.trash.remove(old)  # publish dropped the checkpoint this save replaced
-        if "publish.done" in done:
-            self._stale_staging_removed()
         if not entry.present and not entry.trash:
             del self.names[name]
+        if "publish.done" in done:
+            # publish also repairs what earlier cut replaces left in trash, and removes
+            # the staging of dead writers
+            self._repair_trash()
+            self._stale_staging_removed()
 
         if crashed or conflict:
             return
@@ -297,7 +300,7 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         old = self.names[name].content
         self._save(name, files, "replace", crash_at="commit.moved_to_trash")
         assert _read_tree(self._final(name)) == old  # the OLD content, visible again
-        assert os.listdir(self.layout.trash) == []
+        # (what trash should hold is checked after every step by the invariant below)
         if then_recover:
             self._recover(DEFAULT_STALE_AFTER)
             assert _read_tree(self._final(name)) == old
@@ -442,8 +445,8 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         # stale at once; one whose owner is alive here must still be kept.
         self._recover(0.0)
 
-    def _recover(self, stale_after: float) -> None:
-        report = ckptguard.recover(self.root, stale_after=stale_after)
+    def _repair_trash(self) -> set[str]:
+        """What repair_trash does (in recover and in every publish); returns restored finals."""
         restored = set()
         for name, entry in list(self.names.items()):
             if entry.trash and not entry.present:
@@ -457,6 +460,11 @@ class CheckpointRootMachine(RuleBasedStateMachine):
                 entry.trash.clear()
             if not entry.present and not entry.trash:
                 del self.names[name]
+        return restored
+
+    def _recover(self, stale_after: float) -> None:
+        report = ckptguard.recover(self.root, stale_after=stale_after)
+        restored = self._repair_trash()
         self._stale_staging_removed()
         if stale_after == 0:
             self.foreign.clear()  # an unidentifiable owner is judged by age alone

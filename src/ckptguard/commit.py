@@ -453,10 +453,19 @@ def publish(
         raise err from exc
     fault_point("publish.root_synced")
     try:
-        # Drops the checkpoint we replaced, and repairs what a crashed replace or deletion
-        # of another process left in trash (so nobody's last good checkpoint stays hidden).
-        for action in repair_trash(layout, storage, checksums=False, retry=staging.retry):
-            _log.info("%s", action)
+        if result.replaced is not None:
+            call_with_retry(
+                functools.partial(storage.remove_tree, result.replaced),
+                what="remove replaced checkpoint",
+                path=result.replaced,
+                policy=staging.retry,
+                also_transient=NFS_LAG_ERRNOS,
+            )
+        if storage.list_dir(layout.trash):
+            # What a crashed replace or deletion (of any process) left in trash: nobody's
+            # last good checkpoint may stay hidden. Rare, so checksums are affordable.
+            for action in repair_trash(layout, storage, checksums=True, retry=staging.retry):
+                _log.info("%s", action)
         remove_stale_staging(storage, layout, stale_after=stale_after)
     except (OSError, CheckpointError) as exc:
         _log.warning("%s committed; cleanup after it failed (%s)", result.path, exc)
