@@ -6,6 +6,7 @@ the public API; this core imports without torch.
 """
 
 from ckptguard.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
+from ckptguard.coordination import Coordinator, SingleProcess
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -15,6 +16,7 @@ from ckptguard.errors import (
     LockTimeout,
     NoValidCheckpoint,
     ReadOnlyStorage,
+    SaveAborted,
     StorageError,
     StorageFull,
     StoragePermissionError,
@@ -42,6 +44,7 @@ __all__ = [
     "CheckpointNotFound",
     "CommitConflict",
     "CommitResult",
+    "Coordinator",
     "CorruptCheckpoint",
     "EntryKind",
     "FileDigest",
@@ -57,6 +60,8 @@ __all__ = [
     "RetentionPolicy",
     "RetryPolicy",
     "RootEntry",
+    "SaveAborted",
+    "SingleProcess",
     "Storage",
     "StorageError",
     "StorageFull",

@@ -42,9 +42,11 @@ from ckptguard.cleanup import (
     repair_trash,
     write_owner,
 )
+from ckptguard.coordination import Coordinator, SingleProcess, default_coordinator
 from ckptguard.errors import (
     CheckpointError,
     CommitConflict,
+    SaveAborted,
     StorageError,
     StorageFull,
     UnsafeManifest,
@@ -517,19 +519,23 @@ def typed_write_error(exc: OSError, staging: Staging) -> StorageError:
 _warned_multi_rank = False
 
 
-def _warn_if_multi_rank() -> None:
+def warn_multi_rank_without_group() -> None:
+    """Warn once: WORLD_SIZE > 1 but no process group to coordinate the ranks' saves."""
     # Without a coordinator every process stages and commits its own save; the first
     # commit wins and files that only other ranks wrote are not in it.
     global _warned_multi_rank  # noqa: PLW0603 - warn once per process, not once per save
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not _warned_multi_rank and world.isdigit() and int(world) > 1:
+    if not _warned_multi_rank:
         _warned_multi_rank = True
         _log.warning(
-            "atomic_checkpoint in a job of WORLD_SIZE=%s: each process commits its own save "
-            "and the first commit wins, so files written only by other ranks are dropped. "
-            "Save from one rank, or have every rank write everything it needs",
-            world,
+            "WORLD_SIZE=%s but torch.distributed is not initialised: each process commits its "
+            "own save and the first commit wins, so files written only by other ranks are "
+            "dropped. Initialise the process group before saving (or save from one rank)",
+            os.environ.get("WORLD_SIZE"),
         )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class AtomicCheckpoint:
@@ -546,6 +552,11 @@ class AtomicCheckpoint:
     (default; exactly-once: the first committer wins), ``"replace"`` it (moved to trash
     first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
     quarantined, never deleted. After the block, ``.result`` tells what happened.
+
+    Under torch.distributed every rank enters the block and gets the same staging dir
+    (rank 0 creates it); every rank writes its own files; rank 0 alone seals and commits
+    after all ranks finished, and all ranks succeed, or all raise :class:`SaveAborted`
+    naming the ranks that failed (see ``coordination.py``).
     """
 
     def __init__(
@@ -561,27 +572,37 @@ class AtomicCheckpoint:
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         stale_after: float = DEFAULT_STALE_AFTER,
         dir_mode: int | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if if_exists not in _IF_EXISTS:
             raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
         final = os.path.abspath(os.fspath(final_path))
         self.root, self.name = os.path.dirname(final), validate_name(os.path.basename(final))
+        self.final = final
         self.step, self.metrics, self.metadata = step, metrics, metadata
         self.if_exists: IfExists = if_exists
         self.storage = storage or LocalStorage()
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.dir_mode = dir_mode
+        self.coordinator = coordinator
+        self._coord: Coordinator = SingleProcess()
         self.staging: Staging | None = None
         self.result: CommitResult | None = None
 
     def __enter__(self) -> Path:
-        _warn_if_multi_rank()
-        self.staging = stage(self.root, self.name, storage=self.storage, retry=self.retry)
+        self._coord = self.coordinator or default_coordinator()
+        if self._coord.world_size == 1:
+            self.staging = stage(self.root, self.name, storage=self.storage, retry=self.retry)
+        else:
+            self.staging = self._stage_for_all()
         return Path(self.staging.path)
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         staging = self.staging
         if staging is None:
+            return
+        if self._coord.world_size > 1:
+            self._finish_for_all(staging, exc)
             return
         if exc is not None:
             typed = (
@@ -595,6 +616,9 @@ class AtomicCheckpoint:
             if typed is not None:
                 raise typed from exc
             return  # the original exception propagates
+        self.result = self._seal_and_commit(staging)
+
+    def _seal_and_commit(self, staging: Staging) -> CommitResult:
         try:
             manifest = seal(staging, step=self.step, metrics=self.metrics, metadata=self.metadata)
             with root_lock(staging.layout, self.lock_timeout):
@@ -603,7 +627,71 @@ class AtomicCheckpoint:
         except BaseException:
             abort(staging)  # a no-op if the rename already happened
             raise
-        self.result = result
+        return result
+
+    # -- several ranks -------------------------------------------------------------------------
+    def _stage_for_all(self) -> Staging:
+        coord = self._coord
+        writer = current_writer(ranks=tuple(range(coord.world_size)), world_size=coord.world_size)
+        staging: Staging | None = None
+        message: dict[str, Any] | None = None
+        if coord.rank == 0:
+            try:
+                staging = stage(
+                    self.root, self.name, storage=self.storage, retry=self.retry, writer=writer
+                )
+                message = {"ok": True, "save_id": staging.save_id}
+            except Exception as exc:  # every rank must hear of it, or the others hang
+                message = {"ok": False, "error": _describe(exc)}
+        message = coord.broadcast(message)  # collective 1 of 3
+        if not message["ok"]:
+            raise SaveAborted(
+                f"{self.final}: rank 0 could not create the staging dir: {message['error']}",
+                path=self.final,
+                failures={0: message["error"]},
+            )
+        if staging is None:
+            layout = RootLayout(self.root)
+            path = layout.staging_dir(self.name, message["save_id"])
+            staging = Staging(
+                layout, self.name, message["save_id"], path, self.storage, self.retry, writer
+            )
+        return staging
+
+    def _finish_for_all(self, staging: Staging, exc: BaseException | None) -> None:
+        coord = self._coord
+        mine = {"ok": exc is None, "error": None if exc is None else _describe(exc)}
+        reports = coord.all_gather(mine)  # collective 2 of 3
+        failures = {r: str(rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]}
+        outcome: dict[str, Any] | None = None
+        local_error: BaseException | None = exc
+        if coord.rank == 0:
+            if failures:
+                abort(staging)
+                outcome = {"ok": False, "failures": failures}
+            else:
+                try:
+                    self.result = self._seal_and_commit(staging)
+                    outcome = {
+                        "ok": True,
+                        "outcome": self.result.outcome.value,
+                        "path": self.result.path,
+                        "manifest": self.result.manifest.to_json().decode("utf-8"),
+                    }
+                except BaseException as err:  # tell the others before raising
+                    local_error = err
+                    outcome = {"ok": False, "failures": {0: _describe(err)}}
+        outcome = coord.broadcast(outcome)  # collective 3 of 3
+        if not outcome["ok"]:
+            ranks = {int(r): str(m) for r, m in outcome["failures"].items()}
+            raise SaveAborted(
+                f"{self.final} was not committed: rank(s) {sorted(ranks)} failed",
+                path=self.final,
+                failures=ranks,
+            ) from local_error
+        if coord.rank != 0:
+            manifest = Manifest.from_json(str(outcome["manifest"]).encode("utf-8"))
+            self.result = CommitResult(outcome["path"], Outcome(outcome["outcome"]), manifest)
 
 
 # The public name reads as a function, as in ``with atomic_checkpoint(path) as d:``.

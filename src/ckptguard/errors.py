@@ -11,6 +11,7 @@
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
     ├── LockTimeout(TimeoutError)                    another process held the root's lock too long
+    ├── SaveAborted                                  a save of several ranks failed on some rank
     └── StorageError(OSError)                        a filesystem operation failed for good
         ├── StorageFull                              ENOSPC, EDQUOT
         ├── ReadOnlyStorage                          EROFS
@@ -37,6 +38,7 @@ __all__ = [
     "LockTimeout",
     "NoValidCheckpoint",
     "ReadOnlyStorage",
+    "SaveAborted",
     "StorageError",
     "StorageFull",
     "StoragePermissionError",
@@ -167,6 +169,15 @@ class LockTimeout(CheckpointError, TimeoutError):
     default_hint = (
         "another process is committing into the same root; wait, raise lock_timeout, "
         "or check for a hung process holding ROOT/.ckptguard/lock"
+    )
+
+
+class SaveAborted(CheckpointError):
+    """A save that several ranks made together failed; ``failures`` names each failing rank."""
+
+    default_hint = (
+        "nothing was committed and the staging dir was removed; earlier checkpoints are "
+        "intact. Fix the failing rank's error and save again"
     )
 
 

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ckptguard.cleanup import DEFAULT_STALE_AFTER
 from ckptguard.commit import IfExists, abort, commit, publish, seal, stage, typed_write_error
+from ckptguard.coordination import Coordinator, default_coordinator
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
     NoValidCheckpoint,
+    SaveAborted,
 )
 from ckptguard.layout import (
     META_DIR,
@@ -41,6 +43,7 @@ from ckptguard.layout import (
     step_from_name,
 )
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard.owner import current_writer
 from ckptguard.recovery import recover
 from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
 from ckptguard.retry import (
@@ -131,6 +134,7 @@ class CheckpointManager:
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         stale_after: float = DEFAULT_STALE_AFTER,
         storage: Storage | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         root = os.fspath(root)
         if "://" in root and not root.startswith("file://"):
@@ -151,9 +155,29 @@ class CheckpointManager:
         self.storage = storage or LocalStorage()
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         os.makedirs(self.root, exist_ok=True)
-        report = recover(self.root, checksums=False, stale_after=stale_after, storage=self.storage)
-        for action in report.actions:
-            _log.info("startup recovery: %s", action)
+        # Under torch.distributed, rank 0 saves the (replicated) state and commits; the
+        # other ranks wait for its result, so every rank returns or raises the same way.
+        self.coordinator = coordinator or default_coordinator()
+        error: str | None = None
+        if self.coordinator.rank == 0:
+            try:
+                report = recover(
+                    self.root, checksums=False, stale_after=stale_after, storage=self.storage
+                )
+                for action in report.actions:
+                    _log.info("startup recovery: %s", action)
+            except Exception as exc:  # the other ranks must hear of it, or they hang
+                error = f"{type(exc).__name__}: {exc}"
+                if self.coordinator.world_size == 1:
+                    raise
+        if self.coordinator.world_size > 1:
+            error = self.coordinator.broadcast(error)
+            if error is not None:
+                raise SaveAborted(
+                    f"startup recovery of {self.root} failed on rank 0: {error}",
+                    path=self.root,
+                    failures={0: error},
+                )
 
     # -- saving ----------------------------------------------------------------------------
     def save(
@@ -166,7 +190,45 @@ class CheckpointManager:
         pin: bool = False,
         blocking: bool = True,
     ) -> CheckpointInfo:
-        """Save ``state`` as ``checkpoint-<step>``: atomic, checksummed, then retention."""
+        """Save ``state`` as ``checkpoint-<step>``: atomic, checksummed, then retention.
+
+        Under torch.distributed every rank calls this; rank 0 writes its state (the
+        replicated state of data-parallel training) and commits, and every rank gets the
+        same :class:`CheckpointInfo`, or the same :class:`SaveAborted`.
+        """
+        coord = self.coordinator
+        if coord.world_size == 1:
+            return self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
+        message: dict[str, Any] | None = None
+        local: BaseException | None = None
+        if coord.rank == 0:
+            try:
+                info = self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
+                message = {"ok": True, "info": dataclasses.asdict(info)}
+            except BaseException as exc:  # tell the others before raising
+                local = exc
+                message = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        message = coord.broadcast(message)
+        if not message["ok"]:
+            if local is not None and not isinstance(local, Exception):
+                raise local  # KeyboardInterrupt and friends stay what they are on rank 0
+            raise SaveAborted(
+                f"saving step {step} failed on rank 0: {message['error']}",
+                path=os.path.join(self.root, checkpoint_name(step)),
+                failures={0: message["error"]},
+            ) from local
+        return CheckpointInfo(**message["info"])
+
+    def _save_here(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        pin: bool,
+        blocking: bool,
+    ) -> CheckpointInfo:
         if not blocking:
             raise NotImplementedError("blocking=False is not available yet")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -177,7 +239,13 @@ class CheckpointManager:
         if _RESERVED_METADATA in user_metadata:
             raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
         user_metadata[_RESERVED_METADATA] = {"kind": "state", "pinned": pin}
-        staging = stage(self.root, checkpoint_name(step), storage=self.storage, retry=self.retry)
+        staging = stage(
+            self.root,
+            checkpoint_name(step),
+            storage=self.storage,
+            retry=self.retry,
+            writer=current_writer(world_size=self.coordinator.world_size),
+        )
         try:
             try:
                 digests = write_state(staging.path, state, self.storage)

@@ -1,0 +1,88 @@
+"""Who does what when several processes save one checkpoint.
+
+A :class:`Coordinator` gives the commit protocol the few collectives it needs. Call order
+for one save (every rank makes every call, in this order; a constant three collectives,
+whatever the number of files):
+
+1. ``broadcast(staging, src=0)``   rank 0 stages and tells everyone where to write;
+2. ``all_gather(outcome)``         every rank reports whether its writes succeeded;
+3. ``broadcast(result, src=0)``    rank 0 (the committer) seals and commits, or aborts,
+                                   and everyone returns or raises the same way.
+
+Only rank 0 ever creates, renames or removes the staging dir and the final directory.
+Messages are small JSON documents; nothing received from a peer is unpickled.
+
+Backends: :class:`SingleProcess` (no peers; commits are serialised with the root's file
+lock, as for independent processes sharing a root) and the torch.distributed backend in
+``coordination_torch.py`` (imported only when a process group exists).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Coordinator", "SingleProcess", "default_coordinator"]
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """The collectives of one group of processes that save together."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def node(self) -> str: ...
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s JSON-able ``obj``, on every rank."""
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's JSON-able ``obj``, in rank order, on every rank."""
+
+
+class SingleProcess:
+    """A group of one: every collective is local."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def node(self) -> str:
+        return socket.gethostname()
+
+    def barrier(self) -> None:
+        return None
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if src != 0:
+            raise ValueError(f"a single process has no rank {src}")
+        return obj
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+def default_coordinator() -> Coordinator:
+    """torch.distributed's default group when one is initialised, else a single process.
+
+    torch is not imported here: a process group can only exist if the program already
+    imported ``torch.distributed`` itself.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from ckptguard.coordination_torch import TorchCoordinator  # noqa: PLC0415 - needs torch
+
+        return TorchCoordinator()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from ckptguard.commit import warn_multi_rank_without_group  # noqa: PLC0415 - cycle
+
+        warn_multi_rank_without_group()
+    return SingleProcess()

@@ -1,0 +1,109 @@
+"""Child of test_distributed.py, run by torchrun (gloo on CPU): one JSON report per rank.
+
+Usage: torchrun ... dist_child.py MODE ROOT ROUNDS OUT_DIR
+  naive    each rank stages into its own tmp dir and renames it onto checkpoint-R
+           (the original bug); reports the errors it hit
+  guarded  every rank writes its own files inside ckptguard.atomic_checkpoint
+  raising  like guarded, but rank 1 raises while writing in round 1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+import ckptguard
+
+
+def naive(root: Path, rounds: int, rank: int) -> dict[str, object]:
+    errors: list[str] = []
+    for r in range(rounds):
+        tmp = root / f"tmp-checkpoint-{r}-rank{rank}"
+        tmp.mkdir(parents=True)
+        (tmp / f"rank{rank}.bin").write_bytes(os.urandom(1024))
+        dist.barrier()
+        try:
+            os.rename(tmp, root / f"checkpoint-{r}")
+        except OSError as exc:
+            errors.append(f"errno {exc.errno}: {exc.strerror}")
+        dist.barrier()
+    return {"errors": errors}
+
+
+def _fail_while_writing() -> None:
+    raise RuntimeError("simulated failure while writing on rank 1")
+
+
+def guarded(root: Path, rounds: int, rank: int, *, raise_at: int | None) -> dict[str, object]:
+    errors: list[str] = []
+    outcomes: list[str] = []
+    aborted: list[dict[str, object]] = []
+    for r in range(rounds):
+        tx = ckptguard.atomic_checkpoint(root / f"checkpoint-{r}")
+        try:
+            with tx as staging:
+                (staging / f"rank{rank}.bin").write_bytes(bytes([rank]) * 4096)
+                (staging / f"rank{rank}").mkdir()
+                (staging / f"rank{rank}" / "state.json").write_text(json.dumps({"rank": rank}))
+                if raise_at == r and rank == 1:
+                    _fail_while_writing()
+        except ckptguard.SaveAborted as exc:
+            aborted.append({"round": r, "failures": {str(k): v for k, v in exc.failures.items()}})
+            continue
+        except Exception:
+            errors.append(traceback.format_exc())
+            continue
+        assert tx.result is not None
+        outcomes.append(tx.result.outcome.value)
+    return {"errors": errors, "outcomes": outcomes, "aborted": aborted}
+
+
+def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
+    import torch
+
+    mgr = ckptguard.CheckpointManager(root, keep_last=2)
+    infos = []
+    for step in range(1, rounds + 1):
+        torch.manual_seed(step)  # replicated state: identical on every rank
+        info = mgr.save(step, {"w": torch.randn(64), "step": step}, metrics={"loss": 1 / step})
+        infos.append({"step": info.step, "valid": info.valid, "path": info.path})
+    restored = mgr.restore()
+    torch.manual_seed(rounds)
+    same = bool(torch.equal(restored["w"], torch.randn(64))) and restored["step"] == rounds
+    aborted: list[dict[str, str]] = []
+    try:  # rank 0 cannot store a lambda: every rank must get the same error
+        mgr.save(rounds + 1, {"bad": (lambda: None) if rank == 0 else 0})
+    except ckptguard.SaveAborted as exc:
+        aborted.append({str(k): v for k, v in exc.failures.items()})
+    return {"errors": [], "infos": infos, "restored_equal": same, "aborted": aborted}
+
+
+def main() -> None:
+    mode, root, rounds, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    start = time.perf_counter()
+    if mode == "naive":
+        report = naive(root, rounds, rank)
+    elif mode == "manager":
+        report = manager(root, rounds, rank)
+    else:
+        report = guarded(root, rounds, rank, raise_at=1 if mode == "raising" else None)
+    report |= {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "seconds": time.perf_counter() - start,
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

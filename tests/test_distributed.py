@@ -1,0 +1,137 @@
+"""The original bug and its fix, with real processes under torchrun (gloo on CPU).
+
+Several ranks renamed their own temporary directory onto the same checkpoint-N, and every
+rank but the first crashed with "OSError: [Errno 39] Directory not empty". The naive
+protocol is kept as a control that shows the test can fail; through ckptguard, all ranks
+write into one staging dir and rank 0 alone commits.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ckptguard
+from ckptguard.layout import MANIFEST_NAME, RootLayout
+
+CHILD = Path(__file__).with_name("dist_child.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _torchrun(mode: str, root: Path, rounds: int, out: Path, nproc: int) -> list[dict[str, Any]]:
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(CHILD), mode, str(root), str(rounds), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    assert [r["rank"] for r in reports] == list(range(nproc))
+    return reports
+
+
+def test_control_naive_rename_fails_with_directory_not_empty(tmp_path: Path) -> None:
+    reports = _torchrun("naive", tmp_path / "run", 10, tmp_path / "out", nproc=2)
+    errors = [e for r in reports for e in r["errors"]]
+    assert errors, "the naive protocol should race"
+    assert all(e.startswith(("errno 39", "errno 17")) for e in errors), errors
+
+
+@pytest.mark.parametrize(("nproc", "rounds"), [(2, 200), (4, 30)])
+def test_every_rank_files_committed_exactly_once(tmp_path: Path, nproc: int, rounds: int) -> None:
+    root = tmp_path / "run"
+    reports = _torchrun("guarded", root, rounds, tmp_path / "out", nproc=nproc)
+    assert [r["errors"] for r in reports] == [[]] * nproc
+    assert [r["aborted"] for r in reports] == [[]] * nproc
+    assert all(r["outcomes"] == ["committed"] * rounds for r in reports)
+    expected = {MANIFEST_NAME}
+    for rank in range(nproc):
+        expected |= {f"rank{rank}.bin", f"rank{rank}"}
+    for r in range(rounds):
+        final = root / f"checkpoint-{r}"
+        assert {p.name for p in final.iterdir()} == expected
+        report = ckptguard.verify(final)
+        assert report.ok, report.problems
+        assert report.manifest is not None
+        assert report.manifest.writer.world_size == nproc
+    layout = RootLayout(str(root))
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [".ckptguard"] + [f"checkpoint-{r}" for r in range(rounds)]
+    )
+    for sub in (layout.staging, layout.trash, layout.quarantine):
+        assert list(Path(sub).iterdir()) == []
+    print(
+        f"{nproc} ranks x {rounds} rounds: 0 errors; max {max(r['seconds'] for r in reports):.1f}s"
+    )
+
+
+def test_a_failing_rank_aborts_the_save_on_every_rank(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    reports = _torchrun("raising", root, 3, tmp_path / "out", nproc=2)
+    for r in reports:
+        assert r["errors"] == []
+        assert r["outcomes"] == ["committed", "committed"]  # rounds 0 and 2
+        assert len(r["aborted"]) == 1
+        assert r["aborted"][0]["round"] == 1
+        failures = r["aborted"][0]["failures"]
+        assert list(failures) == ["1"]  # the same error, naming rank 1, on every rank
+        assert "simulated failure" in failures["1"]
+    assert not (root / "checkpoint-1").exists()
+    assert ckptguard.verify(root / "checkpoint-2").ok  # the next save works
+    assert list(Path(RootLayout(str(root)).staging).iterdir()) == []
+
+
+def test_single_process_twin(tmp_path: Path) -> None:
+    """The same workload without torchrun: one process, same outcome shape."""
+    root = tmp_path / "run"
+    for r in range(3):
+        tx = ckptguard.atomic_checkpoint(root / f"checkpoint-{r}")
+        with tx as staging:
+            (staging / "rank0.bin").write_bytes(b"\0" * 4096)
+        assert tx.result is not None
+        assert tx.result.outcome == ckptguard.Outcome.COMMITTED
+        assert ckptguard.verify(root / f"checkpoint-{r}").ok
+
+
+def test_checkpoint_manager_under_torchrun(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    reports = _torchrun("manager", root, 5, tmp_path / "out", nproc=2)
+    for r in reports:
+        assert [i["step"] for i in r["infos"]] == [1, 2, 3, 4, 5]
+        assert all(i["valid"] for i in r["infos"])
+        assert r["restored_equal"]
+        assert len(r["aborted"]) == 1
+        assert list(r["aborted"][0]) == ["0"]
+        assert "lambda" in r["aborted"][0]["0"] or "function" in r["aborted"][0]["0"]
+    assert sorted(p.name for p in root.iterdir()) == [".ckptguard", "checkpoint-4", "checkpoint-5"]
+    assert not (root / "checkpoint-6").exists()
+
+
+def test_checkpoint_manager_single_process_twin(tmp_path: Path) -> None:
+    import torch
+
+    mgr = ckptguard.CheckpointManager(tmp_path / "run", keep_last=2)
+    for step in range(1, 6):
+        torch.manual_seed(step)
+        assert mgr.save(step, {"w": torch.randn(64), "step": step}).valid
+    torch.manual_seed(5)
+    assert torch.equal(mgr.restore()["w"], torch.randn(64))
+    with pytest.raises(TypeError):
+        mgr.save(6, {"bad": lambda: None})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".ckptguard", "checkpoint-4", "checkpoint-5",
+    ]  # fmt: skip
