@@ -85,7 +85,9 @@ def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
 
 
 def main() -> None:
-    mode, root, rounds, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    mode, rounds, out = sys.argv[1], int(sys.argv[3]), Path(sys.argv[4])
+    # "{node}" in ROOT: a separate (node-local) root per simulated node
+    root = Path(sys.argv[2].replace("{node}", os.environ.get("GROUP_RANK", "0")))
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     start = time.perf_counter()

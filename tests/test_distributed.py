@@ -135,3 +135,52 @@ def test_checkpoint_manager_single_process_twin(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         ".ckptguard", "checkpoint-4", "checkpoint-5",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-root", "root-per-node"])
+def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
+    """Two torchrun invocations (--nnodes=2) on one machine, rendezvous on 127.0.0.1."""
+    root = str(tmp_path / "shared") if shared else str(tmp_path / "node{node}")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=1",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(CHILD),
+                "guarded",
+                root,
+                "20",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=280)
+        assert proc.returncode == 0, err[-4000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["errors"] == [] and r["outcomes"] == ["committed"] * 20 for r in reports)
+    roots = [tmp_path / "shared"] if shared else [tmp_path / "node0", tmp_path / "node1"]
+    for i, node_root in enumerate(roots):
+        for r in range(20):
+            final = node_root / f"checkpoint-{r}"
+            report = ckptguard.verify(final)
+            assert report.ok, report.problems
+            files = {f.path for f in report.manifest.files} if report.manifest else set()
+            if shared:  # one commit holding both ranks' files
+                assert files == {"rank0.bin", "rank0/state.json", "rank1.bin", "rank1/state.json"}
+            else:  # one commit per node root, each with its own node's files
+                assert files == {f"rank{i}.bin", f"rank{i}/state.json"}
+        assert list(Path(RootLayout(str(node_root)).staging).iterdir()) == []

@@ -586,6 +586,7 @@ class AtomicCheckpoint:
         self.dir_mode = dir_mode
         self.coordinator = coordinator
         self._coord: Coordinator = SingleProcess()
+        self._committers: list[int] = [0]
         self.staging: Staging | None = None
         self.result: CommitResult | None = None
 
@@ -630,12 +631,48 @@ class AtomicCheckpoint:
         return result
 
     # -- several ranks -------------------------------------------------------------------------
+    # Collectives per save, whatever the number of files: 1 broadcast + 4 all_gathers.
+    def _topology(self) -> list[int]:
+        """For every rank, the rank that commits for it (probed, not assumed).
+
+        Rank 0 drops a probe file into its root; every rank looks for it in its own root.
+        Ranks that see it share rank 0's storage: rank 0 commits for all of them. The
+        others (node-local roots) are grouped by node, and each node's lowest rank
+        commits for its node.
+        """
+        coord = self._coord
+        layout = RootLayout(self.root)
+        probe_name: str | None = None
+        if coord.rank == 0:
+            ensure_root(layout, self.storage, self.retry)
+            probe_name = f"probe-{new_save_id()}"
+            self.storage.write_bytes(os.path.join(layout.meta, probe_name), b"", fsync=False)
+        probe_name = coord.broadcast(probe_name)
+        sees = os.path.lexists(os.path.join(layout.meta, str(probe_name)))
+        views = coord.all_gather({"sees": sees, "node": coord.node})
+        if coord.rank == 0:
+            self.storage.remove_file(os.path.join(layout.meta, str(probe_name)))
+        committer: list[int] = []
+        first_on_node: dict[str, int] = {}
+        for rank, view in enumerate(views):
+            if view["sees"]:
+                committer.append(0)
+            else:
+                committer.append(first_on_node.setdefault(view["node"], rank))
+        if any(c != 0 for c in committer):
+            _log.info("checkpoint roots are node-local: one committer per node, ranks %s",
+                      sorted(set(committer)))  # fmt: skip
+        return committer
+
     def _stage_for_all(self) -> Staging:
         coord = self._coord
-        writer = current_writer(ranks=tuple(range(coord.world_size)), world_size=coord.world_size)
+        self._committers = self._topology()
+        mine = self._committers[coord.rank]
+        group = tuple(r for r, c in enumerate(self._committers) if c == mine)
+        writer = current_writer(ranks=group, world_size=coord.world_size)
         staging: Staging | None = None
         message: dict[str, Any] | None = None
-        if coord.rank == 0:
+        if coord.rank == mine:
             try:
                 staging = stage(
                     self.root, self.name, storage=self.storage, retry=self.retry, writer=writer
@@ -643,29 +680,31 @@ class AtomicCheckpoint:
                 message = {"ok": True, "save_id": staging.save_id}
             except Exception as exc:  # every rank must hear of it, or the others hang
                 message = {"ok": False, "error": _describe(exc)}
-        message = coord.broadcast(message)  # collective 1 of 3
-        if not message["ok"]:
+        messages = coord.all_gather(message)
+        failures = {r: str(m["error"]) for r, m in enumerate(messages) if m and not m["ok"]}
+        if failures:
+            if staging is not None:
+                abort(staging)
             raise SaveAborted(
-                f"{self.final}: rank 0 could not create the staging dir: {message['error']}",
+                f"{self.final}: could not create the staging dir on rank(s) {sorted(failures)}",
                 path=self.final,
-                failures={0: message["error"]},
+                failures=failures,
             )
         if staging is None:
             layout = RootLayout(self.root)
-            path = layout.staging_dir(self.name, message["save_id"])
-            staging = Staging(
-                layout, self.name, message["save_id"], path, self.storage, self.retry, writer
-            )
+            save_id = str(messages[mine]["save_id"])
+            path = layout.staging_dir(self.name, save_id)
+            staging = Staging(layout, self.name, save_id, path, self.storage, self.retry, writer)
         return staging
 
     def _finish_for_all(self, staging: Staging, exc: BaseException | None) -> None:
         coord = self._coord
         mine = {"ok": exc is None, "error": None if exc is None else _describe(exc)}
-        reports = coord.all_gather(mine)  # collective 2 of 3
+        reports = coord.all_gather(mine)
         failures = {r: str(rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]}
         outcome: dict[str, Any] | None = None
         local_error: BaseException | None = exc
-        if coord.rank == 0:
+        if coord.rank == self._committers[coord.rank]:
             if failures:
                 abort(staging)
                 outcome = {"ok": False, "failures": failures}
@@ -680,18 +719,24 @@ class AtomicCheckpoint:
                     }
                 except BaseException as err:  # tell the others before raising
                     local_error = err
-                    outcome = {"ok": False, "failures": {0: _describe(err)}}
-        outcome = coord.broadcast(outcome)  # collective 3 of 3
-        if not outcome["ok"]:
-            ranks = {int(r): str(m) for r, m in outcome["failures"].items()}
+                    outcome = {"ok": False, "failures": {coord.rank: _describe(err)}}
+        outcomes = coord.all_gather(outcome)
+        merged: dict[int, str] = {}
+        for o in outcomes:
+            if o is not None and not o["ok"]:
+                merged |= {int(r): str(m) for r, m in o["failures"].items()}
+        if merged:
             raise SaveAborted(
-                f"{self.final} was not committed: rank(s) {sorted(ranks)} failed",
+                f"{self.final} was not committed: rank(s) {sorted(merged)} failed",
                 path=self.final,
-                failures=ranks,
+                failures=merged,
             ) from local_error
-        if coord.rank != 0:
-            manifest = Manifest.from_json(str(outcome["manifest"]).encode("utf-8"))
-            self.result = CommitResult(outcome["path"], Outcome(outcome["outcome"]), manifest)
+        if self.result is None:
+            mine_outcome = outcomes[self._committers[coord.rank]]
+            manifest = Manifest.from_json(str(mine_outcome["manifest"]).encode("utf-8"))
+            self.result = CommitResult(
+                mine_outcome["path"], Outcome(mine_outcome["outcome"]), manifest
+            )
 
 
 # The public name reads as a function, as in ``with atomic_checkpoint(path) as d:``.

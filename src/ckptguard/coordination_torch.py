@@ -9,6 +9,7 @@ uint8 tensors (``broadcast_object_list`` would pickle them).
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
@@ -58,7 +59,8 @@ class TorchCoordinator:
 
     @property
     def node(self) -> str:
-        return socket.gethostname()
+        # torchrun's node rank tells simulated nodes on one host apart.
+        return f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"
 
     def barrier(self) -> None:
         dist.barrier(group=self._group)
