@@ -84,6 +84,18 @@ def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
     return {"errors": [], "infos": infos, "restored_equal": same, "aborted": aborted}
 
 
+def killed(root: Path, rounds: int, rank: int) -> dict[str, object]:
+    """Rank 1 is SIGKILLed while writing in the last round; torchrun ends the job."""
+    import signal
+
+    for r in range(rounds):
+        with ckptguard.atomic_checkpoint(root / f"checkpoint-{r}") as staging:
+            (staging / f"rank{rank}.bin").write_bytes(bytes([rank]) * 4096)
+            if r == rounds - 1 and rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return {"errors": ["rank survived the last round"]}
+
+
 def main() -> None:
     mode, rounds, out = sys.argv[1], int(sys.argv[3]), Path(sys.argv[4])
     # "{node}" in ROOT: a separate (node-local) root per simulated node
@@ -95,6 +107,8 @@ def main() -> None:
         report = naive(root, rounds, rank)
     elif mode == "manager":
         report = manager(root, rounds, rank)
+    elif mode == "killed":
+        report = killed(root, rounds, rank)
     else:
         report = guarded(root, rounds, rank, raise_at=1 if mode == "raising" else None)
     report |= {

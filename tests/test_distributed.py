@@ -184,3 +184,28 @@ def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
             else:  # one commit per node root, each with its own node's files
                 assert files == {f"rank{i}.bin", f"rank{i}/state.json"}
         assert list(Path(RootLayout(str(node_root)).staging).iterdir()) == []
+
+
+def test_a_rank_killed_mid_save_fails_the_job_and_the_root_recovers(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor_interval=0.5",
+        str(CHILD), "killed", str(root), "4", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode != 0  # the job fails instead of hanging
+    assert "SIGKILL" in proc.stderr or "Signal 9" in proc.stderr or "-9" in proc.stderr
+    report = ckptguard.recover(root)  # after the "restart"
+    assert [e.name for e in report.valid] == ["checkpoint-0", "checkpoint-1", "checkpoint-2"]
+    assert report.of_kind(ckptguard.EntryKind.COMMITTED_CORRUPT) == []
+    assert list(Path(RootLayout(str(root)).staging).iterdir()) == []  # its owner is dead
+    latest = report.latest
+    assert latest is not None
+    assert latest.name == "checkpoint-2"
+    for entry in report.valid:
+        report_files = ckptguard.verify(entry.path)
+        assert report_files.manifest is not None
+        assert {f.path for f in report_files.manifest.files} == {"rank0.bin", "rank1.bin"}

@@ -573,6 +573,7 @@ class AtomicCheckpoint:
         stale_after: float = DEFAULT_STALE_AFTER,
         dir_mode: int | None = None,
         coordinator: Coordinator | None = None,
+        shared_storage: bool | None = None,
     ) -> None:
         if if_exists not in _IF_EXISTS:
             raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
@@ -585,6 +586,7 @@ class AtomicCheckpoint:
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.dir_mode = dir_mode
         self.coordinator = coordinator
+        self.shared_storage = shared_storage  # what the caller believes; the probe decides
         self._coord: Coordinator = SingleProcess()
         self._committers: list[int] = [0]
         self.staging: Staging | None = None
@@ -659,9 +661,21 @@ class AtomicCheckpoint:
                 committer.append(0)
             else:
                 committer.append(first_on_node.setdefault(view["node"], rank))
-        if any(c != 0 for c in committer):
+        shared = all(c == 0 for c in committer)
+        if not shared:
             _log.info("checkpoint roots are node-local: one committer per node, ranks %s",
                       sorted(set(committer)))  # fmt: skip
+        if self.shared_storage is not None and self.shared_storage != shared and coord.rank == 0:
+            # e.g. Hugging Face's save_on_each_node=True on a shared filesystem, or False on
+            # node-local disks (where nodes other than rank 0's would get no checkpoint)
+            _log.warning(
+                "%s: the configuration says the checkpoint root is %s, but the probe found it "
+                "%s; ckptguard commits %s",
+                self.root,
+                "shared by all nodes" if self.shared_storage else "local to each node",
+                "shared by all ranks" if shared else "not visible to every rank",
+                "once for all ranks" if shared else "once per node",
+            )
         return committer
 
     def _stage_for_all(self) -> Staging:
