@@ -138,7 +138,7 @@ def test_list_json(root: Path) -> None:
 
 def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
     _flip_last_byte(root / "checkpoint-2" / "model.safetensors")  # same size, new content
-    with (root / "checkpoint-3" / "emb.safetensors").open("ab") as f:
+    with (root / "checkpoint-3" / "tensors.safetensors").open("ab") as f:
         f.write(b"\0")  # a size change: seen without checksums too
     foreign = root / "checkpoint-9"  # left by a Trainer crash: no manifest
     foreign.mkdir()
@@ -150,7 +150,7 @@ def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
     assert by_step[1]["status"] == "ok (sizes)"
     assert by_step[2]["status"] == "ok (sizes)"  # sizes only: the flipped byte is unseen
     assert by_step[3]["status"] == "corrupt"
-    assert "emb.safetensors" in by_step[3]["problems"]
+    assert "tensors.safetensors" in by_step[3]["problems"]
     assert by_step[9]["status"] == "no manifest"
     assert by_step[9]["size_bytes"] is None
     assert by_step[9]["metrics"] == {}
@@ -243,16 +243,16 @@ def test_inspect(root: Path) -> None:
     assert info["name"] == "checkpoint-2"
     assert info["metrics"] == {"loss": 0.5}
     assert sorted(f["path"] for f in info["files"]) == [
-        "emb.safetensors",
         "model.safetensors",
         "state.json",
+        "tensors.safetensors",
     ]
     tensors = {(t["file"], t["name"]): t for t in info["tensors"]}
     assert tensors[("model.safetensors", "weight")]["dtype"] == "F32"
     assert tensors[("model.safetensors", "weight")]["shape"] == [3, 4]
     assert tensors[("model.safetensors", "weight")]["bytes"] == 48
     assert tensors[("model.safetensors", "bias")]["shape"] == [3]
-    emb = [t for (file, _), t in tensors.items() if file == "emb.safetensors"]
+    emb = [t for (file, _), t in tensors.items() if file == "tensors.safetensors"]
     assert [(t["dtype"], t["shape"]) for t in emb] == [("BF16", [2, 5])]
 
 
@@ -399,10 +399,10 @@ def test_verify_a_folder_without_manifest_fails(root: Path) -> None:
 
 
 def test_inspect_a_checkpoint_missing_a_file_is_corrupt_not_missing(root: Path) -> None:
-    (root / "checkpoint-3" / "emb.safetensors").unlink()
+    (root / "checkpoint-3" / "tensors.safetensors").unlink()
     proc = _cli("inspect", root / "checkpoint-3")
     assert proc.returncode == 1
-    assert "emb.safetensors" in _text(proc.stderr)
+    assert "tensors.safetensors" in _text(proc.stderr)
     assert "not a valid checkpoint" in _text(proc.stderr)
 
 

@@ -472,7 +472,7 @@ def test_retention_never_deletes_the_save_it_just_made_nor_trusts_bit_rot(tmp_pa
 
     mgr = ckptguard.CheckpointManager(tmp_path, keep_last=1)
     mgr.save(10, {"w": torch.ones(1000)})
-    rotten = tmp_path / "checkpoint-10" / "w.safetensors"
+    rotten = tmp_path / "checkpoint-10" / "tensors.safetensors"
     data = bytearray(rotten.read_bytes())
     data[-1] ^= 0xFF  # same size: only a checksum notices
     rotten.write_bytes(bytes(data))

@@ -38,7 +38,13 @@ from ckptguard.layout import META_DIR, STAGING_DIR, STATE_NAME, new_save_id
 from ckptguard.manifest import Manifest
 from ckptguard.owner import current_writer
 from ckptguard.safetensors_format import DTYPE_SIZES, MAX_HEADER_BYTES, parse_header
-from ckptguard.serialization import STATE_FORMAT, STATE_VERSION, read_state, write_state
+from ckptguard.serialization import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    TargetMismatch,
+    read_state,
+    write_state,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -599,12 +605,12 @@ def test_write_state_and_read_state_directly(tmp_path: Path) -> None:
         "meta": {"epoch": 2},
     }
     digests = write_state(directory, state, storage)
-    assert sorted(digests) == ["arr.safetensors", "model.safetensors", STATE_NAME]
+    assert sorted(digests) == ["model.safetensors", STATE_NAME, "tensors.safetensors"]
     for name, digest in digests.items():
         assert digest.size == (tmp_path / name).stat().st_size
     doc = json.loads((tmp_path / STATE_NAME).read_text())
     assert doc["format"] == STATE_FORMAT
-    assert doc["files"] == ["arr.safetensors", "model.safetensors"]
+    assert doc["files"] == ["model.safetensors", "tensors.safetensors"]
     assert doc["tree"]["meta"] == {"epoch": 2}
 
     manifest = _manifest_for(digests)
@@ -1033,7 +1039,7 @@ def test_restore_into_mismatched_target_raises_a_clear_error(tmp_path: Path) -> 
     torch.manual_seed(0)
     mgr.save(1, {"model": _mlp(), "w": torch.zeros(2, 3), "arr": np.zeros(3)})
 
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(TargetMismatch, match=r"\(32, 8\).*\(16, 8\)"):
         mgr.restore(
             target={
                 "model": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 1))
@@ -1045,7 +1051,7 @@ def test_restore_into_mismatched_target_raises_a_clear_error(tmp_path: Path) -> 
         mgr.restore(target={"w": torch.zeros(2, 3, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"state\['arr'\]"):
         mgr.restore(target={"arr": np.zeros(3, dtype=np.float32)})
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(TargetMismatch, match="nope"):
         mgr.restore(target={"nope": torch.zeros(1)})
 
 

@@ -10,7 +10,7 @@ import datetime as _dt
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ckptguard.errors import CheckpointError
-from ckptguard.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
+from ckptguard.layout import MANIFEST_NAME, META_DIR, RETIRED_SUFFIX, RootLayout, step_from_name
 from ckptguard.locking import root_lock
 from ckptguard.recovery import EntryKind, RootEntry, recover, scan
 from ckptguard.storage import LocalStorage
@@ -60,6 +60,15 @@ def _when(created_at: str | None) -> str:
 
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _fail(message: str, *, as_json: bool, code: int = 2) -> NoReturn:
+    """Report an error the way the caller asked for output, and exit."""
+    if as_json:
+        _emit_json({"ok": False, "error": message})
+    else:
+        _err.print(f"[red]error:[/] {message}")
+    sys.exit(code)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -128,7 +137,10 @@ def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
     if not os.path.isdir(root):
         _err.print(f"[red]error:[/] {root} is not a directory")
         sys.exit(2)
-    rows = _list_rows(list(scan(root, checksums=checksums).entries))
+    try:
+        rows = _list_rows(list(scan(root, checksums=checksums).entries))
+    except (CheckpointError, OSError) as exc:
+        _fail(str(exc), as_json=as_json)
     if as_json:
         _emit_json(rows)
         return
@@ -195,7 +207,10 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
         # (a half-written Trainer save, say) fails verification instead of passing.
         paths = [path]
     else:
-        entries = scan(path, checksums=False).entries
+        try:
+            entries = scan(path, checksums=False).entries
+        except (CheckpointError, OSError) as exc:
+            _fail(str(exc), as_json=as_json)
         paths = [
             e.path
             for e in entries
@@ -292,13 +307,18 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
 
 
 # -- clean -------------------------------------------------------------------------------------
-def _restores(root: str, entry: RootEntry) -> bool:
-    """A trash entry whose checkpoint name is empty goes back there (recovery), not away."""
-    return (
-        entry.kind == EntryKind.TRASH
-        and not os.path.lexists(os.path.join(root, entry.name))
-        and verify(entry.path, checksums=False).ok
-    )
+def _plan(root: str, entry: RootEntry) -> str:
+    """What clean does with an entry: "remove", "restore" or "keep" (decided before acting).
+
+    Trash whose checkpoint name is empty goes back there (recovery); trash whose
+    checkpoint name holds something that does not verify is the last good copy: kept.
+    """
+    if entry.kind != EntryKind.TRASH or entry.path.endswith(RETIRED_SUFFIX):
+        return "remove"
+    final = os.path.join(root, entry.name)
+    if not os.path.lexists(final):
+        return "restore" if verify(entry.path).ok else "remove"
+    return "remove" if verify(final).ok else "keep"
 
 
 @main.command("clean")
@@ -315,37 +335,36 @@ def _restores(root: str, entry: RootEntry) -> bool:
 def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
     """Remove stale staging dirs, trash and quarantine of ROOT (dry run unless --yes)."""
     if not os.path.isdir(root):
-        _err.print(f"[red]error:[/] {root} is not a directory")
-        sys.exit(2)
+        _fail(f"{root} is not a directory", as_json=as_json)
     kinds = {EntryKind.STAGING_STALE, EntryKind.TRASH, EntryKind.QUARANTINE}
-    planned = [
-        e for e in scan(root, checksums=False, stale_after=stale_after).entries if e.kind in kinds
-    ]
-    removed: list[str] = []
-    actions: list[str] = []
-    if yes and planned:
-        # recover() first: it rolls back an interrupted replace instead of deleting the
-        # only copy, and removes stale staging; then trash and quarantine go.
-        actions = list(recover(root, checksums=True, stale_after=stale_after).actions)
-        storage, layout = LocalStorage(), RootLayout(os.path.abspath(root))
-        with root_lock(layout):
-            for entry in scan(root, checksums=False, stale_after=stale_after).entries:
-                if entry.kind in {EntryKind.TRASH, EntryKind.QUARANTINE}:
-                    storage.remove_tree(entry.path)
-                    storage.remove_file(entry.path + ".json")  # a quarantine note
-                    removed.append(entry.path)
+    try:
+        entries = scan(root, checksums=False, stale_after=stale_after).entries
+        planned = [(e, _plan(root, e)) for e in entries if e.kind in kinds]
+        removed: list[str] = []
+        actions: list[str] = []
+        if yes and planned:
+            # recover() first: it rolls back an interrupted replace instead of deleting
+            # the only copy, and removes stale staging; then trash and quarantine go,
+            # except trash that is the last good copy of a checkpoint.
+            actions = list(recover(root, checksums=True, stale_after=stale_after).actions)
+            storage, layout = LocalStorage(), RootLayout(os.path.abspath(root))
+            with root_lock(layout):
+                for entry in scan(root, checksums=False, stale_after=stale_after).entries:
+                    if entry.kind == EntryKind.QUARANTINE or (
+                        entry.kind == EntryKind.TRASH and _plan(root, entry) == "remove"
+                    ):
+                        storage.remove_tree(entry.path)
+                        storage.remove_file(entry.path + ".json")  # a quarantine note
+                        removed.append(entry.path)
+    except (CheckpointError, OSError) as exc:
+        _fail(str(exc), as_json=as_json)
     if as_json:
         _emit_json(
             {
                 "dry_run": not yes,
                 "planned": [
-                    {
-                        "kind": str(e.kind),
-                        "path": e.path,
-                        "detail": e.detail,
-                        "action": "restore" if _restores(root, e) else "remove",
-                    }
-                    for e in planned
+                    {"kind": str(e.kind), "path": e.path, "detail": e.detail, "action": action}
+                    for e, action in planned
                 ],
                 "recovery_actions": actions,
                 "removed": removed,
@@ -355,11 +374,11 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
     if not planned:
         _out.print(f"nothing to clean in {root}")
         return
-    for e in planned:
-        verb = "restore" if _restores(root, e) else "remove"
-        _out.print(f"{verb if yes else 'would ' + verb} {e.kind:14} {e.path}"
-                   + (f"  ({e.detail})" if e.detail else ""))  # fmt: skip
-    for action in actions:
-        _out.print(f"recovered: {action}")
+    for e, action in planned:
+        verb = action if yes else f"would {action}"
+        why = " (the last good copy: its checkpoint does not verify)" if action == "keep" else ""
+        _out.print(f"{verb} {e.kind:14} {e.path}" + (f"  ({e.detail})" if e.detail else "") + why)
+    for action_done in actions:
+        _out.print(f"recovered: {action_done}")
     if not yes:
-        _out.print("dry run: nothing removed; run again with --yes to remove these")
+        _out.print("dry run: nothing removed; run again with --yes to do this")

@@ -418,7 +418,10 @@ class CheckpointManager:
                     if self.policy.best_metric is not None:
                         value = report.manifest.metrics.get(self.policy.best_metric)
                         if isinstance(value, (int, float)) and not isinstance(value, bool):
-                            metric = float(value)
+                            try:
+                                metric = float(value)
+                            except OverflowError:  # an int beyond float: not a usable metric
+                                metric = None
                 pinned = self._pinned(step, report.manifest) or name == just_saved
                 candidates[name] = Candidate(name, step, report.ok, metric, pinned)
             newest = max(candidates.values(), key=lambda c: (c.step, c.name), default=None)

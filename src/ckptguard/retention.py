@@ -34,6 +34,10 @@ class RetentionPolicy:
     keep_every: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_best", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         if self.keep_best < 0:
@@ -58,7 +62,10 @@ class Candidate:
 def _metric(c: Candidate) -> float | None:
     if c.metric is None or isinstance(c.metric, bool):
         return None
-    value = float(c.metric)
+    try:
+        value = float(c.metric)
+    except (OverflowError, TypeError, ValueError):
+        return None
     return value if math.isfinite(value) else None
 
 

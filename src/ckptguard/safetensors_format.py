@@ -41,6 +41,8 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch support
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIMS = 64
+# Even an empty tensor (a 0 in its shape) may not claim more: torch cannot allocate it.
+MAX_TENSOR_BYTES = 1 << 50
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -149,6 +151,8 @@ def parse_header(
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
             raise _bad(path, f"tensor {name!r}: offsets {offsets} outside the data ({data_len} B)")
+        if math.prod(d for d in shape if d) * DTYPE_SIZES[dtype] > MAX_TENSOR_BYTES:
+            raise _bad(path, f"tensor {name!r}: shape {shape} is absurd")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]  # exact: Python ints do not overflow
         if end - begin != expected:
             raise _bad(

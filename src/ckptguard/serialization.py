@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ckptguard.errors import CorruptCheckpoint
+from ckptguard.errors import CheckpointError, CorruptCheckpoint
 from ckptguard.layout import STATE_NAME
 from ckptguard.safetensors_format import DTYPE_SIZES, TensorInfo, build_header, parse_header
 from ckptguard.verify import open_checkpoint_file
@@ -45,11 +45,11 @@ if TYPE_CHECKING:
     from ckptguard.manifest import Manifest
     from ckptguard.storage import FileDigest, Storage
 
-__all__ = ["StateFormatError", "load_legacy_pt", "read_state", "write_state"]
+__all__ = ["StateFormatError", "TargetMismatch", "load_legacy_pt", "read_state", "write_state"]
 
 STATE_FORMAT = "ckptguard-state"
 STATE_VERSION = 1
-MAX_STATE_JSON = 256 * 1024 * 1024
+MAX_STATE_JSON = 64 * 1024 * 1024  # the tree only (tensors live elsewhere): generous
 _FILE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")
 
 _TORCH_TO_ST = {
@@ -74,8 +74,19 @@ def _float_json(value: float) -> Any:
     return value if math.isfinite(value) else {"__float__": repr(value)}
 
 
-class StateFormatError(TypeError):
+class StateFormatError(CheckpointError, TypeError):
     """A value in the state that ckptguard cannot store without pickle."""
+
+    default_hint = "convert the value, or leave it out of the saved state"
+
+
+class TargetMismatch(CheckpointError, ValueError):
+    """The checkpoint is valid but does not fit the target it is restored into."""
+
+    default_hint = (
+        "the checkpoint itself verifies; restore without target= to inspect it, or build "
+        "the target (model, optimizer) the way it was built when the checkpoint was saved"
+    )
 
 
 def _torch() -> Any:
@@ -127,6 +138,7 @@ class _Encoder:
     def __init__(self) -> None:
         self.groups: dict[str, _Group] = {}
         self.seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._shared: _Group | None = None
 
     def _name(self, group: _Group, path: list[str]) -> str:
         base = "/".join(path) or "tensor"
@@ -147,7 +159,7 @@ class _Encoder:
         # Tied weights: the same storage, offset, shape and strides are one tensor.
         key = (
             "t", t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(),
-            tuple(t.shape), tuple(t.stride()), t.dtype,
+            tuple(t.shape), tuple(t.stride()), t.dtype, t.is_conj(), t.is_neg(),
         )  # fmt: skip
         if t.numel() > 0 and key in self.seen:
             return self.seen[key]
@@ -220,6 +232,11 @@ class _Encoder:
             "Convert it, or save it with its own state_dict()"
         )
 
+    def shared_group(self) -> _Group:
+        if self._shared is None:
+            self._shared = self.group_for("tensors")
+        return self._shared
+
     def group_for(self, key: str | None) -> _Group:
         file = f"{key}.safetensors" if key and _FILE_KEY.fullmatch(key) else None
         if file is None or file in self.groups:
@@ -249,7 +266,14 @@ def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileD
         plain = all(isinstance(k, str) and not k.startswith("__") for k in state)
         encoded_items = []
         for key, value in state.items():
-            group = encoder.group_for(key if isinstance(key, str) else None)
+            # A container (a model's state_dict, an optimizer) gets <key>.safetensors; tensors
+            # directly at the top level (a flat state_dict) share tensors.safetensors.
+            leaf = _is_tensor(value) or _is_ndarray(value)
+            group = (
+                encoder.shared_group()
+                if leaf
+                else encoder.group_for(key if isinstance(key, str) else None)
+            )
             encoded_items.append((key, encoder.encode(value, group, [], f"state[{key!r}]")))
         if plain:
             tree = dict(encoded_items)
@@ -327,6 +351,15 @@ def _map_verified(checkpoint: str, rel: str, manifest: Manifest) -> _Loaded:
     return _Loaded(path, buffer, data_start, {t.name: t for t in infos})
 
 
+def _read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
+    """Up to ``limit`` bytes from ``offset``; loops, since one read(2) may return less."""
+    chunks, total = [], 0
+    while total < limit and (chunk := os.pread(fd, limit - total, offset + total)):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def _read_state_json(checkpoint: str, manifest: Manifest) -> Any:
     entry = next((f for f in manifest.files if f.path == STATE_NAME), None)
     path = os.path.join(checkpoint, STATE_NAME)
@@ -336,7 +369,7 @@ def _read_state_json(checkpoint: str, manifest: Manifest) -> Any:
         raise _corrupt(path, f"{entry.size} bytes is over the cap of {MAX_STATE_JSON}")
     fd = open_checkpoint_file(checkpoint, STATE_NAME)
     try:
-        data = os.read(fd, entry.size + 1)
+        data = _read_at_most(fd, entry.size + 1)
     finally:
         os.close(fd)
     if len(data) != entry.size or xxhash.xxh3_128_hexdigest(data) != entry.checksum:
@@ -479,32 +512,52 @@ class _Decoder:
         raise CorruptCheckpoint(f"state.json: unknown or malformed tag {tag!r} at {where}")
 
 
+def _check_stateful(target: Any, loaded: Any, where: str) -> None:
+    """Pre-check what ``load_state_dict`` would do, so a mismatch changes nothing."""
+    torch = sys.modules.get("torch")
+    current = target.state_dict()
+    if torch is not None and isinstance(target, torch.nn.Module):
+        if not isinstance(loaded, dict):
+            raise TargetMismatch(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+        extra = [k for k in loaded if k not in current]
+        if extra:
+            raise TargetMismatch(f"{where}: the checkpoint has keys the model lacks: {extra[:5]}")
+        _check_target(dict(current), loaded, where)
+    elif torch is not None and isinstance(target, torch.optim.Optimizer):
+        groups = loaded.get("param_groups") if isinstance(loaded, dict) else None
+        ours = current["param_groups"]
+        if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups] != [
+            len(g["params"]) for g in ours
+        ]:
+            raise TargetMismatch(f"{where}: the optimizer's parameter groups differ")
+
+
 def _check_target(target: Any, loaded: Any, where: str) -> None:
-    """Raise before anything is copied if ``loaded`` cannot go into ``target``."""
+    """Raise :class:`TargetMismatch` before anything is copied into ``target``."""
     if _is_stateful(target):
-        return  # its load_state_dict checks (and models usually check everything first)
-    if _is_tensor(target):
+        _check_stateful(target, loaded, where)
+    elif _is_tensor(target):
         if not _is_tensor(loaded):
-            raise CorruptCheckpoint(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+            raise TargetMismatch(f"{where}: the checkpoint holds a {type(loaded).__name__}")
         if tuple(target.shape) != tuple(loaded.shape) or target.dtype != loaded.dtype:
-            raise ValueError(
+            raise TargetMismatch(
                 f"{where}: checkpoint tensor is {tuple(loaded.shape)} {loaded.dtype}, "
                 f"target is {tuple(target.shape)} {target.dtype}"
             )
     elif _is_ndarray(target):
         if not _is_ndarray(loaded) or target.shape != loaded.shape or target.dtype != loaded.dtype:
-            raise ValueError(f"{where}: shape or dtype differs from the target's")
+            raise TargetMismatch(f"{where}: shape or dtype differs from the target's")
     elif isinstance(target, Mapping):
         if not isinstance(loaded, dict):
-            raise ValueError(f"{where}: the checkpoint holds a {type(loaded).__name__}")
+            raise TargetMismatch(f"{where}: the checkpoint holds a {type(loaded).__name__}")
         missing = [k for k in target if k not in loaded]
         if missing:
-            raise KeyError(f"{where}: the checkpoint has no {missing[:5]}")
+            raise TargetMismatch(f"{where}: the checkpoint has no {missing[:5]}")
         for key, sub in target.items():
             _check_target(sub, loaded[key], f"{where}[{key!r}]")
     elif isinstance(target, (list, tuple)):
         if not isinstance(loaded, (list, tuple)) or len(target) != len(loaded):
-            raise ValueError(f"{where}: the checkpoint's sequence differs from the target's")
+            raise TargetMismatch(f"{where}: the checkpoint's sequence differs from the target's")
         for i, (t, v) in enumerate(zip(target, loaded, strict=True)):
             _check_target(t, v, f"{where}[{i}]")
 
@@ -512,7 +565,10 @@ def _check_target(target: Any, loaded: Any, where: str) -> None:
 def _apply(target: Any, loaded: Any, where: str) -> Any:
     """Load ``loaded`` into ``target`` in place; :func:`_check_target` has vetted the pair."""
     if _is_stateful(target):
-        target.load_state_dict(loaded)
+        try:
+            target.load_state_dict(loaded)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise TargetMismatch(f"{where}: load_state_dict refused the checkpoint: {exc}") from exc
         return target
     if _is_tensor(target):
         with _torch().no_grad():
@@ -571,7 +627,7 @@ def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str
         fd = open_checkpoint_file(checkpoint, entry.path)
         try:
             size = os.fstat(fd).st_size
-            prefix = os.pread(fd, min(size, 8 + (100 << 20)), 0)
+            prefix = _read_at_most(fd, min(size, 8 + (100 << 20)))
         finally:
             os.close(fd)
         _, infos, _ = parse_header(prefix, size, os.path.join(checkpoint, entry.path))
