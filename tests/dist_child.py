@@ -96,6 +96,28 @@ def killed(root: Path, rounds: int, rank: int) -> dict[str, object]:
     return {"errors": ["rank survived the last round"]}
 
 
+def sharded(root: Path, rounds: int) -> dict[str, object]:
+    """DTensor shards through torch.distributed.checkpoint, committed once by ckptguard."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mgr = ckptguard.CheckpointManager(root, keep_last=2)
+    full = torch.arange(64.0).reshape(8, 8)
+    for step in range(1, rounds + 1):
+        state = {"w": distribute_tensor(full * step, mesh, [Shard(0)]), "b": torch.ones(3) * step}
+        mgr.save(step, state, sharded=True, metrics={"loss": 1 / step})
+    w = distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)])
+    b = torch.zeros(3)
+    mgr.restore(target={"w": w, "b": b})
+    ok = bool(torch.equal(w.full_tensor(), full * rounds)) and bool(
+        torch.equal(b, torch.ones(3) * rounds)
+    )
+    errors = [] if ok else ["restored values differ"]
+    return {"errors": errors, "local_shard": w.to_local().shape[0]}
+
+
 def main() -> None:
     mode, rounds, out = sys.argv[1], int(sys.argv[3]), Path(sys.argv[4])
     # "{node}" in ROOT: a separate (node-local) root per simulated node
@@ -107,6 +129,8 @@ def main() -> None:
         report = naive(root, rounds, rank)
     elif mode == "manager":
         report = manager(root, rounds, rank)
+    elif mode == "sharded":
+        report = sharded(root, rounds)
     elif mode == "killed":
         report = killed(root, rounds, rank)
     else:

@@ -209,3 +209,37 @@ def test_a_rank_killed_mid_save_fails_the_job_and_the_root_recovers(tmp_path: Pa
         report_files = ckptguard.verify(entry.path)
         assert report_files.manifest is not None
         assert {f.path for f in report_files.manifest.files} == {"rank0.bin", "rank1.bin"}
+
+
+def test_sharded_dcp_round_trip_with_two_ranks(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    reports = _torchrun("sharded", root, 3, tmp_path / "out", nproc=2)
+    assert [r["errors"] for r in reports] == [[], []]
+    assert [r["local_shard"] for r in reports] == [4, 4]  # each rank held half the rows
+    assert sorted(p.name for p in root.iterdir()) == [".ckptguard", "checkpoint-2", "checkpoint-3"]
+    report = ckptguard.verify(root / "checkpoint-3")
+    assert report.ok, report.problems
+    assert report.manifest is not None
+    files = {f.path for f in report.manifest.files}
+    assert ".metadata" in files
+    assert len([f for f in files if f.endswith(".distcp")]) == 2  # one per rank, both covered
+    assert report.manifest.metadata["ckptguard"]["kind"] == "dcp"
+
+
+def test_sharded_single_process_twin(tmp_path: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        mgr = ckptguard.CheckpointManager(tmp_path / "run")
+        mgr.save(1, {"w": torch.arange(6.0)}, sharded=True)
+        target = {"w": torch.zeros(6)}
+        mgr.restore(target=target)
+        assert torch.equal(target["w"], torch.arange(6.0))
+        with pytest.raises(ValueError, match="target"):
+            mgr.restore()
+    finally:
+        dist.destroy_process_group()

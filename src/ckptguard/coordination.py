@@ -36,6 +36,8 @@ class Coordinator(Protocol):
     @property
     def world_size(self) -> int: ...
     @property
+    def local_rank(self) -> int: ...
+    @property
     def node(self) -> str: ...
 
     def barrier(self) -> None:
@@ -53,6 +55,7 @@ class SingleProcess:
 
     rank = 0
     world_size = 1
+    local_rank = 0
 
     @property
     def node(self) -> str:

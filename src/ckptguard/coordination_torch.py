@@ -58,6 +58,10 @@ class TorchCoordinator:
         return int(dist.get_world_size())
 
     @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+    @property
     def node(self) -> str:
         # torchrun's node rank tells simulated nodes on one host apart.
         return f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"

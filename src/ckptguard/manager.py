@@ -189,14 +189,20 @@ class CheckpointManager:
         *,
         pin: bool = False,
         blocking: bool = True,
+        sharded: bool = False,
     ) -> CheckpointInfo:
         """Save ``state`` as ``checkpoint-<step>``: atomic, checksummed, then retention.
+
+        ``sharded=True``: every rank writes its shards through torch.distributed.checkpoint
+        into one staging dir, committed once (see ``sharded.py``).
 
         Under torch.distributed every rank calls this; rank 0 writes its state (the
         replicated state of data-parallel training) and commits, and every rank gets the
         same :class:`CheckpointInfo`, or the same :class:`SaveAborted`.
         """
         coord = self.coordinator
+        if sharded:
+            return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if coord.world_size == 1:
             return self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
         message: dict[str, Any] | None = None
@@ -218,6 +224,35 @@ class CheckpointManager:
                 failures={0: message["error"]},
             ) from local
         return CheckpointInfo(**message["info"])
+
+    def _save_sharded(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        pin: bool,
+    ) -> CheckpointInfo:
+        from ckptguard.sharded import KIND, save_sharded  # noqa: PLC0415 - imports torch
+
+        user_metadata = dict(metadata or {})
+        if _RESERVED_METADATA in user_metadata:
+            raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
+        user_metadata[_RESERVED_METADATA] = {"kind": KIND, "pinned": pin}
+        result = save_sharded(self, step, state, _clean_metrics(metrics), user_metadata)
+        error: str | None = None
+        if self.coordinator.rank == 0:
+            try:
+                self._apply_retention(os.path.basename(result.path))
+            except Exception as exc:  # the others wait on the broadcast below
+                error = f"{type(exc).__name__}: {exc}"
+        if self.coordinator.world_size > 1:
+            error = self.coordinator.broadcast(error)
+        if error is not None:
+            _log.warning("retention after %s failed: %s", result.path, error)
+        report = verify(result.path, checksums=False)
+        return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
 
     def _save_here(
         self,
@@ -378,6 +413,11 @@ class CheckpointManager:
                 path=path,
                 problems=report.problems,
             )
+        flags = report.manifest.metadata.get(_RESERVED_METADATA, {})
+        if isinstance(flags, dict) and flags.get("kind") == "dcp":
+            from ckptguard.sharded import restore_sharded  # noqa: PLC0415 - imports torch
+
+            return restore_sharded(path, target)
         return read_state(path, report.manifest, target=target)  # checks every checksum
 
     # -- retention -------------------------------------------------------------------------
