@@ -10,6 +10,7 @@ Usage: torchrun ... dist_child.py MODE ROOT ROUNDS OUT_DIR
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -45,7 +46,10 @@ def guarded(root: Path, rounds: int, rank: int, *, raise_at: int | None) -> dict
     outcomes: list[str] = []
     aborted: list[dict[str, object]] = []
     for r in range(rounds):
-        tx = ckptguard.atomic_checkpoint(root / f"checkpoint-{r}")
+        expect = os.environ.get("CKPT_EXPECT_SHARED")
+        tx = ckptguard.atomic_checkpoint(
+            root / f"checkpoint-{r}", shared_storage=None if expect is None else expect == "1"
+        )
         try:
             with tx as staging:
                 (staging / f"rank{rank}.bin").write_bytes(bytes([rank]) * 4096)
@@ -120,6 +124,14 @@ def sharded(root: Path, rounds: int) -> dict[str, object]:
 
 def main() -> None:
     mode, rounds, out = sys.argv[1], int(sys.argv[3]), Path(sys.argv[4])
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("ckptguard").addHandler(Collect())
     # "{node}" in ROOT: a separate (node-local) root per simulated node
     root = Path(sys.argv[2].replace("{node}", os.environ.get("GROUP_RANK", "0")))
     dist.init_process_group("gloo")
@@ -136,6 +148,7 @@ def main() -> None:
     else:
         report = guarded(root, rounds, rank, raise_at=1 if mode == "raising" else None)
     report |= {
+        "warnings": warnings,
         "rank": rank,
         "world_size": dist.get_world_size(),
         "seconds": time.perf_counter() - start,

@@ -9,6 +9,7 @@ write into one staging dir and rank 0 alone commits.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -139,7 +140,11 @@ def test_checkpoint_manager_single_process_twin(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-root", "root-per-node"])
 def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
-    """Two torchrun invocations (--nnodes=2) on one machine, rendezvous on 127.0.0.1."""
+    """Two torchrun invocations (--nnodes=2) on one machine, rendezvous on 127.0.0.1.
+
+    Each run also claims the opposite topology (shared_storage=, as Hugging Face's
+    save_on_each_node would): the probe wins and rank 0 warns about the mismatch.
+    """
     root = str(tmp_path / "shared") if shared else str(tmp_path / "node{node}")
     out = tmp_path / "out"
     out.mkdir()
@@ -164,6 +169,7 @@ def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "CKPT_EXPECT_SHARED": "0" if shared else "1"},
         )
         for node in (0, 1)
     ]
@@ -172,6 +178,9 @@ def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
         assert proc.returncode == 0, err[-4000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["errors"] == [] and r["outcomes"] == ["committed"] * 20 for r in reports)
+    mismatch = [w for w in reports[0]["warnings"] if "the probe found it" in w]
+    assert len(mismatch) == 20, reports[0]["warnings"][:3]
+    assert ("shared by all ranks" in mismatch[0]) == shared
     roots = [tmp_path / "shared"] if shared else [tmp_path / "node0", tmp_path / "node1"]
     for i, node_root in enumerate(roots):
         for r in range(20):
