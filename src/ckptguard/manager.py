@@ -104,6 +104,15 @@ class CheckpointInfo:
         )
 
 
+def _flagged(metadata: Mapping[str, Any] | None, *, kind: str, pin: bool) -> dict[str, Any]:
+    """The user's metadata plus ckptguard's own flags (how to restore it, whether pinned)."""
+    out = dict(metadata or {})
+    if _RESERVED_METADATA in out:
+        raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
+    out[_RESERVED_METADATA] = {"kind": kind, "pinned": pin}
+    return out
+
+
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, raw in (metrics or {}).items():
@@ -236,11 +245,8 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         from ckptguard.sharded import KIND, save_sharded  # noqa: PLC0415 - imports torch
 
-        user_metadata = dict(metadata or {})
-        if _RESERVED_METADATA in user_metadata:
-            raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
-        user_metadata[_RESERVED_METADATA] = {"kind": KIND, "pinned": pin}
-        result = save_sharded(self, step, state, _clean_metrics(metrics), user_metadata)
+        flagged = _flagged(metadata, kind=KIND, pin=pin)
+        result = save_sharded(self, step, state, _clean_metrics(metrics), flagged)
         error: str | None = None
         if self.coordinator.rank == 0:
             try:
@@ -270,10 +276,7 @@ class CheckpointManager:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
 
-        user_metadata = dict(metadata or {})
-        if _RESERVED_METADATA in user_metadata:
-            raise ValueError(f"metadata key {_RESERVED_METADATA!r} is reserved")
-        user_metadata[_RESERVED_METADATA] = {"kind": "state", "pinned": pin}
+        user_metadata = _flagged(metadata, kind="state", pin=pin)
         staging = stage(
             self.root,
             checkpoint_name(step),
