@@ -252,3 +252,17 @@ def test_sharded_single_process_twin(tmp_path: Path) -> None:
             mgr.restore()
     finally:
         dist.destroy_process_group()
+
+
+def test_rank0_failing_to_probe_aborts_every_rank_instead_of_hanging(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (root / ".ckptguard").symlink_to(tmp_path / "elsewhere")  # ensure_root refuses it
+    reports = _torchrun("guarded", root, 1, tmp_path / "out", nproc=2)
+    for r in reports:
+        assert r["errors"] == []
+        assert [a["round"] for a in r["aborted"]] == [0]
+        assert list(r["aborted"][0]["failures"]) == ["0"]
+        assert "symlink" in r["aborted"][0]["failures"]["0"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []

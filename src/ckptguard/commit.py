@@ -644,12 +644,23 @@ class AtomicCheckpoint:
         """
         coord = self._coord
         layout = RootLayout(self.root)
-        probe_name: str | None = None
+        message: dict[str, Any] | None = None
         if coord.rank == 0:
-            ensure_root(layout, self.storage, self.retry)
-            probe_name = f"probe-{new_save_id()}"
-            self.storage.write_bytes(os.path.join(layout.meta, probe_name), b"", fsync=False)
-        probe_name = coord.broadcast(probe_name)
+            try:
+                ensure_root(layout, self.storage, self.retry)
+                name = f"probe-{new_save_id()}"
+                self.storage.write_bytes(os.path.join(layout.meta, name), b"", fsync=False)
+                message = {"probe": name}
+            except Exception as exc:  # every rank must hear of it, or the others hang
+                message = {"error": _describe(exc)}
+        message = coord.broadcast(message)
+        if "error" in message:
+            raise SaveAborted(
+                f"{self.final}: rank 0 could not probe the checkpoint root: {message['error']}",
+                path=self.final,
+                failures={0: str(message["error"])},
+            )
+        probe_name = str(message["probe"])
         sees = os.path.lexists(os.path.join(layout.meta, str(probe_name)))
         views = coord.all_gather({"sees": sees, "node": coord.node})
         if coord.rank == 0:
