@@ -122,6 +122,18 @@ def sharded(root: Path, rounds: int) -> dict[str, object]:
     return {"errors": errors, "local_shard": w.to_local().shape[0]}
 
 
+def sharded_refused(root: Path) -> dict[str, object]:
+    """A sharded save on node-local roots must be refused on every rank."""
+    import torch
+
+    mgr = ckptguard.CheckpointManager(root)
+    try:
+        mgr.save(1, {"w": torch.zeros(4)}, sharded=True)
+    except ckptguard.SaveAborted as exc:
+        return {"errors": [], "aborted": [str(exc)]}
+    return {"errors": ["a sharded save on node-local roots was committed"], "aborted": []}
+
+
 def main() -> None:
     mode, rounds, out = sys.argv[1], int(sys.argv[3]), Path(sys.argv[4])
     warnings: list[str] = []
@@ -141,6 +153,8 @@ def main() -> None:
         report = naive(root, rounds, rank)
     elif mode == "manager":
         report = manager(root, rounds, rank)
+    elif mode == "sharded_refused":
+        report = sharded_refused(root)
     elif mode == "sharded":
         report = sharded(root, rounds)
     elif mode == "killed":

@@ -138,6 +138,56 @@ def test_checkpoint_manager_single_process_twin(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def _two_nodes(
+    mode: str, root: str, rounds: int, out: Path, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Two torchrun invocations (--nnodes=2, one rank each) on one machine."""
+    out.mkdir()
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                "--nnodes=2", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", str(CHILD), mode, root, str(rounds), str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=280)
+        assert proc.returncode == 0, err[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_manager_on_node_local_roots_commits_on_every_node(tmp_path: Path) -> None:
+    reports = _two_nodes("manager", str(tmp_path / "node{node}"), 5, tmp_path / "out")
+    for r in reports:
+        assert [i["step"] for i in r["infos"]] == [1, 2, 3, 4, 5]
+        assert r["restored_equal"]
+    for node in (0, 1):
+        root = tmp_path / f"node{node}"
+        assert sorted(p.name for p in root.iterdir()) == [
+            ".ckptguard", "checkpoint-4", "checkpoint-5",
+        ]  # fmt: skip
+        assert ckptguard.verify(root / "checkpoint-5").ok
+    # each rank's info points into its own node's root
+    assert [Path(r["infos"][-1]["path"]).parent.name for r in reports] == ["node0", "node1"]
+
+
+def test_sharded_save_on_node_local_roots_is_refused(tmp_path: Path) -> None:
+    reports = _two_nodes("sharded_refused", str(tmp_path / "node{node}"), 1, tmp_path / "out")
+    for r in reports:
+        assert r["errors"] == []
+        assert "not shared by all ranks" in r["aborted"][0]
+    for node in (0, 1):
+        assert not (tmp_path / f"node{node}" / "checkpoint-1").exists()
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-root", "root-per-node"])
 def test_two_simulated_nodes(tmp_path: Path, shared: bool) -> None:
     """Two torchrun invocations (--nnodes=2) on one machine, rendezvous on 127.0.0.1.

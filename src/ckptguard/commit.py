@@ -664,7 +664,10 @@ class AtomicCheckpoint:
         sees = os.path.lexists(os.path.join(layout.meta, str(probe_name)))
         views = coord.all_gather({"sees": sees, "node": coord.node})
         if coord.rank == 0:
-            self.storage.remove_file(os.path.join(layout.meta, str(probe_name)))
+            try:
+                self.storage.remove_file(os.path.join(layout.meta, str(probe_name)))
+            except OSError as exc:  # never leave the others in the next collective alone
+                _log.warning("could not remove the probe %s: %s", probe_name, exc)
         committer: list[int] = []
         first_on_node: dict[str, int] = {}
         for rank, view in enumerate(views):
@@ -724,25 +727,50 @@ class AtomicCheckpoint:
 
     def _finish_for_all(self, staging: Staging, exc: BaseException | None) -> None:
         coord = self._coord
+        committer = coord.rank == self._committers[coord.rank]
+        local_error: BaseException | None = exc
+
+        # Phase 1: did every rank's writes succeed? Then every committer seals.
         mine = {"ok": exc is None, "error": None if exc is None else _describe(exc)}
         reports = coord.all_gather(mine)
         failures = {r: str(rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]}
+        manifest: Manifest | None = None
+        sealed: dict[str, Any] | None = None
+        if committer and not failures:
+            try:
+                manifest = seal(
+                    staging, step=self.step, metrics=self.metrics, metadata=self.metadata
+                )
+                sealed = {"ok": True}
+            except BaseException as err:  # tell the others before raising
+                local_error = err
+                sealed = {"ok": False, "error": _describe(err)}
+        # Phase 2: only when every committer sealed does any of them rename, so that one
+        # node does not commit a save that another node fails (partial: a rename itself
+        # can still fail on one node after another renamed).
+        seals = coord.all_gather(sealed)
+        failures |= {r: str(x["error"]) for r, x in enumerate(seals) if x and not x["ok"]}
         outcome: dict[str, Any] | None = None
-        local_error: BaseException | None = exc
-        if coord.rank == self._committers[coord.rank]:
-            if failures:
+        if committer:
+            if failures or manifest is None:
                 abort(staging)
                 outcome = {"ok": False, "failures": failures}
             else:
                 try:
-                    self.result = self._seal_and_commit(staging)
+                    with root_lock(staging.layout, self.lock_timeout):
+                        result = commit(
+                            staging, manifest, if_exists=self.if_exists, dir_mode=self.dir_mode
+                        )
+                        publish(staging, result, stale_after=self.stale_after)
+                    self.result = result
                     outcome = {
                         "ok": True,
-                        "outcome": self.result.outcome.value,
-                        "path": self.result.path,
-                        "manifest": self.result.manifest.to_json().decode("utf-8"),
+                        "outcome": result.outcome.value,
+                        "path": result.path,
+                        "manifest": result.manifest.to_json().decode("utf-8"),
                     }
                 except BaseException as err:  # tell the others before raising
+                    abort(staging)
                     local_error = err
                     outcome = {"ok": False, "failures": {coord.rank: _describe(err)}}
         outcomes = coord.all_gather(outcome)
@@ -758,10 +786,20 @@ class AtomicCheckpoint:
             ) from local_error
         if self.result is None:
             mine_outcome = outcomes[self._committers[coord.rank]]
-            manifest = Manifest.from_json(str(mine_outcome["manifest"]).encode("utf-8"))
+            committed = Manifest.from_json(str(mine_outcome["manifest"]).encode("utf-8"))
             self.result = CommitResult(
-                mine_outcome["path"], Outcome(mine_outcome["outcome"]), manifest
+                mine_outcome["path"], Outcome(mine_outcome["outcome"]), committed
             )
+
+    @property
+    def committer(self) -> int:
+        """The rank that commits for this process (after ``__enter__``)."""
+        return self._committers[self._coord.rank] if self._coord.world_size > 1 else 0
+
+    @property
+    def committers(self) -> list[int]:
+        """Each rank's committer (after ``__enter__``): one value if the root is shared."""
+        return list(self._committers) if self._coord.world_size > 1 else [0]
 
 
 # The public name reads as a function, as in ``with atomic_checkpoint(path) as d:``.

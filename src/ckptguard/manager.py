@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckptguard.cleanup import DEFAULT_STALE_AFTER
-from ckptguard.commit import IfExists, abort, commit, publish, seal, stage, typed_write_error
+from ckptguard.commit import (
+    AtomicCheckpoint,
+    IfExists,
+    abort,
+    commit,
+    publish,
+    seal,
+    stage,
+    typed_write_error,
+)
 from ckptguard.coordination import Coordinator, default_coordinator
 from ckptguard.errors import (
     CheckpointError,
@@ -163,29 +172,31 @@ class CheckpointManager:
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.storage = storage or LocalStorage()
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
-        os.makedirs(self.root, exist_ok=True)
-        # Under torch.distributed, rank 0 saves the (replicated) state and commits; the
-        # other ranks wait for its result, so every rank returns or raises the same way.
+        # Under torch.distributed, one process per node repairs its root at startup; every
+        # rank hears of any failure, so that no rank is left alone in a collective.
         self.coordinator = coordinator or default_coordinator()
         error: str | None = None
-        if self.coordinator.rank == 0:
-            try:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            if self.coordinator.local_rank == 0:
                 report = recover(
                     self.root, checksums=False, stale_after=stale_after, storage=self.storage
                 )
                 for action in report.actions:
                     _log.info("startup recovery: %s", action)
-            except Exception as exc:  # the other ranks must hear of it, or they hang
-                error = f"{type(exc).__name__}: {exc}"
-                if self.coordinator.world_size == 1:
-                    raise
+        except Exception as exc:
+            if self.coordinator.world_size == 1:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
         if self.coordinator.world_size > 1:
-            error = self.coordinator.broadcast(error)
-            if error is not None:
+            errors = self.coordinator.all_gather(error)
+            failures = {r: str(e) for r, e in enumerate(errors) if e is not None}
+            if failures:
                 raise SaveAborted(
-                    f"startup recovery of {self.root} failed on rank 0: {error}",
+                    f"starting the checkpoint manager on {self.root} failed on rank(s) "
+                    f"{sorted(failures)}",
                     path=self.root,
-                    failures={0: error},
+                    failures=failures,
                 )
 
     # -- saving ----------------------------------------------------------------------------
@@ -214,25 +225,62 @@ class CheckpointManager:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if coord.world_size == 1:
             return self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
-        message: dict[str, Any] | None = None
-        local: BaseException | None = None
-        if coord.rank == 0:
+        return self._save_together(step, state, metrics, metadata, pin=pin)
+
+    def _save_together(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        pin: bool,
+    ) -> CheckpointInfo:
+        """Every rank calls; each committer writes its state into the agreed staging dir.
+
+        One committer for a shared root, one per node for node-local roots.
+        """
+        from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
+
+        coord = self.coordinator
+        tx = AtomicCheckpoint(
+            os.path.join(self.root, checkpoint_name(step)),
+            step=step,
+            metrics=_clean_metrics(metrics),
+            metadata=_flagged(metadata, kind="state", pin=pin),
+            if_exists=self.if_exists,
+            storage=self.storage,
+            retry=self.retry,
+            lock_timeout=self.lock_timeout,
+            stale_after=self.stale_after,
+            coordinator=coord,
+        )
+        with tx as staging:
+            if coord.rank == tx.committer:
+                write_state(str(staging), state, self.storage)
+        if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
+            raise RuntimeError("save finished without a result")
+        return self._after_commit(
+            step, tx.result.path, committer=coord.rank == tx.committer, pin=pin
+        )
+
+    def _after_commit(self, step: int, path: str, *, committer: bool, pin: bool) -> CheckpointInfo:
+        """Retention by each committer; a failure is logged on every rank, never raised.
+
+        The save itself has succeeded by then.
+        """
+        error: str | None = None
+        if committer:
             try:
-                info = self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
-                message = {"ok": True, "info": dataclasses.asdict(info)}
-            except BaseException as exc:  # tell the others before raising
-                local = exc
-                message = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        message = coord.broadcast(message)
-        if not message["ok"]:
-            if local is not None and not isinstance(local, Exception):
-                raise local  # KeyboardInterrupt and friends stay what they are on rank 0
-            raise SaveAborted(
-                f"saving step {step} failed on rank 0: {message['error']}",
-                path=os.path.join(self.root, checkpoint_name(step)),
-                failures={0: message["error"]},
-            ) from local
-        return CheckpointInfo(**message["info"])
+                self._apply_retention(os.path.basename(path))
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        errors = self.coordinator.all_gather(error) if self.coordinator.world_size > 1 else [error]
+        for rank, err in enumerate(errors):
+            if err is not None:
+                _log.warning("retention after %s failed on rank %d: %s", path, rank, err)
+        report = verify(path, checksums=False)
+        return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
 
     def _save_sharded(
         self,
@@ -247,18 +295,7 @@ class CheckpointManager:
 
         flagged = _flagged(metadata, kind=KIND, pin=pin)
         result = save_sharded(self, step, state, _clean_metrics(metrics), flagged)
-        error: str | None = None
-        if self.coordinator.rank == 0:
-            try:
-                self._apply_retention(os.path.basename(result.path))
-            except Exception as exc:  # the others wait on the broadcast below
-                error = f"{type(exc).__name__}: {exc}"
-        if self.coordinator.world_size > 1:
-            error = self.coordinator.broadcast(error)
-        if error is not None:
-            _log.warning("retention after %s failed: %s", result.path, error)
-        report = verify(result.path, checksums=False)
-        return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
+        return self._after_commit(step, result.path, committer=self.coordinator.rank == 0, pin=pin)
 
     def _save_here(
         self,

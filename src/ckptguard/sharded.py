@@ -17,7 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.commit import AtomicCheckpoint
-from ckptguard.errors import CorruptCheckpoint
+from ckptguard.errors import CheckpointError, CorruptCheckpoint
 from ckptguard.layout import checkpoint_name
 from ckptguard.verify import verify
 
@@ -55,6 +55,13 @@ def save_sharded(
         coordinator=mgr.coordinator,
     )
     with tx as staging:
+        if len(set(tx.committers)) > 1:
+            # DCP writes one .metadata (on rank 0) for shards spread over every node: a
+            # per-node copy would commit checkpoints that verify but cannot be loaded.
+            raise CheckpointError(
+                f"{mgr.root} is not shared by all ranks (node-local disks): sharded saves "
+                "need one root that every rank sees; use a shared filesystem"
+            )
         save(state, checkpoint_id=str(staging))
     if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
         raise RuntimeError("sharded save finished without a result")
