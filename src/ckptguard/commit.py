@@ -633,7 +633,7 @@ class AtomicCheckpoint:
         return result
 
     # -- several ranks -------------------------------------------------------------------------
-    # Collectives per save, whatever the number of files: 1 broadcast + 4 all_gathers.
+    # Six collectives per save, whatever the number of files (see coordination.py).
     def _topology(self) -> list[int]:
         """For every rank, the rank that commits for it (probed, not assumed).
 

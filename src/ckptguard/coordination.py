@@ -1,15 +1,19 @@
 """Who does what when several processes save one checkpoint.
 
 A :class:`Coordinator` gives the commit protocol the few collectives it needs. Call order
-for one save (every rank makes every call, in this order; a constant three collectives,
+for one save (every rank makes every call, in this order; a constant six collectives,
 whatever the number of files):
 
-1. ``broadcast(staging, src=0)``   rank 0 stages and tells everyone where to write;
-2. ``all_gather(outcome)``         every rank reports whether its writes succeeded;
-3. ``broadcast(result, src=0)``    rank 0 (the committer) seals and commits, or aborts,
-                                   and everyone returns or raises the same way.
+1. ``broadcast(probe)``       rank 0 drops a probe file into its root;
+2. ``all_gather(sees)``       each rank says whether it sees it: one committer for a shared
+                              root, one per node for node-local roots;
+3. ``all_gather(staging)``    each committer stages and everyone learns where to write;
+4. ``all_gather(written)``    every rank reports whether its writes succeeded;
+5. ``all_gather(sealed)``     every committer seals (manifest written, nothing visible);
+6. ``all_gather(committed)``  only if all sealed, every committer renames; everyone returns
+                              the same result or raises the same SaveAborted.
 
-Only rank 0 ever creates, renames or removes the staging dir and the final directory.
+Only committers ever create, rename or remove staging dirs and final directories.
 Messages are small JSON documents; nothing received from a peer is unpickled.
 
 Backends: :class:`SingleProcess` (no peers; commits are serialised with the root's file
