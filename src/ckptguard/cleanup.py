@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 from ckptguard.errors import CheckpointError, UnsupportedFile
 from ckptguard.layout import OWNER_NAME, RETIRED_SUFFIX, RootLayout, parse_staging_name
 from ckptguard.owner import WriterInfo, is_alive_here
-from ckptguard.retry import NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
+from ckptguard.retry import (
+    DEFAULT_RETRY,
+    NFS_LAG_ERRNOS,
+    RetryPolicy,
+    call_fsync,
+    call_with_retry,
+)
 from ckptguard.verify import read_manifest, verify
 
 if TYPE_CHECKING:
@@ -32,6 +38,7 @@ __all__ = [
     "StagingState",
     "check_meta_dirs",
     "read_owner",
+    "remove_retrying",
     "remove_stale_staging",
     "repair_trash",
     "staging_state",
@@ -56,6 +63,19 @@ class StagingState:
     live: bool
     reason: str
     owner: WriterInfo | None
+
+
+def remove_retrying(
+    storage: Storage, path: str, *, what: str, policy: RetryPolicy = DEFAULT_RETRY
+) -> None:
+    """Remove a tree, retrying the transient failures NFS gives rmdir (silly-renamed files)."""
+    call_with_retry(
+        functools.partial(storage.remove_tree, path),
+        what=what,
+        path=path,
+        policy=policy,
+        also_transient=NFS_LAG_ERRNOS,
+    )
 
 
 def write_owner(storage: Storage, staging_path: str, writer: WriterInfo, save_id: str) -> None:
@@ -146,12 +166,7 @@ def remove_stale_staging(
             continue
         _log.info("removing stale staging %s (%s)", path, state.reason)
         try:
-            call_with_retry(
-                functools.partial(storage.remove_tree, path),
-                what="remove stale staging",
-                path=path,
-                also_transient=NFS_LAG_ERRNOS,
-            )
+            remove_retrying(storage, path, what="remove stale staging")
         except CheckpointError as exc:
             # One stuck leftover must not block the cleanup of the others, nor a save.
             _log.warning("could not remove stale staging %s: %s", path, exc)
@@ -176,13 +191,7 @@ def repair_trash(
         if entry.endswith(RETIRED_SUFFIX) and parse_staging_name(entry[: -len(RETIRED_SUFFIX)]):
             # Deleted by retention, cut before its removal finished: finish it.
             path = os.path.join(layout.trash, entry)
-            call_with_retry(
-                functools.partial(storage.remove_tree, path),
-                what="remove retired checkpoint",
-                path=path,
-                policy=retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
+            remove_retrying(storage, path, what="remove retired checkpoint", policy=retry)
             actions.append(f"removed {path} (deleted by retention)")
             continue
         parsed = parse_staging_name(entry)
@@ -216,13 +225,7 @@ def repair_trash(
             continue  # keep the old copies while the final name holds nothing valid
         for entry in newest_first:
             path = os.path.join(layout.trash, entry)
-            call_with_retry(
-                functools.partial(storage.remove_tree, path),
-                what="remove trash",
-                path=path,
-                policy=retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
+            remove_retrying(storage, path, what="remove trash", policy=retry)
             actions.append(f"removed {path} (replaced by a valid {final})")
     return actions
 

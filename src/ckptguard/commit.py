@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ckptguard._faults import fault_point
 from ckptguard.cleanup import (
     DEFAULT_STALE_AFTER,
+    remove_retrying,
     remove_stale_staging,
     repair_trash,
     write_owner,
@@ -456,12 +457,8 @@ def publish(
     fault_point("publish.root_synced")
     try:
         if result.replaced is not None:
-            call_with_retry(
-                functools.partial(storage.remove_tree, result.replaced),
-                what="remove replaced checkpoint",
-                path=result.replaced,
-                policy=staging.retry,
-                also_transient=NFS_LAG_ERRNOS,
+            remove_retrying(
+                storage, result.replaced, what="remove replaced checkpoint", policy=staging.retry
             )
         if storage.list_dir(layout.trash):
             # What a crashed replace or deletion (of any process) left in trash: nobody's
@@ -478,12 +475,11 @@ def publish(
 def abort(staging: Staging) -> None:
     """Remove a staging dir; never raises (a leftover is cleaned by the next save)."""
     try:
-        call_with_retry(
-            functools.partial(staging.storage.remove_tree, staging.path),
+        remove_retrying(
+            staging.storage,
+            staging.path,
             what="remove staging",
-            path=staging.path,
             policy=RetryPolicy(deadline=min(staging.retry.deadline, 5.0)),
-            also_transient=NFS_LAG_ERRNOS,
         )
     except (OSError, CheckpointError) as exc:
         _log.warning("could not remove staging %s (%s); the next save will", staging.path, exc)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptguard.cleanup import DEFAULT_STALE_AFTER
+from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_retrying
 from ckptguard.commit import (
     AtomicCheckpoint,
     IfExists,
@@ -544,12 +544,8 @@ class CheckpointManager:
                 also_transient=NFS_LAG_ERRNOS,
             )
             self.storage.fsync_dir(self.root)
-            call_with_retry(
-                lambda: self.storage.remove_tree(target),
-                what="remove retired checkpoint",
-                path=target,
-                policy=self.retry,
-                also_transient=NFS_LAG_ERRNOS,
+            remove_retrying(
+                self.storage, target, what="remove retired checkpoint", policy=self.retry
             )
         except (OSError, CheckpointError) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
