@@ -7,6 +7,8 @@
     ├── CorruptCheckpoint(ValueError)                a checkpoint failed verification
     │   └── UnsafeManifest                           a manifest that is malformed or malicious
     ├── UnsupportedFile(ValueError)                  a save holds a symlink, device, fifo or socket
+    ├── StateFormatError(TypeError)                  a state value not storable without pickle
+    ├── TargetMismatch(ValueError)                   a valid checkpoint not fitting the target
     ├── InvalidCheckpointName(ValueError)            a name that is not a safe single path component
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
@@ -39,9 +41,11 @@ __all__ = [
     "NoValidCheckpoint",
     "ReadOnlyStorage",
     "SaveAborted",
+    "StateFormatError",
     "StorageError",
     "StorageFull",
     "StoragePermissionError",
+    "TargetMismatch",
     "TransientStorageError",
     "UnsafeManifest",
     "UnsupportedFile",
@@ -178,6 +182,21 @@ class SaveAborted(CheckpointError):
     default_hint = (
         "nothing was committed and the staging dir was removed; earlier checkpoints are "
         "intact. Fix the failing rank's error and save again"
+    )
+
+
+class StateFormatError(CheckpointError, TypeError):
+    """A value in the state that ckptguard cannot store without pickle."""
+
+    default_hint = "convert the value, or leave it out of the saved state"
+
+
+class TargetMismatch(CheckpointError, ValueError):
+    """The checkpoint is valid but does not fit the target it is restored into."""
+
+    default_hint = (
+        "the checkpoint itself verifies; restore without target= to inspect it, or build "
+        "the target (model, optimizer) the way it was built when the checkpoint was saved"
     )
 
 

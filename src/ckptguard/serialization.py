@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ckptguard.errors import CheckpointError, CorruptCheckpoint
+from ckptguard.errors import CorruptCheckpoint, StateFormatError, TargetMismatch
 from ckptguard.layout import STATE_NAME
 from ckptguard.safetensors_format import DTYPE_SIZES, TensorInfo, build_header, parse_header
 from ckptguard.verify import open_checkpoint_file
@@ -72,21 +72,6 @@ _MAX_INT_BITS = 13_000  # about 4,000 decimal digits: Python's int <-> str limit
 
 def _float_json(value: float) -> Any:
     return value if math.isfinite(value) else {"__float__": repr(value)}
-
-
-class StateFormatError(CheckpointError, TypeError):
-    """A value in the state that ckptguard cannot store without pickle."""
-
-    default_hint = "convert the value, or leave it out of the saved state"
-
-
-class TargetMismatch(CheckpointError, ValueError):
-    """The checkpoint is valid but does not fit the target it is restored into."""
-
-    default_hint = (
-        "the checkpoint itself verifies; restore without target= to inspect it, or build "
-        "the target (model, optimizer) the way it was built when the checkpoint was saved"
-    )
 
 
 def _torch() -> Any:
