@@ -587,6 +587,9 @@ class AtomicCheckpoint:
         self._committers: list[int] = [0]
         self.staging: Staging | None = None
         self.result: CommitResult | None = None
+        # Digests of files that were checksummed and fsynced while written (through
+        # Storage.open_write): seal trusts them instead of reading those files again.
+        self.known: dict[str, FileDigest] = {}
 
     def __enter__(self) -> Path:
         self._coord = self.coordinator or default_coordinator()
@@ -619,7 +622,13 @@ class AtomicCheckpoint:
 
     def _seal_and_commit(self, staging: Staging) -> CommitResult:
         try:
-            manifest = seal(staging, step=self.step, metrics=self.metrics, metadata=self.metadata)
+            manifest = seal(
+                staging,
+                step=self.step,
+                metrics=self.metrics,
+                metadata=self.metadata,
+                known=self.known,
+            )
             with root_lock(staging.layout, self.lock_timeout):
                 result = commit(staging, manifest, if_exists=self.if_exists, dir_mode=self.dir_mode)
                 publish(staging, result, stale_after=self.stale_after)
@@ -735,7 +744,11 @@ class AtomicCheckpoint:
         if committer and not failures:
             try:
                 manifest = seal(
-                    staging, step=self.step, metrics=self.metrics, metadata=self.metadata
+                    staging,
+                    step=self.step,
+                    metrics=self.metrics,
+                    metadata=self.metadata,
+                    known=self.known,
                 )
                 sealed = {"ok": True}
             except BaseException as err:  # tell the others before raising

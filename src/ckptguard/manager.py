@@ -27,13 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_retrying
 from ckptguard.commit import (
     AtomicCheckpoint,
+    CommitResult,
     IfExists,
-    abort,
-    commit,
-    publish,
-    seal,
-    stage,
-    typed_write_error,
 )
 from ckptguard.coordination import Coordinator, default_coordinator
 from ckptguard.errors import (
@@ -52,13 +47,11 @@ from ckptguard.layout import (
     step_from_name,
 )
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard.owner import current_writer
 from ckptguard.recovery import recover
 from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
 from ckptguard.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
-    PERMANENT_ERRNOS,
     RetryPolicy,
     call_with_retry,
 )
@@ -216,15 +209,17 @@ class CheckpointManager:
         ``sharded=True``: every rank writes its shards through torch.distributed.checkpoint
         into one staging dir, committed once (see ``sharded.py``).
 
-        Under torch.distributed every rank calls this; rank 0 writes its state (the
-        replicated state of data-parallel training) and commits, and every rank gets the
-        same :class:`CheckpointInfo`, or the same :class:`SaveAborted`.
+        Under torch.distributed every rank calls this; each committer (rank 0 on a shared
+        root, one rank per node on node-local roots) writes its state (the replicated state
+        of data-parallel training) and commits, and every rank gets the same result, or the
+        same :class:`SaveAborted`.
         """
-        coord = self.coordinator
+        if not blocking:
+            raise NotImplementedError("blocking=False is not available yet")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
         if sharded:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
-        if coord.world_size == 1:
-            return self._save_here(step, state, metrics, metadata, pin=pin, blocking=blocking)
         return self._save_together(step, state, metrics, metadata, pin=pin)
 
     def _save_together(
@@ -243,43 +238,72 @@ class CheckpointManager:
         from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
 
         coord = self.coordinator
-        tx = AtomicCheckpoint(
+        tx = self._transaction(step, metrics, _flagged(metadata, kind="state", pin=pin))
+        with tx as staging:
+            if coord.rank == tx.committer:
+                tx.known.update(write_state(str(staging), state, self.storage))
+        return self._after_commit(
+            step, self._result(tx).path, committer=coord.rank == tx.committer, pin=pin
+        )
+
+    def _transaction(
+        self, step: int, metrics: Mapping[str, Any] | None, metadata: dict[str, Any]
+    ) -> AtomicCheckpoint:
+        """The coordinated commit of ``checkpoint-<step>`` with this manager's settings."""
+        return AtomicCheckpoint(
             os.path.join(self.root, checkpoint_name(step)),
             step=step,
             metrics=_clean_metrics(metrics),
-            metadata=_flagged(metadata, kind="state", pin=pin),
+            metadata=metadata,
             if_exists=self.if_exists,
             storage=self.storage,
             retry=self.retry,
             lock_timeout=self.lock_timeout,
             stale_after=self.stale_after,
-            coordinator=coord,
+            coordinator=self.coordinator,
         )
-        with tx as staging:
-            if coord.rank == tx.committer:
-                write_state(str(staging), state, self.storage)
+
+    @staticmethod
+    def _result(tx: AtomicCheckpoint) -> CommitResult:
         if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
             raise RuntimeError("save finished without a result")
-        return self._after_commit(
-            step, tx.result.path, committer=coord.rank == tx.committer, pin=pin
-        )
+        return tx.result
+
+    def _verify_new(self, path: str) -> VerifyReport:
+        """Checksum-verify a checkpoint just committed; raise if it does not verify."""
+        report = verify(path)
+        if not report.ok or report.manifest is None:
+            raise CorruptCheckpoint(
+                f"{path} failed verification right after its commit",
+                path=path,
+                problems=report.problems,
+            )
+        self._verified[path] = report.manifest.save_id
+        return report
 
     def _after_commit(self, step: int, path: str, *, committer: bool, pin: bool) -> CheckpointInfo:
-        """Retention by each committer; a failure is logged on every rank, never raised.
+        """Verify the new checkpoint, then apply retention; each committer does both.
 
-        The save itself has succeeded by then.
+        Nothing is deleted on the strength of a save that does not verify. With one
+        process, failures raise; with several, they are logged on every rank (the commit
+        itself has succeeded by then, on every node).
         """
         error: str | None = None
+        report: VerifyReport | None = None
         if committer:
             try:
+                report = self._verify_new(path)
                 self._apply_retention(os.path.basename(path))
             except Exception as exc:
+                if self.coordinator.world_size == 1:
+                    raise
                 error = f"{type(exc).__name__}: {exc}"
-        errors = self.coordinator.all_gather(error) if self.coordinator.world_size > 1 else [error]
-        for rank, err in enumerate(errors):
-            if err is not None:
-                _log.warning("retention after %s failed on rank %d: %s", path, rank, err)
-        report = verify(path, checksums=False)
+        if self.coordinator.world_size > 1:
+            for rank, err in enumerate(self.coordinator.all_gather(error)):
+                if err is not None:
+                    _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
+        if report is None:
+            report = verify(path, checksums=False)
         return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
 
     def _save_sharded(
@@ -291,64 +315,13 @@ class CheckpointManager:
         *,
         pin: bool,
     ) -> CheckpointInfo:
-        from ckptguard.sharded import KIND, save_sharded  # noqa: PLC0415 - imports torch
+        from ckptguard.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
 
-        flagged = _flagged(metadata, kind=KIND, pin=pin)
-        result = save_sharded(self, step, state, _clean_metrics(metrics), flagged)
-        return self._after_commit(step, result.path, committer=self.coordinator.rank == 0, pin=pin)
-
-    def _save_here(
-        self,
-        step: int,
-        state: Any,
-        metrics: Mapping[str, Any] | None,
-        metadata: Mapping[str, Any] | None,
-        *,
-        pin: bool,
-        blocking: bool,
-    ) -> CheckpointInfo:
-        if not blocking:
-            raise NotImplementedError("blocking=False is not available yet")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
-
-        user_metadata = _flagged(metadata, kind="state", pin=pin)
-        staging = stage(
-            self.root,
-            checkpoint_name(step),
-            storage=self.storage,
-            retry=self.retry,
-            writer=current_writer(world_size=self.coordinator.world_size),
-        )
-        try:
-            try:
-                digests = write_state(staging.path, state, self.storage)
-            except OSError as exc:
-                if exc.errno in PERMANENT_ERRNOS and not isinstance(exc, CheckpointError):
-                    raise typed_write_error(exc, staging) from exc
-                raise
-            manifest = seal(
-                staging, step=step, metrics=_clean_metrics(metrics), metadata=user_metadata,
-                known=digests,
-            )  # fmt: skip
-            with root_lock(self.layout, self.lock_timeout):
-                result = commit(staging, manifest, if_exists=self.if_exists)
-                publish(staging, result, stale_after=self.stale_after)
-        except BaseException:
-            abort(staging)
-            raise
-        report = verify(result.path)
-        if not report.ok:  # never delete anything on the strength of a bad save
-            raise CorruptCheckpoint(
-                f"{result.path} failed verification right after its commit",
-                path=result.path,
-                problems=report.problems,
-            )
-        if report.manifest is not None:
-            self._verified[result.path] = report.manifest.save_id
-        self._apply_retention(os.path.basename(result.path))
-        return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
+        tx = self._transaction(step, metrics, _flagged(metadata, kind=KIND, pin=pin))
+        with tx as staging:
+            write_shards(tx, staging, state)
+        path = self._result(tx).path
+        return self._after_commit(step, path, committer=self.coordinator.rank == 0, pin=pin)
 
     def wait(self) -> None:
         """Finish in-flight saves (saves are synchronous today: nothing to wait for)."""

@@ -13,59 +13,33 @@ only from storage you trust.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.commit import AtomicCheckpoint
 from ckptguard.errors import CheckpointError, CorruptCheckpoint
-from ckptguard.layout import checkpoint_name
 from ckptguard.verify import verify
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from pathlib import Path
 
-    from ckptguard.commit import CommitResult
-    from ckptguard.manager import CheckpointManager
+    from ckptguard.commit import AtomicCheckpoint
 
-__all__ = ["KIND", "restore_sharded", "save_sharded"]
+__all__ = ["KIND", "restore_sharded", "write_shards"]
 
 KIND = "dcp"
 
 
-def save_sharded(
-    mgr: CheckpointManager,
-    step: int,
-    state: dict[str, Any],
-    metrics: Mapping[str, Any],
-    metadata: dict[str, Any],
-) -> CommitResult:
-    """Every rank calls this; DCP writes the shards, ckptguard commits them once."""
+def write_shards(tx: AtomicCheckpoint, staging: Path, state: dict[str, Any]) -> None:
+    """Inside a coordinated transaction, every rank writes its shards with DCP."""
     from torch.distributed.checkpoint.state_dict_saver import save  # noqa: PLC0415 - torch
 
-    tx = AtomicCheckpoint(
-        os.path.join(mgr.root, checkpoint_name(step)),
-        step=step,
-        metrics=metrics,
-        metadata=metadata,
-        if_exists=mgr.if_exists,
-        storage=mgr.storage,
-        retry=mgr.retry,
-        lock_timeout=mgr.lock_timeout,
-        stale_after=mgr.stale_after,
-        coordinator=mgr.coordinator,
-    )
-    with tx as staging:
-        if len(set(tx.committers)) > 1:
-            # DCP writes one .metadata (on rank 0) for shards spread over every node: a
-            # per-node copy would commit checkpoints that verify but cannot be loaded.
-            raise CheckpointError(
-                f"{mgr.root} is not shared by all ranks (node-local disks): sharded saves "
-                "need one root that every rank sees; use a shared filesystem"
-            )
-        save(state, checkpoint_id=str(staging))
-    if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
-        raise RuntimeError("sharded save finished without a result")
-    return tx.result
+    if len(set(tx.committers)) > 1:
+        # DCP writes one .metadata (on rank 0) for shards spread over every node: a
+        # per-node copy would commit checkpoints that verify but cannot be loaded.
+        raise CheckpointError(
+            f"{tx.root} is not shared by all ranks (node-local disks): sharded saves "
+            "need one root that every rank sees; use a shared filesystem"
+        )
+    save(state, checkpoint_id=str(staging))
 
 
 def restore_sharded(path: str, target: Any) -> Any:
