@@ -9,6 +9,7 @@ than ``stale_after`` seconds (see ``owner.py`` for what "provably" covers).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -19,7 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.errors import CheckpointError, UnsupportedFile
-from ckptguard.layout import OWNER_NAME, RETIRED_SUFFIX, RootLayout, parse_staging_name
+from ckptguard.layout import (
+    OWNER_NAME,
+    RETIRED_SUFFIX,
+    RootLayout,
+    new_save_id,
+    parse_staging_name,
+)
 from ckptguard.owner import WriterInfo, is_alive_here
 from ckptguard.retry import (
     DEFAULT_RETRY,
@@ -41,6 +48,7 @@ __all__ = [
     "remove_retrying",
     "remove_stale_staging",
     "repair_trash",
+    "retire_checkpoint",
     "staging_state",
     "write_owner",
 ]
@@ -63,6 +71,38 @@ class StagingState:
     live: bool
     reason: str
     owner: WriterInfo | None
+
+
+def retire_checkpoint(
+    layout: RootLayout, name: str, *, storage: Storage, retry: RetryPolicy = DEFAULT_RETRY
+) -> bool:
+    """Delete a committed checkpoint: rename it into trash (one atomic step), then remove it.
+
+    A crash mid-way leaves either the whole checkpoint or a trash entry that recovery
+    removes; never a half-deleted checkpoint under its name. Returns whether it is gone;
+    failures are logged, not raised (deleting old checkpoints must not fail a save).
+    """
+    source = os.path.join(layout.root, name)
+    target = os.path.join(layout.trash, f"{name}.{new_save_id()}{RETIRED_SUFFIX}")
+    try:
+        storage.make_dir(layout.meta, mode=0o700, exist_ok=True)
+        storage.make_dir(layout.trash, mode=0o700, exist_ok=True)
+        call_with_retry(
+            lambda: storage.rename_noreplace(source, target),
+            what="retire checkpoint",
+            path=source,
+            policy=retry,
+            also_transient=NFS_LAG_ERRNOS,
+        )
+        storage.fsync_dir(layout.root)
+        remove_retrying(storage, target, what="remove retired checkpoint", policy=retry)
+    except (OSError, CheckpointError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOENT and not os.path.lexists(source):
+            return True
+        _log.warning("could not delete %s: %s", source, exc)
+        return False
+    _log.info("deleted %s", source)
+    return True
 
 
 def remove_retrying(

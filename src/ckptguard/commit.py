@@ -78,7 +78,7 @@ from ckptguard.storage import FileDigest, LocalStorage, Storage
 from ckptguard.verify import verify
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "AtomicCheckpoint",
@@ -570,6 +570,7 @@ class AtomicCheckpoint:
         dir_mode: int | None = None,
         coordinator: Coordinator | None = None,
         shared_storage: bool | None = None,
+        prepare: Callable[[Path], None] | None = None,
     ) -> None:
         if if_exists not in _IF_EXISTS:
             raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
@@ -583,6 +584,9 @@ class AtomicCheckpoint:
         self.dir_mode = dir_mode
         self.coordinator = coordinator
         self.shared_storage = shared_storage  # what the caller believes; the probe decides
+        # Run by each committer on the staging dir after every rank's writes succeeded and
+        # before the seal (e.g. moving files that a framework wrote into a subdirectory).
+        self.prepare = prepare
         self._coord: Coordinator = SingleProcess()
         self._committers: list[int] = [0]
         self.staging: Staging | None = None
@@ -622,6 +626,8 @@ class AtomicCheckpoint:
 
     def _seal_and_commit(self, staging: Staging) -> CommitResult:
         try:
+            if self.prepare is not None:
+                self.prepare(Path(staging.path))
             manifest = seal(
                 staging,
                 step=self.step,
@@ -743,6 +749,8 @@ class AtomicCheckpoint:
         sealed: dict[str, Any] | None = None
         if committer and not failures:
             try:
+                if self.prepare is not None:
+                    self.prepare(Path(staging.path))
                 manifest = seal(
                     staging,
                     step=self.step,
@@ -799,6 +807,18 @@ class AtomicCheckpoint:
             self.result = CommitResult(
                 mine_outcome["path"], Outcome(mine_outcome["outcome"]), committed
             )
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where this save's files go (after ``__enter__``)."""
+        if self.staging is None:
+            raise RuntimeError("the transaction has not started: use it in a with statement")
+        return Path(self.staging.path)
+
+    @property
+    def shared(self) -> bool:
+        """Whether one committer commits for every rank (False: node-local roots)."""
+        return all(c == 0 for c in self.committers)
 
     @property
     def committer(self) -> int:

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from ckptguard.errors import InvalidCheckpointName
 
 __all__ = [
+    "ACCELERATE_NAMING",
     "CHECKPOINT_PREFIX",
+    "HF_NAMING",
     "LOCK_NAME",
     "MANIFEST_NAME",
     "MANIFEST_TMP_NAME",
@@ -43,6 +45,7 @@ __all__ = [
     "STAGING_DIR",
     "STATE_NAME",
     "TRASH_DIR",
+    "Naming",
     "RootLayout",
     "checkpoint_name",
     "new_save_id",
@@ -115,6 +118,37 @@ def step_from_name(name: str) -> int | None:
     """The step of a ``checkpoint-<step>`` name, or None for any other name."""
     match = _STEP_RE.fullmatch(name)
     return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How a root names its step checkpoints: ``<prefix><step>``.
+
+    Hugging Face's Trainer uses ``checkpoint-<step>`` (the default); Accelerate's automatic
+    checkpoint naming uses ``checkpoint_<iteration>``.
+    """
+
+    prefix: str = CHECKPOINT_PREFIX
+
+    def __post_init__(self) -> None:
+        validate_name(f"{self.prefix}0")
+
+    def name(self, step: int) -> str:
+        """The name of ``step``."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidCheckpointName(f"step must be an int >= 0, got {step!r}")
+        return f"{self.prefix}{step}"
+
+    def step(self, name: str) -> int | None:
+        """The step of a name of this scheme, or None for any other name."""
+        rest = name.removeprefix(self.prefix)
+        if rest == name or not rest.isascii() or not rest.isdigit():
+            return None
+        return int(rest)
+
+
+HF_NAMING = Naming(CHECKPOINT_PREFIX)
+ACCELERATE_NAMING = Naming("checkpoint_")
 
 
 def staging_name(name: str, save_id: str) -> str:

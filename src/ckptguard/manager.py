@@ -17,14 +17,13 @@ Restore takes the newest checkpoint that verifies, and logs each one it skips an
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptguard.cleanup import DEFAULT_STALE_AFTER, remove_retrying
+from ckptguard.cleanup import DEFAULT_STALE_AFTER, retire_checkpoint
 from ckptguard.commit import (
     AtomicCheckpoint,
     CommitResult,
@@ -39,27 +38,24 @@ from ckptguard.errors import (
     SaveAborted,
 )
 from ckptguard.layout import (
+    HF_NAMING,
     META_DIR,
-    RETIRED_SUFFIX,
+    Naming,
     RootLayout,
-    checkpoint_name,
-    new_save_id,
-    step_from_name,
 )
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
 from ckptguard.recovery import recover
 from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
 from ckptguard.retry import (
     DEFAULT_RETRY,
-    NFS_LAG_ERRNOS,
     RetryPolicy,
-    call_with_retry,
 )
 from ckptguard.storage import LocalStorage, Storage
 from ckptguard.verify import VerifyReport, verify
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Collection, Mapping
+    from pathlib import Path
 
     from ckptguard.manifest import Manifest
 
@@ -146,6 +142,7 @@ class CheckpointManager:
         stale_after: float = DEFAULT_STALE_AFTER,
         storage: Storage | None = None,
         coordinator: Coordinator | None = None,
+        naming: Naming = HF_NAMING,
     ) -> None:
         root = os.fspath(root)
         if "://" in root and not root.startswith("file://"):
@@ -164,6 +161,7 @@ class CheckpointManager:
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.storage = storage or LocalStorage()
+        self.naming = naming
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         # Under torch.distributed, one process per node repairs its root at startup; every
         # rank hears of any failure, so that no rank is left alone in a collective.
@@ -246,12 +244,45 @@ class CheckpointManager:
             step, self._result(tx).path, committer=coord.rank == tx.committer, pin=pin
         )
 
+    def save_files(
+        self,
+        step: int,
+        write: Callable[[AtomicCheckpoint], None],
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        prepare: Callable[[Path], None] | None = None,
+        also_keep: Collection[str] = (),
+    ) -> CheckpointInfo:
+        """Commit the files that ``write(staging_dir)`` writes, as the checkpoint of ``step``.
+
+        For frameworks that write their own files (Hugging Face, Accelerate, Lightning).
+        Under torch.distributed every rank calls this and ``write(tx)`` runs on every rank,
+        which may write its own files into ``tx.staging_dir``; ``prepare(staging_dir)``
+        runs on each committer after every rank's writes succeeded, before the seal. Then
+        the new checkpoint is verified and retention runs; ``also_keep`` names checkpoints
+        it must keep this time (a framework's "best" checkpoint).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        tx = self._transaction(step, metrics, _flagged(metadata, kind="files", pin=False))
+        tx.prepare = prepare
+        with tx:
+            write(tx)
+        return self._after_commit(
+            step,
+            self._result(tx).path,
+            committer=self.coordinator.rank == tx.committer,
+            pin=False,
+            also_keep=also_keep,
+        )
+
     def _transaction(
         self, step: int, metrics: Mapping[str, Any] | None, metadata: dict[str, Any]
     ) -> AtomicCheckpoint:
-        """The coordinated commit of ``checkpoint-<step>`` with this manager's settings."""
+        """The coordinated commit of the checkpoint of ``step`` with this manager's settings."""
         return AtomicCheckpoint(
-            os.path.join(self.root, checkpoint_name(step)),
+            os.path.join(self.root, self.naming.name(step)),
             step=step,
             metrics=_clean_metrics(metrics),
             metadata=metadata,
@@ -281,7 +312,9 @@ class CheckpointManager:
         self._verified[path] = report.manifest.save_id
         return report
 
-    def _after_commit(self, step: int, path: str, *, committer: bool, pin: bool) -> CheckpointInfo:
+    def _after_commit(
+        self, step: int, path: str, *, committer: bool, pin: bool, also_keep: Collection[str] = ()
+    ) -> CheckpointInfo:
         """Verify the new checkpoint, then apply retention; each committer does both.
 
         Nothing is deleted on the strength of a save that does not verify. With one
@@ -293,7 +326,7 @@ class CheckpointManager:
         if committer:
             try:
                 report = self._verify_new(path)
-                self._apply_retention(os.path.basename(path))
+                self._apply_retention(os.path.basename(path), also_keep)
             except Exception as exc:
                 if self.coordinator.world_size == 1:
                     raise
@@ -335,13 +368,13 @@ class CheckpointManager:
         """(step, path) of every ``checkpoint-<step>`` entry, newest first."""
         found = []
         for name in self.storage.list_dir(self.root):
-            step = step_from_name(name)
+            step = self.naming.step(name)
             if step is not None and name != META_DIR:
                 found.append((step, os.path.join(self.root, name)))
         return sorted(found, reverse=True)
 
     def _pin_file(self, step: int) -> bool:
-        return os.path.lexists(os.path.join(self.layout.meta, PINS_DIR, checkpoint_name(step)))
+        return os.path.lexists(os.path.join(self.layout.meta, PINS_DIR, self.naming.name(step)))
 
     def _pinned(self, step: int, manifest: Manifest | None) -> bool:
         flags = manifest.metadata.get(_RESERVED_METADATA, {}) if manifest else {}
@@ -378,7 +411,7 @@ class CheckpointManager:
             if not committed:
                 raise NoValidCheckpoint(f"no checkpoints in {self.root}", path=self.root)
             return verify(committed[0][1])
-        path = os.path.join(self.root, checkpoint_name(step))
+        path = os.path.join(self.root, self.naming.name(step))
         if not os.path.lexists(path):
             raise CheckpointNotFound(f"no checkpoint for step {step}", path=path)
         return verify(path)
@@ -393,7 +426,7 @@ class CheckpointManager:
         from ckptguard.serialization import read_state  # noqa: PLC0415 - may import torch
 
         if step is not None:
-            path = os.path.join(self.root, checkpoint_name(step))
+            path = os.path.join(self.root, self.naming.name(step))
             return self._restore_one(path, target, read_state)
         skipped = []
         for _step, path in self._committed():
@@ -427,6 +460,13 @@ class CheckpointManager:
                 problems=report.problems,
             )
         flags = report.manifest.metadata.get(_RESERVED_METADATA, {})
+        if isinstance(flags, dict) and flags.get("kind") == "files":
+            raise CheckpointError(
+                f"{path} holds a framework's own files, not a state saved by "
+                "CheckpointManager.save",
+                path=path,
+                hint="load it with the framework that wrote it (its directory is verified)",
+            )
         if isinstance(flags, dict) and flags.get("kind") == "dcp":
             from ckptguard.sharded import restore_sharded  # noqa: PLC0415 - imports torch
 
@@ -438,14 +478,14 @@ class CheckpointManager:
         """Keep ``checkpoint-<step>`` whatever the retention policy says."""
         pins = os.path.join(self.layout.meta, PINS_DIR)
         self.storage.make_dir(pins, mode=0o700, exist_ok=True)
-        path = os.path.join(pins, checkpoint_name(step))
+        path = os.path.join(pins, self.naming.name(step))
         if not os.path.lexists(path):
             self.storage.write_bytes(path, b"", fsync=True)
             self.storage.fsync_dir(pins)
 
     def unpin(self, step: int) -> None:
         """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
-        self.storage.remove_file(os.path.join(self.layout.meta, PINS_DIR, checkpoint_name(step)))
+        self.storage.remove_file(os.path.join(self.layout.meta, PINS_DIR, self.naming.name(step)))
 
     def _fully_verified(self, path: str, save_id: str) -> bool:
         """Checksum-verify a checkpoint once per save id in this process (then cached)."""
@@ -458,7 +498,7 @@ class CheckpointManager:
             _log.warning("%s does not verify: %s", path, "; ".join(report.problems))
         return report.ok
 
-    def _apply_retention(self, just_saved: str) -> None:
+    def _apply_retention(self, just_saved: str, also_keep: Collection[str] = ()) -> None:
         with root_lock(self.layout, self.lock_timeout):
             candidates: dict[str, Candidate] = {}
             save_ids: dict[str, str] = {}
@@ -475,7 +515,9 @@ class CheckpointManager:
                                 metric = float(value)
                             except OverflowError:  # an int beyond float: not a usable metric
                                 metric = None
-                pinned = self._pinned(step, report.manifest) or name == just_saved
+                pinned = (
+                    self._pinned(step, report.manifest) or name == just_saved or name in also_keep
+                )
                 candidates[name] = Candidate(name, step, report.ok, metric, pinned)
             newest = max(candidates.values(), key=lambda c: (c.step, c.name), default=None)
             if newest is not None and newest.name != just_saved:
@@ -505,24 +547,4 @@ class CheckpointManager:
                 self._retire(name)
 
     def _retire(self, name: str) -> None:
-        """Delete a checkpoint: rename it into trash (one atomic step), then remove it."""
-        source = os.path.join(self.root, name)
-        target = os.path.join(self.layout.trash, f"{name}.{new_save_id()}{RETIRED_SUFFIX}")
-        try:
-            call_with_retry(
-                lambda: self.storage.rename_noreplace(source, target),
-                what="retire checkpoint",
-                path=source,
-                policy=self.retry,
-                also_transient=NFS_LAG_ERRNOS,
-            )
-            self.storage.fsync_dir(self.root)
-            remove_retrying(
-                self.storage, target, what="remove retired checkpoint", policy=self.retry
-            )
-        except (OSError, CheckpointError) as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
-                return
-            _log.warning("retention could not delete %s: %s", source, exc)
-            return
-        _log.info("retention deleted %s", source)
+        retire_checkpoint(self.layout, name, storage=self.storage, retry=self.retry)

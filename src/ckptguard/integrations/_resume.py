@@ -1,0 +1,120 @@
+"""Choosing, and checking, the checkpoint a framework resumes from (all ranks agree).
+
+Frameworks load checkpoint files themselves; ckptguard's part is to hand them a directory
+that verifies (every file checksummed against the manifest) and the same one on every
+rank. One process per node verifies (``LOCAL_RANK`` 0): on a shared root each node checks
+once, on node-local roots each node checks its own copy. Two collectives at most.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint, SaveAborted
+from ckptguard.layout import MANIFEST_NAME
+from ckptguard.verify import verify
+
+if TYPE_CHECKING:
+    from ckptguard.coordination import Coordinator
+    from ckptguard.manager import CheckpointManager
+
+__all__ = ["agreed_latest", "check_resume_path"]
+
+_log = logging.getLogger("ckptguard.integrations")
+
+
+def _leader(coord: Coordinator) -> bool:
+    return coord.world_size == 1 or coord.local_rank == 0
+
+
+def _gather_errors(coord: Coordinator, error: str | None, what: str, path: str) -> None:
+    if coord.world_size == 1:
+        return
+    errors = coord.all_gather(error)
+    failures = {r: str(e) for r, e in enumerate(errors) if e is not None}
+    if failures:
+        raise SaveAborted(
+            f"{what} failed on rank(s) {sorted(failures)}", path=path, failures=failures
+        )
+
+
+def agreed_latest(manager: CheckpointManager) -> str | None:
+    """The newest checkpoint of ``manager``'s root that verifies on every node, or None.
+
+    Each node's verifying process proposes its newest valid step; the oldest proposal wins
+    (a node-local root may lag behind by a save that another node committed) and is then
+    checked on every node.
+    """
+    coord = manager.coordinator
+    newest: int | None = None
+    error: str | None = None
+    if _leader(coord):
+        try:
+            info = manager.latest()  # verifies newest first, logs each one it skips
+            newest = None if info is None else info.step
+        except Exception as exc:  # every rank must hear of it, or the others hang
+            error = f"{type(exc).__name__}: {exc}"
+    if coord.world_size == 1:
+        if error is not None:  # pragma: no cover - latest() raises directly with one process
+            raise RuntimeError(error)
+        return None if newest is None else os.path.join(manager.root, manager.naming.name(newest))
+    proposals = coord.all_gather({"step": newest, "error": error, "leader": _leader(coord)})
+    failures = {r: str(p["error"]) for r, p in enumerate(proposals) if p["error"] is not None}
+    if failures:
+        raise SaveAborted(
+            f"choosing the checkpoint to resume from in {manager.root} failed on rank(s) "
+            f"{sorted(failures)}",
+            path=manager.root,
+            failures=failures,
+        )
+    steps = [p["step"] for p in proposals if p["leader"]]
+    if not steps or any(s is None for s in steps):
+        return None
+    step = min(int(s) for s in steps)
+    path = os.path.join(manager.root, manager.naming.name(step))
+    if any(int(s) != step for s in steps):
+        _log.warning("nodes disagree on the newest valid checkpoint (%s); trying %s", steps, path)
+        check_resume_path(path, coord)
+    return path
+
+
+def check_resume_path(path: str, coord: Coordinator) -> None:
+    """Raise unless ``path`` verifies on every node.
+
+    A directory without a manifest (not written by ckptguard) is let through with a
+    warning: there is nothing to check it by.
+    """
+    error: str | None = None
+    if _leader(coord):
+        try:
+            _check_one(path)
+        except Exception as exc:
+            if coord.world_size == 1:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+    _gather_errors(coord, error, f"checking {path} before resuming", path)
+
+
+def _check_one(path: str) -> None:
+    if not os.path.isdir(path):
+        raise NoValidCheckpoint(
+            f"cannot resume from {path}: no such directory",
+            path=path,
+            hint="check the path; `ckptguard list ROOT` shows the checkpoints that verify",
+        )
+    if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+        _log.warning(
+            "%s has no ckptguard manifest (written without ckptguard?): resuming from it "
+            "unverified",
+            path,
+        )
+        return
+    report = verify(path)
+    if not report.ok:
+        raise CorruptCheckpoint(
+            f"refusing to resume from {path}: {'; '.join(report.problems)}",
+            path=path,
+            problems=report.problems,
+        )

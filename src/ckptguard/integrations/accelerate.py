@@ -1,0 +1,219 @@
+"""Accelerate: ``save_state`` / ``load_state`` made atomic, exactly-once and verified.
+
+::
+
+    from ckptguard.integrations.accelerate import protect
+    accelerator = protect(Accelerator(project_config=ProjectConfiguration(
+        project_dir="runs/exp1", automatic_checkpoint_naming=True, total_limit=3)))
+    accelerator.load_state()    # the newest checkpoints/checkpoint_<i> that verifies
+    ...
+    accelerator.save_state()    # staged, sealed, committed as checkpoint_<i> in one rename
+
+Why: ``save_state`` writes straight into its folder (a crash leaves it half-written and
+``load_state()`` picks the highest-numbered folder anyway), rotation deletes the oldest
+folders with ``rmtree`` *before* the new save is written, and after ``load_state()`` the
+next automatic save tries the name just loaded (``iteration`` is not restored).
+
+With ``protect``:
+
+- ``save_state()`` writes into a ckptguard staging dir (every rank takes part, as in
+  Accelerate) and commits it under ``checkpoint_<iteration>`` (automatic naming) or the
+  given ``output_dir``; an existing valid checkpoint of that name is replaced atomically;
+- ``total_limit`` is applied by ckptguard's retention after the new checkpoint verifies
+  (newest valid never deleted); Accelerate's own pre-save deletion never runs;
+- ``load_state()`` loads the newest checkpoint that verifies on every node and sets
+  ``iteration`` to the one after it; ``load_state(path)`` verifies ``path`` first;
+- ``save_on_each_node`` is made to match the storage that the probe finds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ckptguard.commit import AtomicCheckpoint
+from ckptguard.coordination import default_coordinator
+from ckptguard.errors import NoValidCheckpoint
+from ckptguard.integrations._resume import agreed_latest, check_resume_path
+from ckptguard.layout import ACCELERATE_NAMING
+from ckptguard.manager import CheckpointManager
+
+if TYPE_CHECKING:
+    from ckptguard.commit import AtomicCheckpoint as Transaction
+
+__all__ = ["protect"]
+
+_log = logging.getLogger("ckptguard.integrations.accelerate")
+_ATTR = "_ckptguard_guard"
+_CHECKPOINTS_DIR = "checkpoints"  # Accelerate's folder for automatic checkpoint naming
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Guard:
+    managers: dict[str, CheckpointManager] = field(default_factory=dict)
+    warned_topology: bool = False
+
+    def manager(self, root: str, keep_last: int | None) -> CheckpointManager:
+        root = os.path.abspath(root)
+        if root not in self.managers:
+            self.managers[root] = CheckpointManager(
+                root,
+                keep_last=keep_last,
+                keep_best=0,
+                naming=ACCELERATE_NAMING,
+                coordinator=default_coordinator(),
+            )
+        return self.managers[root]
+
+
+def protect(accelerator: T) -> T:
+    """Make ``accelerator.save_state`` / ``load_state`` atomic and verified; returns it.
+
+    Calling it twice is harmless. Every rank must call ``save_state`` and ``load_state``
+    (as Accelerate itself requires).
+    """
+    if getattr(accelerator, _ATTR, None) is not None:
+        return accelerator
+    for needed in ("save_state", "load_state", "project_configuration"):
+        if not hasattr(accelerator, needed):
+            raise TypeError(
+                f"protect() needs an accelerate.Accelerator; "
+                f"{type(accelerator).__name__} has no {needed!r}"
+            )
+    acc: Any = accelerator
+    guard = _Guard()
+    original_save = acc.save_state
+    original_load = acc.load_state
+
+    @functools.wraps(original_save)
+    def save_state(output_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> str:
+        return _save_state(acc, guard, original_save, output_dir, kwargs)
+
+    @functools.wraps(original_load)
+    def load_state(input_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> Any:
+        return _load_state(acc, guard, original_load, input_dir, kwargs)
+
+    acc.save_state = save_state
+    acc.load_state = load_state
+    setattr(acc, _ATTR, guard)
+    return accelerator
+
+
+def _automatic(acc: Any) -> bool:
+    return bool(acc.project_configuration.automatic_checkpoint_naming)
+
+
+def _checkpoints_root(acc: Any) -> str:
+    if not acc.project_dir:
+        raise ValueError("automatic_checkpoint_naming needs ProjectConfiguration(project_dir=...)")
+    return os.path.join(str(acc.project_dir), _CHECKPOINTS_DIR)
+
+
+def _write_with(acc: Any, guard: _Guard, original_save: Any, kwargs: dict[str, Any]) -> Any:
+    """A ``write(tx)`` that runs Accelerate's save_state into the staging dir."""
+
+    def write(tx: Transaction) -> None:
+        config = acc.project_configuration
+        if tx.committers != [0] and bool(config.save_on_each_node) == tx.shared:
+            wanted = not tx.shared
+            if not guard.warned_topology:
+                _log.warning(
+                    "save_on_each_node=%s, but the checkpoint root is %s: ckptguard sets it to %s",
+                    config.save_on_each_node,
+                    "shared by all nodes" if tx.shared else "local to each node",
+                    wanted,
+                )
+                guard.warned_topology = True
+            config.save_on_each_node = wanted
+        automatic = config.automatic_checkpoint_naming
+        iteration = config.iteration
+        config.automatic_checkpoint_naming = False  # write here; no naming, no rmtree
+        try:
+            original_save(str(tx.staging_dir), **kwargs)
+        finally:
+            config.automatic_checkpoint_naming = automatic
+        # Accelerate counts the save; ckptguard sets the count once the save is committed.
+        config.iteration = iteration
+
+    return write
+
+
+def _save_state(
+    acc: Any,
+    guard: _Guard,
+    original_save: Any,
+    output_dir: str | os.PathLike[str] | None,
+    kwargs: dict[str, Any],
+) -> str:
+    write = _write_with(acc, guard, original_save, kwargs)
+    config = acc.project_configuration
+    if _automatic(acc):
+        manager = guard.manager(_checkpoints_root(acc), config.total_limit)
+        iteration = int(config.iteration)
+        info = manager.save_files(
+            iteration,
+            write,
+            metadata={"framework": "accelerate"},
+        )
+        config.iteration = iteration + 1
+        return info.path
+    if output_dir is None:
+        raise ValueError(
+            "save_state() needs output_dir unless automatic_checkpoint_naming is enabled"
+        )
+    tx = AtomicCheckpoint(
+        output_dir,
+        if_exists="replace",
+        metadata={"framework": "accelerate"},
+        coordinator=default_coordinator(),
+    )
+    with tx:
+        write(tx)
+    config.iteration = int(config.iteration) + 1
+    if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
+        raise RuntimeError("save finished without a result")
+    return tx.result.path
+
+
+def _load_state(
+    acc: Any,
+    guard: _Guard,
+    original_load: Any,
+    input_dir: str | os.PathLike[str] | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    if input_dir is not None:
+        path = os.path.abspath(os.path.expanduser(os.fspath(input_dir)))
+        check_resume_path(path, default_coordinator())
+        result = original_load(path, **kwargs)
+        if _automatic(acc):
+            step = ACCELERATE_NAMING.step(os.path.basename(path))
+            if step is not None and os.path.dirname(path) == os.path.abspath(
+                _checkpoints_root(acc)
+            ):
+                acc.project_configuration.iteration = step + 1
+        return result
+    if not _automatic(acc):
+        raise ValueError(
+            "load_state() needs input_dir unless automatic_checkpoint_naming is enabled"
+        )
+    manager = guard.manager(_checkpoints_root(acc), acc.project_configuration.total_limit)
+    latest = agreed_latest(manager)
+    if latest is None:
+        raise NoValidCheckpoint(
+            f"no checkpoint in {manager.root} verifies: nothing to load",
+            path=manager.root,
+            hint="start from scratch (skip load_state); `ckptguard list` shows why each "
+            "checkpoint is invalid",
+        )
+    step = ACCELERATE_NAMING.step(os.path.basename(latest))
+    _log.info("loading %s (the newest checkpoint that verifies)", latest)
+    result = original_load(latest, **kwargs)
+    if step is not None:
+        acc.project_configuration.iteration = step + 1
+    return result

@@ -1,0 +1,317 @@
+"""Hugging Face Trainer and TRL's trainers: every checkpoint atomic, exactly once, verified.
+
+::
+
+    from ckptguard.integrations.transformers import protect
+    trainer = protect(SFTTrainer(...))            # or install() before creating trainers
+    trainer.train(resume_from_checkpoint=True)    # resumes from the newest that verifies
+
+Why: the Trainer writes straight into ``checkpoint-N`` (no staging, no fsync, no
+completeness check) and ``get_last_checkpoint`` resumes from the highest-numbered folder
+even when a crash left it half-written; a development build that staged and renamed per
+process crashed with ``[Errno 39] Directory not empty`` when several ranks renamed onto the
+same ``checkpoint-N``.
+
+How, for each checkpoint the trainer saves (every rank takes part, as in the Trainer):
+
+1. ckptguard opens one coordinated transaction for ``checkpoint-<global_step>`` (one
+   staging dir per storage, probed: shared root or one per node);
+2. the trainer's own ``_save_checkpoint`` (a subclass's override included) runs unchanged,
+   but its run directory is the staging dir: model, optimizer, scheduler, scaler, each
+   rank's ``rng_state_<rank>.pth``, ``trainer_state.json``, FSDP/DeepSpeed shards all land
+   in ``<staging>/checkpoint-<step>/``;
+3. after every rank's writes succeeded, the committer moves them up into the staging dir,
+   seals it (checksums, manifest) and renames it to ``checkpoint-<step>`` in one step;
+4. retention: ckptguard keeps ``save_total_limit`` newest valid checkpoints plus the
+   trainer's best (``load_best_model_at_end``), never the newest valid or the best deleted,
+   only after the new one verifies. ``trainer.args.save_total_limit`` is set to None so that
+   the Trainer's own rotation (a plain ``rmtree``, also at the end of training) never runs.
+
+``save_on_each_node`` is made to match the storage that the probe finds: True on
+node-local roots (each node gets a complete checkpoint, or resume on other nodes would
+find only their RNG files), False on a shared root (one writer per file).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ckptguard.coordination import default_coordinator
+from ckptguard.errors import CheckpointError, NoValidCheckpoint
+from ckptguard.integrations._resume import agreed_latest, check_resume_path
+from ckptguard.layout import HF_NAMING
+from ckptguard.manager import CheckpointManager
+from ckptguard.verify import verify
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ckptguard.commit import AtomicCheckpoint
+
+__all__ = ["install", "last_valid_checkpoint", "protect", "uninstall"]
+
+_log = logging.getLogger("ckptguard.integrations.transformers")
+_ATTR = "_ckptguard_guard"
+_TRAINER_STATE_NAME = "trainer_state.json"
+_install_lock = threading.Lock()
+_original_init: Any = None
+
+T = TypeVar("T")
+
+
+def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The newest ``checkpoint-<step>`` under ``output_dir`` that verifies, or None.
+
+    The safe replacement for ``transformers.trainer_utils.get_last_checkpoint``: every file
+    is checked against the checkpoint's manifest; half-written, corrupt and foreign folders
+    (no manifest) are skipped and logged. Reads only; one process.
+    """
+    root = os.fspath(output_dir)
+    if not os.path.isdir(root):
+        return None
+    for name in sorted(
+        (n for n in os.listdir(root) if HF_NAMING.step(n) is not None),
+        key=lambda n: HF_NAMING.step(n) or 0,
+        reverse=True,
+    ):
+        path = os.path.join(root, name)
+        report = verify(path)
+        if report.ok:
+            return path
+        _log.warning("skipping %s: %s", path, "; ".join(report.problems))
+    return None
+
+
+@dataclass
+class _Guard:
+    """What ckptguard keeps on a protected trainer."""
+
+    keep_last: int | None
+    managers: dict[str, CheckpointManager] = field(default_factory=dict)
+    redirect: str | None = None  # the run dir the trainer writes into during a save
+    warned_topology: bool = False
+
+    def manager(self, root: str) -> CheckpointManager:
+        """The checkpoint manager of ``root`` (made on first use: every rank calls)."""
+        root = os.path.abspath(root)
+        if root not in self.managers:
+            self.managers[root] = CheckpointManager(
+                root, keep_last=self.keep_last, keep_best=0, coordinator=default_coordinator()
+            )
+        return self.managers[root]
+
+
+def protect(trainer: T) -> T:
+    """Make every checkpoint of ``trainer`` atomic, exactly-once and verified; returns it.
+
+    Works for ``transformers.Trainer`` and any subclass (TRL's SFTTrainer, DPOTrainer,
+    GRPOTrainer, ...). Calling it twice is harmless. See the module docstring for what
+    changes.
+    """
+    if getattr(trainer, _ATTR, None) is not None:
+        return trainer
+    for needed in ("_save_checkpoint", "_get_output_dir", "train", "args", "state"):
+        if not hasattr(trainer, needed):
+            raise TypeError(
+                f"protect() needs a transformers Trainer (or subclass); "
+                f"{type(trainer).__name__} has no {needed!r}"
+            )
+    t: Any = trainer
+    guard = _Guard(keep_last=t.args.save_total_limit)
+    # The Trainer's rotation deletes with rmtree, and at the end of training it deletes the
+    # newest checkpoint when save_total_limit == 1; ckptguard's retention replaces both.
+    t.args.save_total_limit = None
+    original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
+    original_output_dir = t._get_output_dir  # noqa: SLF001
+    original_train = t.train
+
+    def _get_output_dir(trial: Any = None, *args: Any, **kwargs: Any) -> str:
+        if guard.redirect is not None:
+            return guard.redirect
+        return str(original_output_dir(trial, *args, **kwargs))
+
+    @functools.wraps(original_save)
+    def _save_checkpoint(model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        root = str(original_output_dir(trial))
+        _save(t, guard, root, lambda: original_save(model, trial, *args, **kwargs))
+
+    @functools.wraps(original_train)
+    def train(*args: Any, **kwargs: Any) -> Any:
+        args_list = list(args)
+        if args_list:
+            args_list[0] = _resolve_resume(t, guard, args_list[0])
+        elif "resume_from_checkpoint" in kwargs:
+            kwargs["resume_from_checkpoint"] = _resolve_resume(
+                t, guard, kwargs["resume_from_checkpoint"]
+            )
+        return original_train(*args_list, **kwargs)
+
+    t._get_output_dir = _get_output_dir  # noqa: SLF001
+    t._save_checkpoint = _save_checkpoint  # noqa: SLF001
+    t.train = train
+    setattr(t, _ATTR, guard)
+    _log.info("ckptguard protects the checkpoints of %s in %s", type(t).__name__, t.args.output_dir)
+    return trainer
+
+
+def _resolve_resume(trainer: Any, guard: _Guard, value: Any) -> Any:
+    """Turn ``resume_from_checkpoint`` into a path that verifies on every node.
+
+    ``True`` becomes the newest checkpoint that verifies; a path is verified before the
+    trainer loads anything from it.
+    """
+    if value is None or value is False:
+        return value
+    coord = guard.manager(trainer.args.output_dir).coordinator
+    if value is True:
+        path = agreed_latest(guard.manager(trainer.args.output_dir))
+        if path is None:
+            raise NoValidCheckpoint(
+                f"no checkpoint in {trainer.args.output_dir} verifies: nothing to resume from",
+                path=str(trainer.args.output_dir),
+                hint="train without resume_from_checkpoint to start from scratch; "
+                "`ckptguard list OUTPUT_DIR` shows each checkpoint and why it is invalid",
+            )
+        _log.info("resuming from %s (the newest checkpoint that verifies)", path)
+        return path
+    path = os.fspath(value)
+    check_resume_path(path, coord)
+    return path
+
+
+def _step_metrics(state: Any, step: int) -> dict[str, Any]:
+    """The numbers the trainer logged at ``step`` (eval metrics included), for the manifest."""
+    metrics: dict[str, Any] = {}
+    for entry in getattr(state, "log_history", None) or []:
+        if isinstance(entry, dict) and entry.get("step") == step:
+            metrics.update(
+                {
+                    str(k): v
+                    for k, v in entry.items()
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
+    return metrics
+
+
+def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
+    manager = guard.manager(root)
+    step = int(trainer.state.global_step)
+    name = HF_NAMING.name(step)
+    final = os.path.join(manager.root, name)
+    keep: set[str] = set()  # the trainer's best checkpoint, known once the trainer has saved
+
+    def write(tx: AtomicCheckpoint) -> None:
+        _match_save_on_each_node(trainer, guard, tx)
+        staging = str(tx.staging_dir)
+        guard.redirect = staging
+        try:
+            run_original()
+        finally:
+            guard.redirect = None
+        best = trainer.state.best_model_checkpoint
+        if isinstance(best, str) and os.path.abspath(best).startswith(staging + os.sep):
+            # The trainer recorded the staging path as its best checkpoint: record the
+            # final one (and write trainer_state.json again with it).
+            relative = os.path.relpath(os.path.abspath(best), staging)
+            trainer.state.best_model_checkpoint = os.path.join(manager.root, relative)
+            if trainer.args.should_save:
+                trainer.state.save_to_json(os.path.join(staging, name, _TRAINER_STATE_NAME))
+        keep.update(_current_best(trainer, manager.root))
+
+    def prepare(staging: Path) -> None:
+        _hoist(staging, name)
+
+    manager.save_files(
+        step,
+        write,
+        metrics=_step_metrics(trainer.state, step),
+        metadata={"framework": "transformers", "trainer": type(trainer).__name__},
+        prepare=prepare,
+        also_keep=keep,
+    )
+    _log.info("committed %s", final)
+
+
+def _current_best(trainer: Any, root: str) -> set[str]:
+    best = trainer.state.best_model_checkpoint
+    if isinstance(best, str) and os.path.dirname(os.path.abspath(best)) == root:
+        return {os.path.basename(best)}
+    return set()
+
+
+def _match_save_on_each_node(trainer: Any, guard: _Guard, tx: AtomicCheckpoint) -> None:
+    """Make ``save_on_each_node`` agree with the storage that the probe found."""
+    args = trainer.args
+    if tx.committers == [0] or args.save_on_each_node == (not tx.shared):
+        return
+    wanted = not tx.shared
+    if not guard.warned_topology:
+        _log.warning(
+            "save_on_each_node=%s, but the checkpoint root %s is %s: ckptguard sets it to %s "
+            "so that %s",
+            args.save_on_each_node,
+            args.output_dir,
+            "shared by all nodes" if tx.shared else "local to each node",
+            wanted,
+            "one process writes each file"
+            if tx.shared
+            else "every node gets a complete checkpoint to resume from",
+        )
+        guard.warned_topology = True
+    args.save_on_each_node = wanted
+
+
+def _hoist(staging: Path, name: str) -> None:
+    """Move what the trainer wrote into ``<staging>/<name>/`` up into the staging dir."""
+    nested = staging / name
+    if not nested.is_dir() or nested.is_symlink():
+        raise CheckpointError(
+            f"the trainer wrote no {name} directory into {staging}",
+            path=str(staging),
+            hint="this Trainer version saves checkpoints differently; please report it",
+        )
+    for entry in sorted(os.listdir(nested)):
+        target = staging / entry
+        if os.path.lexists(target):
+            raise CheckpointError(
+                f"{entry} was written both inside and outside {name} in {staging}",
+                path=str(staging),
+            )
+        os.rename(nested / entry, target)
+    os.rmdir(nested)
+
+
+def install() -> None:
+    """Protect every ``transformers.Trainer`` (and subclass) created from now on."""
+    global _original_init  # noqa: PLW0603 - one process-wide hook, undone by uninstall()
+    from transformers import Trainer  # noqa: PLC0415 - transformers is an optional extra
+
+    with _install_lock:
+        if _original_init is not None:
+            return
+        original = Trainer.__init__
+
+        @functools.wraps(original)
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            protect(self)
+
+        _original_init = original
+        setattr(Trainer, "__init__", init)  # noqa: B010 - mypy forbids assigning a method
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (trainers already protected stay protected)."""
+    global _original_init  # noqa: PLW0603
+    from transformers import Trainer  # noqa: PLC0415
+
+    with _install_lock:
+        if _original_init is not None:
+            setattr(Trainer, "__init__", _original_init)  # noqa: B010
+            _original_init = None

@@ -1,0 +1,169 @@
+"""A tiny Hugging Face training run protected by ckptguard (Trainer or TRL's SFTTrainer).
+
+    python tests/hf_driver.py OUT [--trainer trainer|sft] [--steps 30] [--save-steps 10]
+        [--limit N] [--save-on-each-node] [--kill-at POINT:N] [--unprotected]
+
+Resumes by itself from the newest checkpoint that verifies (prints ``resumed from step N``)
+and writes ``OUT/final.json``: the step and a digest of every weight, so that an
+interrupted-and-resumed run can be compared with an uninterrupted one. ``OUT`` may contain
+``{node}`` (torchrun's node rank) to give each simulated node its own output dir.
+``--kill-at seal.files_synced:2`` SIGKILLs the process the 2nd time it reaches that fault
+point (its 2nd save). No downloads: the
+model is a GPT-2 built from a config with random weights, the data integers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import warnings
+from typing import Any
+
+import xxhash
+
+warnings.filterwarnings("ignore")  # third-party deprecations are not this test's subject
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402 - after the environment above
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+from ckptguard import _faults  # noqa: E402
+from ckptguard.integrations.transformers import (  # noqa: E402
+    last_valid_checkpoint,
+    protect,
+)
+
+VOCAB = 97
+SEQ = 16
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer  # noqa: PLC0415
+    from tokenizers.models import WordLevel  # noqa: PLC0415
+    from tokenizers.pre_tokenizers import WhitespaceSplit  # noqa: PLC0415
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def _data(n: int = 256) -> Dataset:
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, VOCAB - 2, (n, SEQ), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def _digest(model: Any) -> dict[str, str]:
+    return {
+        k: xxhash.xxh3_64_hexdigest(v.detach().cpu().contiguous().numpy().tobytes())
+        for k, v in sorted(model.state_dict().items())
+    }
+
+
+def _kill_hook(spec: str) -> None:
+    point, nth = spec.rsplit(":", 1)
+    seen = [0]
+
+    def hook(name: str) -> None:
+        if name == point:
+            seen[0] += 1
+            if seen[0] == int(nth):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    _faults.set_fault_hook(hook)
+
+
+def main() -> int:  # noqa: PLR0915 - a flat script reads best
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--trainer", choices=["trainer", "sft"], default="trainer")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--save-steps", type=int, default=10)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--save-on-each-node", action="store_true")
+    ap.add_argument("--kill-at", default=None)
+    ap.add_argument("--unprotected", action="store_true")
+    opts = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.kill_at:
+        _kill_hook(opts.kill_at)
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2)
+    )
+    common: dict[str, Any] = {
+        "output_dir": out,
+        "max_steps": opts.steps,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "save_strategy": "steps",
+        "save_steps": opts.save_steps,
+        "save_total_limit": opts.limit,
+        "save_on_each_node": opts.save_on_each_node,
+        "logging_steps": 5,
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "ddp_backend": "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    }
+    if opts.trainer == "sft":
+        from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
+
+        trainer: Any = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, max_length=SEQ, packing=False),
+            train_dataset=_data(),
+            processing_class=_tokenizer(),
+        )
+    else:
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**common), train_dataset=_data()
+        )
+    if not opts.unprotected:
+        protect(trainer)
+
+    resume = last_valid_checkpoint(out) if not opts.unprotected else None
+    if opts.unprotected:
+        from transformers.trainer_utils import get_last_checkpoint  # noqa: PLC0415
+
+        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+    step = 0 if resume is None else int(resume.rsplit("-", 1)[1])
+    if rank == 0:
+        print(f"resumed from step {step}", flush=True)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+
+    if rank == 0 or opts.save_on_each_node:
+        result = {
+            "step": int(trainer.state.global_step),
+            "weights": _digest(trainer.model),
+            "checkpoints": sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")),
+        }
+        with open(os.path.join(out, f"final.rank{rank}.json"), "w") as f:
+            json.dump(result, f, sort_keys=True)
+        if rank == 0:
+            with open(os.path.join(out, "final.json"), "w") as f:
+                json.dump({"step": result["step"], "weights": result["weights"]}, f, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
