@@ -51,14 +51,16 @@ SEQ = 16
 
 
 def _tokenizer() -> Any:
-    from tokenizers import Tokenizer  # noqa: PLC0415
-    from tokenizers.models import WordLevel  # noqa: PLC0415
-    from tokenizers.pre_tokenizers import WhitespaceSplit  # noqa: PLC0415
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    pad, eos = "<pad>", "<eos>"
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {pad: VOCAB - 2, eos: VOCAB - 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token=pad))
     tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    fast: Any = PreTrainedTokenizerFast
+    return fast(tokenizer_object=tok, pad_token=pad, eos_token=eos)
 
 
 def _data(n: int = 256) -> Dataset:
@@ -87,7 +89,7 @@ def _kill_hook(spec: str) -> None:
     _faults.set_fault_hook(hook)
 
 
-def main() -> int:  # noqa: PLR0915 - a flat script reads best
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--trainer", choices=["trainer", "sft"], default="trainer")
@@ -126,7 +128,7 @@ def main() -> int:  # noqa: PLR0915 - a flat script reads best
         "ddp_backend": "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     }
     if opts.trainer == "sft":
-        from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
+        from trl import SFTConfig, SFTTrainer
 
         trainer: Any = SFTTrainer(
             model=model,
@@ -135,17 +137,16 @@ def main() -> int:  # noqa: PLR0915 - a flat script reads best
             processing_class=_tokenizer(),
         )
     else:
-        trainer = Trainer(
-            model=model, args=TrainingArguments(**common), train_dataset=_data()
-        )
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=_data())
     if not opts.unprotected:
         protect(trainer)
 
     resume = last_valid_checkpoint(out) if not opts.unprotected else None
     if opts.unprotected:
-        from transformers.trainer_utils import get_last_checkpoint  # noqa: PLC0415
+        from transformers.trainer_utils import get_last_checkpoint
 
-        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+        last: Any = get_last_checkpoint
+        resume = last(out) if os.path.isdir(out) else None
     step = 0 if resume is None else int(resume.rsplit("-", 1)[1])
     if rank == 0:
         print(f"resumed from step {step}", flush=True)

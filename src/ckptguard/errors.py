@@ -148,7 +148,7 @@ class InvalidCheckpointName(CheckpointError, ValueError):
     """A checkpoint name must be one safe path component."""
 
     default_hint = (
-        "use a name such as 'checkpoint-100': letters, digits, '.', '_' and '-', "
+        "use a name such as 'checkpoint-100': letters, digits, '.', '_', '=' and '-', "
         "not starting with '.'"
     )
 

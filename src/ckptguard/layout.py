@@ -72,7 +72,7 @@ QUARANTINE_REASON_SUFFIX = ".json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, MANIFEST_TMP_NAME, OWNER_NAME})
 
 MAX_NAME_LENGTH = 200
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")  # "=": Lightning's epoch=1-step=20.ckpt
 _STEP_RE = re.compile(r"checkpoint-(\d+)")
 # <UTC yyyymmddThhmmssffffff>Z-<host hash>-<pid>-<random>
 _SAVE_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}-\d+-[0-9a-f]{16}")

@@ -210,10 +210,13 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
         _match_save_on_each_node(trainer, guard, tx)
         staging = str(tx.staging_dir)
         guard.redirect = staging
+        undo = _let_node_leaders_save_weights(trainer) if not tx.shared else None
         try:
             run_original()
         finally:
             guard.redirect = None
+            if undo is not None:
+                undo()
         best = trainer.state.best_model_checkpoint
         if isinstance(best, str) and os.path.abspath(best).startswith(staging + os.sep):
             # The trainer recorded the staging path as its best checkpoint: record the
@@ -265,6 +268,29 @@ def _match_save_on_each_node(trainer: Any, guard: _Guard, tx: AtomicCheckpoint) 
         )
         guard.warned_topology = True
     args.save_on_each_node = wanted
+
+
+def _let_node_leaders_save_weights(trainer: Any) -> Any:
+    """On node-local roots, let each node's writer save the weights too; returns an undo.
+
+    transformers 5.x's ``save_pretrained`` writes on global rank 0 only
+    (``should_save_on_this_rank``), whatever ``save_on_each_node`` says: every other node's
+    checkpoint would lack the model, and resuming there would fail.
+    """
+    unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
+    model = unwrap(trainer.model) if callable(unwrap) else trainer.model
+    if not callable(getattr(model, "should_save_on_this_rank", None)):
+        return None  # transformers 4.x: is_main_process (= should_save) alone decides
+
+    def only_is_main_process(is_main_process: bool) -> bool:  # noqa: FBT001 - its signature
+        return is_main_process
+
+    model.should_save_on_this_rank = only_is_main_process
+
+    def undo() -> None:
+        del model.should_save_on_this_rank
+
+    return undo
 
 
 def _hoist(staging: Path, name: str) -> None:

@@ -1,0 +1,135 @@
+"""A tiny Lightning training run whose checkpoints go through ckptguard's CheckpointIO.
+
+    python tests/lightning_driver.py OUT [--steps 30] [--kill-at POINT:N] [--unprotected]
+
+Ten steps an epoch; ModelCheckpoint saves at each epoch's end and keeps every checkpoint
+(``OUT/ckpts/step=<n>.ckpt``: Lightning restarts an epoch it resumes in the middle of, so
+mid-epoch checkpoints would not resume bit-identically with or without ckptguard); the run
+resumes by
+itself from the newest that verifies, prints ``resumed from step N`` and writes
+``OUT/final.json`` (step and weight digests). Under torchrun or ckpt-chaos ``--ranks 2``
+it runs DDP on gloo (one process per rank, no re-launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import warnings
+from typing import Any
+
+import torch
+import xxhash
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+import lightning as L  # noqa: E402, N812 - Lightning's own convention
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from ckptguard import _faults  # noqa: E402
+from ckptguard.integrations.lightning import (  # noqa: E402
+    AtomicCheckpointIO,
+    last_valid_checkpoint,
+)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _data() -> torch.utils.data.DataLoader[Any]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(80, 8, generator=g)  # 10 steps an epoch: saves at epoch ends
+    ds = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
+    return torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
+
+
+def _kill_hook(spec: str) -> None:
+    point, nth = spec.rsplit(":", 1)
+    seen = [0]
+
+    def hook(name: str) -> None:
+        if name == point:
+            seen[0] += 1
+            if seen[0] == int(nth):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    _faults.set_fault_hook(hook)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--kill-at", default=None)
+    ap.add_argument("--unprotected", action="store_true")
+    opts = ap.parse_args()
+    if opts.kill_at:
+        _kill_hook(opts.kill_at)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # Run as one rank of a job launched outside Lightning (torchrun, ckpt-chaos --ranks).
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+        os.environ.setdefault("NODE_RANK", "0")
+        os.environ.setdefault("TORCHELASTIC_RUN_ID", "ckptguard-test")
+    os.makedirs(opts.out, exist_ok=True)
+    ckpts = os.path.join(opts.out, "ckpts")
+    L.seed_everything(0, workers=True, verbose=False)
+    trainer = L.Trainer(
+        max_epochs=opts.steps // 10,
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        plugins=[] if opts.unprotected else [AtomicCheckpointIO()],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=ckpts,
+                filename="{step}",
+                every_n_epochs=1,
+                save_on_train_epoch_end=True,
+                save_top_k=-1,
+            )
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    resume = last_valid_checkpoint(ckpts)
+    if opts.unprotected and os.path.isdir(ckpts):
+        names = sorted(os.listdir(ckpts), key=lambda n: int(n.split("=")[1].split(".")[0]))
+        resume = os.path.join(ckpts, names[-1]) if names else None
+    step = 0 if resume is None else int(os.path.basename(resume).split("=")[1].split(".")[0])
+    if trainer.global_rank == 0:
+        print(f"resumed from step {step}", flush=True)
+    model = Tiny()
+    trainer.fit(model, train_dataloaders=_data(), ckpt_path=resume)
+    if trainer.global_rank == 0:
+        weights = {
+            k: xxhash.xxh3_64_hexdigest(v.detach().contiguous().numpy().tobytes())
+            for k, v in sorted(model.state_dict().items())
+        }
+        with open(os.path.join(opts.out, "final.json"), "w") as f:
+            json.dump({"step": trainer.global_step, "weights": weights}, f, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
