@@ -4,17 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint types pytest install bench clean-venv
+.PHONY: demo test lint types pytest install bench chaos clean-venv
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned by constraints.txt to the CPU build on this machine's disk, so
 	# that no later requirement can pull another (multi-GB CUDA) build.
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[dev,torch]'
+	$(PIP) install -c constraints.txt -e '.[dev,torch,hf,lightning]'
 	touch $@
 
-install: $(VENV)/.installed
+# The lowest transformers the `hf` extra declares, as an overlay in front of the venv
+# (tests/test_integration_transformers_lowest.py puts it on PYTHONPATH).
+$(VENV)/hf-lowest/.installed: constraints-hf-lowest.txt $(VENV)/.installed
+	rm -rf $(VENV)/hf-lowest
+	$(PIP) install --no-deps --target $(VENV)/hf-lowest -r constraints-hf-lowest.txt
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/hf-lowest/.installed
 
 demo: install
 	$(PY) examples/demo.py
@@ -34,6 +41,13 @@ test: lint types pytest
 # Speed is measured here, never in tests: ratios within one interleaved run.
 bench: install
 	$(PY) benchmarks/bench_save.py --mib 512 --rounds 9
+
+# The full crash sweep (make test runs 2 crash points per target): many points in the
+# before, torn and unsynced modes, for every framework driver, with 1 and 2 ranks.
+CHAOS_POINTS ?= 24
+chaos: install
+	CKPTGUARD_CHAOS_POINTS=$(CHAOS_POINTS) CKPTGUARD_CHAOS_MODES=before,torn,unsynced \
+		$(PY) -m pytest -q tests/test_chaos_gate.py
 
 clean-venv:
 	rm -rf $(VENV)

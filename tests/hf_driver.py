@@ -2,13 +2,16 @@
 
     python tests/hf_driver.py OUT [--trainer trainer|sft] [--steps 30] [--save-steps 10]
         [--limit N] [--save-on-each-node] [--kill-at POINT:N] [--unprotected]
+        [--best min|max] [--show-limit]
 
 Resumes by itself from the newest checkpoint that verifies (prints ``resumed from step N``)
 and writes ``OUT/final.json``: the step and a digest of every weight, so that an
 interrupted-and-resumed run can be compared with an uninterrupted one. ``OUT`` may contain
 ``{node}`` (torchrun's node rank) to give each simulated node its own output dir.
 ``--kill-at seal.files_synced:2`` SIGKILLs the process the 2nd time it reaches that fault
-point (its 2nd save). No downloads: the
+point (its 2nd save). ``--best min|max`` evaluates at every save and keeps the best
+model by ``eval_loss`` (``max``: the highest loss is "best", so that the best checkpoint is
+an old one); ``--show-limit`` prints ``save_total_limit after protect: N``. No downloads: the
 model is a GPT-2 built from a config with random weights, the data integers.
 """
 
@@ -31,7 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402 - after the environment above
-from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -63,10 +65,23 @@ def _tokenizer() -> Any:
     return fast(tokenizer_object=tok, pad_token=pad, eos_token=eos)
 
 
-def _data(n: int = 256) -> Dataset:
+def _rows(n: int = 256) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, VOCAB - 2, (n, SEQ), generator=g).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+class _Rows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Plain torch data for the Trainer: no ``datasets`` needed (old transformers too)."""
+
+    def __init__(self, n: int = 256) -> None:
+        self.rows = _rows(n)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor(v) for k, v in self.rows[i].items()}
 
 
 def _digest(model: Any) -> dict[str, str]:
@@ -99,6 +114,8 @@ def main() -> int:
     ap.add_argument("--save-on-each-node", action="store_true")
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
+    ap.add_argument("--best", choices=["min", "max"], default=None)
+    ap.add_argument("--show-limit", action="store_true")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
@@ -127,19 +144,37 @@ def main() -> int:
         "disable_tqdm": True,
         "ddp_backend": "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     }
+    if opts.best:
+        common |= {
+            "eval_strategy": "steps",
+            "eval_steps": opts.save_steps,
+            "per_device_eval_batch_size": 8,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": opts.best == "max",
+        }
     if opts.trainer == "sft":
+        from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
         trainer: Any = SFTTrainer(
             model=model,
             args=SFTConfig(**common, max_length=SEQ, packing=False),
-            train_dataset=_data(),
+            train_dataset=Dataset.from_list(_rows()),
+            eval_dataset=Dataset.from_list(_rows(32)) if opts.best else None,
             processing_class=_tokenizer(),
         )
     else:
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=_data())
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=_Rows(),
+            eval_dataset=_Rows(32) if opts.best else None,
+        )
     if not opts.unprotected:
         protect(trainer)
+    if opts.show_limit and rank == 0:
+        print(f"save_total_limit after protect: {trainer.args.save_total_limit}", flush=True)
 
     resume = last_valid_checkpoint(out) if not opts.unprotected else None
     if opts.unprotected:

@@ -1,14 +1,16 @@
 """A tiny Lightning training run whose checkpoints go through ckptguard's CheckpointIO.
 
     python tests/lightning_driver.py OUT [--steps 30] [--kill-at POINT:N] [--unprotected]
+        [--top-k K]
 
 Ten steps an epoch; ModelCheckpoint saves at each epoch's end and keeps every checkpoint
 (``OUT/ckpts/step=<n>.ckpt``: Lightning restarts an epoch it resumes in the middle of, so
 mid-epoch checkpoints would not resume bit-identically with or without ckptguard); the run
-resumes by
-itself from the newest that verifies, prints ``resumed from step N`` and writes
-``OUT/final.json`` (step and weight digests). Under torchrun or ckpt-chaos ``--ranks 2``
-it runs DDP on gloo (one process per rank, no re-launch).
+resumes by itself from the newest that verifies, prints ``resumed from step N`` and writes
+``OUT/final.json`` (step and weight digests). ``--top-k K`` keeps only the K checkpoints
+with the lowest training loss instead (top-k rotation deletes through the plugin). Under
+torchrun or ckpt-chaos ``--ranks 2`` it runs DDP on gloo (one process per rank, no
+re-launch).
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ from ckptguard.integrations.lightning import (  # noqa: E402
 
 
 class Tiny(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, *, log_loss: bool = False) -> None:
         super().__init__()
+        self.log_loss = log_loss
         self.net = torch.nn.Sequential(
             torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if self.log_loss:  # ModelCheckpoint(monitor="train_loss") ranks checkpoints by it
+            self.log("train_loss", loss)
+        return loss
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -80,6 +86,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
+    ap.add_argument("--top-k", type=int, default=None)
     opts = ap.parse_args()
     if opts.kill_at:
         _kill_hook(opts.kill_at)
@@ -104,7 +111,9 @@ def main() -> int:
                 filename="{step}",
                 every_n_epochs=1,
                 save_on_train_epoch_end=True,
-                save_top_k=-1,
+                save_top_k=-1 if opts.top_k is None else opts.top_k,
+                monitor=None if opts.top_k is None else "train_loss",
+                mode="min",
             )
         ],
         logger=False,
@@ -119,7 +128,7 @@ def main() -> int:
     step = 0 if resume is None else int(os.path.basename(resume).split("=")[1].split(".")[0])
     if trainer.global_rank == 0:
         print(f"resumed from step {step}", flush=True)
-    model = Tiny()
+    model = Tiny(log_loss=opts.top_k is not None)
     trainer.fit(model, train_dataloaders=_data(), ckpt_path=resume)
     if trainer.global_rank == 0:
         weights = {
