@@ -80,7 +80,12 @@ def _run_chaos(work: Path, target: Target, *, ranks: int, points: int, extra: li
         "--ranks", str(ranks),
         "--", sys.executable, str(TESTS / target.driver), "{out}", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",  # the same kernels in every run: bit-identical results
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, check=False)
     assert junit.exists(), f"ckpt-chaos wrote no report:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     suite = ET.parse(junit).getroot()  # noqa: S314 - a file ckpt-chaos just wrote

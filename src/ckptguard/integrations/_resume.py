@@ -20,9 +20,15 @@ if TYPE_CHECKING:
     from ckptguard.coordination import Coordinator
     from ckptguard.manager import CheckpointManager
 
-__all__ = ["agreed_latest", "check_resume_path"]
+__all__ = ["agreed_latest", "check_resume_path", "spans_nodes"]
 
 _log = logging.getLogger("ckptguard.integrations")
+
+
+def spans_nodes() -> bool:
+    """Whether this job's ranks run on more than one node (torchrun's environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world) < world
 
 
 def _leader(coord: Coordinator) -> bool:

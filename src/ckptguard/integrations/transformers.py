@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard.coordination import default_coordinator
 from ckptguard.errors import CheckpointError, NoValidCheckpoint
-from ckptguard.integrations._resume import agreed_latest, check_resume_path
+from ckptguard.integrations._resume import agreed_latest, check_resume_path, spans_nodes
 from ckptguard.layout import HF_NAMING
 from ckptguard.manager import CheckpointManager
 from ckptguard.verify import verify
@@ -251,8 +251,8 @@ def _current_best(trainer: Any, root: str) -> set[str]:
 def _match_save_on_each_node(trainer: Any, guard: _Guard, tx: AtomicCheckpoint) -> None:
     """Make ``save_on_each_node`` agree with the storage that the probe found."""
     args = trainer.args
-    if tx.committers == [0] or args.save_on_each_node == (not tx.shared):
-        return
+    if not spans_nodes() or args.save_on_each_node == (not tx.shared):
+        return  # on one node both settings pick the same writer
     wanted = not tx.shared
     if not guard.warned_topology:
         _log.warning(

@@ -1,0 +1,359 @@
+"""Lightning through ``AtomicCheckpointIO``: training runs killed mid-save, and the plugin.
+
+The runs are subprocesses of ``lightning_driver.py`` (3 epochs of 10 steps, a checkpoint
+``ckpts/step=<n>.ckpt`` at each epoch's end), alone or under torchrun (DDP on gloo, 2
+ranks). A run SIGKILLed inside ckptguard's commit protocol and run again must end with the
+same weights, byte for byte, as a run never interrupted. The plugin's own contract (save,
+replace, load, verify, remove, pick the newest valid) is tested in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import pytest
+import torch
+
+import ckptguard
+from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard.integrations.lightning import (
+    CHECKPOINT_FILE,
+    AtomicCheckpointIO,
+    checkpoint_file,
+    last_valid_checkpoint,
+)
+from ckptguard.layout import MANIFEST_NAME, RootLayout
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+DRIVER = Path(__file__).with_name("lightning_driver.py")
+# Children may import whatever warns (frameworks' deprecations are not under test here); one
+# thread each, as torchrun sets for its workers: two runs share this machine's cores.
+CHILD_ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+RUN_TIMEOUT = 240
+PLUGIN_LOGGER = "ckptguard.integrations.lightning"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Done:
+    """A finished run: its exit status and output."""
+
+    out: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def ok(self) -> Done:
+        assert self.returncode == 0, self.stderr[-4000:]
+        return self
+
+    @property
+    def resumed_from(self) -> str:
+        """The step the run resumed from, as the driver printed it."""
+        match = re.search(r"^resumed from step (\S+)", self.stdout, re.MULTILINE)
+        assert match is not None, self.stdout
+        return match.group(1)
+
+    @property
+    def final(self) -> bytes:
+        return (self.out / "final.json").read_bytes()
+
+
+class Job:
+    """A driver run in the background (its output goes to files: no pipe can fill up)."""
+
+    def __init__(self, out: Path, *args: str, nproc: int = 1) -> None:
+        self.out = out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += [
+                "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            ]  # fmt: skip
+        self._stdout: IO[str] = out.with_name(f"{out.name}.stdout").open("w+")
+        self._stderr: IO[str] = out.with_name(f"{out.name}.stderr").open("w+")
+        self._done: Done | None = None
+        self.proc = subprocess.Popen(
+            [*launcher, str(DRIVER), str(out), *args],
+            stdout=self._stdout,
+            stderr=self._stderr,
+            text=True,
+            env=CHILD_ENV,
+            start_new_session=True,  # stop() can end torchrun's workers with it
+        )
+
+    def wait(self) -> Done:
+        if self._done is None:
+            returncode = self.proc.wait(timeout=RUN_TIMEOUT)
+            outputs = []
+            for stream in (self._stdout, self._stderr):
+                stream.seek(0)
+                outputs.append(stream.read())
+                stream.close()
+            self._done = Done(self.out, returncode, outputs[0], outputs[1])
+        return self._done
+
+    def stop(self) -> None:
+        """End the run if a failed test left it running."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.wait()
+
+
+def _run(out: Path, *args: str, nproc: int = 1) -> Done:
+    job = Job(out, *args, nproc=nproc)
+    try:
+        return job.wait()
+    finally:
+        job.stop()
+
+
+def _assert_killed(done: Done, nproc: int) -> None:
+    """The run died by the SIGKILL of its fault hook: the fault point was reached."""
+    if nproc == 1:
+        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-4000:])
+    else:  # torchrun reports its worker's signal and fails the job
+        assert done.returncode != 0
+        assert "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-4000:]
+
+
+def _names(root: Path) -> list[str]:
+    """The checkpoints (and anything else) in ``root``, without ckptguard's own folder."""
+    return sorted(p.name for p in root.iterdir() if p.name != ".ckptguard")
+
+
+def _entries(meta_dir: str) -> list[str]:
+    return sorted(os.listdir(meta_dir))
+
+
+def _assert_verifies(path: Path) -> ckptguard.VerifyReport:
+    report = ckptguard.verify(path)
+    assert report.ok, report.problems
+    return report
+
+
+def _assert_clean(root: Path) -> None:
+    """No save in progress or left by a crash, no replaced or deleted checkpoint pending."""
+    layout = RootLayout(str(root))
+    assert _entries(layout.staging) == []
+    assert _entries(layout.trash) == []
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Job]:
+    """One protected, uninterrupted run; started once, in the background."""
+    job = Job(tmp_path_factory.mktemp("lightning") / "reference")
+    yield job
+    job.stop()
+
+
+# -- training runs -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_after_files_synced_resumes_identically(tmp_path: Path, reference: Job) -> None:
+    out = tmp_path / "run"
+    ckpts = out / "ckpts"
+    _assert_killed(_run(out, "--kill-at", "seal.files_synced:2"), nproc=1)
+    # The second save died sealed-but-uncommitted: invisible, only the first is there.
+    assert _names(ckpts) == ["step=10.ckpt"]
+    assert _assert_verifies(ckpts / "step=10.ckpt").step == 10
+
+    resumed = _run(out).ok()
+    assert resumed.resumed_from == "10"
+    assert resumed.final == reference.wait().ok().final
+    assert json.loads(resumed.final)["step"] == 30
+    _assert_clean(ckpts)
+    assert _names(ckpts) == ["step=10.ckpt", "step=20.ckpt", "step=30.ckpt"]
+    for step in (10, 20, 30):
+        assert _assert_verifies(ckpts / f"step={step}.ckpt").step == step
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_killed_mid_save_resume_identically(tmp_path: Path) -> None:
+    """DDP on gloo: each rank sees half the data, so an epoch is 5 steps."""
+    out = tmp_path / "run"
+    ckpts = out / "ckpts"
+    reference = Job(tmp_path / "reference", nproc=2)
+    try:
+        _assert_killed(_run(out, "--kill-at", "seal.files_synced:2", nproc=2), nproc=2)
+        assert _names(ckpts) == ["step=5.ckpt"]
+        _assert_verifies(ckpts / "step=5.ckpt")
+
+        resumed = _run(out, nproc=2).ok()
+        assert resumed.resumed_from == "5"
+        assert resumed.final == reference.wait().ok().final
+    finally:
+        reference.stop()
+    assert json.loads(resumed.final)["step"] == 15
+    _assert_clean(ckpts)
+    assert _names(ckpts) == ["step=10.ckpt", "step=15.ckpt", "step=5.ckpt"]
+    for step in (5, 10, 15):
+        _assert_verifies(ckpts / f"step={step}.ckpt")
+
+
+@pytest.mark.slow
+def test_top_k_rotation_deletes_through_the_plugin(tmp_path: Path, reference: Job) -> None:
+    """save_top_k=1 on the training loss: each better epoch replaces the one kept before."""
+    done = _run(tmp_path / "run", "--top-k", "1").ok()
+    ckpts = done.out / "ckpts"
+    # The loss falls every epoch here, so step=10 and step=20 were saved, then removed.
+    assert _names(ckpts) == ["step=30.ckpt"]
+    _assert_verifies(ckpts / "step=30.ckpt")
+    _assert_clean(ckpts)
+    assert done.final == reference.wait().ok().final  # logging the loss changes nothing
+
+
+# -- the plugin, in this process -----------------------------------------------------------
+def _state(step: int, value: float) -> dict[str, Any]:
+    return {"global_step": step, "epoch": 0, "state_dict": {"w": torch.full((3, 4), value)}}
+
+
+def _save(path: Path, step: int = 5, value: float = 1.0) -> None:
+    AtomicCheckpointIO().save_checkpoint(_state(step, value), path)
+
+
+def test_save_creates_a_verifying_directory(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    _save(path)
+    assert path.is_dir()
+    assert sorted(os.listdir(path)) == [CHECKPOINT_FILE, MANIFEST_NAME]
+    report = _assert_verifies(path)
+    assert report.step == 5
+    assert report.manifest is not None
+    assert report.manifest.metadata["framework"] == "lightning"
+    _assert_clean(tmp_path)
+
+
+def test_saving_again_replaces_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    _save(path, value=1.0)
+    first = _assert_verifies(path).manifest
+    _save(path, step=6, value=2.0)
+    assert _names(tmp_path) == ["last.ckpt"]
+    second = _assert_verifies(path).manifest
+    assert first is not None
+    assert second is not None
+    assert second.save_id != first.save_id
+    assert second.step == 6
+    loaded = AtomicCheckpointIO().load_checkpoint(path)
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((3, 4), 2.0))
+    _assert_clean(tmp_path)
+
+
+def test_load_returns_the_saved_dict(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    _save(path, value=3.0)
+    loaded = AtomicCheckpointIO().load_checkpoint(path)
+    assert loaded["global_step"] == 5
+    assert loaded["epoch"] == 0
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((3, 4), 3.0))
+
+
+def test_a_flipped_byte_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    _save(path)
+    _flip_byte(path / CHECKPOINT_FILE)
+    with pytest.raises(CorruptCheckpoint) as info:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert info.value.path == str(path)
+    with pytest.raises(CorruptCheckpoint):
+        checkpoint_file(path)
+
+
+def test_loading_a_missing_checkpoint_raises(tmp_path: Path) -> None:
+    with pytest.raises(NoValidCheckpoint):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "step=5.ckpt")
+
+
+def test_remove_checkpoint_removes_the_directory(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    _save(path)
+    AtomicCheckpointIO().remove_checkpoint(path)
+    assert _names(tmp_path) == []
+    _assert_clean(tmp_path)  # retired through trash, and gone from there too
+
+
+def test_remove_checkpoint_removes_plain_files_and_symlinks(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.ckpt"
+    torch.save(_state(5, 1.0), plain)
+    target = tmp_path / "step=5.ckpt"
+    _save(target)
+    link = tmp_path / "last.ckpt"
+    link.symlink_to(target.name)
+    io = AtomicCheckpointIO()
+    io.remove_checkpoint(plain)
+    io.remove_checkpoint(link)
+    assert _names(tmp_path) == ["step=5.ckpt"]  # the link's target is left alone
+    _assert_verifies(target)
+
+
+def test_a_plain_torch_save_file_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = tmp_path / "old.ckpt"
+    torch.save(_state(5, 4.0), plain)
+    with caplog.at_level(logging.WARNING, logger=PLUGIN_LOGGER):
+        loaded = AtomicCheckpointIO().load_checkpoint(plain)
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((3, 4), 4.0))
+    warned = [r for r in caplog.records if r.name == PLUGIN_LOGGER]
+    assert [r.levelno for r in warned] == [logging.WARNING]
+    assert "not saved by ckptguard" in warned[0].getMessage()
+    assert checkpoint_file(plain) == str(plain)
+
+
+def test_last_valid_checkpoint_skips_corrupt_and_symlinks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert last_valid_checkpoint(tmp_path / "absent") is None
+    assert last_valid_checkpoint(tmp_path) is None
+    for step in (10, 20, 30):
+        _save(tmp_path / f"step={step}.ckpt", step=step)
+    assert last_valid_checkpoint(tmp_path) == str(tmp_path / "step=30.ckpt")
+    _flip_byte(tmp_path / "step=30.ckpt" / CHECKPOINT_FILE)
+    # Same step as its target, and a name that sorts last: only skipping it makes it lose.
+    (tmp_path / "zz-last.ckpt").symlink_to("step=20.ckpt")
+    with caplog.at_level(logging.WARNING, logger=PLUGIN_LOGGER):
+        assert last_valid_checkpoint(tmp_path) == str(tmp_path / "step=20.ckpt")
+    skipped = [r.getMessage() for r in caplog.records if r.name == PLUGIN_LOGGER]
+    assert any("step=30.ckpt" in m for m in skipped)
+    assert not any("zz-last" in m for m in skipped)  # passed over before any verification
+
+
+def test_checkpoint_file_is_the_inner_file_after_verification(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    _save(path)
+    assert checkpoint_file(path) == str(path / CHECKPOINT_FILE)
+    (path / "extra.bin").write_bytes(b"not in the manifest")
+    with pytest.raises(CorruptCheckpoint):
+        checkpoint_file(path)
+
+
+def test_storage_options_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "step=5.ckpt"
+    with pytest.raises(TypeError, match="storage_options"):
+        AtomicCheckpointIO().save_checkpoint(_state(5, 1.0), path, storage_options={"x": 1})
+    assert not path.exists()
