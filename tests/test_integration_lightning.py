@@ -357,3 +357,38 @@ def test_storage_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="storage_options"):
         AtomicCheckpointIO().save_checkpoint(_state(5, 1.0), path, storage_options={"x": 1})
     assert not path.exists()
+
+
+_REPLACE_KILLED = """
+import os, signal, sys, torch
+from ckptguard import _faults
+from ckptguard.integrations.lightning import AtomicCheckpointIO
+path = sys.argv[1]
+AtomicCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+def hook(name):
+    if name == "commit.moved_to_trash":  # the old last.ckpt is in trash, the new not yet in
+        os.kill(os.getpid(), signal.SIGKILL)
+_faults.set_fault_hook(hook)
+AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+"""
+
+
+def test_a_replace_killed_between_its_renames_still_loads_the_old_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Killed after ``last.ckpt`` went to trash and before the new one was renamed in."""
+    last = tmp_path / "last.ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _REPLACE_KILLED, str(last)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not last.exists()  # the cut: nothing under the name
+    assert last_valid_checkpoint(tmp_path) == str(last)  # repaired: the old one is back
+    loaded = AtomicCheckpointIO().load_checkpoint(last)
+    assert loaded["global_step"] == 1
+    assert torch.equal(loaded["w"], torch.ones(3))
+    assert _entries(RootLayout(str(tmp_path)).trash) == []

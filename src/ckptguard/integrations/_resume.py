@@ -13,16 +13,28 @@ import os
 from typing import TYPE_CHECKING
 
 from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint, SaveAborted
-from ckptguard.layout import MANIFEST_NAME
+from ckptguard.layout import MANIFEST_NAME, META_DIR
+from ckptguard.recovery import recover
 from ckptguard.verify import verify
 
 if TYPE_CHECKING:
     from ckptguard.coordination import Coordinator
     from ckptguard.manager import CheckpointManager
 
-__all__ = ["agreed_latest", "check_resume_path", "spans_nodes"]
+__all__ = ["agreed_latest", "check_resume_path", "repair_root", "spans_nodes"]
 
 _log = logging.getLogger("ckptguard.integrations")
+
+
+def repair_root(root: str) -> None:
+    """Repair what a crash left in a ckptguard root before reading it.
+
+    A save that replaces a checkpoint and is killed between its two renames leaves the old
+    checkpoint in the root's trash and nothing under its name: recovery renames it back.
+    Stale staging dirs go too. A directory that is not a ckptguard root is left alone.
+    """
+    if os.path.isdir(os.path.join(root, META_DIR)):
+        recover(root, checksums=False)
 
 
 def spans_nodes() -> bool:
@@ -104,6 +116,7 @@ def check_resume_path(path: str, coord: Coordinator) -> None:
 
 
 def _check_one(path: str) -> None:
+    repair_root(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(path):
         raise NoValidCheckpoint(
             f"cannot resume from {path}: no such directory",

@@ -35,6 +35,7 @@ from ckptguard.cleanup import retire_checkpoint
 from ckptguard.commit import AtomicCheckpoint
 from ckptguard.coordination import SingleProcess
 from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard.integrations._resume import repair_root
 from ckptguard.layout import MANIFEST_NAME, RootLayout
 from ckptguard.storage import LocalStorage
 from ckptguard.verify import verify
@@ -85,6 +86,7 @@ def load(
 ) -> dict[str, Any]:
     """Load a checkpoint saved through :class:`AtomicCheckpointIO` (verified first)."""
     path = os.fspath(path)
+    repair_root(os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path) and not _is_ours(path):
         raise CorruptCheckpoint(
             f"{path} is a directory without a ckptguard manifest: not a checkpoint it saved",
@@ -102,13 +104,15 @@ def load(
 def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
     """The newest checkpoint under ``dirpath`` that verifies (by step, then save time).
 
-    For ``trainer.fit(model, ckpt_path=last_valid_checkpoint(dirpath))``: half-written,
-    corrupt and foreign entries are skipped and logged. Symlinks (``save_last="link"``)
-    are skipped: their target is considered on its own.
+    For ``trainer.fit(model, ckpt_path=last_valid_checkpoint(dirpath))``: what a crash left
+    is repaired first (a ``last.ckpt`` replace cut between its renames is rolled back);
+    half-written, corrupt and foreign entries are skipped and logged. Symlinks
+    (``save_last="link"``) are skipped: their target is considered on its own.
     """
     root = os.fspath(dirpath)
     if not os.path.isdir(root):
         return None
+    repair_root(root)
     best: tuple[int, str, str] | None = None
     for name in os.listdir(root):
         path = os.path.join(root, name)
@@ -155,6 +159,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,  # noqa: FBT001 - Lightning's signature
     ) -> dict[str, Any]:
         path = os.fspath(path)
+        repair_root(os.path.dirname(os.path.abspath(path)))
         if not os.path.lexists(path):
             raise NoValidCheckpoint(f"no checkpoint at {path}", path=path)
         return load(path, map_location=map_location, weights_only=weights_only)

@@ -43,7 +43,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard.coordination import default_coordinator
 from ckptguard.errors import CheckpointError, NoValidCheckpoint
-from ckptguard.integrations._resume import agreed_latest, check_resume_path, spans_nodes
+from ckptguard.integrations._resume import (
+    agreed_latest,
+    check_resume_path,
+    repair_root,
+    spans_nodes,
+)
 from ckptguard.layout import HF_NAMING
 from ckptguard.manager import CheckpointManager
 from ckptguard.verify import verify
@@ -69,11 +74,13 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
 
     The safe replacement for ``transformers.trainer_utils.get_last_checkpoint``: every file
     is checked against the checkpoint's manifest; half-written, corrupt and foreign folders
-    (no manifest) are skipped and logged. Reads only; one process.
+    (no manifest) are skipped and logged. What a crash left is repaired first (a replace
+    cut between its renames is rolled back); nothing else is changed.
     """
     root = os.fspath(output_dir)
     if not os.path.isdir(root):
         return None
+    repair_root(root)
     for name in sorted(
         (n for n in os.listdir(root) if HF_NAMING.step(n) is not None),
         key=lambda n: HF_NAMING.step(n) or 0,
