@@ -1,14 +1,13 @@
 """A tiny Accelerate training loop protected by ckptguard.
 
     python tests/accel_driver.py OUT [--steps 30] [--save-every 10] [--limit N]
-        [--kill-at POINT:N] [--unprotected] [--hard-exit]
+        [--kill-at POINT:N] [--unprotected]
 
 Saves with ``save_state()`` (automatic checkpoint naming: ``OUT/checkpoints/checkpoint_<i>``),
 resumes by itself with ``load_state()`` (the newest checkpoint that verifies) and prints
 ``resumed from step I`` (I: the number of the checkpoint loaded, or ``none``); writes
 ``OUT/final.json`` (step and weight digests). Run by torchrun or ckpt-chaos ``--ranks 2``
-it trains data-parallel on gloo. ``--hard-exit`` ends the process with ``os._exit`` once
-everything is written (see below).
+it trains data-parallel on gloo.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
-    ap.add_argument("--hard-exit", action="store_true")
     opts = ap.parse_args()
     if opts.kill_at:
         _kill_hook(opts.kill_at)
@@ -104,14 +102,6 @@ def main() -> int:
         with open(os.path.join(opts.out, "final.json"), "w") as f:
             json.dump({"step": step, "weights": weights}, f, sort_keys=True)
     accelerator.end_training()
-    if opts.hard_exit:
-        # Skip interpreter finalization. Under torchrun, a gloo worker thread may still be
-        # releasing the tensors of the last all_gather (ckptguard's) when Python finalizes;
-        # it cannot take the GIL then and the process aborts with "terminate called without
-        # an active exception" (SIGABRT) after a successful run, about one run in ten.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0
 
 

@@ -37,10 +37,6 @@ DRIVER = Path(__file__).with_name("accel_driver.py")
 # thread each, as torchrun sets for its workers: two runs share this machine's cores.
 CHILD_ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 RUN_TIMEOUT = 240
-# Under torchrun the driver leaves with os._exit: with torch 2.13, a gloo worker thread that
-# still holds the tensors of the last all_gather when Python finalizes aborts the process
-# (SIGABRT, "terminate called without an active exception") after a successful run.
-HARD_EXIT = "--hard-exit"
 
 
 def _free_port() -> int:
@@ -216,13 +212,13 @@ def test_killed_mid_save_resumes_identically(
 def test_two_ranks_killed_mid_save_resume_identically(tmp_path: Path) -> None:
     out = tmp_path / "run"
     ckpts = _checkpoints(out)
-    reference = Job(tmp_path / "reference", HARD_EXIT, nproc=2)
+    reference = Job(tmp_path / "reference", nproc=2)
     try:
-        _assert_killed(_run(out, HARD_EXIT, "--kill-at", "seal.files_synced:2", nproc=2), nproc=2)
+        _assert_killed(_run(out, "--kill-at", "seal.files_synced:2", nproc=2), nproc=2)
         assert _names(ckpts) == ["checkpoint_0"]
         _assert_verifies(ckpts / "checkpoint_0")
 
-        resumed = _run(out, HARD_EXIT, nproc=2).ok()
+        resumed = _run(out, nproc=2).ok()
         assert resumed.resumed_from == "0"
         assert resumed.final == reference.wait().ok().final
     finally:
