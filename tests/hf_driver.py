@@ -11,7 +11,9 @@ interrupted-and-resumed run can be compared with an uninterrupted one. ``OUT`` m
 ``--kill-at seal.files_synced:2`` SIGKILLs the process the 2nd time it reaches that fault
 point (its 2nd save). ``--best min|max`` evaluates at every save and keeps the best
 model by ``eval_loss`` (``max``: the highest loss is "best", so that the best checkpoint is
-an old one); ``--show-limit`` prints ``save_total_limit after protect: N``. No downloads: the
+an old one); ``--show-limit`` prints ``save_total_limit`` after protect, while training and
+after training; ``--late-writes`` adds a callback that writes ``checkpoint-N/merged/``
+from ``on_save``, after the commit (as TRL's MergeModelCallback does). No downloads: the
 model is a GPT-2 built from a config with random weights, the data integers.
 """
 
@@ -39,6 +41,7 @@ from transformers import (  # noqa: E402
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -116,6 +119,7 @@ def main() -> int:
     ap.add_argument("--unprotected", action="store_true")
     ap.add_argument("--best", choices=["min", "max"], default=None)
     ap.add_argument("--show-limit", action="store_true")
+    ap.add_argument("--late-writes", action="store_true")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
@@ -176,6 +180,30 @@ def main() -> int:
     if opts.show_limit and rank == 0:
         print(f"save_total_limit after protect: {trainer.args.save_total_limit}", flush=True)
 
+        class ShowLimit(TrainerCallback):
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                del state, control, kwargs
+                print(f"save_total_limit while training: {args.save_total_limit}", flush=True)
+
+        trainer.add_callback(ShowLimit())
+
+    if opts.late_writes:
+
+        class MergeLike(TrainerCallback):
+            """Writes into checkpoint-N from on_save, as TRL's MergeModelCallback does."""
+
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                del control, kwargs
+                if state.is_world_process_zero:
+                    merged = os.path.join(
+                        args.output_dir, f"checkpoint-{state.global_step}", "merged"
+                    )
+                    os.makedirs(merged, exist_ok=True)
+                    with open(os.path.join(merged, "extra.bin"), "wb") as f:
+                        f.write(bytes(range(256)) * state.global_step)
+
+        trainer.add_callback(MergeLike())
+
     resume = last_valid_checkpoint(out) if not opts.unprotected else None
     if opts.unprotected:
         from transformers.trainer_utils import get_last_checkpoint
@@ -186,6 +214,8 @@ def main() -> int:
     if rank == 0:
         print(f"resumed from step {step}", flush=True)
     trainer.train(resume_from_checkpoint=True if resume else None)
+    if opts.show_limit and rank == 0:
+        print(f"save_total_limit after training: {trainer.args.save_total_limit}", flush=True)
 
     if rank == 0 or opts.save_on_each_node:
         result = {

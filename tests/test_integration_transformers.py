@@ -60,6 +60,8 @@ KILLS = [
     ("sft", SEAL_2, 10),
     ("trainer", "commit.before_rename:3", 20),  # sealed, about to be renamed into place
 ]
+# (trainer, save_on_each_node) under torchrun with 2 ranks on one node
+TWO_RANKS = [("trainer", False), ("trainer", True), ("sft", False)]
 
 
 @dataclass(frozen=True)
@@ -373,11 +375,13 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[
         "--save-on-each-node",
     )
     submit("reference-two-nodes", _uninterrupted, _two_nodes, base / "ref-two-nodes")
-    for each_node in (False, True):
-        name = f"kill-two-ranks-{each_node}"
-        flags = ["--save-on-each-node"] if each_node else []
+    for trainer, each_node in TWO_RANKS:
+        name = f"kill-two-ranks-{trainer}-{each_node}"
+        flags = ["--trainer", trainer] + (["--save-on-each-node"] if each_node else [])
         submit(name, _kill_then_resume, _two_ranks, base / name, SEAL_2, *flags)
-    submit("reference-two-ranks", _uninterrupted, _two_ranks, base / "ref-two-ranks")
+    for trainer in ("trainer", "sft"):
+        name = f"reference-two-ranks-{trainer}"
+        submit(name, _uninterrupted, _two_ranks, base / name, "--trainer", trainer)
     for trainer in ("trainer", "sft"):
         submit(
             f"reference-{trainer}",
@@ -394,6 +398,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[
     submit("limit", _uninterrupted, _solo, base / "limit", "--limit", "2", "--show-limit")
     submit("best", _uninterrupted, _solo, base / "best", "--limit", "1", "--best", "max")
     submit("probe", _probe, base / "probe")
+    submit("late-writes", _uninterrupted, _solo, base / "late-writes", "--late-writes")
     reference = started["reference-trainer"]
     submit("protected-crash", _protected_crash, base / "protected", reference)
     submit("newest-corrupt", _newest_corrupt, base / "newest-corrupt", reference)
@@ -434,11 +439,11 @@ def test_killed_mid_save_resumes_from_the_last_commit_exactly(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("save_on_each_node", [False, True])
+@pytest.mark.parametrize(("trainer", "save_on_each_node"), TWO_RANKS)
 def test_two_ranks_killed_mid_save_resume_exactly(
-    jobs: dict[str, Future[Job]], save_on_each_node: bool
+    jobs: dict[str, Future[Job]], trainer: str, save_on_each_node: bool
 ) -> None:
-    job = _done(jobs, f"kill-two-ranks-{save_on_each_node}")
+    job = _done(jobs, f"kill-two-ranks-{trainer}-{save_on_each_node}")
     killed, resumed = job.runs
     # Only the committing rank reaches the seal points; torchrun then stops the other.
     assert killed.returncode != 0
@@ -449,7 +454,7 @@ def test_two_ranks_killed_mid_save_resume_exactly(
 
     resumed.ok()
     assert resumed.resumed_from == 10
-    _same_result(job.out, _done(jobs, "reference-two-ranks").out)
+    _same_result(job.out, _done(jobs, f"reference-two-ranks-{trainer}").out)
     done = _snapshot(job.out)
     assert done.checkpoints == _all_valid(*CHECKPOINTS)
     assert (done.staging, done.trash) == ([], [])
@@ -511,8 +516,11 @@ def test_save_total_limit_is_enforced_by_ckptguard(jobs: dict[str, Future[Job]])
     job = _done(jobs, "limit")
     (run,) = job.runs
     run.ok()
-    # protect() took the limit over: the Trainer's own rmtree rotation never runs.
-    assert "save_total_limit after protect: None" in run.stdout
+    # While training, ckptguard holds the limit: the Trainer's own rmtree rotation never
+    # runs; the user's arguments are left as they were before and after.
+    assert "save_total_limit after protect: 2" in run.stdout
+    assert "save_total_limit while training: None" in run.stdout
+    assert "save_total_limit after training: 2" in run.stdout
     done = _snapshot(job.out)
     assert done.checkpoints == _all_valid("checkpoint-20", "checkpoint-30")
     assert (done.staging, done.trash) == ([], [])
@@ -661,3 +669,22 @@ def test_last_valid_checkpoint_skips_half_written_and_corrupt_ones(
     assert last_valid_checkpoint(tmp_path / "missing") is None
     (tmp_path / "empty").mkdir()
     assert last_valid_checkpoint(tmp_path / "empty") is None
+
+
+@pytest.mark.slow
+def test_files_on_save_callbacks_add_are_committed_with_the_checkpoint(
+    jobs: dict[str, Future[Job]],
+) -> None:
+    """A callback writes checkpoint-N/merged/ after the commit: it is committed again."""
+    job = _done(jobs, "late-writes")
+    (run,) = job.runs
+    run.ok()
+    done = _snapshot(job.out)
+    assert done.checkpoints == _all_valid(*CHECKPOINTS)  # not "extra file not in manifest"
+    assert (done.staging, done.trash, done.quarantine) == ([], [], [])
+    for step in (10, 20, 30):
+        report = ckptguard.verify(job.out / f"checkpoint-{step}")
+        assert report.manifest is not None
+        assert "merged/extra.bin" in {f.path for f in report.manifest.files}
+        extra = job.out / f"checkpoint-{step}" / "merged" / "extra.bin"
+        assert extra.read_bytes() == bytes(range(256)) * step

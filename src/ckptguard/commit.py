@@ -303,8 +303,13 @@ def commit(
     *,
     if_exists: IfExists = "keep",
     dir_mode: int | None = None,
+    supersedes: str | None = None,
 ) -> CommitResult:
-    """Make the sealed save visible under its final name. The caller holds the root's lock."""
+    """Make the sealed save visible under its final name. The caller holds the root's lock.
+
+    ``supersedes``: the save id of a checkpoint that this save knowingly replaces even if
+    it no longer verifies (files added to it after its commit by the same job).
+    """
     if if_exists not in _IF_EXISTS:
         raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
     storage, final = staging.storage, staging.final
@@ -335,6 +340,12 @@ def commit(
         existing = verify(final, checksums=False)  # sizes first: cheap
         if not existing.ok and not storage.exists(final):
             continue  # it vanished between our rename and the look; try again
+        if (
+            supersedes is not None
+            and existing.manifest is not None
+            and existing.manifest.save_id == supersedes
+        ):
+            return _replace(staging, manifest)
         if existing.ok and existing.manifest is not None:
             if existing.manifest.save_id == staging.save_id:
                 abort(staging)
@@ -392,6 +403,15 @@ def _resolve_conflict(
         raise CommitConflict(
             f"{final} already holds a valid checkpoint (save {theirs.save_id})", path=final
         )
+    return _replace(staging, ours)
+
+
+def _replace(staging: Staging, ours: Manifest) -> CommitResult:
+    """Rename the final name's checkpoint into trash, then ours into place.
+
+    Recovery puts the old one back if a crash comes between the two renames.
+    """
+    final = staging.final
     trash = os.path.join(staging.layout.trash, f"{staging.name}.{new_save_id()}")
     _rename(staging, final, trash)
     try:
@@ -587,8 +607,10 @@ class AtomicCheckpoint:
         # Run by each committer on the staging dir after every rank's writes succeeded and
         # before the seal (e.g. moving files that a framework wrote into a subdirectory).
         self.prepare = prepare
+        self.supersedes: str | None = None  # see commit()
         self._coord: Coordinator = SingleProcess()
         self._committers: list[int] = [0]
+        self._nodes = 1
         self.staging: Staging | None = None
         self.result: CommitResult | None = None
         # Digests of files that were checksummed and fsynced while written (through
@@ -636,7 +658,13 @@ class AtomicCheckpoint:
                 known=self.known,
             )
             with root_lock(staging.layout, self.lock_timeout):
-                result = commit(staging, manifest, if_exists=self.if_exists, dir_mode=self.dir_mode)
+                result = commit(
+                    staging,
+                    manifest,
+                    if_exists=self.if_exists,
+                    dir_mode=self.dir_mode,
+                    supersedes=self.supersedes,
+                )
                 publish(staging, result, stale_after=self.stale_after)
         except BaseException:
             abort(staging)  # a no-op if the rename already happened
@@ -674,6 +702,7 @@ class AtomicCheckpoint:
         probe_name = str(message["probe"])
         sees = os.path.lexists(os.path.join(layout.meta, str(probe_name)))
         views = coord.all_gather({"sees": sees, "node": coord.node})
+        self._nodes = len({str(view["node"]) for view in views})
         if coord.rank == 0:
             try:
                 self.storage.remove_file(os.path.join(layout.meta, str(probe_name)))
@@ -776,7 +805,11 @@ class AtomicCheckpoint:
                 try:
                     with root_lock(staging.layout, self.lock_timeout):
                         result = commit(
-                            staging, manifest, if_exists=self.if_exists, dir_mode=self.dir_mode
+                            staging,
+                            manifest,
+                            if_exists=self.if_exists,
+                            dir_mode=self.dir_mode,
+                            supersedes=self.supersedes,
                         )
                         publish(staging, result, stale_after=self.stale_after)
                     self.result = result
@@ -819,6 +852,11 @@ class AtomicCheckpoint:
     def shared(self) -> bool:
         """Whether one committer commits for every rank (False: node-local roots)."""
         return all(c == 0 for c in self.committers)
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the ranks of this save run on (after ``__enter__``)."""
+        return self._nodes
 
     @property
     def committer(self) -> int:

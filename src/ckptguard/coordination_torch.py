@@ -10,11 +10,14 @@ and the process then aborts after a successful run (SIGABRT, "terminate called w
 active exception"): 9 of 20 two-rank runs of three all_gathers here, 2 of 30 protected
 Accelerate runs. A side group also added gloo threads to NCCL jobs.
 
-Keys: ``ckptguard/<generation>/<round>/<rank>`` (``.../<round>/b`` for a broadcast). The
-round number advances on every call; every rank makes the same calls in the same order (the
-Coordinator contract), so the numbers agree. The generation tells process groups that
-reuse a store apart: each rank draws a ticket from a store counter when it first uses a
-group, and ranks of the same group draw consecutive tickets. A key is deleted by its writer
+Keys: ``ckptguard/<world size>/<generation>/<round>/<rank>`` (``.../<round>/b`` for a
+broadcast). The round number advances on every call; every rank makes the same calls in
+the same order (the Coordinator contract), so the numbers agree. The generation tells
+process groups that reuse a store apart (a group destroyed and created again in the same
+processes): each rank draws a ticket from the store's counter for its world size when it
+first uses a group, and the ranks of one group draw consecutive tickets. Partial: a group
+re-created on the same store by a different set of processes, some of which never joined
+the earlier one, could disagree on the generation. A key is deleted by its writer
 once a later ``all_gather`` shows that every rank has read it; at most one round of keys
 per rank stays in the store.
 """
@@ -33,7 +36,6 @@ import torch.distributed as dist
 __all__ = ["TorchCoordinator"]
 
 _PREFIX = "ckptguard"
-_TICKETS = f"{_PREFIX}/tickets"
 
 
 @dataclass
@@ -68,9 +70,10 @@ def _rounds() -> _Rounds:
         rounds = _ROUNDS.get(id(group))
         if rounds is None or rounds.group is not group:
             store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 - its store
-            ticket = int(store.add(_TICKETS, 1))
-            generation = (ticket - 1) // int(dist.get_world_size())
-            rounds = _Rounds(group, store, f"{_PREFIX}/{generation}/")
+            world = int(dist.get_world_size())
+            ticket = int(store.add(f"{_PREFIX}/tickets/{world}", 1))
+            generation = (ticket - 1) // world
+            rounds = _Rounds(group, store, f"{_PREFIX}/{world}/{generation}/")
             _ROUNDS[id(group)] = rounds
         return rounds
 

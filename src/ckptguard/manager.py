@@ -253,6 +253,7 @@ class CheckpointManager:
         *,
         prepare: Callable[[Path], None] | None = None,
         also_keep: Collection[str] = (),
+        supersedes: str | None = None,
     ) -> CheckpointInfo:
         """Commit the files that ``write(staging_dir)`` writes, as the checkpoint of ``step``.
 
@@ -261,12 +262,15 @@ class CheckpointManager:
         which may write its own files into ``tx.staging_dir``; ``prepare(staging_dir)``
         runs on each committer after every rank's writes succeeded, before the seal. Then
         the new checkpoint is verified and retention runs; ``also_keep`` names checkpoints
-        it must keep this time (a framework's "best" checkpoint).
+        it must keep this time (a framework's "best" checkpoint). ``supersedes``: the
+        save id of a checkpoint of this name to replace even if it no longer verifies
+        (changed after its commit).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         tx = self._transaction(step, metrics, _flagged(metadata, kind="files", pin=False))
         tx.prepare = prepare
+        tx.supersedes = supersedes
         with tx:
             write(tx)
         return self._after_commit(

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint, SaveAborted
+from ckptguard.errors import CheckpointError, CorruptCheckpoint, NoValidCheckpoint, SaveAborted
 from ckptguard.layout import MANIFEST_NAME, META_DIR
 from ckptguard.recovery import recover
 from ckptguard.verify import verify
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ckptguard.coordination import Coordinator
     from ckptguard.manager import CheckpointManager
 
-__all__ = ["agreed_latest", "check_resume_path", "repair_root", "spans_nodes"]
+__all__ = ["agreed_latest", "check_resume_path", "repair_root"]
 
 _log = logging.getLogger("ckptguard.integrations")
 
@@ -33,14 +33,12 @@ def repair_root(root: str) -> None:
     checkpoint in the root's trash and nothing under its name: recovery renames it back.
     Stale staging dirs go too. A directory that is not a ckptguard root is left alone.
     """
-    if os.path.isdir(os.path.join(root, META_DIR)):
+    if not os.path.isdir(os.path.join(root, META_DIR)):
+        return
+    try:
         recover(root, checksums=False)
-
-
-def spans_nodes() -> bool:
-    """Whether this job's ranks run on more than one node (torchrun's environment)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world) < world
+    except (OSError, CheckpointError) as exc:  # a read-only mount, a busy lock: read anyway
+        _log.warning("could not repair %s before reading it (%s); reading it as it is", root, exc)
 
 
 def _leader(coord: Coordinator) -> bool:
@@ -54,7 +52,11 @@ def _gather_errors(coord: Coordinator, error: str | None, what: str, path: str) 
     failures = {r: str(e) for r, e in enumerate(errors) if e is not None}
     if failures:
         raise SaveAborted(
-            f"{what} failed on rank(s) {sorted(failures)}", path=path, failures=failures
+            f"{what} failed on rank(s) {sorted(failures)}",
+            path=path,
+            failures=failures,
+            hint="see each rank's failure; `ckptguard verify PATH` tells why a checkpoint "
+            "does not verify",
         )
 
 
@@ -86,6 +88,7 @@ def agreed_latest(manager: CheckpointManager) -> str | None:
             f"{sorted(failures)}",
             path=manager.root,
             failures=failures,
+            hint="see each rank's failure; `ckptguard list ROOT` shows every checkpoint",
         )
     steps = [p["step"] for p in proposals if p["leader"]]
     if not steps or any(s is None for s in steps):

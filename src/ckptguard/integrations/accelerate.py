@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ckptguard.commit import AtomicCheckpoint
 from ckptguard.coordination import default_coordinator
 from ckptguard.errors import NoValidCheckpoint
-from ckptguard.integrations._resume import agreed_latest, check_resume_path, spans_nodes
+from ckptguard.integrations._resume import agreed_latest, check_resume_path
 from ckptguard.layout import ACCELERATE_NAMING
 from ckptguard.manager import CheckpointManager
 
@@ -119,7 +119,7 @@ def _write_with(acc: Any, guard: _Guard, original_save: Any, kwargs: dict[str, A
 
     def write(tx: Transaction) -> None:
         config = acc.project_configuration
-        if spans_nodes() and bool(config.save_on_each_node) == tx.shared:
+        if tx.nodes > 1 and bool(config.save_on_each_node) == tx.shared:
             wanted = not tx.shared
             if not guard.warned_topology:
                 _log.warning(

@@ -24,8 +24,10 @@ How, for each checkpoint the trainer saves (every rank takes part, as in the Tra
    seals it (checksums, manifest) and renames it to ``checkpoint-<step>`` in one step;
 4. retention: ckptguard keeps ``save_total_limit`` newest valid checkpoints plus the
    trainer's best (``load_best_model_at_end``), never the newest valid or the best deleted,
-   only after the new one verifies. ``trainer.args.save_total_limit`` is set to None so that
-   the Trainer's own rotation (a plain ``rmtree``, also at the end of training) never runs.
+   only after the new one verifies. While ``train()`` runs, ``trainer.args.save_total_limit``
+   reads None, so that the Trainer's own rotation (a plain ``rmtree``, also at the end of
+   training) never runs; it is restored afterwards. A Hub push of a checkpoint
+   (``push_to_hub`` with a checkpoint ``hub_strategy``) happens once it is committed.
 
 ``save_on_each_node`` is made to match the storage that the probe finds: True on
 node-local roots (each node gets a complete checkpoint, or resume on other nodes would
@@ -37,6 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -47,10 +50,10 @@ from ckptguard.integrations._resume import (
     agreed_latest,
     check_resume_path,
     repair_root,
-    spans_nodes,
 )
-from ckptguard.layout import HF_NAMING
+from ckptguard.layout import HF_NAMING, RESERVED_NAMES
 from ckptguard.manager import CheckpointManager
+from ckptguard.retention import RetentionPolicy
 from ckptguard.verify import verify
 
 if TYPE_CHECKING:
@@ -102,6 +105,8 @@ class _Guard:
     managers: dict[str, CheckpointManager] = field(default_factory=dict)
     redirect: str | None = None  # the run dir the trainer writes into during a save
     warned_topology: bool = False
+    # (root, step, keep, save id) of the save just committed, until on_save has run
+    just_saved: tuple[str, int, set[str], str | None] | None = None
 
     def manager(self, root: str) -> CheckpointManager:
         """The checkpoint manager of ``root`` (made on first use: every rank calls)."""
@@ -110,7 +115,14 @@ class _Guard:
             self.managers[root] = CheckpointManager(
                 root, keep_last=self.keep_last, keep_best=0, coordinator=default_coordinator()
             )
-        return self.managers[root]
+        manager = self.managers[root]
+        manager.policy = RetentionPolicy(keep_last=self.keep_last, keep_best=0)
+        return manager
+
+
+def _keep_last(limit: Any) -> int | None:
+    """``save_total_limit`` as retention's ``keep_last`` (the Trainer: None or <= 0 = all)."""
+    return None if limit is None or int(limit) <= 0 else int(limit)
 
 
 def protect(trainer: T) -> T:
@@ -129,10 +141,7 @@ def protect(trainer: T) -> T:
                 f"{type(trainer).__name__} has no {needed!r}"
             )
     t: Any = trainer
-    guard = _Guard(keep_last=t.args.save_total_limit)
-    # The Trainer's rotation deletes with rmtree, and at the end of training it deletes the
-    # newest checkpoint when save_total_limit == 1; ckptguard's retention replaces both.
-    t.args.save_total_limit = None
+    guard = _Guard(keep_last=_keep_last(t.args.save_total_limit))
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
@@ -156,11 +165,32 @@ def protect(trainer: T) -> T:
             kwargs["resume_from_checkpoint"] = _resolve_resume(
                 t, guard, kwargs["resume_from_checkpoint"]
             )
-        return original_train(*args_list, **kwargs)
+        # The Trainer's rotation deletes with rmtree, and at the end of training it deletes
+        # the newest checkpoint when save_total_limit == 1: while it trains, it sees no
+        # limit and ckptguard's retention applies the user's (args may be shared: restored).
+        limit = t.args.save_total_limit
+        guard.keep_last = _keep_last(limit)
+        t.args.save_total_limit = None
+        try:
+            return original_train(*args_list, **kwargs)
+        finally:
+            t.args.save_total_limit = limit
+
+    handler = t.callback_handler
+    original_on_save = handler.on_save
+
+    @functools.wraps(original_on_save)
+    def on_save(*args: Any, **kwargs: Any) -> Any:
+        result = original_on_save(*args, **kwargs)
+        if guard.just_saved is not None:
+            saved, guard.just_saved = guard.just_saved, None
+            _commit_late_writes(t, guard, saved)
+        return result
 
     t._get_output_dir = _get_output_dir  # noqa: SLF001
     t._save_checkpoint = _save_checkpoint  # noqa: SLF001
     t.train = train
+    handler.on_save = on_save
     setattr(t, _ATTR, guard)
     _log.info("ckptguard protects the checkpoints of %s in %s", type(t).__name__, t.args.output_dir)
     return trainer
@@ -212,16 +242,19 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
     name = HF_NAMING.name(step)
     final = os.path.join(manager.root, name)
     keep: set[str] = set()  # the trainer's best checkpoint, known once the trainer has saved
+    pushes: list[str] = []  # the trainer asked to push this checkpoint to the Hub
 
     def write(tx: AtomicCheckpoint) -> None:
         _match_save_on_each_node(trainer, guard, tx)
         staging = str(tx.staging_dir)
         guard.redirect = staging
         undo = _let_node_leaders_save_weights(trainer) if not tx.shared else None
+        undo_push = _defer_push(trainer, pushes)
         try:
             run_original()
         finally:
             guard.redirect = None
+            undo_push()
             if undo is not None:
                 undo()
         best = trainer.state.best_model_checkpoint
@@ -237,7 +270,7 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
     def prepare(staging: Path) -> None:
         _hoist(staging, name)
 
-    manager.save_files(
+    info = manager.save_files(
         step,
         write,
         metrics=_step_metrics(trainer.state, step),
@@ -246,6 +279,64 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
         also_keep=keep,
     )
     _log.info("committed %s", final)
+    guard.just_saved = (manager.root, step, keep, info.save_id)
+    if pushes:
+        trainer._push_from_checkpoint(final)  # noqa: SLF001 - the Trainer's own push, deferred
+
+
+def _commit_late_writes(
+    trainer: Any, guard: _Guard, saved: tuple[str, int, set[str], str | None]
+) -> None:
+    """Commit what ``on_save`` callbacks wrote into a checkpoint after its commit.
+
+    Callbacks run after ``_save_checkpoint`` and find the checkpoint under its final name
+    (TRL's MergeModelCallback adds ``merged/``, PEFT savers add or remove files). Left so,
+    the checkpoint would no longer match its manifest, and resume would skip it. Every
+    rank checks its root's structure (names and sizes; one exchange per save); if any
+    changed, the checkpoint is committed again, atomically replacing the first commit, from
+    hard links of what is there now. Partial: a callback that rewrites a file in place
+    with the same size is not noticed.
+    """
+    root, step, keep, save_id = saved
+    manager = guard.manager(root)
+    coord = manager.coordinator
+    path = os.path.join(manager.root, HF_NAMING.name(step))
+    changed = os.path.isdir(path) and not verify(path, checksums=False).ok
+    if coord.world_size > 1:
+        changed = any(coord.all_gather(changed))
+    if not changed:
+        return
+    _log.info("on_save callbacks changed %s after its commit: committing it again", path)
+
+    def relink(tx: AtomicCheckpoint) -> None:
+        if coord.rank == tx.committer:
+            _link_tree(path, str(tx.staging_dir))
+
+    manager.save_files(
+        step,
+        relink,
+        metrics=_step_metrics(trainer.state, step),
+        metadata={"framework": "transformers", "trainer": type(trainer).__name__},
+        also_keep=keep,
+        supersedes=save_id,
+    )
+
+
+def _link_tree(source: str, target: str) -> None:
+    """Hard-link (or copy, across filesystems) every file of ``source`` into ``target``."""
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel = os.path.relpath(dirpath, source)
+        dest_dir = target if rel == os.curdir else os.path.join(target, rel)
+        for name in dirnames:
+            os.makedirs(os.path.join(dest_dir, name), exist_ok=True)
+        for name in filenames:
+            if rel == os.curdir and name in RESERVED_NAMES:
+                continue  # the old manifest: the new commit writes its own
+            src, dst = os.path.join(dirpath, name), os.path.join(dest_dir, name)
+            try:
+                os.link(src, dst, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _current_best(trainer: Any, root: str) -> set[str]:
@@ -258,7 +349,7 @@ def _current_best(trainer: Any, root: str) -> set[str]:
 def _match_save_on_each_node(trainer: Any, guard: _Guard, tx: AtomicCheckpoint) -> None:
     """Make ``save_on_each_node`` agree with the storage that the probe found."""
     args = trainer.args
-    if not spans_nodes() or args.save_on_each_node == (not tx.shared):
+    if tx.nodes <= 1 or args.save_on_each_node == (not tx.shared):
         return  # on one node both settings pick the same writer
     wanted = not tx.shared
     if not guard.warned_topology:
@@ -275,6 +366,27 @@ def _match_save_on_each_node(trainer: Any, guard: _Guard, tx: AtomicCheckpoint) 
         )
         guard.warned_topology = True
     args.save_on_each_node = wanted
+
+
+def _defer_push(trainer: Any, pushes: list[str]) -> Any:
+    """Hold back the Trainer's Hub push of a checkpoint until it is committed.
+
+    Pushed from the staging dir, the upload would race the seal and the rename. Returns an
+    undo.
+    """
+    if not callable(getattr(trainer, "_push_from_checkpoint", None)):
+        return lambda: None
+
+    def record(checkpoint_folder: str, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+        pushes.append(checkpoint_folder)
+
+    trainer._push_from_checkpoint = record  # noqa: SLF001
+
+    def undo() -> None:
+        del trainer._push_from_checkpoint  # noqa: SLF001
+
+    return undo
 
 
 def _let_node_leaders_save_weights(trainer: Any) -> Any:
