@@ -392,3 +392,21 @@ def test_a_replace_killed_between_its_renames_still_loads_the_old_checkpoint(
     assert loaded["global_step"] == 1
     assert torch.equal(loaded["w"], torch.ones(3))
     assert _entries(RootLayout(str(tmp_path)).trash) == []
+
+
+def test_a_save_last_link_is_followed_inside_its_directory(tmp_path: Path) -> None:
+    """``ModelCheckpoint(save_last="link")``: last.ckpt is a relative symlink to a checkpoint."""
+    _save(tmp_path / "step=5.ckpt", step=5, value=2.0)
+    (tmp_path / "last.ckpt").symlink_to("step=5.ckpt")
+    loaded = AtomicCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")
+    assert loaded["global_step"] == 5
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((3, 4), 2.0))
+    assert checkpoint_file(tmp_path / "last.ckpt") == str(
+        tmp_path / "step=5.ckpt" / "checkpoint.ckpt"
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    _save(outside / "step=9.ckpt", step=9)
+    (tmp_path / "escape.ckpt").symlink_to(outside / "step=9.ckpt")
+    with pytest.raises(CorruptCheckpoint, match="outside its directory"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "escape.ckpt")

@@ -19,6 +19,10 @@ half-deleted checkpoint. To load one outside a Trainer, use :func:`load` or pass
 
 Lightning saves from global rank 0 only (the other ranks never call the plugin), so each
 save commits from that one process.
+
+Not supported: strategies that load checkpoints without the plugin (``FSDPStrategy`` and
+``ModelParallelStrategy`` with full state dicts expect a file), and loggers that upload
+checkpoint files (``log_model=True``) see a directory.
 """
 
 from __future__ import annotations
@@ -55,6 +59,20 @@ _log = logging.getLogger("ckptguard.integrations.lightning")
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the torch.save file inside a checkpoint directory
 
 
+def _follow_link(path: str) -> str:
+    """The checkpoint a ``last.ckpt`` link points to; it must be in the link's directory."""
+    if not os.path.islink(path):
+        return path
+    target = os.path.realpath(path)
+    if os.path.dirname(target) != os.path.realpath(os.path.dirname(os.path.abspath(path))):
+        raise CorruptCheckpoint(
+            f"{path} links to {target}, outside its directory: not followed",
+            path=path,
+            hint="point it at a checkpoint in the same directory, or load the target itself",
+        )
+    return target
+
+
 def _is_ours(path: str) -> bool:
     return os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST_NAME))
 
@@ -65,7 +83,7 @@ def checkpoint_file(path: str | os.PathLike[str]) -> str:
     For ``LightningModule.load_from_checkpoint(checkpoint_file(path))``. A plain file (not
     a ckptguard checkpoint) is returned as it is.
     """
-    path = os.fspath(path)
+    path = _follow_link(os.fspath(path))
     if not os.path.isdir(path):
         return path
     report = verify(path)
@@ -84,8 +102,12 @@ def load(
     *,
     weights_only: bool | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint saved through :class:`AtomicCheckpointIO` (verified first)."""
-    path = os.fspath(path)
+    """Load a checkpoint saved through :class:`AtomicCheckpointIO` (verified first).
+
+    A symlink (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is followed to a
+    checkpoint in the same directory.
+    """
+    path = _follow_link(os.fspath(path))
     repair_root(os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path) and not _is_ours(path):
         raise CorruptCheckpoint(
