@@ -608,6 +608,12 @@ class AtomicCheckpoint:
         # before the seal (e.g. moving files that a framework wrote into a subdirectory).
         self.prepare = prepare
         self.supersedes: str | None = None  # see commit()
+        # With several ranks, an exception in the block normally reaches every rank as
+        # SaveAborted. When the block runs a framework's own collectives (the integrations),
+        # the other ranks may be waiting inside one of those instead: then the failing rank
+        # raises at once, and the launcher (torchrun) ends the job, rather than all of them
+        # waiting for a timeout.
+        self.fail_fast = False
         self._coord: Coordinator = SingleProcess()
         self._committers: list[int] = [0]
         self._nodes = 1
@@ -768,6 +774,10 @@ class AtomicCheckpoint:
     def _finish_for_all(self, staging: Staging, exc: BaseException | None) -> None:
         coord = self._coord
         committer = coord.rank == self._committers[coord.rank]
+        if exc is not None and self.fail_fast:
+            if committer:
+                abort(staging)
+            return  # the exception propagates; no collective is entered
         local_error: BaseException | None = exc
 
         # Phase 1: did every rank's writes succeed? Then every committer seals.

@@ -260,7 +260,9 @@ class CheckpointManager:
         For frameworks that write their own files (Hugging Face, Accelerate, Lightning).
         Under torch.distributed every rank calls this and ``write(tx)`` runs on every rank,
         which may write its own files into ``tx.staging_dir``; ``prepare(staging_dir)``
-        runs on each committer after every rank's writes succeeded, before the seal. Then
+        runs on each committer after every rank's writes succeeded, before the seal. An
+        exception in ``write`` raises at once on its rank (the others may be inside the
+        framework's own collectives; the launcher ends the job). Then
         the new checkpoint is verified and retention runs; ``also_keep`` names checkpoints
         it must keep this time (a framework's "best" checkpoint). ``supersedes``: the
         save id of a checkpoint of this name to replace even if it no longer verifies
@@ -271,6 +273,7 @@ class CheckpointManager:
         tx = self._transaction(step, metrics, _flagged(metadata, kind="files", pin=False))
         tx.prepare = prepare
         tx.supersedes = supersedes
+        tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
         with tx:
             write(tx)
         return self._after_commit(

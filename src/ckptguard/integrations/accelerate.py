@@ -24,6 +24,11 @@ With ``protect``:
 - ``load_state()`` loads the newest checkpoint that verifies on every node and sets
   ``iteration`` to the one after it; ``load_state(path)`` verifies ``path`` first;
 - ``save_on_each_node`` is made to match the storage that the probe finds.
+
+Differences a user may notice: ``save_state(output_dir)`` onto an existing directory that
+ckptguard did not write moves that directory to ``.ckptguard/quarantine/`` (Accelerate
+would write into it); and the ``.ckptguard`` directory inside ``project_dir/checkpoints``
+makes an *unprotected* Accelerate's ``load_state()`` fail (its folder-number parsing).
 """
 
 from __future__ import annotations
@@ -172,6 +177,7 @@ def _save_state(
         metadata={"framework": "accelerate"},
         coordinator=default_coordinator(),
     )
+    tx.fail_fast = True  # save_state runs Accelerate's own collectives
     with tx:
         write(tx)
     config.iteration = int(config.iteration) + 1
