@@ -137,6 +137,11 @@ def main() -> int:
         }
         with open(os.path.join(opts.out, "final.json"), "w") as f:
             json.dump({"step": trainer.global_step, "weights": weights}, f, sort_keys=True)
+    if torch.distributed.is_initialized():
+        # torch 2.13 with gloo: work objects that outlive the interpreter's shutdown abort
+        # the process ("terminate called without an active exception") after a successful
+        # run, now and then (seen with Lightning DDP, which makes no ckptguard exchanges).
+        torch.distributed.destroy_process_group()
     return 0
 
 
