@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import warnings
 
@@ -24,24 +23,11 @@ import xxhash
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from ckptguard import _faults
 from ckptguard.errors import NoValidCheckpoint
 from ckptguard.integrations.accelerate import protect
+from driver_faults import kill_at
 
 warnings.filterwarnings("ignore")
-
-
-def _kill_hook(spec: str) -> None:
-    point, nth = spec.rsplit(":", 1)
-    seen = [0]
-
-    def hook(name: str) -> None:
-        if name == point:
-            seen[0] += 1
-            if seen[0] == int(nth):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    _faults.set_fault_hook(hook)
 
 
 def main() -> int:
@@ -54,7 +40,7 @@ def main() -> int:
     ap.add_argument("--unprotected", action="store_true")
     opts = ap.parse_args()
     if opts.kill_at:
-        _kill_hook(opts.kill_at)
+        kill_at(opts.kill_at)
     os.makedirs(opts.out, exist_ok=True)
     accelerator = Accelerator(
         cpu=True,

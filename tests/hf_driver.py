@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from typing import Any
@@ -45,11 +44,11 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from ckptguard import _faults  # noqa: E402
 from ckptguard.integrations.transformers import (  # noqa: E402
     last_valid_checkpoint,
     protect,
 )
+from driver_faults import kill_at  # noqa: E402
 
 VOCAB = 97
 SEQ = 16
@@ -94,19 +93,6 @@ def _digest(model: Any) -> dict[str, str]:
     }
 
 
-def _kill_hook(spec: str) -> None:
-    point, nth = spec.rsplit(":", 1)
-    seen = [0]
-
-    def hook(name: str) -> None:
-        if name == point:
-            seen[0] += 1
-            if seen[0] == int(nth):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    _faults.set_fault_hook(hook)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -125,7 +111,7 @@ def main() -> int:
     out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
     rank = int(os.environ.get("RANK", "0"))
     if opts.kill_at:
-        _kill_hook(opts.kill_at)
+        kill_at(opts.kill_at)
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from typing import Any
@@ -34,11 +33,11 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 import lightning as L  # noqa: E402, N812 - Lightning's own convention
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from ckptguard import _faults  # noqa: E402
 from ckptguard.integrations.lightning import (  # noqa: E402
     AtomicCheckpointIO,
     last_valid_checkpoint,
 )
+from driver_faults import kill_at  # noqa: E402
 
 
 class Tiny(L.LightningModule):
@@ -67,19 +66,6 @@ def _data() -> torch.utils.data.DataLoader[Any]:
     return torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
 
 
-def _kill_hook(spec: str) -> None:
-    point, nth = spec.rsplit(":", 1)
-    seen = [0]
-
-    def hook(name: str) -> None:
-        if name == point:
-            seen[0] += 1
-            if seen[0] == int(nth):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    _faults.set_fault_hook(hook)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -89,7 +75,7 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=None)
     opts = ap.parse_args()
     if opts.kill_at:
-        _kill_hook(opts.kill_at)
+        kill_at(opts.kill_at)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         # Run as one rank of a job launched outside Lightning (torchrun, ckpt-chaos --ranks).

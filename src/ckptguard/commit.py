@@ -652,26 +652,30 @@ class AtomicCheckpoint:
             return  # the original exception propagates
         self.result = self._seal_and_commit(staging)
 
+    def _prepare_and_seal(self, staging: Staging) -> Manifest:
+        """The committer's steps once every rank has written: prepare, then seal."""
+        if self.prepare is not None:
+            self.prepare(Path(staging.path))
+        return seal(
+            staging, step=self.step, metrics=self.metrics, metadata=self.metadata, known=self.known
+        )
+
+    def _commit_and_publish(self, staging: Staging, manifest: Manifest) -> CommitResult:
+        """Rename the sealed save into place and publish it, under the root's lock."""
+        with root_lock(staging.layout, self.lock_timeout):
+            result = commit(
+                staging,
+                manifest,
+                if_exists=self.if_exists,
+                dir_mode=self.dir_mode,
+                supersedes=self.supersedes,
+            )
+            publish(staging, result, stale_after=self.stale_after)
+        return result
+
     def _seal_and_commit(self, staging: Staging) -> CommitResult:
         try:
-            if self.prepare is not None:
-                self.prepare(Path(staging.path))
-            manifest = seal(
-                staging,
-                step=self.step,
-                metrics=self.metrics,
-                metadata=self.metadata,
-                known=self.known,
-            )
-            with root_lock(staging.layout, self.lock_timeout):
-                result = commit(
-                    staging,
-                    manifest,
-                    if_exists=self.if_exists,
-                    dir_mode=self.dir_mode,
-                    supersedes=self.supersedes,
-                )
-                publish(staging, result, stale_after=self.stale_after)
+            result = self._commit_and_publish(staging, self._prepare_and_seal(staging))
         except BaseException:
             abort(staging)  # a no-op if the rename already happened
             raise
@@ -788,15 +792,7 @@ class AtomicCheckpoint:
         sealed: dict[str, Any] | None = None
         if committer and not failures:
             try:
-                if self.prepare is not None:
-                    self.prepare(Path(staging.path))
-                manifest = seal(
-                    staging,
-                    step=self.step,
-                    metrics=self.metrics,
-                    metadata=self.metadata,
-                    known=self.known,
-                )
+                manifest = self._prepare_and_seal(staging)
                 sealed = {"ok": True}
             except BaseException as err:  # tell the others before raising
                 local_error = err
@@ -813,15 +809,7 @@ class AtomicCheckpoint:
                 outcome = {"ok": False, "failures": failures}
             else:
                 try:
-                    with root_lock(staging.layout, self.lock_timeout):
-                        result = commit(
-                            staging,
-                            manifest,
-                            if_exists=self.if_exists,
-                            dir_mode=self.dir_mode,
-                            supersedes=self.supersedes,
-                        )
-                        publish(staging, result, stale_after=self.stale_after)
+                    result = self._commit_and_publish(staging, manifest)
                     self.result = result
                     outcome = {
                         "ok": True,
