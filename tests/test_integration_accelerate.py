@@ -13,121 +13,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import ckptguard
+import driver_jobs
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import MANIFEST_NAME, RootLayout
+from driver_jobs import CHILD_ENV, RUN_TIMEOUT, Done, assert_killed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 DRIVER = Path(__file__).with_name("accel_driver.py")
-# Children may import whatever warns (frameworks' deprecations are not under test here); one
-# thread each, as torchrun sets for its workers: two runs share this machine's cores.
-CHILD_ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-RUN_TIMEOUT = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True)
-class Done:
-    """A finished run: its exit status and output."""
-
-    out: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def ok(self) -> Done:
-        assert self.returncode == 0, self.stderr[-4000:]
-        return self
-
-    @property
-    def resumed_from(self) -> str:
-        """The checkpoint number the run resumed from, as the driver printed it."""
-        match = re.search(r"^resumed from step (\S+)", self.stdout, re.MULTILINE)
-        assert match is not None, self.stdout
-        return match.group(1)
-
-    @property
-    def final(self) -> bytes:
-        return (self.out / "final.json").read_bytes()
-
-
-class Job:
-    """A driver run in the background (its output goes to files: no pipe can fill up)."""
-
-    def __init__(self, out: Path, *args: str, nproc: int = 1) -> None:
-        self.out = out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        launcher = [sys.executable]
-        if nproc > 1:
-            launcher += [
-                "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-            ]  # fmt: skip
-        self._stdout: IO[str] = out.with_name(f"{out.name}.stdout").open("w+")
-        self._stderr: IO[str] = out.with_name(f"{out.name}.stderr").open("w+")
-        self._done: Done | None = None
-        self.proc = subprocess.Popen(
-            [*launcher, str(DRIVER), str(out), *args],
-            stdout=self._stdout,
-            stderr=self._stderr,
-            text=True,
-            env=CHILD_ENV,
-            start_new_session=True,  # stop() can end torchrun's workers with it
-        )
-
-    def wait(self) -> Done:
-        if self._done is None:
-            returncode = self.proc.wait(timeout=RUN_TIMEOUT)
-            outputs = []
-            for stream in (self._stdout, self._stderr):
-                stream.seek(0)
-                outputs.append(stream.read())
-                stream.close()
-            self._done = Done(self.out, returncode, outputs[0], outputs[1])
-        return self._done
-
-    def stop(self) -> None:
-        """End the run if a failed test left it running."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.wait()
+class Job(driver_jobs.Job):
+    driver = DRIVER
 
 
 def _run(out: Path, *args: str, nproc: int = 1) -> Done:
-    job = Job(out, *args, nproc=nproc)
-    try:
-        return job.wait()
-    finally:
-        job.stop()
-
-
-def _assert_killed(done: Done, nproc: int) -> None:
-    """The run died by the SIGKILL of its fault hook: the fault point was reached."""
-    if nproc == 1:
-        assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr[-4000:])
-    else:  # torchrun reports its worker's signal and fails the job
-        assert done.returncode != 0
-        assert "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-4000:]
+    return driver_jobs.finish(Job(out, *args, nproc=nproc))
 
 
 def _checkpoints(out: Path) -> Path:
@@ -193,7 +104,7 @@ def test_killed_mid_save_resumes_identically(
 ) -> None:
     out = tmp_path / "run"
     ckpts = _checkpoints(out)
-    _assert_killed(_run(out, "--kill-at", kill_at), nproc=1)
+    assert_killed(_run(out, "--kill-at", kill_at), nproc=1)
     assert _names(ckpts) == committed
     for name in committed:
         _assert_verifies(ckpts / name)
@@ -214,7 +125,7 @@ def test_two_ranks_killed_mid_save_resume_identically(tmp_path: Path) -> None:
     ckpts = _checkpoints(out)
     reference = Job(tmp_path / "reference", nproc=2)
     try:
-        _assert_killed(_run(out, "--kill-at", "seal.files_synced:2", nproc=2), nproc=2)
+        assert_killed(_run(out, "--kill-at", "seal.files_synced:2", nproc=2), nproc=2)
         assert _names(ckpts) == ["checkpoint_0"]
         _assert_verifies(ckpts / "checkpoint_0")
 
@@ -246,7 +157,7 @@ def test_total_limit_keeps_the_newest_and_numbering_survives_a_resume(
     # Killed during the third save, just before its rename: checkpoint_0 and _1 remain.
     out = tmp_path / "run"
     ckpts = _checkpoints(out)
-    _assert_killed(_run(out, "--limit", "2", "--kill-at", "commit.before_rename:3"), nproc=1)
+    assert_killed(_run(out, "--limit", "2", "--kill-at", "commit.before_rename:3"), nproc=1)
     assert _names(ckpts) == ["checkpoint_0", "checkpoint_1"]
     # Upstream Accelerate leaves `iteration` at 0 after load_state(), so the next automatic
     # save would be named checkpoint_0 again; ckptguard sets it past the one loaded.
