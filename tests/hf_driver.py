@@ -217,5 +217,25 @@ def main() -> int:
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exit without the interpreter's shutdown when a gloo process group is up.
+
+    torch 2.13's gloo worker thread can release the Trainer's last ``all_gather`` work (it
+    holds Python tensors) while the main thread runs ``Py_FinalizeEx``; taking the GIL then
+    ends the worker thread inside a noexcept destructor, and the process aborts with
+    "terminate called without an active exception" after a successful run (core dump:
+    ``AsyncAllgatherWork::~AsyncAllgatherWork`` <- ``ProcessGroupGloo::runLoop``; 2 of 10
+    two-rank runs here). ``destroy_process_group()`` aborted here too. Everything this
+    driver writes is closed by now, and ckptguard commits synchronously, so nothing is lost
+    by skipping the shutdown.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
