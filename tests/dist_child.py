@@ -5,6 +5,8 @@ Usage: torchrun ... dist_child.py MODE ROOT ROUNDS OUT_DIR
            (the original bug); reports the errors it hit
   guarded  every rank writes its own files inside ckptguard.atomic_checkpoint
   raising  like guarded, but rank 1 raises while writing in round 1
+  async    CheckpointManager(async_save=True): the training thread runs gloo all_reduces
+           and changes its tensors while each save commits in the background
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
     infos = []
     for step in range(1, rounds + 1):
         torch.manual_seed(step)  # replicated state: identical on every rank
-        info = mgr.save(step, {"w": torch.randn(64), "step": step}, metrics={"loss": 1 / step})
+        info = mgr.save(
+            step, {"w": torch.randn(64), "step": step}, metrics={"loss": 1 / step}
+        ).result()
         infos.append({"step": info.step, "valid": info.valid, "path": info.path})
     restored = mgr.restore()
     torch.manual_seed(rounds)
@@ -86,6 +90,37 @@ def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
     except ckptguard.SaveAborted as exc:
         aborted.append({str(k): v for k, v in exc.failures.items()})
     return {"errors": [], "infos": infos, "restored_equal": same, "aborted": aborted}
+
+
+def async_saves(root: Path, rounds: int) -> dict[str, object]:
+    """Async saves while the training thread keeps using the process group."""
+    import torch
+
+    mgr = ckptguard.CheckpointManager(root, keep_last=None, async_save=True)
+    w = torch.zeros(1 << 16)
+    errors: list[str] = []
+    stalls = []
+    for step in range(1, rounds + 1):
+        w.fill_(float(step))  # replicated: the same on every rank
+        job = mgr.save(step, {"w": w, "step": step}, metrics={"loss": 1 / step}, blocking=False)
+        stalls.append(job.stall_seconds)
+        # Training goes on at once: a collective on the training's group, and the tensor
+        # the save is writing changes under it (the snapshot must not see this).
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        if total.item() != dist.get_world_size():
+            errors.append(f"all_reduce gave {total.item()}")
+        w.fill_(-1.0)
+    last = mgr.wait()
+    if last is None or last.step != rounds or not last.valid:
+        errors.append(f"last save: {last}")
+    capacity = mgr._buffers.capacity if mgr._buffers is not None else 0
+    for step in range(1, rounds + 1):
+        got = mgr.restore(step)
+        if got["step"] != step or not bool(torch.all(got["w"] == float(step))):
+            errors.append(f"checkpoint-{step} does not hold the state at its save")
+    mgr.close()
+    return {"errors": errors, "buffer_bytes": capacity, "stalls": stalls}
 
 
 def killed(root: Path, rounds: int, rank: int) -> dict[str, object]:
@@ -157,6 +192,8 @@ def main() -> None:
         report = sharded_refused(root)
     elif mode == "sharded":
         report = sharded(root, rounds)
+    elif mode == "async":
+        report = async_saves(root, rounds)
     elif mode == "killed":
         report = killed(root, rounds, rank)
     else:

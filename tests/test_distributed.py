@@ -128,7 +128,7 @@ def test_checkpoint_manager_single_process_twin(tmp_path: Path) -> None:
     mgr = ckptguard.CheckpointManager(tmp_path / "run", keep_last=2)
     for step in range(1, 6):
         torch.manual_seed(step)
-        assert mgr.save(step, {"w": torch.randn(64), "step": step}).valid
+        assert mgr.save(step, {"w": torch.randn(64), "step": step}).result().valid
     torch.manual_seed(5)
     assert torch.equal(mgr.restore()["w"], torch.randn(64))
     with pytest.raises(TypeError):
@@ -177,6 +177,29 @@ def test_manager_on_node_local_roots_commits_on_every_node(tmp_path: Path) -> No
         assert ckptguard.verify(root / "checkpoint-5").ok
     # each rank's info points into its own node's root
     assert [Path(r["infos"][-1]["path"]).parent.name for r in reports] == ["node0", "node1"]
+
+
+def test_async_saves_under_torchrun(tmp_path: Path) -> None:
+    """The background commit talks on its own channel while the training thread runs
+    collectives; every checkpoint holds the state as it was when its save was called."""
+    root = tmp_path / "run"
+    reports = _torchrun("async", root, 6, tmp_path / "out", nproc=2)
+    assert [r["errors"] for r in reports] == [[], []]
+    assert reports[0]["buffer_bytes"] >= 4 << 16  # rank 0 commits: it keeps its buffers
+    assert reports[1]["buffer_bytes"] == 0  # rank 1 never commits: no copy held
+    assert sorted(p.name for p in root.iterdir()) == [".ckptguard"] + [
+        f"checkpoint-{s}" for s in range(1, 7)
+    ]
+    for s in range(1, 7):
+        assert ckptguard.verify(root / f"checkpoint-{s}").ok
+
+
+def test_async_saves_on_node_local_roots(tmp_path: Path) -> None:
+    reports = _two_nodes("async", str(tmp_path / "node{node}"), 4, tmp_path / "out")
+    assert [r["errors"] for r in reports] == [[], []]
+    assert all(r["buffer_bytes"] >= 4 << 16 for r in reports)  # each node's writer keeps one
+    for node in (0, 1):
+        assert ckptguard.verify(tmp_path / f"node{node}" / "checkpoint-4").ok
 
 
 def test_sharded_save_on_node_local_roots_is_refused(tmp_path: Path) -> None:

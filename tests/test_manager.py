@@ -98,7 +98,7 @@ def _save_steps(
 def test_save_list_latest_verify_restore(tmp_path: Path) -> None:
     root = tmp_path / "run"
     mgr = ckptguard.CheckpointManager(root, keep_last=None)
-    info = mgr.save(1, _state(1), metrics={"loss": 0.5}, metadata={"note": "first"})
+    info = mgr.save(1, _state(1), metrics={"loss": 0.5}, metadata={"note": "first"}).result()
     assert info.step == 1
     assert info.valid
     assert info.checksums_verified
@@ -233,7 +233,9 @@ def test_non_finite_metrics_are_stored_as_strings_and_never_best(tmp_path: Path)
     assert _dirs(root) == _names(1, 5)
 
     other = ckptguard.CheckpointManager(tmp_path / "other", keep_last=None)
-    info = other.save(1, _state(1), metrics={"a": float("nan"), "b": float("inf"), "c": 1.5})
+    info = other.save(
+        1, _state(1), metrics={"a": float("nan"), "b": float("inf"), "c": 1.5}
+    ).result()
     assert info.metrics == {"a": "nan", "b": "inf", "c": 1.5}
     assert other.list()[0].metrics == {"a": "nan", "b": "inf", "c": 1.5}
 
@@ -296,7 +298,7 @@ def test_resave_replaces_an_existing_step(tmp_path: Path) -> None:
     mgr = ckptguard.CheckpointManager(root)
     mgr.save(1, _state(1))
     first = ckptguard.read_manifest(str(root / "checkpoint-1")).save_id
-    info = mgr.save(1, _state(2))
+    info = mgr.save(1, _state(2)).result()
     assert info.save_id != first
     assert _dirs(root) == _names(1)
     _assert_same(mgr.restore(step=1), _state(2))
@@ -350,16 +352,6 @@ def test_object_store_roots_are_not_implemented(
     with pytest.raises(NotImplementedError, match="object-store"):
         ckptguard.CheckpointManager(url)
     assert os.listdir(tmp_path) == []
-
-
-def test_async_save_is_not_implemented(tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="async_save"):
-        ckptguard.CheckpointManager(tmp_path / "run", async_save=True)
-    mgr = ckptguard.CheckpointManager(tmp_path / "run")
-    with pytest.raises(NotImplementedError, match="blocking"):
-        mgr.save(1, _state(1), blocking=False)
-    assert _dirs(tmp_path / "run") == set()
-    assert os.listdir(tmp_path) == ["run"]
 
 
 # -- a real SIGKILL in the middle of a save ----------------------------------------------------

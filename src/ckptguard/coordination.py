@@ -28,7 +28,7 @@ import socket
 import sys
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Coordinator", "SingleProcess", "default_coordinator"]
+__all__ = ["Coordinator", "SingleProcess", "default_coordinator", "side_channel"]
 
 
 @runtime_checkable
@@ -75,6 +75,20 @@ class SingleProcess:
 
     def all_gather(self, obj: Any) -> list[Any]:
         return [obj]
+
+
+def side_channel(coordinator: Coordinator, name: str) -> Coordinator:
+    """The coordinator a background thread uses next to ``coordinator``'s own users.
+
+    The torch backend gives the same ranks a channel of their own (own rounds, own store
+    connection). A single process needs none. Any other coordinator is shared as it is:
+    its user must not call it from another thread while a background save runs.
+    """
+    make = getattr(coordinator, "channel", None)
+    if callable(make):
+        side: Coordinator = make(name)
+        return side
+    return coordinator
 
 
 def default_coordinator() -> Coordinator:

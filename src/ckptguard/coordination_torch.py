@@ -11,15 +11,19 @@ active exception"): 9 of 20 two-rank runs of three all_gathers here, 2 of 30 pro
 Accelerate runs. A side group also added gloo threads to NCCL jobs.
 
 Keys: ``ckptguard/<world size>/<generation>/<round>/<rank>`` (``.../<round>/b`` for a
-broadcast). The round number advances on every call; every rank makes the same calls in
-the same order (the Coordinator contract), so the numbers agree. The generation tells
-process groups that reuse a store apart (a group destroyed and created again in the same
-processes): each rank draws a ticket from the store's counter for its world size when it
-first uses a group, and the ranks of one group draw consecutive tickets. Partial: a group
-re-created on the same store by a different set of processes, some of which never joined
-the earlier one, could disagree on the generation. A key is deleted by its writer
-once a later ``all_gather`` shows that every rank has read it; at most one round of keys
-per rank stays in the store.
+broadcast); a named channel (the background thread of async saves) uses
+``ckptguard/<channel>/...`` and a store connection of its own, so that its exchanges
+never interleave with, or wait behind, the training thread's. This stands in for the
+"side process group" of other libraries, without a collective backend. The round number
+advances on every call; every rank makes the same calls in the same order (the
+Coordinator contract), so the numbers agree. The generation tells process groups that
+reuse a store apart (a group destroyed and created again in the same processes): each
+rank draws a ticket from the store's counter for its world size when it first uses a
+group, and the ranks of one group draw consecutive tickets. Partial: a group re-created
+on the same store by a different set of processes, some of which never joined the
+earlier one, could disagree on the generation. A key is deleted by its writer once a
+later ``all_gather`` shows that every rank has read it; at most one round of keys per
+rank stays in the store.
 """
 
 from __future__ import annotations
@@ -60,21 +64,36 @@ class _Rounds:
         self.undeleted.clear()
 
 
-_ROUNDS: dict[int, _Rounds] = {}
+_ROUNDS: dict[tuple[int, str], _Rounds] = {}
 _LOCK = threading.Lock()
 
 
-def _rounds() -> _Rounds:
+def _own_connection(store: Any) -> Any:
+    """A store client of its own for a side channel; the shared one if it cannot be cloned.
+
+    A channel that blocks in ``wait`` must not hold up the training thread's use of the
+    shared client.
+    """
+    try:
+        return store.clone()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return store
+
+
+def _rounds(channel: str = "") -> _Rounds:
     group = dist.distributed_c10d._get_default_group()  # noqa: SLF001 - the PG's identity
     with _LOCK:
-        rounds = _ROUNDS.get(id(group))
+        rounds = _ROUNDS.get((id(group), channel))
         if rounds is None or rounds.group is not group:
             store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 - its store
+            if channel:
+                store = _own_connection(store)
             world = int(dist.get_world_size())
-            ticket = int(store.add(f"{_PREFIX}/tickets/{world}", 1))
+            space = f"{_PREFIX}/{channel}/" if channel else f"{_PREFIX}/"
+            ticket = int(store.add(f"{space}tickets/{world}", 1))
             generation = (ticket - 1) // world
-            rounds = _Rounds(group, store, f"{_PREFIX}/{world}/{generation}/")
-            _ROUNDS[id(group)] = rounds
+            rounds = _Rounds(group, store, f"{space}{world}/{generation}/")
+            _ROUNDS[(id(group), channel)] = rounds
         return rounds
 
 
@@ -89,10 +108,22 @@ def _decode(data: bytes) -> Any:
 class TorchCoordinator:
     """Collectives over torch.distributed's default process group, through its store."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel: str = "") -> None:
+        """Exchanges over the default group's store; ``channel`` names a separate stream.
+
+        A named channel (a background thread's) has its own rounds and its own store
+        connection, independent of the default channel's; every rank must use a channel
+        the same way.
+        """
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised")
-        self._rounds = _rounds()
+        if channel and not channel.isidentifier():
+            raise ValueError(f"channel must be an identifier, got {channel!r}")
+        self._rounds = _rounds(channel)
+
+    def channel(self, name: str) -> TorchCoordinator:
+        """The same ranks, exchanging on channel ``name`` (see ``__init__``)."""
+        return TorchCoordinator(name)
 
     @property
     def rank(self) -> int:

@@ -16,12 +16,17 @@ Restore takes the newest checkpoint that verifies, and logs each one it skips an
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
+import time
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ckptguard.cleanup import DEFAULT_STALE_AFTER, retire_checkpoint
 from ckptguard.commit import (
@@ -29,7 +34,7 @@ from ckptguard.commit import (
     CommitResult,
     IfExists,
 )
-from ckptguard.coordination import Coordinator, default_coordinator
+from ckptguard.coordination import Coordinator, default_coordinator, side_channel
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -56,10 +61,12 @@ from ckptguard.verify import VerifyReport, verify
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
     from pathlib import Path
+    from types import FrameType
 
     from ckptguard.manifest import Manifest
+    from ckptguard.serialization import EncodedState, StagingBuffers
 
-__all__ = ["CheckpointInfo", "CheckpointManager"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "PendingSave"]
 
 _log = logging.getLogger("ckptguard.manager")
 PINS_DIR = "pins"
@@ -82,6 +89,15 @@ class CheckpointInfo:
     checksums_verified: bool = False
     problems: list[str] = field(default_factory=list)
     save_id: str | None = None
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """This info: ``save(...).result()`` reads the same for blocking and async saves."""
+        del timeout
+        return self
+
+    def done(self) -> bool:
+        """True: a blocking save has finished (see :meth:`PendingSave.done`)."""
+        return True
 
     @classmethod
     def from_report(cls, step: int, report: VerifyReport, *, pinned: bool) -> CheckpointInfo:
@@ -122,6 +138,121 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+class PendingSave:
+    """An async save in flight (what ``save(..., blocking=False)`` returns).
+
+    ``result()`` waits for the save and returns its :class:`CheckpointInfo`, or raises its
+    error. ``stall_seconds`` is how long the training thread was blocked (the snapshot).
+    """
+
+    def __init__(self, step: int, path: str, stall_seconds: float) -> None:
+        self.step, self.path, self.stall_seconds = step, path, stall_seconds
+        self._done = threading.Event()
+        self._info: CheckpointInfo | None = None
+        self._error: BaseException | None = None
+        self._reported = False  # raised to the caller once (by result, wait, save or close)
+        self._thread: threading.Thread | None = None
+
+    def _join(self, timeout: float | None = None) -> bool:
+        """Wait until the save is finished and its thread has ended; False on timeout.
+
+        The thread itself, not only the result: a thread still unwinding (releasing its
+        tensors) while the interpreter shuts down aborts the process ("terminate called
+        without an active exception"), as torch's C++ frames cannot be unwound then.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._done.wait(timeout):
+            return False
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return not thread.is_alive()
+        return True
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed)."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """Wait for the save; its CheckpointInfo, or its error raised (TimeoutError on timeout)."""
+        if not self._join(timeout):
+            raise TimeoutError(f"the async save of step {self.step} is still running")
+        if self._error is not None:
+            self._reported = True
+            raise self._error
+        if self._info is None:  # pragma: no cover - _finish always sets one of them
+            raise RuntimeError("async save finished without a result")
+        return self._info
+
+    def _finish(self, info: CheckpointInfo | None, error: BaseException | None) -> None:
+        self._info, self._error = info, error
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._error else "committed")
+        return f"PendingSave(step={self.step}, path={self.path!r}, {state})"
+
+
+# Managers with an async save that may be in flight: finished (or given up) at exit.
+_LIVE: weakref.WeakSet[CheckpointManager] = weakref.WeakSet()
+_EXIT_LOCK = threading.Lock()
+_sigterm_installed = False
+
+
+def _finish_in_flight(why: str) -> None:
+    """Let every in-flight async save finish, up to each manager's ``exit_timeout``."""
+    for mgr in list(_LIVE):
+        job = mgr._pending  # noqa: SLF001 - this module's own class
+        if job is None:
+            continue
+        if job.done():
+            job._join(mgr.exit_timeout)  # noqa: SLF001 - let its thread end before shutdown
+            continue
+        _log.warning(
+            "%s: waiting up to %.0f s for the async save of step %d to %s to finish",
+            why, mgr.exit_timeout, job.step, job.path,
+        )  # fmt: skip
+        if not job._join(mgr.exit_timeout):  # noqa: SLF001
+            _log.error(
+                "%s: gave up on the async save of step %d after %.0f s; nothing of it is "
+                "visible (its staging dir is removed by the next start or `ckptguard clean`)",
+                why, job.step, mgr.exit_timeout,
+            )  # fmt: skip
+        elif job._error is not None:  # noqa: SLF001
+            _log.error("%s: the async save of step %d failed: %s", why, job.step, job._error)  # noqa: SLF001
+
+
+def _at_exit() -> None:
+    _finish_in_flight("process exit")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Finish in-flight async saves, then die of SIGTERM as the default action would."""
+    del frame
+    _finish_in_flight("SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _watch_exit(mgr: CheckpointManager) -> None:
+    """Register ``mgr`` so that exit finishes its async saves.
+
+    atexit always; SIGTERM too when the program has no handler of its own and this is the
+    main thread.
+    """
+    global _sigterm_installed  # noqa: PLW0603 - one process-wide handler
+    with _EXIT_LOCK:
+        _LIVE.add(mgr)
+        if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _sigterm_installed = True
+
+
+atexit.register(_at_exit)
+
+
 class CheckpointManager:
     """Checkpoints of one training run under ``root`` (see the module docstring)."""
 
@@ -143,17 +274,27 @@ class CheckpointManager:
         storage: Storage | None = None,
         coordinator: Coordinator | None = None,
         naming: Naming = HF_NAMING,
+        exit_timeout: float = 120.0,
     ) -> None:
+        """Checkpoints of one run under ``root`` (see the module docstring).
+
+        ``async_save=True``: ``save`` returns once the state is copied into staging buffers
+        and writes, commits and retains in a background thread (``blocking=`` overrides it
+        per save). ``exit_timeout``: how long process exit (atexit, SIGTERM) waits for an
+        in-flight async save before giving up on it.
+        """
         root = os.fspath(root)
         if "://" in root and not root.startswith("file://"):
             raise NotImplementedError(
                 f"{root}: object-store roots (s3://, gs://, ...) are not supported yet; "
                 "use a local or shared filesystem path"
             )
-        if async_save:
-            raise NotImplementedError(
-                "async_save=True is not available yet; saves are synchronous and atomic"
-            )
+        self.async_save = bool(async_save)
+        self.exit_timeout = exit_timeout
+        self._pending: PendingSave | None = None
+        self._buffers: StagingBuffers | None = None
+        self._background: Coordinator | None = None
+        self._committer: bool | None = None  # whether this rank committed the last save
         del storage_options  # used by object-store roots, which arrive later
         self.root = os.path.abspath(root.removeprefix("file://"))
         self.layout = RootLayout(self.root)
@@ -191,6 +332,42 @@ class CheckpointManager:
                 )
 
     # -- saving ----------------------------------------------------------------------------
+    @overload
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        pin: bool = ...,
+        blocking: Literal[True],
+        sharded: bool = ...,
+    ) -> CheckpointInfo: ...
+    @overload
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        pin: bool = ...,
+        blocking: Literal[False],
+        sharded: bool = ...,
+    ) -> PendingSave: ...
+    @overload
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        pin: bool = ...,
+        blocking: bool | None = ...,
+        sharded: bool = ...,
+    ) -> CheckpointInfo | PendingSave: ...
     def save(
         self,
         step: int,
@@ -199,28 +376,82 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None = None,
         *,
         pin: bool = False,
-        blocking: bool = True,
+        blocking: bool | None = None,
         sharded: bool = False,
-    ) -> CheckpointInfo:
+    ) -> CheckpointInfo | PendingSave:
         """Save ``state`` as ``checkpoint-<step>``: atomic, checksummed, then retention.
 
+        ``blocking`` (default: ``not async_save``): ``False`` returns a :class:`PendingSave`
+        as soon as the state's tensors are copied into reused staging buffers; writing,
+        checksums, fsync, commit and retention run in a background thread. At most one
+        save is in flight: a save waits for the previous one, and raises its error if it
+        failed (as do :meth:`wait` and :meth:`close`).
+
         ``sharded=True``: every rank writes its shards through torch.distributed.checkpoint
-        into one staging dir, committed once (see ``sharded.py``).
+        into one staging dir, committed once (see ``sharded.py``); always blocking.
 
         Under torch.distributed every rank calls this; each committer (rank 0 on a shared
         root, one rank per node on node-local roots) writes its state (the replicated state
         of data-parallel training) and commits, and every rank gets the same result, or the
         same :class:`SaveAborted`.
         """
-        if not blocking:
-            raise NotImplementedError("blocking=False is not available yet")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if blocking is None:
+            blocking = not self.async_save or sharded
+        elif not blocking and sharded:
+            raise ValueError(
+                "sharded=True saves are blocking (torch.distributed.checkpoint writes them); "
+                "pass blocking=True, or leave blocking unset"
+            )
+        self.wait()  # at most one save in flight; raises the previous one's error
         if sharded:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
-        return self._save_together(step, state, metrics, metadata, pin=pin)
+        if not blocking:
+            return self._save_async(step, state, metrics, metadata, pin=pin)
+        flagged = _flagged(metadata, kind="state", pin=pin)
+        return self._commit_state(
+            step, None, state, metrics, flagged, pin=pin, coord=self.coordinator
+        )
 
-    def _save_together(
+    def _commit_state(
+        self,
+        step: int,
+        encoded: EncodedState | None,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: dict[str, Any],
+        *,
+        pin: bool,
+        coord: Coordinator,
+    ) -> CheckpointInfo:
+        """Every rank calls; each committer writes its state into the agreed staging dir.
+
+        One committer for a shared root, one per node for node-local roots; ``metadata``
+        is flagged already (``_flagged``). ``encoded``
+        is the state ready to write (a snapshot for async saves); a committer without
+        one encodes ``state`` (the training thread's, for blocking saves only).
+        """
+        from ckptguard.serialization import encode_state, write_encoded  # noqa: PLC0415
+
+        tx = self._transaction(step, metrics, metadata, coord)
+        with tx as staging:
+            committer = coord.rank == tx.committer
+            self._committer = committer
+            if committer:
+                if encoded is None:
+                    if state is None:
+                        raise RuntimeError(
+                            f"rank {coord.rank} commits for its node this time but took no "
+                            "snapshot (it did not commit the previous save); save again"
+                        )
+                    encoded = encode_state(state)
+                tx.known.update(write_encoded(str(staging), encoded, self.storage))
+        return self._after_commit(
+            step, self._result(tx).path, committer=committer, pin=pin, coord=coord
+        )
+
+    def _save_async(
         self,
         step: int,
         state: Any,
@@ -228,21 +459,106 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None,
         *,
         pin: bool,
-    ) -> CheckpointInfo:
-        """Every rank calls; each committer writes its state into the agreed staging dir.
+    ) -> PendingSave:
+        """Snapshot on this thread; write, commit and retain on a background thread."""
+        from ckptguard.serialization import StagingBuffers, encode_state  # noqa: PLC0415
 
-        One committer for a shared root, one per node for node-local roots.
-        """
-        from ckptguard.serialization import write_state  # noqa: PLC0415 - may import torch
-
-        coord = self.coordinator
-        tx = self._transaction(step, metrics, _flagged(metadata, kind="state", pin=pin))
-        with tx as staging:
-            if coord.rank == tx.committer:
-                tx.known.update(write_state(str(staging), state, self.storage))
-        return self._after_commit(
-            step, self._result(tx).path, committer=coord.rank == tx.committer, pin=pin
+        started = time.perf_counter()
+        if self._background is None:
+            self._background = side_channel(self.coordinator, "async")
+        if self._buffers is None:
+            self._buffers = StagingBuffers()
+        clean, flagged = _clean_metrics(metrics), _flagged(metadata, kind="state", pin=pin)
+        # Only a rank that may commit keeps a copy: after the first save, the ranks that
+        # committed it (one per node at most); before it, every rank.
+        snapshot = None
+        if self._committer is not False:
+            snapshot = self._buffers.snapshot(encode_state(state))
+        else:
+            self._buffers.release()
+        job = PendingSave(
+            step,
+            os.path.join(self.root, self.naming.name(step)),
+            time.perf_counter() - started,
         )
+        self._pending = job
+        _watch_exit(self)
+        worker = threading.Thread(
+            target=self._run_in_background,
+            args=(job, snapshot, clean, flagged, pin, self._background),
+            name=f"ckptguard-save-{step}",
+            daemon=True,  # exit waits for it explicitly (atexit, SIGTERM), up to exit_timeout
+        )
+        job._thread = worker  # noqa: SLF001
+        worker.start()
+        return job
+
+    def _run_in_background(  # noqa: PLR0917 - the thread's arguments
+        self,
+        job: PendingSave,
+        snapshot: EncodedState | None,
+        metrics: dict[str, Any],
+        metadata: dict[str, Any],
+        pin: bool,  # noqa: FBT001 - positional thread argument
+        coord: Coordinator,
+    ) -> None:
+        try:
+            info = self._commit_state(
+                job.step, snapshot, None, metrics, metadata, pin=pin, coord=coord
+            )
+        except BaseException as exc:
+            _log.error(
+                "async save of step %d to %s failed: %s: %s (raised again by the next "
+                "save, wait or close)",
+                job.step, job.path, type(exc).__name__, exc,
+            )  # fmt: skip
+            job._finish(None, exc)  # noqa: SLF001
+        else:
+            job._finish(info, None)  # noqa: SLF001
+        if not self._committer and self._buffers is not None:
+            self._buffers.release()  # a rank that did not commit needs no copy
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Finish the in-flight async save: its CheckpointInfo, or its error raised.
+
+        None when no save is in flight (or its result was already taken). A failed save is
+        raised once, by whichever of ``wait``, ``save``, ``close`` or
+        ``PendingSave.result`` comes first.
+        """
+        job = self._pending
+        if job is None:
+            return None
+        if not job._join(timeout):  # noqa: SLF001
+            raise TimeoutError(f"the async save of step {job.step} is still running")
+        self._pending = None
+        if job._error is not None:  # noqa: SLF001
+            if job._reported:  # noqa: SLF001
+                return None
+            job._reported = True  # noqa: SLF001
+            raise job._error  # noqa: SLF001
+        return job._info  # noqa: SLF001
+
+    def close(self) -> None:
+        """Finish the in-flight save (raising its error), then free the staging buffers."""
+        try:
+            self.wait()
+        finally:
+            if self._buffers is not None:
+                self._buffers.release()
+            with _EXIT_LOCK:
+                _LIVE.discard(self)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error is already on its way: log a failed save instead of masking it
+            self.close()
+        except Exception:
+            _log.exception("while closing after an error, the last async save failed")
 
     def save_files(
         self,
@@ -270,7 +586,10 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        tx = self._transaction(step, metrics, _flagged(metadata, kind="files", pin=False))
+        self.wait()
+        tx = self._transaction(
+            step, metrics, _flagged(metadata, kind="files", pin=False), self.coordinator
+        )
         tx.prepare = prepare
         tx.supersedes = supersedes
         tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
@@ -282,10 +601,15 @@ class CheckpointManager:
             committer=self.coordinator.rank == tx.committer,
             pin=False,
             also_keep=also_keep,
+            coord=self.coordinator,
         )
 
     def _transaction(
-        self, step: int, metrics: Mapping[str, Any] | None, metadata: dict[str, Any]
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        metadata: dict[str, Any],
+        coord: Coordinator,
     ) -> AtomicCheckpoint:
         """The coordinated commit of the checkpoint of ``step`` with this manager's settings."""
         return AtomicCheckpoint(
@@ -298,7 +622,7 @@ class CheckpointManager:
             retry=self.retry,
             lock_timeout=self.lock_timeout,
             stale_after=self.stale_after,
-            coordinator=self.coordinator,
+            coordinator=coord,
         )
 
     @staticmethod
@@ -320,7 +644,14 @@ class CheckpointManager:
         return report
 
     def _after_commit(
-        self, step: int, path: str, *, committer: bool, pin: bool, also_keep: Collection[str] = ()
+        self,
+        step: int,
+        path: str,
+        *,
+        committer: bool,
+        pin: bool,
+        coord: Coordinator,
+        also_keep: Collection[str] = (),
     ) -> CheckpointInfo:
         """Verify the new checkpoint, then apply retention; each committer does both.
 
@@ -335,11 +666,11 @@ class CheckpointManager:
                 report = self._verify_new(path)
                 self._apply_retention(os.path.basename(path), also_keep)
             except Exception as exc:
-                if self.coordinator.world_size == 1:
+                if coord.world_size == 1:
                     raise
                 error = f"{type(exc).__name__}: {exc}"
-        if self.coordinator.world_size > 1:
-            for rank, err in enumerate(self.coordinator.all_gather(error)):
+        if coord.world_size > 1:
+            for rank, err in enumerate(coord.all_gather(error)):
                 if err is not None:
                     _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
         if report is None:
@@ -357,18 +688,12 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         from ckptguard.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
 
-        tx = self._transaction(step, metrics, _flagged(metadata, kind=KIND, pin=pin))
+        coord = self.coordinator
+        tx = self._transaction(step, metrics, _flagged(metadata, kind=KIND, pin=pin), coord)
         with tx as staging:
             write_shards(tx, staging, state)
         path = self._result(tx).path
-        return self._after_commit(step, path, committer=self.coordinator.rank == 0, pin=pin)
-
-    def wait(self) -> None:
-        """Finish in-flight saves (saves are synchronous today: nothing to wait for)."""
-
-    def close(self) -> None:
-        """Release resources (nothing is held between saves today)."""
-        self.wait()
+        return self._after_commit(step, path, committer=coord.rank == 0, pin=pin, coord=coord)
 
     # -- reading ---------------------------------------------------------------------------
     def _committed(self) -> list[tuple[int, str]]:

@@ -45,7 +45,17 @@ if TYPE_CHECKING:
     from ckptguard.manifest import Manifest
     from ckptguard.storage import FileDigest, Storage
 
-__all__ = ["StateFormatError", "TargetMismatch", "load_legacy_pt", "read_state", "write_state"]
+__all__ = [
+    "EncodedState",
+    "StagingBuffers",
+    "StateFormatError",
+    "TargetMismatch",
+    "encode_state",
+    "load_legacy_pt",
+    "read_state",
+    "write_encoded",
+    "write_state",
+]
 
 STATE_FORMAT = "ckptguard-state"
 STATE_VERSION = 1
@@ -243,8 +253,24 @@ def _tensor_bytes(source: Any) -> memoryview:
     return memoryview(raw.numpy()).cast("B")
 
 
-def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileDigest]:
-    """Write ``state`` into ``directory``; returns the digests of the files written."""
+@dataclass
+class EncodedState:
+    """A state turned into its JSON tree and the tensors of each file, not yet written."""
+
+    tree: Any
+    groups: list[_Group]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(p) for g in self.groups for p in g.tensors)
+
+
+def _nbytes(pending: _Pending) -> int:
+    return math.prod(pending.shape) * DTYPE_SIZES[pending.dtype]
+
+
+def encode_state(state: Any) -> EncodedState:
+    """The tree of ``state`` (``state_dict()`` called where needed), tensors by reference."""
     encoder = _Encoder()
     if isinstance(state, Mapping) and not _is_stateful(state):
         tree: Any = {}
@@ -271,11 +297,13 @@ def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileD
             }
     else:
         tree = encoder.encode(state, encoder.group_for("tensors"), [], "state")
+    return EncodedState(tree, [g for g in encoder.groups.values() if g.tensors])
 
+
+def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> dict[str, FileDigest]:
+    """Write an encoded state into ``directory``; returns the digests of the files written."""
     digests: dict[str, FileDigest] = {}
-    for group in encoder.groups.values():
-        if not group.tensors:
-            continue
+    for group in encoded.groups:
         header, infos = build_header(
             ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
         )
@@ -294,11 +322,95 @@ def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileD
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "files": sorted(digests),
-        "tree": tree,
+        "tree": encoded.tree,
     }
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
     digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
     return digests
+
+
+def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileDigest]:
+    """Write ``state`` into ``directory``; returns the digests of the files written."""
+    return write_encoded(directory, encode_state(state), storage)
+
+
+_ALIGN = 64  # every tensor starts on a cache line of the staging buffer
+
+
+class StagingBuffers:
+    """Host memory for async saves: one block, allocated once and reused by every save.
+
+    :meth:`snapshot` copies each tensor of an encoded state into the block (pinned host
+    memory when the state has CUDA tensors, so that the copies are DMA) and returns the
+    same state with its tensors replaced by views of the block: the training thread may
+    change its tensors as soon as it returns. The block grows only when a state needs more
+    than it holds; a snapshot may be taken again only once the previous one is written.
+    """
+
+    def __init__(self) -> None:
+        self._block: Any = None  # torch uint8 tensor, or numpy uint8 array without torch
+        self._pinned = False
+        self.allocations = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._block is None else int(self._block.shape[0])
+
+    def release(self) -> None:
+        """Free the block (the next snapshot allocates again)."""
+        self._block = None
+
+    def _ensure(self, nbytes: int, *, use_torch: bool, pinned: bool) -> Any:
+        block = self._block
+        fits = block is not None and int(block.shape[0]) >= nbytes
+        kind_ok = block is not None and (_is_tensor(block) == use_torch) and self._pinned >= pinned
+        if fits and kind_ok:
+            return block
+        self._block = None  # free the old block before allocating the new one
+        if use_torch:
+            torch = _torch()
+            self._block = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+        else:
+            np = sys.modules["numpy"]
+            self._block = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self._pinned = pinned
+        self.allocations += 1
+        return self._block
+
+    def snapshot(self, encoded: EncodedState) -> EncodedState:
+        """``encoded`` with every tensor copied into the block (see the class docstring)."""
+        pending = [p for g in encoded.groups for p in g.tensors]
+        offsets, total = [], 0
+        for p in pending:
+            offsets.append(total)
+            total += -(-_nbytes(p) // _ALIGN) * _ALIGN
+        use_torch = any(_is_tensor(p.source) for p in pending)
+        cuda = use_torch and any(
+            p.source.device.type == "cuda" for p in pending if _is_tensor(p.source)
+        )
+        block = self._ensure(total, use_torch=use_torch, pinned=cuda)
+        flat = block.numpy() if use_torch else block
+        groups = []
+        for group in encoded.groups:
+            copied = _Group(group.file, names=set(group.names))
+            for p in group.tensors:
+                copied.tensors.append(_Pending(p.name, p.dtype, p.shape, None))
+            groups.append(copied)
+        copies = iter(t for g in groups for t in g.tensors)
+        for p, off, dst in zip(pending, offsets, copies, strict=True):
+            n = _nbytes(p)
+            if _is_tensor(p.source):
+                view = block[off : off + n].view(p.source.dtype).view(p.shape)
+                view.copy_(p.source.detach(), non_blocking=p.source.device.type == "cuda")
+                dst.source = view
+            else:
+                np = sys.modules["numpy"]
+                view = flat[off : off + n].view(p.source.dtype).reshape(p.shape)
+                np.copyto(view, p.source)
+                dst.source = view
+        if cuda:
+            _torch().cuda.synchronize()
+        return EncodedState(encoded.tree, groups)
 
 
 # -- reading -------------------------------------------------------------------------------
