@@ -24,11 +24,12 @@ torch is imported only when the state holds tensors (or a target asks for them).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
-import mmap
 import os
 import re
+import struct
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,14 @@ import xxhash
 
 from ckptguard.errors import CorruptCheckpoint, StateFormatError, TargetMismatch
 from ckptguard.layout import STATE_NAME
-from ckptguard.safetensors_format import DTYPE_SIZES, TensorInfo, build_header, parse_header
+from ckptguard.safetensors_format import (
+    DTYPE_SIZES,
+    MAX_HEADER_BYTES,
+    TensorInfo,
+    build_header,
+    parse_header,
+)
+from ckptguard.storage import digest_fd
 from ckptguard.verify import open_checkpoint_file
 
 if TYPE_CHECKING:
@@ -414,19 +422,45 @@ class StagingBuffers:
 
 
 # -- reading -------------------------------------------------------------------------------
-@dataclass
-class _Loaded:
-    path: str
-    buffer: mmap.mmap
-    data_start: int
-    tensors: dict[str, TensorInfo]
-
-
 def _corrupt(path: str, message: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"{path}: {message}", path=path)
 
 
-def _map_verified(checkpoint: str, rel: str, manifest: Manifest) -> _Loaded:
+class _File:
+    """One safetensors file of a checkpoint, open, its header parsed and validated.
+
+    ``arrays`` holds each tensor's bytes once the file was read whole (restores without a
+    target); otherwise the bytes are read later, straight into the target's tensors.
+    """
+
+    def __init__(
+        self, path: str, fd: int, size: int, data_start: int, infos: list[TensorInfo]
+    ) -> None:
+        self.path, self.fd, self.size, self.data_start = path, fd, size, data_start
+        self.tensors = {t.name: t for t in infos}
+        self.arrays: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read_into(self, info: TensorInfo, view: memoryview) -> None:
+        """Read the bytes of tensor ``info`` into ``view`` (exactly its size)."""
+        _pread_into(self.fd, view, self.data_start + info.begin, self.path)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill ``view`` from ``offset``; loops, since one read(2) may return less."""
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise _corrupt(path, "shorter than its header says (changed while read?)")
+        view, offset = view[n:], offset + n
+
+
+def _open_file(checkpoint: str, rel: str, manifest: Manifest) -> _File:
+    """Open a listed safetensors file and validate its header (its checksum not yet)."""
     entry = next((f for f in manifest.files if f.path == rel), None)
     path = os.path.join(checkpoint, rel)
     if entry is None:
@@ -435,17 +469,113 @@ def _map_verified(checkpoint: str, rel: str, manifest: Manifest) -> _Loaded:
     try:
         size = os.fstat(fd).st_size
         if size != entry.size or size < 8:
-            raise _corrupt(path, f"size {size}, manifest says {entry.size}")
-        buffer = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-    finally:
+            raise _corrupt(path, f"size {size}, manifest says {entry.size}")  # noqa: TRY301
+        with contextlib.suppress(OSError, AttributeError):  # a hint only
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        (length,) = struct.unpack("<Q", _read_at_most(fd, 8))
+        prefix = _read_at_most(fd, min(size, 8 + min(length, MAX_HEADER_BYTES)))
+        data_start, infos, _ = parse_header(prefix, size, path)
+    except BaseException:
         os.close(fd)
-    if xxhash.xxh3_128_hexdigest(buffer) != entry.checksum:
-        buffer.close()
-        raise _corrupt(path, "checksum mismatch (content altered)")
-    data_start, infos, _ = parse_header(
-        memoryview(buffer)[: min(size, 8 + (100 << 20))], size, path
-    )
-    return _Loaded(path, buffer, data_start, {t.name: t for t in infos})
+        raise
+    return _File(path, fd, size, data_start, infos)
+
+
+def _check_checksum(file: _File, checksum: str) -> None:
+    """Stream the whole file through xxh3-128 (bounded memory) and compare."""
+    os.lseek(file.fd, 0, os.SEEK_SET)
+    if digest_fd(file.fd).checksum != checksum:
+        raise _corrupt(file.path, "checksum mismatch (content altered)")
+
+
+def _read_whole(file: _File, checksum: str) -> None:
+    """Read every tensor into its own new buffer, hashing the file in order as it goes."""
+    np = _numpy()
+    hasher = xxhash.xxh3_128()
+    hasher.update(_read_at_most(file.fd, file.data_start))
+    arrays: dict[str, Any] = {}
+    pos = file.data_start
+    scratch = bytearray()
+    for info in sorted(file.tensors.values(), key=lambda t: t.begin):
+        begin = file.data_start + info.begin
+        if begin > pos:  # bytes between tensors: hashed, not kept
+            scratch[:] = bytes(begin - pos)
+            _pread_into(file.fd, memoryview(scratch), pos, file.path)
+            hasher.update(scratch)
+        array = np.empty(info.nbytes, dtype=np.uint8)
+        _pread_into(file.fd, memoryview(array), begin, file.path)
+        hasher.update(array)
+        arrays[info.name] = array
+        pos = begin + info.nbytes
+    if file.size > pos:
+        hasher.update(_read_at_most(file.fd, file.size - pos, pos))
+    if hasher.hexdigest() != checksum:
+        raise _corrupt(file.path, "checksum mismatch (content altered)")
+    file.arrays = arrays
+
+
+class _Lazy:
+    """A tensor or array of a verified file, not read yet: what a target restore decodes to.
+
+    Its bytes go straight into the target's own tensor (:meth:`fill`), or, where the
+    target has none to take them, into a new one (:meth:`materialize`).
+    """
+
+    def __init__(self, file: _File, info: TensorInfo, *, numpy: bool) -> None:
+        self.file, self.info, self.numpy = file, info, numpy
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> Any:
+        if self.numpy:
+            return _numpy().dtype(_ST_TO_NUMPY[self.info.dtype])
+        return getattr(_torch(), _ST_TO_TORCH[self.info.dtype])
+
+    def materialize(self) -> Any:
+        np = _numpy()
+        raw = np.empty(self.info.nbytes, dtype=np.uint8)
+        self.file.read_into(self.info, memoryview(raw))
+        if self.numpy:
+            return raw.view(self.dtype).reshape(self.shape)
+        return _as_tensor(raw, self.info)
+
+    def fill(self, target: Any) -> None:
+        """Read the bytes into ``target`` (same shape and dtype, checked before)."""
+        if _is_ndarray(target):
+            if target.flags.c_contiguous and target.flags.writeable and target.size:
+                self.file.read_into(self.info, memoryview(target.reshape(-1).view("u1")))
+            else:
+                target[...] = self.materialize()
+            return
+        torch = _torch()
+        with torch.no_grad():
+            t = target.detach()
+            direct = (
+                t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+            )
+            if direct and t.numel():
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+                self.file.read_into(self.info, memoryview(raw))
+            elif t.numel():
+                t.copy_(self.materialize())
+
+
+def _as_tensor(raw: Any, info: TensorInfo) -> Any:
+    """A tensor over the bytes of ``raw`` (a numpy uint8 array), shaped as ``info``."""
+    torch = _torch()
+    dtype = getattr(torch, _ST_TO_TORCH[info.dtype])
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.from_numpy(raw).view(dtype).reshape(info.shape)
+
+
+def _numpy() -> Any:
+    import numpy as np  # noqa: PLC0415 - only for states that hold tensors or arrays
+
+    return np
 
 
 def _read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
@@ -486,11 +616,13 @@ def _read_state_json(checkpoint: str, manifest: Manifest) -> Any:
 
 
 class _Decoder:
-    def __init__(self, files: dict[str, _Loaded]) -> None:
-        self.files = files
-        self.cache: dict[tuple[str, str], Any] = {}
+    """state.json's tree -> values; tensors from the files (read whole, or lazily)."""
 
-    def _info(self, ref: Any, where: str) -> tuple[_Loaded, TensorInfo]:
+    def __init__(self, files: dict[str, _File]) -> None:
+        self.files = files
+        self.cache: dict[tuple[str, str, bool], Any] = {}
+
+    def _info(self, ref: Any, where: str) -> tuple[_File, TensorInfo]:
         if (
             not isinstance(ref, dict)
             or set(ref) != {"file", "name"}
@@ -503,34 +635,29 @@ class _Decoder:
             raise CorruptCheckpoint(f"state.json: {where} refers to a missing tensor {ref}")
         return loaded, info
 
-    def tensor(self, ref: Any, where: str) -> Any:
-        loaded, info = self._info(ref, where)
-        key = (ref["file"], ref["name"])
+    def _value(self, ref: Any, where: str, *, numpy: bool) -> Any:
+        file, info = self._info(ref, where)
+        key = (ref["file"], ref["name"], numpy)
         if key in self.cache:
             return self.cache[key]  # tied weights come back tied
-        torch = _torch()
-        dtype = getattr(torch, _ST_TO_TORCH[info.dtype])
-        count = math.prod(info.shape)
-        if count == 0:
-            value = torch.empty(info.shape, dtype=dtype)
+        if numpy and info.dtype not in _ST_TO_NUMPY:
+            raise CorruptCheckpoint(f"state.json: {where}: dtype {info.dtype} is not numpy's")
+        if file.arrays is None:
+            value: Any = _Lazy(file, info, numpy=numpy)
         else:
-            value = torch.frombuffer(
-                loaded.buffer, dtype=dtype, count=count, offset=loaded.data_start + info.begin
-            ).reshape(info.shape)
+            raw = file.arrays[info.name]
+            if numpy:
+                value = raw.view(_ST_TO_NUMPY[info.dtype]).reshape(info.shape)
+            else:
+                value = _as_tensor(raw, info)
         self.cache[key] = value
         return value
 
-    def ndarray(self, ref: Any, where: str) -> Any:
-        loaded, info = self._info(ref, where)
-        import numpy as np  # noqa: PLC0415 - only for states that hold numpy arrays
+    def tensor(self, ref: Any, where: str) -> Any:
+        return self._value(ref, where, numpy=False)
 
-        if info.dtype not in _ST_TO_NUMPY:
-            raise CorruptCheckpoint(f"state.json: {where}: dtype {info.dtype} is not numpy's")
-        dtype = np.dtype(_ST_TO_NUMPY[info.dtype])
-        count = math.prod(info.shape)
-        return np.frombuffer(
-            loaded.buffer, dtype=dtype, count=count, offset=loaded.data_start + info.begin
-        ).reshape(info.shape)
+    def ndarray(self, ref: Any, where: str) -> Any:
+        return self._value(ref, where, numpy=True)
 
     def decode(self, value: Any, where: str) -> Any:
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -634,7 +761,7 @@ def _check_target(target: Any, loaded: Any, where: str) -> None:
     if _is_stateful(target):
         _check_stateful(target, loaded, where)
     elif _is_tensor(target):
-        if not _is_tensor(loaded):
+        if not _is_tensor(loaded) and not (isinstance(loaded, _Lazy) and not loaded.numpy):
             raise TargetMismatch(f"{where}: the checkpoint holds a {type(loaded).__name__}")
         if tuple(target.shape) != tuple(loaded.shape) or target.dtype != loaded.dtype:
             raise TargetMismatch(
@@ -642,7 +769,8 @@ def _check_target(target: Any, loaded: Any, where: str) -> None:
                 f"target is {tuple(target.shape)} {target.dtype}"
             )
     elif _is_ndarray(target):
-        if not _is_ndarray(loaded) or target.shape != loaded.shape or target.dtype != loaded.dtype:
+        array = _is_ndarray(loaded) or (isinstance(loaded, _Lazy) and loaded.numpy)
+        if not array or target.shape != loaded.shape or target.dtype != loaded.dtype:
             raise TargetMismatch(f"{where}: shape or dtype differs from the target's")
     elif isinstance(target, Mapping):
         if not isinstance(loaded, dict):
@@ -662,17 +790,25 @@ def _check_target(target: Any, loaded: Any, where: str) -> None:
 def _apply(target: Any, loaded: Any, where: str) -> Any:
     """Load ``loaded`` into ``target`` in place; :func:`_check_target` has vetted the pair."""
     if _is_stateful(target):
+        if _fill_module(target, loaded):
+            return target
         try:
-            target.load_state_dict(loaded)
+            target.load_state_dict(_materialize(loaded))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise TargetMismatch(f"{where}: load_state_dict refused the checkpoint: {exc}") from exc
         return target
     if _is_tensor(target):
-        with _torch().no_grad():
-            target.copy_(loaded)
+        if isinstance(loaded, _Lazy):
+            loaded.fill(target)
+        else:
+            with _torch().no_grad():
+                target.copy_(loaded)
         return target
     if _is_ndarray(target):
-        target[...] = loaded
+        if isinstance(loaded, _Lazy):
+            loaded.fill(target)
+        else:
+            target[...] = loaded
         return target
     if isinstance(target, Mapping):
         for key, sub in target.items():
@@ -687,33 +823,108 @@ def _apply(target: Any, loaded: Any, where: str) -> Any:
     return loaded
 
 
+def _plain_loading(module: Any) -> bool:
+    """Whether ``load_state_dict`` on ``module`` only copies each tensor into its own.
+
+    True for modules without load hooks whose classes keep ``Module``'s loading (or the
+    norm layers', which only migrate old versions' keys).
+    """
+    torch = _torch()
+    from torch.nn.modules.batchnorm import _NormBase  # noqa: PLC0415 - with torch
+
+    base = torch.nn.Module._load_from_state_dict  # noqa: SLF001 - compared, not called
+    for m in module.modules():
+        if getattr(m, "_load_state_dict_pre_hooks", None) or getattr(
+            m, "_load_state_dict_post_hooks", None
+        ):
+            return False
+        own = type(m)._load_from_state_dict  # noqa: SLF001
+        if own is not base and not isinstance(m, _NormBase):
+            return False
+    return bool(
+        not getattr(module, "_state_dict_hooks", None)
+        and type(module).load_state_dict is torch.nn.Module.load_state_dict
+        and type(module).state_dict is torch.nn.Module.state_dict
+    )
+
+
+def _fill_module(target: Any, loaded: Any) -> bool:
+    """Load a module's state by reading each tensor into the module's own (no copy held).
+
+    Only where that is exactly what ``load_state_dict`` would do: a plain module, the same
+    keys, tensors of the same shapes and dtypes. False: nothing was done.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(target, torch.nn.Module) or not isinstance(loaded, dict):
+        return False
+    if not _plain_loading(target):
+        return False
+    current = target.state_dict(keep_vars=True)
+    if set(current) != set(loaded):
+        return False
+    for key, tensor in current.items():
+        value = loaded[key]
+        if not isinstance(value, _Lazy) or value.numpy or not _is_tensor(tensor):
+            return False
+        if tuple(tensor.shape) != value.shape or tensor.dtype != value.dtype:
+            return False
+    for key, tensor in current.items():
+        loaded[key].fill(tensor)
+    return True
+
+
+def _materialize(value: Any) -> Any:
+    """``value`` with every lazy tensor read into a tensor of its own."""
+    if isinstance(value, _Lazy):
+        return value.materialize()
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_materialize(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_materialize(v) for v in value)
+    return value
+
+
 def read_state(checkpoint: str, manifest: Manifest, *, target: Any = None) -> Any:
     """Load the state saved in ``checkpoint``, every byte checked against ``manifest``.
 
     Every file is verified before any value is used, so a corrupt checkpoint raises
-    :class:`CorruptCheckpoint` without touching ``target``.
+    :class:`CorruptCheckpoint` without touching ``target``. Without a target each file
+    is read once, into new tensors, hashed as it is read. With one, each file is first
+    streamed through its checksum (a bounded buffer), then its tensors are read straight
+    into the target's own (a copy of the state is never held).
     """
     doc = _read_state_json(checkpoint, manifest)
-    files: dict[str, _Loaded] = {}
-    for rel in doc["files"]:
-        if not isinstance(rel, str) or rel in files:
-            raise _corrupt(checkpoint, "state.json lists a bad or duplicate file")
-        files[rel] = _map_verified(checkpoint, rel, manifest)
-    decoder = _Decoder(files)
+    checksums = {f.path: f.checksum for f in manifest.files}
+    files: dict[str, _File] = {}
     try:
-        tree = decoder.decode(doc.get("tree"), "state")
-    except RecursionError:
-        raise _corrupt(checkpoint, "state.json is nested too deeply") from None
-    except (TypeError, ValueError, OverflowError, KeyError) as exc:
-        if isinstance(exc, CorruptCheckpoint):
-            raise
-        raise _corrupt(
-            checkpoint, f"state.json is malformed ({type(exc).__name__}: {exc})"
-        ) from None
-    if target is None:
-        return tree
-    _check_target(target, tree, "state")  # every shape and key first: all or nothing
-    return _apply(target, tree, "state")
+        for rel in doc["files"]:
+            if not isinstance(rel, str) or rel in files:
+                raise _corrupt(checkpoint, "state.json lists a bad or duplicate file")
+            file = files[rel] = _open_file(checkpoint, rel, manifest)
+            if target is None:
+                _read_whole(file, checksums[rel])
+            else:
+                _check_checksum(file, checksums[rel])
+        decoder = _Decoder(files)
+        try:
+            tree = decoder.decode(doc.get("tree"), "state")
+        except RecursionError:
+            raise _corrupt(checkpoint, "state.json is nested too deeply") from None
+        except (TypeError, ValueError, OverflowError, KeyError) as exc:
+            if isinstance(exc, CorruptCheckpoint):
+                raise
+            raise _corrupt(
+                checkpoint, f"state.json is malformed ({type(exc).__name__}: {exc})"
+            ) from None
+        if target is None:
+            return tree
+        _check_target(target, tree, "state")  # every shape and key first: all or nothing
+        return _materialize(_apply(target, tree, "state"))
+    finally:
+        for file in files.values():
+            file.close()
 
 
 def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str, TensorInfo]]:
