@@ -1,139 +1,644 @@
-"""Save throughput: ckptguard's state writer against safetensors.torch.save_file.
+"""ckptguard against the other ways to checkpoint, in one run, interleaved.
 
-A GPT-like fp32 state dict (tensors from a few KB to tens of MB) is written by each
-method in turn, interleaved and with the order rotated every round (this disk is noisy:
-only ratios measured in one run mean anything). Two regimes:
-- durable: every method fsyncs what it wrote (ckptguard also fsyncs its directory);
-- buffered: no fsync anywhere, to isolate the CPU cost of serialization.
+A GPT-like fp32 state dict (~1 GiB by default: ~200 tensors from 4 KiB to ~160 MiB) is
+saved and restored by each method in turn; every round runs every method once, the order
+rotated each round so that no method always follows another (this disk is noisy: only
+ratios taken in one run mean anything). Medians, with min and max.
 
-Usage: python benchmarks/bench_save.py [--mib 512] [--rounds 9] [--json out.json]
+Sections (``--only`` picks some):
+- ``save``: durable saves. The floor is os.write of the same bytes + one fsync;
+  torch.save+fsync, safetensors save_file+fsync, torch.distributed.checkpoint save and
+  async_save (its writer fsyncs), ckptguard sync and async (until committed).
+- ``cpu``: the same without any fsync, to isolate the CPU cost of a save.
+- ``stall``: how long the training thread is blocked by an async save: a memcpy of the
+  same bytes into preallocated buffers (the floor), dcp.async_save, ckptguard async.
+- ``restore``: cold reads (the page cache of the files dropped before each): the floor is
+  preadv of the same bytes into the existing tensors; torch.load, safetensors load_file,
+  dcp.load (into the existing tensors), ckptguard's verified restore into them.
+- ``memory``: peak RSS beyond what the process held before (VmHWM reset through
+  /proc/self/clear_refs) for a sync save, an async save and a verified restore; and RSS
+  over 100 consecutive async saves (``--growth-mib`` state, fsync off to keep it short).
+- ``trainer``: the Hugging Face Trainer's own ``_save_checkpoint`` against the same under
+  ``protect(trainer)``, and against the Trainer's save followed by an fsync of its files.
+
+Usage: python benchmarks/bench_save.py [--mib 1024] [--rounds 5] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import itertools
 import json
+import logging
 import os
+import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
-from ckptguard.serialization import write_state
+import ckptguard
 from ckptguard.storage import LocalStorage
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+MiB = 1 << 20
 
-def gpt_like_state(total_mib: int) -> dict[str, torch.Tensor]:
-    """~total_mib of fp32 tensors shaped like a small GPT (embeddings, blocks, head)."""
-    d = 1024
-    vocab = max(1000, (total_mib * 1024 * 1024 // 4 - 12 * 12 * d * d) // d // 2)
-    state = {"wte": torch.randn(vocab, d), "wpe": torch.randn(1024, d)}
+
+def gpt_like_state(total_mib: int, d: int = 1024) -> dict[str, torch.Tensor]:
+    """~total_mib of fp32 tensors shaped like a GPT: embeddings, blocks, head norm.
+
+    The token embedding is ~15% of the whole (~160 MiB at 1 GiB); each block has 12
+    tensors, from 4 KiB (layer norms) to 16 MiB (MLP weights) at d=1024.
+    """
+    gen = torch.Generator().manual_seed(0)
+    target = total_mib * MiB // 4  # elements
+    vocab = max(256, int(target * 0.155) // d)
+    state = {"wte.weight": torch.empty(vocab, d), "wpe.weight": torch.empty(1024, d)}
     layer = 0
-    while sum(t.numel() for t in state.values()) * 4 < total_mib * 1024 * 1024 * 0.95:
+    while sum(t.numel() for t in state.values()) + 12 * d * d <= target:
         p = f"h.{layer}."
         state |= {
-            p + "ln_1.weight": torch.randn(d), p + "ln_1.bias": torch.randn(d),
-            p + "attn.c_attn.weight": torch.randn(d, 3 * d),
-            p + "attn.c_attn.bias": torch.randn(3 * d),
-            p + "attn.c_proj.weight": torch.randn(d, d), p + "attn.c_proj.bias": torch.randn(d),
-            p + "ln_2.weight": torch.randn(d), p + "ln_2.bias": torch.randn(d),
-            p + "mlp.c_fc.weight": torch.randn(d, 4 * d), p + "mlp.c_fc.bias": torch.randn(4 * d),
-            p + "mlp.c_proj.weight": torch.randn(4 * d, d), p + "mlp.c_proj.bias": torch.randn(d),
+            p + "ln_1.weight": torch.empty(d), p + "ln_1.bias": torch.empty(d),
+            p + "attn.c_attn.weight": torch.empty(d, 3 * d),
+            p + "attn.c_attn.bias": torch.empty(3 * d),
+            p + "attn.c_proj.weight": torch.empty(d, d), p + "attn.c_proj.bias": torch.empty(d),
+            p + "ln_2.weight": torch.empty(d), p + "ln_2.bias": torch.empty(d),
+            p + "mlp.c_fc.weight": torch.empty(d, 4 * d), p + "mlp.c_fc.bias": torch.empty(4 * d),
+            p + "mlp.c_proj.weight": torch.empty(4 * d, d), p + "mlp.c_proj.bias": torch.empty(d),
         }  # fmt: skip
         layer += 1
-    state["ln_f.weight"] = torch.randn(d)
+    state["ln_f.weight"] = torch.empty(d)
+    for t in state.values():
+        t.normal_(generator=gen)
     return state
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def nbytes_of(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the directories (what a durable save needs)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def drop_cache(path: Path) -> None:
+    """Evict the (clean, fsynced) pages of every file under ``path`` from the page cache."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _status(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field_name)
+
+
+def reset_peak() -> int:
+    """Reset the peak RSS (VmHWM) to the current RSS; returns the current RSS."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+class PeakSampler:
+    """The highest RSS seen: VmHWM, and a thread reading /proc/self/statm every ~1 ms
+    (VmHWM alone can miss a peak whose memory was unmapped before it was read)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        with open("/proc/self/statm") as f:
+            while not self._stop.is_set():
+                f.seek(0)
+                self.peak = max(self.peak, int(f.read().split()[1]) * self._page)
+                time.sleep(0.001)
+
+    def __enter__(self) -> PeakSampler:
+        self.before = reset_peak()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.extra = max(self.peak, peak_rss()) - self.before
+
+
+@dataclass
+class Timings:
+    """Seconds per method, in the order each was first seen."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.samples.setdefault(name, []).append(seconds)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def summary(self, nbytes: int) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "median_s": statistics.median(ts),
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "gb_per_s": nbytes / statistics.median(ts) / 1e9,
+                "rounds": len(ts),
+            }
+            for name, ts in self.samples.items()
+        }
+
+
+def interleave(
+    methods: dict[str, Callable[[Path], float | None]],
+    rounds: int,
+    work: Path,
+    timings: Timings,
+    label: str = "round",
+) -> None:
+    """Run every method once per round, the order rotated; a method may return its own
+    measurement (seconds) instead of the wall time of the call. Its output is removed."""
+    names = list(methods)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out = work / f"{label}{r}-{names.index(name)}"
+            start = time.perf_counter()
+            measured = methods[name](out)
+            elapsed = time.perf_counter() - start
+            timings.add(name, elapsed if measured is None else measured)
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"  {label} {r + 1}/{rounds} done", flush=True)
+
+
+def raw_write(blobs: list[memoryview], out: Path, *, durable: bool) -> None:
+    """The floor: the same bytes, os.write per tensor into one file, one fsync."""
+    out.mkdir()
+    fd = os.open(out / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.fsync(fd)
+        for blob in blobs:
+            view = blob
+            while view:
+                view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
+# -- the sections ---------------------------------------------------------------------------
+def bench_save(
+    state: dict[str, torch.Tensor], rounds: int, work: Path, *, durable: bool
+) -> Timings:
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict_saver import async_save, save  # noqa: PLC0415
+
+    blobs = [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values()]
+    storage = LocalStorage(durable=durable)
+    fs = "+fsync" if durable else ""
+    stalls = Timings()
+
+    # One manager of each kind for the whole run, as in training: the async one allocates
+    # its staging buffers at its first save (a warm-up save below) and reuses them.
+    sync_mgr = ckptguard.CheckpointManager(work / "cg-sync", keep_last=None, storage=storage)
+    async_mgr = ckptguard.CheckpointManager(
+        work / "cg-async", keep_last=None, storage=storage, async_save=True
+    )
+    steps = itertools.count(1)
+
+    def ckptguard_sync(out: Path) -> float:
+        del out
+        start = time.perf_counter()
+        info = sync_mgr.save(next(steps), {"model": state}, blocking=True)
+        elapsed = time.perf_counter() - start
+        shutil.rmtree(info.path)
+        return elapsed
+
+    def ckptguard_async(out: Path) -> float:
+        del out
+        start = time.perf_counter()
+        async_mgr.save(next(steps), {"model": state}, blocking=False)
+        stalls.add("ckptguard async", time.perf_counter() - start)
+        info = async_mgr.wait()
+        elapsed = time.perf_counter() - start
+        if info is not None:
+            shutil.rmtree(info.path)
+        return elapsed
+
+    def torch_save(out: Path) -> None:
+        out.mkdir()
+        torch.save(state, out / "model.pt")
+        if durable:
+            fsync_tree(out)
+
+    def st_save(out: Path) -> None:
+        out.mkdir()
+        safetensors.torch.save_file(state, out / "model.safetensors")
+        if durable:
+            fsync_tree(out)
+
+    def dcp_save(out: Path) -> None:
+        writer = FileSystemWriter(str(out), sync_files=durable)
+        save({"model": state}, storage_writer=writer, no_dist=True)
+
+    def dcp_async(out: Path) -> None:
+        writer = FileSystemWriter(str(out), sync_files=durable)
+        start = time.perf_counter()
+        future = async_save({"model": state}, storage_writer=writer, no_dist=True)
+        stalls.add("dcp.async_save", time.perf_counter() - start)
+        done = future if isinstance(future, Future) else future.upload_completion
+        done.result()
+
+    buffers = [torch.empty_like(t) for t in state.values()]
+
+    def memcpy(out: Path) -> float:
+        """The stall floor: copy every tensor into buffers allocated beforehand."""
+        del out
+        start = time.perf_counter()
+        for dst, src in zip(buffers, state.values(), strict=True):
+            dst.copy_(src)
+        return time.perf_counter() - start
+
+    methods: dict[str, Callable[[Path], float | None]] = {
+        f"raw write{fs} (floor)": lambda out: raw_write(blobs, out, durable=durable),
+        "ckptguard sync": ckptguard_sync,
+        "ckptguard async (until committed)": ckptguard_async,
+        f"torch.save{fs}": torch_save,
+        f"safetensors save_file{fs}": st_save,
+        "dcp.save": dcp_save,
+        "dcp.async_save (until written)": dcp_async,
+        "stall: memcpy into preallocated buffers (floor)": memcpy,
+    }
+    warmup = Timings()  # one untimed round: allocations, imports, first-touch page faults
+    interleave(methods, 1, work, warmup, label="warm-up")
+    stalls.samples.clear()
+    timings = Timings()
+    interleave(methods, rounds, work, timings)
+    for name, ts in stalls.samples.items():
+        timings.samples[f"stall: {name}"] = ts
+    sync_mgr.close()
+    async_mgr.close()
+    return timings
+
+
+def bench_restore(state: dict[str, torch.Tensor], rounds: int, work: Path) -> Timings:
+    """Cold restores into the existing tensors (``state`` is overwritten in place)."""
+    from torch.distributed.checkpoint.state_dict_loader import load  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict_saver import save  # noqa: PLC0415
+
+    files = work / "restore"
+    files.mkdir()
+    raw = files / "raw"
+    raw_write(
+        [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values()],
+        raw,
+        durable=True,
+    )
+    torch.save(state, files / "model.pt")
+    safetensors.torch.save_file(state, files / "model.safetensors")
+    save({"model": state}, checkpoint_id=str(files / "dcp"), no_dist=True)
+    mgr = ckptguard.CheckpointManager(files / "ckptguard", keep_last=None)
+    mgr.save(1, {"model": state}, blocking=True)
+    fsync_tree(files)
+    expected = {k: v.clone() for k, v in state.items()}
+
+    def cold(path: Path, load: Callable[[], None]) -> float:
+        drop_cache(path)
+        start = time.perf_counter()
+        load()
+        return time.perf_counter() - start
+
+    def floor() -> None:
+        fd = os.open(raw / "raw.bin", os.O_RDONLY)
+        try:
+            offset = 0
+            for t in state.values():
+                view = t.reshape(-1).view(torch.uint8).numpy().data
+                while view:
+                    n = os.preadv(fd, [view], offset)
+                    view, offset = view[n:], offset + n
+        finally:
+            os.close(fd)
+
+    def torch_load() -> None:
+        loaded = torch.load(files / "model.pt", weights_only=True)
+        for k, t in state.items():
+            t.copy_(loaded[k])
+
+    def st_load() -> None:
+        loaded = safetensors.torch.load_file(files / "model.safetensors")
+        for k, t in state.items():
+            t.copy_(loaded[k])
+
+    def dcp_load() -> None:
+        load({"model": state}, checkpoint_id=str(files / "dcp"), no_dist=True)
+
+    def ours() -> None:
+        mgr.restore(1, target={"model": state})
+
+    methods: dict[str, Callable[[Path], float | None]] = {
+        "cold read into the tensors (floor)": lambda _: cold(raw, floor),
+        "ckptguard verified restore": lambda _: cold(files / "ckptguard", ours),
+        "torch.load (+copy in)": lambda _: cold(files / "model.pt", torch_load),
+        "safetensors load_file (+copy in)": lambda _: cold(files / "model.safetensors", st_load),
+        "dcp.load (in place)": lambda _: cold(files / "dcp", dcp_load),
+    }
+    timings = Timings()
+    interleave(methods, rounds, work, timings)
+    ours()
+    if not all(torch.equal(state[k], expected[k]) for k in state):
+        raise RuntimeError("a restore changed the values")
+    shutil.rmtree(files)
+    return timings
+
+
+def bench_memory(state: dict[str, torch.Tensor], work: Path, growth_mib: int) -> dict[str, Any]:
+    """Peak RSS beyond what the process holds, for each ckptguard operation."""
+    out: dict[str, Any] = {"state_bytes": nbytes_of(state)}
+    root = work / "memory"
+
+    mgr = ckptguard.CheckpointManager(root / "sync", keep_last=1)
+    mgr.save(1, {"model": state}, blocking=True)  # warm-up (imports, first allocations)
+    with PeakSampler() as peak:
+        mgr.save(2, {"model": state}, blocking=True)
+    out["sync_save_extra_bytes"] = peak.extra
+
+    drop_cache(root / "sync")
+    with PeakSampler() as peak:
+        mgr.restore(target={"model": state})
+    out["restore_extra_bytes"] = peak.extra
+    mgr.close()
+
+    mgr = ckptguard.CheckpointManager(root / "async", keep_last=1, async_save=True)
+    with PeakSampler() as peak:
+        mgr.save(1, {"model": state})
+        mgr.wait()
+    out["async_save_extra_bytes"] = peak.extra
+    with PeakSampler() as peak:
+        mgr.save(2, {"model": state})
+        mgr.wait()
+    out["async_second_save_extra_bytes"] = peak.extra  # the buffers exist already
+    mgr.close()
+    shutil.rmtree(root)
+
+    small = gpt_like_state(growth_mib, d=512)
+    mgr = ckptguard.CheckpointManager(
+        root / "growth", keep_last=1, async_save=True, storage=LocalStorage(durable=False)
+    )
+    rss = []
+    base = reset_peak()
+    for step in range(1, 101):
+        for t in small.values():
+            t.add_(1.0)
+        mgr.save(step, {"model": small})
+        mgr.wait()
+        rss.append(_status("VmRSS") - base)
+    if mgr._buffers is None:  # noqa: SLF001
+        raise RuntimeError("an async manager without staging buffers")
+    out["growth"] = {
+        "state_bytes": nbytes_of(small),
+        "saves": 100,
+        "rss_after_first_bytes": rss[0],
+        "rss_max_after_later_bytes": max(rss[1:]),
+        "rss_last_bytes": rss[-1],
+        "buffer_allocations": mgr._buffers.allocations,  # noqa: SLF001
+    }
+    mgr.close()
+    shutil.rmtree(root)
+    return out
+
+
+def bench_trainer(mib: int, rounds: int, work: Path) -> Timings:
+    """The Trainer's own save with and without protect(), on a GPT-2 of ~mib fp32 params
+    (with its AdamW state after one step: ~3x that on disk)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: PLC0415
+
+    from ckptguard.integrations.transformers import protect  # noqa: PLC0415
+
+    d, layers = 512, 4
+    vocab = max(1000, (mib * MiB // 4 - layers * 12 * d * d) // d)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=vocab, n_positions=64, n_embd=d, n_layer=layers, n_head=8)
+    )
+    data = [{"input_ids": torch.randint(0, vocab, (16,)), "labels": torch.randint(0, vocab, (16,))}]
+
+    def make(out: Path) -> Any:
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=1, per_device_train_batch_size=1,
+            save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()  # one step: the optimizer has its state
+        return trainer
+
+    plain = make(work / "plain-init")
+    guarded = protect(make(work / "guarded-init"))
+    step = [100]
+
+    def save(trainer: Any, out: Path, *, then_fsync: bool = False) -> None:
+        trainer.args.output_dir = str(out)
+        step[0] += 1
+        trainer.state.global_step = step[0]
+        trainer._save_checkpoint(trainer.model, trial=None)  # noqa: SLF001
+        if then_fsync:
+            fsync_tree(out)
+
+    methods: dict[str, Callable[[Path], float | None]] = {
+        "Trainer._save_checkpoint": lambda out: save(plain, out),
+        "Trainer._save_checkpoint + fsync of its files": lambda out: save(
+            plain, out, then_fsync=True
+        ),
+        "protect(trainer)._save_checkpoint": lambda out: save(guarded, out),
+    }
+    timings = Timings()
+    interleave(methods, rounds, work, timings)
+    size = sum(f.stat().st_size for f in (work / "plain-init").rglob("*") if f.is_file())
+    del size
+    return timings
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b
+
+
+def report(results: dict[str, Any], nbytes: int) -> list[str]:
+    """The targets of issue 6, as ratios of medians taken in this run."""
+    lines = []
+    checks: dict[str, Any] = {}
+    save = results.get("save")
+    if save:
+        floor = save["raw write+fsync (floor)"]["median_s"]
+        ours = save["ckptguard sync"]["median_s"]
+        checks["sync_vs_raw_write_fsync_throughput"] = _ratio(floor, ours)
+        checks["sync_faster_than_torch_save_fsync"] = ours < save["torch.save+fsync"]["median_s"]
+        checks["sync_faster_than_dcp_save"] = ours < save["dcp.save"]["median_s"]
+        stall_floor = save["stall: memcpy into preallocated buffers (floor)"]["median_s"]
+        checks["async_stall_vs_memcpy"] = _ratio(
+            save["stall: ckptguard async"]["median_s"], stall_floor
+        )
+        checks["dcp_async_stall_vs_memcpy"] = _ratio(
+            save["stall: dcp.async_save"]["median_s"], stall_floor
+        )
+    cpu = results.get("cpu")
+    if cpu:
+        floor = cpu["raw write (floor)"]["median_s"]
+        for name in ("ckptguard sync", "torch.save", "safetensors save_file", "dcp.save"):
+            checks[f"cpu_cost_{name}_vs_raw_buffered_write"] = _ratio(cpu[name]["median_s"], floor)
+    restore = results.get("restore")
+    if restore:
+        checks["restore_vs_cold_read_throughput"] = _ratio(
+            restore["cold read into the tensors (floor)"]["median_s"],
+            restore["ckptguard verified restore"]["median_s"],
+        )
+    trainer = results.get("trainer")
+    if trainer:
+        own = trainer["Trainer._save_checkpoint"]["median_s"]
+        checks["protect_added_over_trainer_save"] = (
+            _ratio(trainer["protect(trainer)._save_checkpoint"]["median_s"], own) - 1.0
+        )
+        checks["protect_added_over_trainer_save_plus_fsync"] = (
+            _ratio(
+                trainer["protect(trainer)._save_checkpoint"]["median_s"],
+                trainer["Trainer._save_checkpoint + fsync of its files"]["median_s"],
+            )
+            - 1.0
+        )
+    memory = results.get("memory")
+    if memory:
+        checks["sync_save_extra_mib"] = memory["sync_save_extra_bytes"] / MiB
+        checks["async_save_extra_vs_state"] = memory["async_save_extra_bytes"] / nbytes
+        checks["restore_extra_vs_state"] = memory["restore_extra_bytes"] / nbytes
+        g = memory["growth"]
+        checks["async_growth_over_100_saves_mib"] = (
+            g["rss_max_after_later_bytes"] - g["rss_after_first_bytes"]
+        ) / MiB
+    results["checks"] = checks
+    for key, value in checks.items():
+        lines.append(
+            f"  {key:55} {value:.3f}" if isinstance(value, float) else f"  {key:55} {value}"
+        )
+    return lines
+
+
+def print_table(title: str, table: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"  {'method':50} {'median s':>9} {'min':>7} {'max':>7} {'GB/s':>6}")
+    for name, row in table.items():
+        print(
+            f"  {name:50} {row['median_s']:9.3f} {row['min_s']:7.3f} {row['max_s']:7.3f} "
+            f"{row['gb_per_s']:6.2f}"
+        )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mib", type=int, default=512)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=1024, help="state size (default 1024)")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--only", default="save,cpu,restore,memory,trainer")
+    parser.add_argument("--growth-mib", type=int, default=128)
+    parser.add_argument("--trainer-mib", type=int, default=128)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sections = set(args.only.split(","))
     state = gpt_like_state(args.mib)
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    work = Path(tempfile.mkdtemp(prefix="ckptguard-bench-", dir=args.dir))
-
-    def ckptguard_save(*, durable: bool) -> Callable[[Path], None]:
-        storage = LocalStorage(durable=durable)
-
-        def run(out: Path) -> None:
-            out.mkdir()
-            write_state(str(out), {"model": state}, storage)
-            storage.fsync_dir(str(out))
-
-        return run
-
-    def safetensors_save(*, durable: bool) -> Callable[[Path], None]:
-        def run(out: Path) -> None:
-            out.mkdir()
-            safetensors.torch.save_file(state, out / "model.safetensors")
-            if durable:
-                fsync_path(out / "model.safetensors")
-
-        return run
-
-    methods = {
-        "ckptguard (durable)": ckptguard_save(durable=True),
-        "safetensors.save_file+fsync": safetensors_save(durable=True),
-        "ckptguard (buffered)": ckptguard_save(durable=False),
-        "safetensors.save_file (buffered)": safetensors_save(durable=False),
+    nbytes = nbytes_of(state)
+    sizes = sorted(t.numel() * 4 for t in state.values())
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ckptguard": ckptguard.__version__,
     }
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    names = list(methods)
-    for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            out = work / f"r{r}-{names.index(name)}"
-            start = time.perf_counter()
-            methods[name](out)
-            times[name].append(time.perf_counter() - start)
-            shutil.rmtree(out)
-    shutil.rmtree(work)
-    print(f"state: {len(state)} tensors, {nbytes / 2**20:.0f} MiB fp32; {args.rounds} rounds")
-    print(f"{'method':36} {'median s':>9} {'min':>7} {'max':>7} {'GB/s':>6}")
-    result = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        result[name] = {
-            "median_s": med,
-            "min_s": min(ts),
-            "max_s": max(ts),
-            "gbps": nbytes / med / 1e9,
-        }
-        print(f"{name:36} {med:9.3f} {min(ts):7.3f} {max(ts):7.3f} {nbytes / med / 1e9:6.2f}")
-    for regime in ("durable", "buffered"):
-        ours = next(v for k, v in result.items() if k.startswith("ckptguard") and regime in k)
-        theirs = next(
-            v
-            for k, v in result.items()
-            if k.startswith("safetensors")
-            and (regime in k or (regime == "durable" and "fsync" in k))
-        )
-        ratio = theirs["median_s"] / ours["median_s"]
-        print(f"{regime}: ckptguard throughput = {ratio:.2f}x safetensors.save_file")
-        result[f"ratio_{regime}"] = {"ckptguard_over_safetensors_throughput": ratio}
+    print(
+        f"state: {len(state)} fp32 tensors, {nbytes / MiB:.0f} MiB "
+        f"({sizes[0] / 1024:.0f} KiB to {sizes[-1] / MiB:.0f} MiB); {args.rounds} rounds; "
+        f"{machine['cpus']} CPUs, torch {machine['torch']}"
+    )
+    work = Path(tempfile.mkdtemp(prefix="ckptguard-bench-", dir=args.dir))
+    results: dict[str, Any] = {"machine": machine, "state_bytes": nbytes, "rounds": args.rounds}
+    try:
+        if "save" in sections:
+            print("durable saves ...", flush=True)
+            t = bench_save(state, args.rounds, work, durable=True)
+            results["save"] = t.summary(nbytes)
+            print_table("durable saves (and async stalls)", results["save"])
+        if "cpu" in sections:
+            print("saves without fsync ...", flush=True)
+            t = bench_save(state, args.rounds, work, durable=False)
+            results["cpu"] = {
+                k.replace(" (floor)", " (floor)"): v
+                for k, v in t.summary(nbytes).items()
+                if not k.startswith("stall")
+            }
+            print_table("saves without fsync (CPU cost)", results["cpu"])
+        if "restore" in sections:
+            print("cold restores ...", flush=True)
+            results["restore"] = bench_restore(state, args.rounds, work).summary(nbytes)
+            print_table("cold restores into the existing tensors", results["restore"])
+        if "trainer" in sections:
+            print("Trainer saves ...", flush=True)
+            results["trainer"] = bench_trainer(args.trainer_mib, args.rounds, work).summary(1)
+            print_table("Hugging Face Trainer saves (GB/s column: n/a)", results["trainer"])
+        if "memory" in sections:
+            print("memory ...", flush=True)
+            results["memory"] = bench_memory(state, work, args.growth_mib)
+            print(f"\nmemory: {json.dumps(results['memory'], indent=2)}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\ntargets (ratios of medians in this run):")
+    for line in report(results, nbytes):
+        print(line)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

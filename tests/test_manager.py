@@ -101,7 +101,7 @@ def test_save_list_latest_verify_restore(tmp_path: Path) -> None:
     info = mgr.save(1, _state(1), metrics={"loss": 0.5}, metadata={"note": "first"}).result()
     assert info.step == 1
     assert info.valid
-    assert info.checksums_verified
+    assert not info.checksums_verified  # sizes and structure only (verify_after_save=False)
     assert info.path == str(root / "checkpoint-1")
     assert info.metrics == {"loss": 0.5}
     assert info.size_bytes > 0
@@ -352,6 +352,42 @@ def test_object_store_roots_are_not_implemented(
     with pytest.raises(NotImplementedError, match="object-store"):
         ckptguard.CheckpointManager(url)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("verify_after_save", [True, False])
+def test_verify_after_save_reads_the_new_checkpoint_back_before_retention(
+    tmp_path: Path, verify_after_save: bool
+) -> None:
+    """Bytes that change between the seal and the read-back (a bad disk, a bug) are caught
+    with verify_after_save=True, and retention then keeps the older checkpoint; the
+    default does not read the save back (the False case is the control)."""
+    from ckptguard import _faults  # noqa: PLC0415
+
+    root = tmp_path / "run"
+    mgr = ckptguard.CheckpointManager(root, keep_last=1, verify_after_save=verify_after_save)
+    mgr.save(1, _state(1))
+
+    def flip(name: str) -> None:
+        if name == "publish.done":
+            victim = root / "checkpoint-2" / "model.safetensors"
+            data = bytearray(victim.read_bytes())
+            data[-1] ^= 0xFF
+            victim.write_bytes(bytes(data))
+
+    previous = _faults.set_fault_hook(flip)
+    try:
+        if verify_after_save:
+            with pytest.raises(ckptguard.CorruptCheckpoint, match="right after its commit"):
+                mgr.save(2, _state(2))
+            assert (root / "checkpoint-1").exists()  # nothing deleted on its strength
+        else:
+            info = mgr.save(2, _state(2)).result()
+            assert info.valid
+            assert not info.checksums_verified
+            assert not (root / "checkpoint-1").exists()
+    finally:
+        _faults.set_fault_hook(previous)
+    assert not ckptguard.verify(root / "checkpoint-2").ok  # a restore would skip it
 
 
 # -- a real SIGKILL in the middle of a save ----------------------------------------------------

@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -232,10 +233,12 @@ def seal(
     files, dirs = call_with_retry(
         functools.partial(storage.walk_files, path), what="list staging dir", path=path
     )
-    entries = []
+    listed: list[str] = []
+    unknown: list[str] = []  # hashed and fsynced here
     for rel in files:
         if rel == OWNER_NAME:
             continue
+        listed.append(rel)
         if rel in {MANIFEST_NAME, MANIFEST_TMP_NAME}:
             raise UnsupportedFile(
                 f"{os.path.join(path, rel)}: {rel!r} is reserved for ckptguard's manifest",
@@ -248,11 +251,10 @@ def seal(
             raise UnsupportedFile(
                 f"{os.path.join(path, rel)}: {exc.message}", path=os.path.join(path, rel)
             ) from None
-        digest = known.get(rel)
-        if digest is None:
-            file_path = os.path.join(path, rel)
-            digest = _hash_and_fsync(storage, file_path)
-        entries.append(FileEntry(rel, digest.size, digest.checksum))
+        if rel not in known:
+            unknown.append(rel)
+    digests = {**_hash_and_fsync(storage, path, unknown), **known}
+    entries = [FileEntry(rel, digests[rel].size, digests[rel].checksum) for rel in listed]
     for rel in reversed(dirs):  # deepest first, so each parent is synced after its children
         sub = os.path.join(path, rel)
         call_fsync(functools.partial(storage.fsync_dir, sub), what="fsync directory", path=sub)
@@ -286,14 +288,38 @@ def seal(
     return manifest
 
 
-def _hash_and_fsync(storage: Storage, file_path: str) -> FileDigest:
-    holder: list[FileDigest] = []
+_FSYNC_THREADS = 4
 
-    def run() -> None:
-        holder.append(storage.hash_file(file_path, fsync=True))
 
-    call_fsync(run, what="read and fsync file", path=file_path)
-    return holder[0]
+def _hash_and_fsync(storage: Storage, root: str, rels: list[str]) -> dict[str, FileDigest]:
+    """Hash every file while a few threads fsync them.
+
+    The disk writes back while the CPU hashes: the cost is about the larger of the two,
+    not their sum.
+    """
+    if not rels:
+        return {}
+    digests: dict[str, FileDigest] = {}
+    workers = min(_FSYNC_THREADS, len(rels))
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckptguard-fsync") as pool:
+        syncs = [(rel, pool.submit(storage.fsync_file, os.path.join(root, rel))) for rel in rels]
+        try:
+            for rel in rels:
+                file_path = os.path.join(root, rel)
+                holder: list[FileDigest] = []
+
+                def run(file_path: str = file_path, holder: list[FileDigest] = holder) -> None:
+                    holder.append(storage.hash_file(file_path))
+
+                call_fsync(run, what="read file", path=file_path)
+                digests[rel] = holder[0]
+        except BaseException:
+            for _, future in syncs:
+                future.cancel()
+            raise
+        for rel, future in syncs:
+            call_fsync(future.result, what="fsync file", path=os.path.join(root, rel))
+    return digests
 
 
 # -- 4. commit -----------------------------------------------------------------------------

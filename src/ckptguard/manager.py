@@ -17,6 +17,7 @@ Restore takes the newest checkpoint that verifies, and logs each one it skips an
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import math
@@ -243,6 +244,7 @@ def _watch_exit(mgr: CheckpointManager) -> None:
     global _sigterm_installed  # noqa: PLW0603 - one process-wide handler
     with _EXIT_LOCK:
         _LIVE.add(mgr)
+        _hook_thread_shutdown()
         if _sigterm_installed or threading.current_thread() is not threading.main_thread():
             return
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -251,6 +253,26 @@ def _watch_exit(mgr: CheckpointManager) -> None:
 
 
 atexit.register(_at_exit)
+_threading_exit_hooked = False
+
+
+def _hook_thread_shutdown() -> None:
+    """Also finish in-flight saves from threading's shutdown, before atexit handlers run.
+
+    By the time ``atexit`` handlers run, ``concurrent.futures`` has refused new work
+    ("cannot schedule new futures after interpreter shutdown"), which the background
+    save still needs. ``threading._register_atexit`` is how ``concurrent.futures`` itself
+    gets called at that point; hooks registered later run first. Where it is missing,
+    the ``atexit`` handler is all there is.
+    """
+    global _threading_exit_hooked  # noqa: PLW0603 - once per process
+    if _threading_exit_hooked:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    if callable(register):
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            register(_at_exit)
+    _threading_exit_hooked = True
 
 
 class CheckpointManager:
@@ -275,6 +297,7 @@ class CheckpointManager:
         coordinator: Coordinator | None = None,
         naming: Naming = HF_NAMING,
         exit_timeout: float = 120.0,
+        verify_after_save: bool = False,
     ) -> None:
         """Checkpoints of one run under ``root`` (see the module docstring).
 
@@ -282,6 +305,13 @@ class CheckpointManager:
         and writes, commits and retains in a background thread (``blocking=`` overrides it
         per save). ``exit_timeout``: how long process exit (atexit, SIGTERM) waits for an
         in-flight async save before giving up on it.
+
+        ``verify_after_save=True`` reads every new checkpoint back and checks its checksums
+        before retention may delete anything. Off by default: the checksums are computed
+        over the very bytes handed to ``write(2)`` (or read back from the files a
+        framework wrote) and the files are fsynced before the commit, so a read-back
+        served from the page cache finds nothing new; it costs a full read of the save.
+        Sizes and structure are always checked, and every restore checks the checksums.
         """
         root = os.fspath(root)
         if "://" in root and not root.startswith("file://"):
@@ -290,6 +320,7 @@ class CheckpointManager:
                 "use a local or shared filesystem path"
             )
         self.async_save = bool(async_save)
+        self.verify_after_save = verify_after_save
         self.exit_timeout = exit_timeout
         self._pending: PendingSave | None = None
         self._buffers: StagingBuffers | None = None
@@ -632,8 +663,13 @@ class CheckpointManager:
         return tx.result
 
     def _verify_new(self, path: str) -> VerifyReport:
-        """Checksum-verify a checkpoint just committed; raise if it does not verify."""
-        report = verify(path)
+        """Check a checkpoint just committed; raise if it does not verify.
+
+        Sizes and structure always; checksums too with ``verify_after_save``. Either way
+        it counts as verified for retention: its checksums were taken from the bytes
+        written (see ``__init__``).
+        """
+        report = verify(path, checksums=self.verify_after_save)
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",

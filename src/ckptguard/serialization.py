@@ -32,6 +32,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ import xxhash
 
 from ckptguard.errors import CorruptCheckpoint, StateFormatError, TargetMismatch
 from ckptguard.layout import STATE_NAME
+from ckptguard.retry import call_fsync
 from ckptguard.safetensors_format import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
@@ -311,21 +313,21 @@ def encode_state(state: Any) -> EncodedState:
 def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> dict[str, FileDigest]:
     """Write an encoded state into ``directory``; returns the digests of the files written."""
     digests: dict[str, FileDigest] = {}
-    for group in encoded.groups:
-        header, infos = build_header(
-            ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
-        )
-        by_name = {p.name: p for p in group.tensors}
-        writer = storage.open_write(os.path.join(directory, group.file))
+    # Each file is fsynced by another thread as soon as it is written, while the next one
+    # is written: its writeback overlaps the next file's writes.
+    with ThreadPoolExecutor(2, thread_name_prefix="ckptguard-fsync") as pool:
+        syncs: list[tuple[str, Future[None]]] = []
         try:
-            writer.write(header)
-            for info in infos:
-                if info.nbytes:
-                    writer.write(_tensor_bytes(by_name[info.name].source))
-            digests[group.file] = writer.close()
+            for group in encoded.groups:
+                path = os.path.join(directory, group.file)
+                digests[group.file] = _write_group(path, group, storage)
+                syncs.append((path, pool.submit(storage.fsync_file, path)))
         except BaseException:
-            writer.abort()
+            for _, future in syncs:
+                future.cancel()
             raise
+        for path, future in syncs:
+            call_fsync(future.result, what="fsync file", path=path)
     doc = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -335,6 +337,24 @@ def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> di
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
     digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
     return digests
+
+
+def _write_group(path: str, group: _Group, storage: Storage) -> FileDigest:
+    """One safetensors file (not fsynced yet); its digest, computed while written."""
+    header, infos = build_header(
+        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
+    )
+    by_name = {p.name: p for p in group.tensors}
+    writer = storage.open_write(path, fsync=False)
+    try:
+        writer.write(header)
+        for info in infos:
+            if info.nbytes:
+                writer.write(_tensor_bytes(by_name[info.name].source))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def write_state(directory: str, state: Any, storage: Storage) -> dict[str, FileDigest]:

@@ -91,6 +91,9 @@ class Storage(Protocol):
     ) -> FileDigest:
         """Digest a regular file by streaming it; fsync it too if asked."""
 
+    def fsync_file(self, path: str) -> None:
+        """Make a regular file's data durable (never through a symlink)."""
+
     def walk_files(self, path: str) -> tuple[list[str], list[str]]:
         """(files, dirs) under ``path`` as relative POSIX paths; refuses symlinks and specials."""
 
@@ -289,6 +292,15 @@ class LocalStorage:
             raise
         try:
             return digest_fd(fd, progress=progress, fsync=fsync and self.durable)
+        finally:
+            os.close(fd)
+
+    def fsync_file(self, path: str) -> None:
+        if not self.durable:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.fsync(fd)
         finally:
             os.close(fd)
 
