@@ -40,7 +40,7 @@ test: lint types pytest
 
 # Speed is measured here, never in tests: ratios within one interleaved run.
 bench: install
-	$(PY) benchmarks/bench_save.py --mib 512 --rounds 9
+	$(PY) benchmarks/bench_save.py --mib 1024 --rounds 11 --json benchmarks/results/latest.json
 
 # The full crash sweep (make test runs 2 crash points per target): many points in the
 # before, torn and unsynced modes, for every framework driver, with 1 and 2 ranks.
