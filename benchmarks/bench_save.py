@@ -667,6 +667,7 @@ def main() -> None:
     for line in report(results, nbytes):
         print(line)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
 

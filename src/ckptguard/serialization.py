@@ -14,9 +14,12 @@ On disk, inside a checkpoint:
 Write path: each tensor's bytes go from its memory straight to the file (one write per
 tensor; only non-contiguous or non-CPU tensors are copied, one at a time), checksummed
 while written. Tensors that share storage (tied weights) are stored once and restored
-tied. Load path: each file is mapped copy-on-write, its xxh3-128 checked against the
-manifest before any tensor is used, then tensors are views of the mapping, or copied in
-place into the target's tensors. Nothing is ever unpickled.
+tied. Async saves first copy every tensor into reused staging buffers
+(:class:`StagingBuffers`), then write from those. Load path: with a target, each file is
+streamed through its xxh3-128 (bounded buffer) and checked against the manifest, then the
+tensors are read straight into the target's own memory; without one, each file is read
+once into new tensors and hashed as it is read, and nothing is returned unless it
+matches. Nothing is ever unpickled.
 
 torch is imported only when the state holds tensors (or a target asks for them).
 """
