@@ -361,7 +361,7 @@ def test_verify_after_save_reads_the_new_checkpoint_back_before_retention(
     """Bytes that change between the seal and the read-back (a bad disk, a bug) are caught
     with verify_after_save=True, and retention then keeps the older checkpoint; the
     default does not read the save back (the False case is the control)."""
-    from ckptguard import _faults  # noqa: PLC0415
+    from ckptguard import _faults
 
     root = tmp_path / "run"
     mgr = ckptguard.CheckpointManager(root, keep_last=1, verify_after_save=verify_after_save)
