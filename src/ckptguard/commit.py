@@ -75,7 +75,7 @@ from ckptguard.retry import (
     call_fsync,
     call_with_retry,
 )
-from ckptguard.storage import FileDigest, LocalStorage, Storage
+from ckptguard.storage import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
 from ckptguard.verify import verify
 
 if TYPE_CHECKING:
@@ -292,27 +292,31 @@ _FSYNC_THREADS = 4
 
 
 def _hash_and_fsync(storage: Storage, root: str, rels: list[str]) -> dict[str, FileDigest]:
-    """Hash every file while a few threads fsync them.
+    """Hash every file and fsync it; large files are fsynced by other threads.
 
-    The disk writes back while the CPU hashes: the cost is about the larger of the two,
-    not their sum.
+    Files of ``PARALLEL_FSYNC_MIN`` bytes or more are fsynced by other threads while the
+    next ones are hashed; smaller ones inline, after their hash (their writeback is short,
+    and the syscall order of a small save stays that of one thread, which fault injection
+    by syscall count relies on).
+
+    The disk writes back while the CPU hashes: for large files the cost is about the
+    larger of the two, not their sum.
     """
     if not rels:
         return {}
     digests: dict[str, FileDigest] = {}
-    workers = min(_FSYNC_THREADS, len(rels))
+    sizes = {rel: _size(os.path.join(root, rel)) for rel in rels}
+    large = [rel for rel in rels if sizes[rel] >= PARALLEL_FSYNC_MIN]
+    workers = max(1, min(_FSYNC_THREADS, len(large)))
     with ThreadPoolExecutor(workers, thread_name_prefix="ckptguard-fsync") as pool:
-        syncs = [(rel, pool.submit(storage.fsync_file, os.path.join(root, rel))) for rel in rels]
+        syncs = [(rel, pool.submit(storage.fsync_file, os.path.join(root, rel))) for rel in large]
         try:
             for rel in rels:
                 file_path = os.path.join(root, rel)
-                holder: list[FileDigest] = []
-
-                def run(file_path: str = file_path, holder: list[FileDigest] = holder) -> None:
-                    holder.append(storage.hash_file(file_path))
-
-                call_fsync(run, what="read file", path=file_path)
-                digests[rel] = holder[0]
+                run = functools.partial(
+                    _hash_into, storage, file_path, digests, rel, sizes[rel] < PARALLEL_FSYNC_MIN
+                )
+                call_fsync(run, what="read and fsync file", path=file_path)
         except BaseException:
             for _, future in syncs:
                 future.cancel()
@@ -320,6 +324,24 @@ def _hash_and_fsync(storage: Storage, root: str, rels: list[str]) -> dict[str, F
         for rel, future in syncs:
             call_fsync(future.result, what="fsync file", path=os.path.join(root, rel))
     return digests
+
+
+def _hash_into(
+    storage: Storage,
+    path: str,
+    out: dict[str, FileDigest],
+    rel: str,
+    fsync: bool,  # noqa: FBT001
+) -> None:
+    out[rel] = storage.hash_file(path, fsync=fsync)
+
+
+def _size(path: str) -> int:
+    """A file's size, or 0 where it cannot be told (then it is handled inline)."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_size
+    except (OSError, ValueError):
+        return 0
 
 
 # -- 4. commit -----------------------------------------------------------------------------

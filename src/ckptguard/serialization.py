@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from ckptguard.safetensors_format import (
     build_header,
     parse_header,
 )
-from ckptguard.storage import digest_fd
+from ckptguard.storage import PARALLEL_FSYNC_MIN, digest_fd
 from ckptguard.verify import open_checkpoint_file
 
 if TYPE_CHECKING:
@@ -316,15 +317,20 @@ def encode_state(state: Any) -> EncodedState:
 def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> dict[str, FileDigest]:
     """Write an encoded state into ``directory``; returns the digests of the files written."""
     digests: dict[str, FileDigest] = {}
-    # Each file is fsynced by another thread as soon as it is written, while the next one
-    # is written: its writeback overlaps the next file's writes.
+    # A large file is fsynced by another thread as soon as it is written, while the next
+    # one is written: its writeback overlaps the next file's writes.
     with ThreadPoolExecutor(2, thread_name_prefix="ckptguard-fsync") as pool:
         syncs: list[tuple[str, Future[None]]] = []
         try:
             for group in encoded.groups:
                 path = os.path.join(directory, group.file)
-                digests[group.file] = _write_group(path, group, storage)
-                syncs.append((path, pool.submit(storage.fsync_file, path)))
+                digest = digests[group.file] = _write_group(path, group, storage)
+                if digest.size >= PARALLEL_FSYNC_MIN:
+                    syncs.append((path, pool.submit(storage.fsync_file, path)))
+                else:  # small: inline (see commit.PARALLEL_FSYNC_MIN)
+                    call_fsync(
+                        functools.partial(storage.fsync_file, path), what="fsync file", path=path
+                    )
         except BaseException:
             for _, future in syncs:
                 future.cancel()

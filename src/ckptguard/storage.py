@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["FileDigest", "FileWriter", "LocalStorage", "Storage", "renameat2_available"]
 
 READ_CHUNK = 8 * 1024 * 1024
+# Files at least this large are fsynced by another thread while the next file is written
+# or hashed (commit.seal, serialization.write_encoded); smaller ones inline.
+PARALLEL_FSYNC_MIN = 8 * 1024 * 1024
 OVERLAP_MIN_BYTES = 4 * 1024 * 1024  # below this, hashing inline is cheaper than a handoff
 MAX_DEPTH = 64  # directories inside a checkpoint (verify.py refuses deeper trees too)
 _RENAME_NOREPLACE = 1
