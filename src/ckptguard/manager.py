@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
     from ckptguard.manifest import Manifest
     from ckptguard.serialization import EncodedState, StagingBuffers
+    from ckptguard.storage import FileDigest
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "PendingSave"]
 
@@ -314,11 +315,13 @@ class CheckpointManager:
         Sizes and structure are always checked, and every restore checks the checksums.
         """
         root = os.fspath(root)
-        if "://" in root and not root.startswith("file://"):
-            raise NotImplementedError(
-                f"{root}: object-store roots (s3://, gs://, ...) are not supported yet; "
-                "use a local or shared filesystem path"
-            )
+        from ckptguard.objectstore import FsspecStorage, is_url  # noqa: PLC0415
+
+        self.remote: FsspecStorage | None = None
+        if is_url(root):
+            if storage is not None:
+                raise ValueError("storage= is for local roots; a URL root brings its own")
+            self.remote = FsspecStorage(root, storage_options)
         self.async_save = bool(async_save)
         self.verify_after_save = verify_after_save
         self.exit_timeout = exit_timeout
@@ -326,13 +329,14 @@ class CheckpointManager:
         self._buffers: StagingBuffers | None = None
         self._background: Coordinator | None = None
         self._committer: bool | None = None  # whether this rank committed the last save
-        del storage_options  # used by object-store roots, which arrive later
-        self.root = os.path.abspath(root.removeprefix("file://"))
+        self.root = (
+            self.remote.url if self.remote else os.path.abspath(root.removeprefix("file://"))
+        )
         self.layout = RootLayout(self.root)
         self.policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
-        self.storage = storage or LocalStorage()
+        self.storage: Storage = self.remote or storage or LocalStorage()
         self.naming = naming
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         # Under torch.distributed, one process per node repairs its root at startup; every
@@ -340,13 +344,17 @@ class CheckpointManager:
         self.coordinator = coordinator or default_coordinator()
         error: str | None = None
         try:
-            os.makedirs(self.root, exist_ok=True)
-            if self.coordinator.local_rank == 0:
-                report = recover(
-                    self.root, checksums=False, stale_after=stale_after, storage=self.storage
-                )
-                for action in report.actions:
-                    _log.info("startup recovery: %s", action)
+            if self.remote is not None:
+                if self.coordinator.rank == 0:
+                    self._clean_remote()
+            else:
+                os.makedirs(self.root, exist_ok=True)
+                if self.coordinator.local_rank == 0:
+                    report = recover(
+                        self.root, checksums=False, stale_after=stale_after, storage=self.storage
+                    )
+                    for action in report.actions:
+                        _log.info("startup recovery: %s", action)
         except Exception as exc:
             if self.coordinator.world_size == 1:
                 raise
@@ -465,6 +473,10 @@ class CheckpointManager:
         """
         from ckptguard.serialization import encode_state, write_encoded  # noqa: PLC0415
 
+        if self.remote is not None:
+            return self._commit_remote(
+                step, encoded, state, metrics, metadata, pin=pin, coord=coord
+            )
         tx = self._transaction(step, metrics, metadata, coord)
         with tx as staging:
             committer = coord.rank == tx.committer
@@ -481,6 +493,74 @@ class CheckpointManager:
         return self._after_commit(
             step, self._result(tx).path, committer=committer, pin=pin, coord=coord
         )
+
+    def _commit_remote(
+        self,
+        step: int,
+        encoded: EncodedState | None,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: dict[str, Any],
+        *,
+        pin: bool,
+        coord: Coordinator,
+    ) -> CheckpointInfo:
+        """The object-store commit: rank 0 uploads, then writes the manifest (the commit)."""
+        from ckptguard.objectstore import commit_remote  # noqa: PLC0415
+        from ckptguard.serialization import encode_state, write_encoded  # noqa: PLC0415
+
+        if self.remote is None:  # pragma: no cover - only called for URL roots
+            raise RuntimeError("not an object-store root")
+        remote = self.remote
+
+        def write(prefix: str) -> Mapping[str, FileDigest]:
+            ready = encoded if encoded is not None else encode_state(state)
+            return write_encoded(prefix, ready, remote)
+
+        path = f"{self.root}/{self.naming.name(step)}"
+        commit_remote(
+            remote,
+            path,
+            write,
+            step=step,
+            metrics=_clean_metrics(metrics),
+            metadata=metadata,
+            if_exists=self.if_exists,
+            coordinator=coord,
+        )
+        self._committer = coord.rank == 0
+        return self._after_commit(step, path, committer=coord.rank == 0, pin=pin, coord=coord)
+
+    def _clean_remote(self) -> None:
+        """Startup clean-up of an object-store root.
+
+        Saves no manifest refers to (killed mid-upload, replaced, or losing a race), once
+        older than ``stale_after``.
+        """
+        from ckptguard.objectstore import clean_remote  # noqa: PLC0415
+
+        if self.remote is None:  # pragma: no cover
+            return
+        for removed in clean_remote(self.remote, self.root, grace=self.stale_after):
+            _log.info("startup clean-up: removed %s (no manifest refers to it)", removed)
+
+    def _local_only(self, what: str) -> None:
+        if self.remote is not None:
+            raise NotImplementedError(
+                f"{what} on an object-store root ({self.root}) are not supported yet: "
+                "save on a local or shared filesystem root"
+            )
+
+    def _verify_path(self, path: str, *, checksums: bool = True) -> VerifyReport:
+        """verify() for a local checkpoint, or its object-store counterpart."""
+        if self.remote is not None:
+            from ckptguard.objectstore import verify_remote  # noqa: PLC0415
+
+            return verify_remote(self.remote, path, checksums=checksums)
+        return verify(path, checksums=checksums)
+
+    def _join(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.remote is not None else os.path.join(self.root, name)
 
     def _save_async(
         self,
@@ -617,6 +697,7 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._local_only("save_files")
         self.wait()
         tx = self._transaction(
             step, metrics, _flagged(metadata, kind="files", pin=False), self.coordinator
@@ -669,7 +750,7 @@ class CheckpointManager:
         it counts as verified for retention: its checksums were taken from the bytes
         written (see ``__init__``).
         """
-        report = verify(path, checksums=self.verify_after_save)
+        report = self._verify_path(path, checksums=self.verify_after_save)
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",
@@ -710,7 +791,7 @@ class CheckpointManager:
                 if err is not None:
                     _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
         if report is None:
-            report = verify(path, checksums=False)
+            report = self._verify_path(path, checksums=False)
         return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
 
     def _save_sharded(
@@ -724,6 +805,7 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         from ckptguard.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
 
+        self._local_only("sharded=True saves")
         coord = self.coordinator
         tx = self._transaction(step, metrics, _flagged(metadata, kind=KIND, pin=pin), coord)
         with tx as staging:
@@ -738,11 +820,11 @@ class CheckpointManager:
         for name in self.storage.list_dir(self.root):
             step = self.naming.step(name)
             if step is not None and name != META_DIR:
-                found.append((step, os.path.join(self.root, name)))
+                found.append((step, self._join(name)))
         return sorted(found, reverse=True)
 
     def _pin_file(self, step: int) -> bool:
-        return os.path.lexists(os.path.join(self.layout.meta, PINS_DIR, self.naming.name(step)))
+        return self.storage.exists(self._join(f"{META_DIR}/{PINS_DIR}/{self.naming.name(step)}"))
 
     def _pinned(self, step: int, manifest: Manifest | None) -> bool:
         flags = manifest.metadata.get(_RESERVED_METADATA, {}) if manifest else {}
@@ -755,7 +837,7 @@ class CheckpointManager:
         """
         infos = []
         for step, path in reversed(self._committed()):
-            report = verify(path, checksums=checksums)
+            report = self._verify_path(path, checksums=checksums)
             infos.append(
                 CheckpointInfo.from_report(step, report, pinned=self._pinned(step, report.manifest))
             )
@@ -764,7 +846,7 @@ class CheckpointManager:
     def latest(self) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (checksums included); logs each one skipped."""
         for step, path in self._committed():
-            report = verify(path)
+            report = self._verify_path(path)
             if report.ok:
                 return CheckpointInfo.from_report(
                     step, report, pinned=self._pinned(step, report.manifest)
@@ -778,11 +860,11 @@ class CheckpointManager:
         if step is None:
             if not committed:
                 raise NoValidCheckpoint(f"no checkpoints in {self.root}", path=self.root)
-            return verify(committed[0][1])
-        path = os.path.join(self.root, self.naming.name(step))
-        if not os.path.lexists(path):
+            return self._verify_path(committed[0][1])
+        path = self._join(self.naming.name(step))
+        if not self.storage.exists(path):
             raise CheckpointNotFound(f"no checkpoint for step {step}", path=path)
-        return verify(path)
+        return self._verify_path(path)
 
     def restore(self, step: int | None = None, target: Any = None) -> Any:
         """Load a checkpoint (default: the newest that verifies), into ``target`` if given.
@@ -794,7 +876,7 @@ class CheckpointManager:
         from ckptguard.serialization import read_state  # noqa: PLC0415 - may import torch
 
         if step is not None:
-            path = os.path.join(self.root, self.naming.name(step))
+            path = self._join(self.naming.name(step))
             return self._restore_one(path, target, read_state)
         skipped = []
         for _step, path in self._committed():
@@ -816,11 +898,11 @@ class CheckpointManager:
             path=self.root,
         )
 
-    @staticmethod
-    def _restore_one(path: str, target: Any, read_state: Any) -> Any:
-        report = verify(path, checksums=False)  # structure first: missing/extra/sizes/manifest
+    def _restore_one(self, path: str, target: Any, read_state: Any) -> Any:
+        # structure first: missing/extra/sizes/manifest
+        report = self._verify_path(path, checksums=False)
         if not report.ok or report.manifest is None:
-            if not os.path.lexists(path):
+            if not self.storage.exists(path):
                 raise CheckpointNotFound(f"no checkpoint at {path}", path=path)
             raise CorruptCheckpoint(
                 f"{path} does not verify: {'; '.join(report.problems)}",
@@ -839,27 +921,32 @@ class CheckpointManager:
             from ckptguard.sharded import restore_sharded  # noqa: PLC0415 - imports torch
 
             return restore_sharded(path, target)
+        if self.remote is not None:
+            from ckptguard.objectstore import remote_read_args  # noqa: PLC0415
+
+            base, manifest, opener = remote_read_args(self.remote, path, report.manifest)
+            return read_state(base, manifest, target=target, opener=opener)
         return read_state(path, report.manifest, target=target)  # checks every checksum
 
     # -- retention -------------------------------------------------------------------------
     def pin(self, step: int) -> None:
         """Keep ``checkpoint-<step>`` whatever the retention policy says."""
-        pins = os.path.join(self.layout.meta, PINS_DIR)
+        pins = self._join(f"{META_DIR}/{PINS_DIR}")
         self.storage.make_dir(pins, mode=0o700, exist_ok=True)
-        path = os.path.join(pins, self.naming.name(step))
-        if not os.path.lexists(path):
+        path = f"{pins}/{self.naming.name(step)}"
+        if not self.storage.exists(path):
             self.storage.write_bytes(path, b"", fsync=True)
             self.storage.fsync_dir(pins)
 
     def unpin(self, step: int) -> None:
         """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
-        self.storage.remove_file(os.path.join(self.layout.meta, PINS_DIR, self.naming.name(step)))
+        self.storage.remove_file(self._join(f"{META_DIR}/{PINS_DIR}/{self.naming.name(step)}"))
 
     def _fully_verified(self, path: str, save_id: str) -> bool:
         """Checksum-verify a checkpoint once per save id in this process (then cached)."""
         if self._verified.get(path) == save_id:
             return True
-        report = verify(path)
+        report = self._verify_path(path)
         if report.ok:
             self._verified[path] = save_id
         else:
@@ -867,11 +954,16 @@ class CheckpointManager:
         return report.ok
 
     def _apply_retention(self, just_saved: str, also_keep: Collection[str] = ()) -> None:
-        with root_lock(self.layout, self.lock_timeout):
+        lock = (
+            contextlib.nullcontext()
+            if self.remote is not None
+            else root_lock(self.layout, self.lock_timeout)
+        )
+        with lock:
             candidates: dict[str, Candidate] = {}
             save_ids: dict[str, str] = {}
             for step, path in self._committed():
-                report = verify(path, checksums=False)
+                report = self._verify_path(path, checksums=False)
                 name = os.path.basename(path)
                 metric = None
                 if report.manifest is not None:
@@ -915,4 +1007,9 @@ class CheckpointManager:
                 self._retire(name)
 
     def _retire(self, name: str) -> None:
+        if self.remote is not None:
+            from ckptguard.objectstore import retire_remote  # noqa: PLC0415
+
+            retire_remote(self.remote, self._join(name))
+            return
         retire_checkpoint(self.layout, name, storage=self.storage, retry=self.retry)

@@ -35,7 +35,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -463,57 +463,92 @@ class _File:
     """
 
     def __init__(
-        self, path: str, fd: int, size: int, data_start: int, infos: list[TensorInfo]
+        self, path: str, source: Source, size: int, data_start: int, infos: list[TensorInfo]
     ) -> None:
-        self.path, self.fd, self.size, self.data_start = path, fd, size, data_start
+        self.path, self.source, self.size, self.data_start = path, source, size, data_start
         self.tensors = {t.name: t for t in infos}
         self.arrays: dict[str, Any] | None = None
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.source.close()
 
     def read_into(self, info: TensorInfo, view: memoryview) -> None:
         """Read the bytes of tensor ``info`` into ``view`` (exactly its size)."""
-        _pread_into(self.fd, view, self.data_start + info.begin, self.path)
+        self.source.pread_into(view, self.data_start + info.begin)
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
-    """Fill ``view`` from ``offset``; loops, since one read(2) may return less."""
-    while view:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise _corrupt(path, "shorter than its header says (changed while read?)")
-        view, offset = view[n:], offset + n
+class Source:
+    """One file of a checkpoint, open for reading: a local file (this class) or an object.
+
+    Reads fill their buffer or raise :class:`CorruptCheckpoint` (a file shorter than its
+    manifest and header say).
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self._fd = path, fd
+        with contextlib.suppress(OSError, AttributeError):  # a hint only
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        while view:
+            n = os.preadv(self._fd, [view], offset)
+            if n == 0:
+                raise _corrupt(self.path, "shorter than its header says (changed while read?)")
+            view, offset = view[n:], offset + n
+
+    def read_at_most(self, limit: int, offset: int = 0) -> bytes:
+        return _read_at_most(self._fd, limit, offset)
+
+    def checksum(self) -> str:
+        """xxh3-128 of the whole file, streamed through one bounded buffer."""
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        return digest_fd(self._fd).checksum
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def _open_file(checkpoint: str, rel: str, manifest: Manifest) -> _File:
+Opener = Callable[[str], Source]
+
+
+def local_opener(checkpoint: str) -> Opener:
+    """Opens files of a local checkpoint, refusing symlinks at every path component."""
+
+    def open_(rel: str) -> Source:
+        return Source(os.path.join(checkpoint, rel), open_checkpoint_file(checkpoint, rel))
+
+    return open_
+
+
+def _open_file(checkpoint: str, rel: str, manifest: Manifest, opener: Opener) -> _File:
     """Open a listed safetensors file and validate its header (its checksum not yet)."""
     entry = next((f for f in manifest.files if f.path == rel), None)
     path = os.path.join(checkpoint, rel)
     if entry is None:
         raise _corrupt(path, "referenced by state.json but not listed in the manifest")
-    fd = open_checkpoint_file(checkpoint, rel)
+    source = opener(rel)
     try:
-        size = os.fstat(fd).st_size
+        size = source.size
         if size != entry.size or size < 8:
             raise _corrupt(path, f"size {size}, manifest says {entry.size}")  # noqa: TRY301
-        with contextlib.suppress(OSError, AttributeError):  # a hint only
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        (length,) = struct.unpack("<Q", _read_at_most(fd, 8))
-        prefix = _read_at_most(fd, min(size, 8 + min(length, MAX_HEADER_BYTES)))
+        (length,) = struct.unpack("<Q", source.read_at_most(8))
+        prefix = source.read_at_most(min(size, 8 + min(length, MAX_HEADER_BYTES)))
         data_start, infos, _ = parse_header(prefix, size, path)
     except BaseException:
-        os.close(fd)
+        source.close()
         raise
-    return _File(path, fd, size, data_start, infos)
+    return _File(path, source, size, data_start, infos)
 
 
 def _check_checksum(file: _File, checksum: str) -> None:
     """Stream the whole file through xxh3-128 (bounded memory) and compare."""
-    os.lseek(file.fd, 0, os.SEEK_SET)
-    if digest_fd(file.fd).checksum != checksum:
+    if file.source.checksum() != checksum:
         raise _corrupt(file.path, "checksum mismatch (content altered)")
 
 
@@ -521,7 +556,7 @@ def _read_whole(file: _File, checksum: str) -> None:
     """Read every tensor into its own new buffer, hashing the file in order as it goes."""
     np = _numpy()
     hasher = xxhash.xxh3_128()
-    hasher.update(_read_at_most(file.fd, file.data_start))
+    hasher.update(file.source.read_at_most(file.data_start))
     arrays: dict[str, Any] = {}
     pos = file.data_start
     scratch = bytearray()
@@ -529,15 +564,15 @@ def _read_whole(file: _File, checksum: str) -> None:
         begin = file.data_start + info.begin
         if begin > pos:  # bytes between tensors: hashed, not kept
             scratch[:] = bytes(begin - pos)
-            _pread_into(file.fd, memoryview(scratch), pos, file.path)
+            file.source.pread_into(memoryview(scratch), pos)
             hasher.update(scratch)
         array = np.empty(info.nbytes, dtype=np.uint8)
-        _pread_into(file.fd, memoryview(array), begin, file.path)
+        file.source.pread_into(memoryview(array), begin)
         hasher.update(array)
         arrays[info.name] = array
         pos = begin + info.nbytes
     if file.size > pos:
-        hasher.update(_read_at_most(file.fd, file.size - pos, pos))
+        hasher.update(file.source.read_at_most(file.size - pos, pos))
     if hasher.hexdigest() != checksum:
         raise _corrupt(file.path, "checksum mismatch (content altered)")
     file.arrays = arrays
@@ -616,18 +651,18 @@ def _read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
     return b"".join(chunks)
 
 
-def _read_state_json(checkpoint: str, manifest: Manifest) -> Any:
+def _read_state_json(checkpoint: str, manifest: Manifest, opener: Opener) -> Any:
     entry = next((f for f in manifest.files if f.path == STATE_NAME), None)
     path = os.path.join(checkpoint, STATE_NAME)
     if entry is None:
         raise _corrupt(checkpoint, f"no {STATE_NAME}: not a CheckpointManager checkpoint")
     if entry.size > MAX_STATE_JSON:
         raise _corrupt(path, f"{entry.size} bytes is over the cap of {MAX_STATE_JSON}")
-    fd = open_checkpoint_file(checkpoint, STATE_NAME)
+    source = opener(STATE_NAME)
     try:
-        data = _read_at_most(fd, entry.size + 1)
+        data = source.read_at_most(entry.size + 1)
     finally:
-        os.close(fd)
+        source.close()
     if len(data) != entry.size or xxhash.xxh3_128_hexdigest(data) != entry.checksum:
         raise _corrupt(path, "checksum mismatch (content altered)")
     try:
@@ -915,7 +950,9 @@ def _materialize(value: Any) -> Any:
     return value
 
 
-def read_state(checkpoint: str, manifest: Manifest, *, target: Any = None) -> Any:
+def read_state(
+    checkpoint: str, manifest: Manifest, *, target: Any = None, opener: Opener | None = None
+) -> Any:
     """Load the state saved in ``checkpoint``, every byte checked against ``manifest``.
 
     Every file is verified before any value is used, so a corrupt checkpoint raises
@@ -924,14 +961,15 @@ def read_state(checkpoint: str, manifest: Manifest, *, target: Any = None) -> An
     streamed through its checksum (a bounded buffer), then its tensors are read straight
     into the target's own (a copy of the state is never held).
     """
-    doc = _read_state_json(checkpoint, manifest)
+    opener = opener or local_opener(checkpoint)
+    doc = _read_state_json(checkpoint, manifest, opener)
     checksums = {f.path: f.checksum for f in manifest.files}
     files: dict[str, _File] = {}
     try:
         for rel in doc["files"]:
             if not isinstance(rel, str) or rel in files:
                 raise _corrupt(checkpoint, "state.json lists a bad or duplicate file")
-            file = files[rel] = _open_file(checkpoint, rel, manifest)
+            file = files[rel] = _open_file(checkpoint, rel, manifest, opener)
             if target is None:
                 _read_whole(file, checksums[rel])
             else:
