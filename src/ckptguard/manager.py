@@ -817,7 +817,13 @@ class CheckpointManager:
     def _committed(self) -> list[tuple[int, str]]:
         """(step, path) of every ``checkpoint-<step>`` entry, newest first."""
         found = []
-        for name in self.storage.list_dir(self.root):
+        if self.remote is not None:
+            from ckptguard.objectstore import committed_names  # noqa: PLC0415
+
+            names = committed_names(self.remote, self.root)
+        else:
+            names = self.storage.list_dir(self.root)
+        for name in names:
             step = self.naming.step(name)
             if step is not None and name != META_DIR:
                 found.append((step, self._join(name)))

@@ -476,6 +476,21 @@ def retire_remote(storage: FsspecStorage, path: str) -> None:
     _log.info("deleted %s", path)
 
 
+def committed_names(storage: FsspecStorage, root: str) -> list[str]:
+    """Names under ``root`` that hold a manifest, from one listing.
+
+    Prefixes without one (a save killed mid-upload, an empty prefix a store keeps
+    listing) are skipped.
+    """
+    base = storage.key(root)
+    names = set()
+    for key in storage.find(root):
+        parts = key.removeprefix(base + "/").split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST_NAME and parts[0] != META_DIR:
+            names.add(parts[0])
+    return sorted(names)
+
+
 # -- verify --------------------------------------------------------------------------------
 def verify_remote(storage: FsspecStorage, path: str, *, checksums: bool = True) -> VerifyReport:
     """Verify a checkpoint on an object store, as :func:`ckptguard.verify` does locally.
