@@ -12,6 +12,7 @@ checking that the process is still alive between probes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -77,8 +78,8 @@ class S3Server:
         return f"s3://{self.bucket}/{prefix}"
 
     def client(self) -> Any:
-        import boto3  # noqa: PLC0415
-        from botocore.config import Config  # noqa: PLC0415
+        import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
@@ -91,10 +92,8 @@ class S3Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=30)
 
 
@@ -111,11 +110,12 @@ def _wait_ready(server: S3Server, deadline_s: float = 60.0) -> None:
             client.create_bucket(Bucket=bucket)
             client.put_object(Bucket=bucket, Key="ready", Body=b"1")
             client.delete_object(Bucket=bucket, Key="ready")
-            server.bucket = bucket
-            return
-        except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
+        except Exception as exc:  # not ready yet: retried until the deadline
             last = exc
             time.sleep(0.3)
+        else:
+            server.bucket = bucket
+            return
     server.stop()
     raise RuntimeError(f"{server.name} not ready after {deadline_s} s: {last}")
 

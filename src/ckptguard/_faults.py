@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FAULT_POINTS", "fault_point", "set_fault_hook"]
+__all__ = ["FAULT_POINTS", "REMOTE_FAULT_POINTS", "fault_point", "set_fault_hook"]
 
 FAULT_POINTS: tuple[str, ...] = (
     "stage.created",  # staging dir and owner file exist, nothing written yet
@@ -26,6 +26,14 @@ FAULT_POINTS: tuple[str, ...] = (
     "commit.renamed",  # the final name exists, root not yet fsynced
     "publish.root_synced",  # root fsynced: the commit is durable
     "publish.done",  # trash and stale staging cleaned, about to release the lock
+)
+
+# Steps of the object-store commit (``objectstore.py``), kept apart: the local crash tests
+# require every point above to be reached by a local save.
+REMOTE_FAULT_POINTS: tuple[str, ...] = (
+    "remote.uploading",  # after each chunk handed to an upload (mid multipart upload)
+    "remote.data_uploaded",  # every data object uploaded, no manifest yet: invisible
+    "remote.manifest_written",  # the manifest is in place: the save is committed
 )
 
 _hook: Callable[[str], None] | None = None

@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tenacity
 import xxhash
 
-from ckptguard.errors import CommitConflict, CorruptCheckpoint, StorageError, UnsafeManifest
+from ckptguard._faults import fault_point
+from ckptguard.errors import (
+    CommitConflict,
+    CorruptCheckpoint,
+    SaveAborted,
+    StorageError,
+    UnsafeManifest,
+)
 from ckptguard.layout import MANIFEST_NAME, META_DIR, new_save_id
 from ckptguard.manifest import FileEntry, Manifest, validate_relpath
 from ckptguard.owner import current_writer
@@ -136,9 +143,12 @@ class _UploadWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self._hasher.update(view)
-        self._file.write(view)
-        self._size += len(view)
+        for start in range(0, len(view), UPLOAD_BLOCK):  # one part at a time
+            chunk = view[start : start + UPLOAD_BLOCK]
+            self._hasher.update(chunk)
+            self._file.write(chunk)
+            self._size += len(chunk)
+            fault_point("remote.uploading")
 
     def close(self) -> FileDigest:
         self._file.close()  # completes the (multipart) upload
@@ -378,8 +388,6 @@ def commit_remote(
     object store, which every node sees) and returns the digests of what it uploaded
     under ``prefix``. Every rank gets the same result or the same error.
     """
-    from ckptguard.errors import SaveAborted  # noqa: PLC0415 - cycle-free at call time
-
     name = posixpath.basename(path.rstrip("/"))
     save_id = coordinator.broadcast(new_save_id() if coordinator.rank == 0 else None)
     prefix = f"{path}/{save_id}"
@@ -388,6 +396,7 @@ def commit_remote(
     if coordinator.rank == 0:
         try:
             digests = write(prefix)
+            fault_point("remote.data_uploaded")
             entries = [
                 FileEntry(validate_relpath(f"{save_id}/{rel}"), d.size, d.checksum)
                 for rel, d in sorted(digests.items())
@@ -402,6 +411,7 @@ def commit_remote(
                 metadata=metadata,
             )
             outcome = _publish(storage, path, manifest, if_exists=if_exists)
+            fault_point("remote.manifest_written")
             result = {"outcome": outcome, "manifest": manifest.to_json().decode()}
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
