@@ -261,27 +261,34 @@ def _child(root: Root, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("point", ["remote.uploading:3", "remote.data_uploaded:1"])
+@pytest.mark.parametrize(
+    "point", ["remote.uploading:3", "remote.data_uploaded:1", "remote.manifest_written:1"]
+)
 def test_a_process_killed_mid_upload_leaves_nothing_listed(
     s3: Root, tmp_path: Path, point: str
 ) -> None:
     mgr = s3.manager(keep_last=None)
     mgr.save(1, _state(1))
-    # 24 MiB: a multipart upload (16 MiB parts), killed after its third chunk or before
-    # its manifest
+    # 24 MiB: a multipart upload (16 MiB parts), killed after its third chunk, before its
+    # manifest, or right after it (then the save is committed)
     proc = _child(s3, tmp_path, f"kill-at={point}", "2.0", "0", str(6 << 20))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -9, err
-    assert [i.step for i in mgr.list()] == [1]
+    committed = point.startswith("remote.manifest_written")
+    assert [i.step for i in mgr.list()] == ([1, 2] if committed else [1])
     latest = mgr.latest()
     assert latest is not None
-    assert latest.step == 1
+    assert latest.step == (2 if committed else 1)
     leftovers = s3.storage().find(f"{s3.url}/checkpoint-2")
     if point == "remote.data_uploaded:1":
         assert leftovers  # its data is there, without a manifest: invisible
-    s3.manager(keep_last=None, stale_after=0)  # the next start cleans it up
-    assert s3.storage().find(f"{s3.url}/checkpoint-2") == {}
-    assert _same(mgr.restore(), _state(1))
+    s3.manager(keep_last=None, stale_after=0)  # the next start cleans up what is not committed
+    if committed:
+        assert mgr.verify(2).ok
+        assert float(mgr.restore()["w"][0]) == 2.0
+    else:
+        assert s3.storage().find(f"{s3.url}/checkpoint-2") == {}
+        assert _same(mgr.restore(), _state(1))
 
 
 def test_control_without_the_manifest_check_a_killed_save_would_be_listed(

@@ -35,7 +35,12 @@ from ckptguard.commit import (
     CommitResult,
     IfExists,
 )
-from ckptguard.coordination import Coordinator, default_coordinator, side_channel
+from ckptguard.coordination import (
+    Coordinator,
+    SingleProcess,
+    default_coordinator,
+    side_channel,
+)
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -65,6 +70,8 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from ckptguard.manifest import Manifest
+    from ckptguard.mirror import Mirror
+    from ckptguard.objectstore import FsspecStorage
     from ckptguard.serialization import EncodedState, StagingBuffers
     from ckptguard.storage import FileDigest
 
@@ -299,6 +306,7 @@ class CheckpointManager:
         naming: Naming = HF_NAMING,
         exit_timeout: float = 120.0,
         verify_after_save: bool = False,
+        mirror: str | None = None,
     ) -> None:
         """Checkpoints of one run under ``root`` (see the module docstring).
 
@@ -313,14 +321,23 @@ class CheckpointManager:
         framework wrote) and the files are fsynced before the commit, so a read-back
         served from the page cache finds nothing new; it costs a full read of the save.
         Sizes and structure are always checked, and every restore checks the checksums.
+
+        ``mirror="s3://bucket/run"`` (a local root only): each committed checkpoint is also
+        uploaded in the background and its remote copy verified (see ``mirror.py``;
+        ``storage_options`` are the mirror's); ``latest``/``restore`` take the newest valid
+        checkpoint of local and mirror.
         """
         root = os.fspath(root)
         from ckptguard.objectstore import FsspecStorage, is_url  # noqa: PLC0415
 
         self.remote: FsspecStorage | None = None
+        self.mirror: Mirror | None = None
+        self._mirror_reader: CheckpointManager | None = None
         if is_url(root):
             if storage is not None:
                 raise ValueError("storage= is for local roots; a URL root brings its own")
+            if mirror is not None:
+                raise ValueError("mirror= is for local roots: an object-store root is the copy")
             self.remote = FsspecStorage(root, storage_options)
         self.async_save = bool(async_save)
         self.verify_after_save = verify_after_save
@@ -342,6 +359,18 @@ class CheckpointManager:
         # Under torch.distributed, one process per node repairs its root at startup; every
         # rank hears of any failure, so that no rank is left alone in a collective.
         self.coordinator = coordinator or default_coordinator()
+        if mirror is not None:
+            from ckptguard.mirror import Mirror  # noqa: PLC0415
+
+            self.mirror = Mirror(mirror, storage_options)
+            self._mirror_reader = CheckpointManager(
+                self.mirror.url,
+                keep_last=None,
+                storage_options=storage_options,
+                coordinator=SingleProcess(),
+                naming=naming,
+                stale_after=stale_after,
+            )
         error: str | None = None
         try:
             if self.remote is not None:
@@ -443,7 +472,7 @@ class CheckpointManager:
                 "sharded=True saves are blocking (torch.distributed.checkpoint writes them); "
                 "pass blocking=True, or leave blocking unset"
             )
-        self.wait()  # at most one save in flight; raises the previous one's error
+        self._wait_save()  # at most one save in flight; raises the previous one's error
         if sharded:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if not blocking:
@@ -634,8 +663,15 @@ class CheckpointManager:
 
         None when no save is in flight (or its result was already taken). A failed save is
         raised once, by whichever of ``wait``, ``save``, ``close`` or
-        ``PendingSave.result`` comes first.
+        ``PendingSave.result`` comes first. With a mirror, also waits for every queued
+        upload and raises the first mirroring failure since the last ``wait``.
         """
+        info = self._wait_save(timeout)
+        if self.mirror is not None:
+            self.mirror.wait()
+        return info
+
+    def _wait_save(self, timeout: float | None = None) -> CheckpointInfo | None:
         job = self._pending
         if job is None:
             return None
@@ -654,6 +690,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self.mirror is not None:
+                self.mirror.close()
             if self._buffers is not None:
                 self._buffers.release()
             with _EXIT_LOCK:
@@ -698,7 +736,7 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._local_only("save_files")
-        self.wait()
+        self._wait_save()
         tx = self._transaction(
             step, metrics, _flagged(metadata, kind="files", pin=False), self.coordinator
         )
@@ -781,6 +819,8 @@ class CheckpointManager:
         if committer:
             try:
                 report = self._verify_new(path)
+                if self.mirror is not None and coord.rank == 0:
+                    self.mirror.upload(path)
                 self._apply_retention(os.path.basename(path), also_keep)
             except Exception as exc:
                 if coord.world_size == 1:
@@ -850,15 +890,24 @@ class CheckpointManager:
         return infos
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest checkpoint that verifies (checksums included); logs each one skipped."""
+        """The newest checkpoint that verifies (checksums included); logs each one skipped.
+
+        With a mirror: the newer of the local and the mirror's (local on a tie).
+        """
+        local = None
         for step, path in self._committed():
             report = self._verify_path(path)
             if report.ok:
-                return CheckpointInfo.from_report(
+                local = CheckpointInfo.from_report(
                     step, report, pinned=self._pinned(step, report.manifest)
                 )
+                break
             _log.warning("skipping %s: %s", path, "; ".join(report.problems))
-        return None
+        if self._mirror_reader is not None:
+            remote = self._mirror_reader.latest()
+            if remote is not None and (local is None or remote.step > local.step):
+                return remote
+        return local
 
     def verify(self, step: int | None = None) -> VerifyReport:
         """Verify one checkpoint (default: the newest, valid or not)."""
@@ -883,11 +932,19 @@ class CheckpointManager:
 
         if step is not None:
             path = self._join(self.naming.name(step))
+            if self._mirror_reader is not None and not self.storage.exists(path):
+                return self._mirror_reader.restore(step, target)
             return self._restore_one(path, target, read_state)
         skipped = []
-        for _step, path in self._committed():
+        candidates: list[tuple[int, int, str, CheckpointManager]] = [
+            (s, 1, p, self) for s, p in self._committed()
+        ]
+        if self._mirror_reader is not None:
+            mirror = self._mirror_reader
+            candidates += [(s, 0, p, mirror) for s, p in mirror._committed()]  # noqa: SLF001
+        for _step, _local, path, owner in sorted(candidates, reverse=True):
             try:
-                state = self._restore_one(path, target, read_state)
+                state = owner._restore_one(path, target, read_state)  # noqa: SLF001
             except CorruptCheckpoint as exc:
                 _log.warning("skipping %s: %s", path, exc.message)
                 skipped.append(f"{os.path.basename(path)}: {exc.message}")
@@ -1013,6 +1070,8 @@ class CheckpointManager:
                 self._retire(name)
 
     def _retire(self, name: str) -> None:
+        if self.mirror is not None and self.coordinator.rank == 0:
+            self.mirror.retire(name)
         if self.remote is not None:
             from ckptguard.objectstore import retire_remote  # noqa: PLC0415
 

@@ -40,6 +40,7 @@ import xxhash
 
 from ckptguard._faults import fault_point
 from ckptguard.errors import (
+    CheckpointError,
     CommitConflict,
     CorruptCheckpoint,
     SaveAborted,
@@ -418,7 +419,14 @@ def commit_remote(
             if coordinator.world_size == 1:
                 with contextlib.suppress(Exception):
                     storage.remove_tree(prefix)
-                raise
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise StorageError(
+                    f"saving {path} failed: {error}",
+                    path=path,
+                    hint="check the endpoint, the bucket and the credentials (fsspec/boto "
+                    "configuration or storage_options)",
+                ) from exc
             with contextlib.suppress(Exception):
                 storage.remove_tree(prefix)
     shared = coordinator.broadcast({"error": error, "result": result})

@@ -1,0 +1,163 @@
+"""Mirroring: commit locally first (fast), then copy each checkpoint to an object store.
+
+``CheckpointManager(root, mirror="s3://bucket/run")``: after each local commit, a
+background thread uploads the checkpoint (its files streamed from disk, each checksum
+computed while uploading and compared with the local manifest's), commits it on the store
+with its own manifest (``objectstore.commit_remote``), then reads the remote copy back and
+checks every checksum. A checkpoint that local retention deletes is deleted from the
+mirror too. Failures are logged at once and raised by the manager's ``wait``/``close``;
+they never fail a local save. Resume takes the newest valid checkpoint of local and
+remote (``CheckpointManager.latest``/``restore``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ckptguard.coordination import SingleProcess
+from ckptguard.errors import CorruptCheckpoint
+from ckptguard.objectstore import FsspecStorage, commit_remote, retire_remote, verify_remote
+from ckptguard.storage import READ_CHUNK, FileDigest
+from ckptguard.verify import open_checkpoint_file, verify
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["Mirror"]
+
+_log = logging.getLogger("ckptguard.mirror")
+
+
+class Mirror:
+    """The background copier of one manager's committed checkpoints."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.remote = FsspecStorage(url, storage_options)
+        self.url = self.remote.url
+        self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.uploaded: list[str] = []
+
+    # -- the manager's calls ------------------------------------------------------------------
+    def upload(self, local_path: str) -> None:
+        """Queue a committed local checkpoint for upload."""
+        self._submit(("upload", local_path))
+
+    def retire(self, name: str) -> None:
+        """Queue the deletion of ``name`` on the mirror (local retention deleted it)."""
+        self._submit(("retire", name))
+
+    def wait(self) -> None:
+        """Wait until every queued job is done; raise the first failure since the last wait."""
+        self._jobs.join()
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+
+    # -- the background thread ----------------------------------------------------------------
+    def _submit(self, job: tuple[str, str]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ckptguard-mirror", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                kind, arg = job
+                if kind == "upload":
+                    self._upload(arg)
+                else:
+                    retire_remote(self.remote, f"{self.url}/{arg}")
+            except BaseException as exc:
+                _log.error("mirroring to %s failed: %s: %s", self.url, type(exc).__name__, exc)
+                with self._lock:
+                    self._error = self._error or exc
+            finally:
+                self._jobs.task_done()
+
+    def _upload(self, local_path: str) -> None:
+        name = os.path.basename(local_path)
+        local = verify(local_path, checksums=False)
+        if not local.ok or local.manifest is None:
+            if not os.path.lexists(local_path):
+                _log.info("not mirroring %s: deleted before its upload", local_path)
+                return
+            raise CorruptCheckpoint(
+                f"{local_path} does not verify; not mirrored: {'; '.join(local.problems)}",
+                path=local_path,
+            )
+        manifest = local.manifest
+
+        def write(prefix: str) -> dict[str, FileDigest]:
+            digests = {}
+            for entry in manifest.files:
+                digest = self._copy(local_path, entry.path, f"{prefix}/{entry.path}")
+                if digest.size != entry.size or digest.checksum != entry.checksum:
+                    raise CorruptCheckpoint(
+                        f"{local_path}/{entry.path} changed since its commit "
+                        "(its bytes do not match the local manifest); not mirrored",
+                        path=local_path,
+                    )
+                digests[entry.path] = digest
+            return digests
+
+        target = f"{self.url}/{name}"
+        try:
+            commit_remote(
+                self.remote,
+                target,
+                write,
+                step=manifest.step,
+                metrics=manifest.metrics,
+                metadata=manifest.metadata,
+                if_exists="replace",
+                coordinator=SingleProcess(),
+            )
+        except Exception:
+            if not os.path.lexists(local_path):  # retention got to it first: nothing to keep
+                _log.info("not mirroring %s: deleted by retention during its upload", name)
+                return
+            raise
+        report = verify_remote(self.remote, target, checksums=True)  # the remote copy, read back
+        if not report.ok:
+            raise CorruptCheckpoint(
+                f"the mirror copy {target} does not verify: {'; '.join(report.problems)}",
+                path=target,
+                problems=report.problems,
+            )
+        self.uploaded.append(name)
+        _log.info(
+            "mirrored %s to %s (%d bytes, checksums verified)", name, target, report.bytes_checked
+        )
+
+    def _copy(self, checkpoint: str, rel: str, dest: str) -> FileDigest:
+        fd = open_checkpoint_file(checkpoint, rel)
+        try:
+            with self.remote.open_write(dest) as writer:
+                buf = bytearray(READ_CHUNK)
+                view = memoryview(buf)
+                while n := os.readv(fd, [buf]):
+                    writer.write(view[:n])
+                return writer.close()
+        finally:
+            os.close(fd)
