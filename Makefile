@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# torch first, pinned by constraints.txt to the CPU build on this machine's disk, so
 	# that no later requirement can pull another (multi-GB CUDA) build.
 	$(PIP) install -c constraints.txt torch
-	$(PIP) install -c constraints.txt -e '.[dev,torch,hf,lightning]'
+	$(PIP) install -c constraints.txt -e '.[dev,torch,hf,lightning,s3]'
 	touch $@
 
 # The lowest transformers the `hf` extra declares, as an overlay in front of the venv

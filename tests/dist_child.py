@@ -73,7 +73,9 @@ def guarded(root: Path, rounds: int, rank: int, *, raise_at: int | None) -> dict
 def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
     import torch
 
-    mgr = ckptguard.CheckpointManager(root, keep_last=2)
+    options = json.loads(os.environ.get("CKPT_STORAGE_OPTIONS", "null"))
+    url = os.environ.get("CKPT_ROOT_URL")  # an object-store root instead of ROOT
+    mgr = ckptguard.CheckpointManager(url or root, keep_last=2, storage_options=options)
     infos = []
     for step in range(1, rounds + 1):
         torch.manual_seed(step)  # replicated state: identical on every rank

@@ -422,3 +422,40 @@ def test_credentials_are_never_logged(
     assert text  # something was logged
     assert server.storage_options["secret"] not in text
     assert server.storage_options["key"] not in text
+
+
+def test_checkpoint_manager_under_torchrun_on_s3(
+    servers: dict[str, S3Server], tmp_path: Path
+) -> None:
+    """Two ranks (gloo) save to moto: rank 0 uploads and commits, both get the same result,
+    and a failure on rank 0 is raised on every rank."""
+    server = servers["moto"]
+    url = server.url(f"dist-{uuid.uuid4().hex[:8]}")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **CHILD_ENV,
+        "CKPT_ROOT_URL": url,
+        "CKPT_STORAGE_OPTIONS": json.dumps(server.storage_options),
+    }
+    child = Path(__file__).with_name("dist_child.py")
+    from s3_servers import free_port
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        str(child), "manager", str(tmp_path / "unused"), "4", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for report in reports:
+        assert report["errors"] == []
+        assert [i["step"] for i in report["infos"]] == [1, 2, 3, 4]
+        assert all(i["valid"] for i in report["infos"])
+        assert report["restored_equal"]
+        assert report["aborted"]  # rank 0 could not store a lambda: every rank heard
+    assert committed_names(FsspecStorage(url, server.storage_options), url) == [
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
