@@ -459,3 +459,42 @@ def test_checkpoint_manager_under_torchrun_on_s3(
         "checkpoint-3",
         "checkpoint-4",
     ]
+
+
+def test_the_command_line_on_an_object_store(servers: dict[str, S3Server]) -> None:
+    """`ckptguard list/verify/clean` take a URL; options come from the environment."""
+    server = servers["moto"]
+    url = server.url(f"cli-{uuid.uuid4().hex[:8]}")
+    mgr = ckptguard.CheckpointManager(url, storage_options=server.storage_options)
+    mgr.save(1, _state(1))
+    mgr.save(2, _state(2))
+    storage = FsspecStorage(url, server.storage_options)
+    orphan = f"{url}/checkpoint-7/20260101T000000000000Z-0-0-0/model.safetensors"
+    storage.write_bytes(orphan, b"left by a killed save")
+    env = {**CHILD_ENV, "CKPTGUARD_STORAGE_OPTIONS": json.dumps(server.storage_options)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ckptguard", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    listed = cli("list", url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [r["step"] for r in json.loads(listed.stdout)] == [1, 2]
+    assert cli("verify", url).returncode == 0
+    _flip_byte(Root(url, server.storage_options, "moto"), 2)
+    bad = cli("verify", f"{url}/checkpoint-2", "--json")
+    assert bad.returncode == 1
+    assert not json.loads(bad.stdout)["ok"]
+    dry = cli("clean", url, "--stale-after", "0", "--json")
+    assert json.loads(dry.stdout)["planned"] == [f"{url}/checkpoint-7/20260101T000000000000Z-0-0-0"]
+    assert storage.exists(orphan)
+    done = cli("clean", url, "--stale-after", "0", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert not storage.exists(orphan)
+    assert server.storage_options["secret"] not in listed.stdout + listed.stderr

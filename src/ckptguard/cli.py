@@ -20,6 +20,13 @@ from rich.table import Table
 from ckptguard.errors import CheckpointError
 from ckptguard.layout import MANIFEST_NAME, META_DIR, RETIRED_SUFFIX, RootLayout, step_from_name
 from ckptguard.locking import root_lock
+from ckptguard.objectstore import (
+    FsspecStorage,
+    clean_remote,
+    committed_names,
+    is_url,
+    verify_remote,
+)
 from ckptguard.recovery import EntryKind, RootEntry, recover, scan
 from ckptguard.storage import LocalStorage
 from ckptguard.verify import VerifyReport, read_manifest, verify
@@ -93,6 +100,79 @@ def main() -> None:
 
 
 # -- list --------------------------------------------------------------------------------------
+def _remote(url: str) -> FsspecStorage:
+    options = json.loads(os.environ.get("CKPTGUARD_STORAGE_OPTIONS") or "{}")
+    return FsspecStorage(url, options)
+
+
+def _remote_rows(url: str, *, checksums: bool) -> list[dict[str, Any]]:
+    storage = _remote(url)
+    rows = []
+    for name in committed_names(storage, storage.url):
+        report = verify_remote(storage, f"{storage.url}/{name}", checksums=checksums)
+        manifest = report.manifest
+        status = ("ok" if checksums else "ok (sizes)") if report.ok else "corrupt"
+        rows.append(
+            {
+                "name": name,
+                "path": report.path,
+                "step": manifest.step if manifest else step_from_name(name),
+                "created_at": manifest.created_at if manifest else None,
+                "size_bytes": manifest.total_size if manifest else None,
+                "files": len(manifest.files) if manifest else None,
+                "metrics": dict(manifest.metrics) if manifest else {},
+                "status": status,
+                "problems": "; ".join(report.problems),
+            }
+        )
+    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
+    return rows
+
+
+def _verify_remote_cmd(path: str, *, as_json: bool) -> None:
+    storage = _remote(path)
+    try:
+        if storage.exists(f"{storage.url}/{MANIFEST_NAME}"):
+            reports = [verify_remote(storage, storage.url)]
+        else:
+            names = committed_names(storage, storage.url)
+            reports = [verify_remote(storage, f"{storage.url}/{n}") for n in names]
+    except (CheckpointError, OSError) as exc:
+        _fail(str(exc), as_json=as_json)
+    bad = [r for r in reports if not r.ok]
+    if as_json:
+        _emit_json({"ok": not bad, "checkpoints": [_report_json(r) for r in reports]})
+    else:
+        if not reports:
+            _err.print(f"no checkpoints in {path}")
+        for r in reports:
+            if r.ok:
+                _out.print(f"[green]ok[/]       {r.path}  ({r.files_checked} files, "
+                           f"{_size(r.bytes_checked)} checked)")  # fmt: skip
+            else:
+                _out.print(f"[red]CORRUPT[/]  {r.path}")
+                for problem in r.problems:
+                    _out.print(f"           - {problem}")
+    sys.exit(1 if bad else 0)
+
+
+def _clean_remote_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
+    storage = _remote(root)
+    try:
+        gone = clean_remote(storage, storage.url, grace=stale_after, dry_run=not yes)
+    except (CheckpointError, OSError) as exc:
+        _fail(str(exc), as_json=as_json)
+    if as_json:
+        _emit_json({"dry_run": not yes, "removed" if yes else "planned": gone})
+        return
+    for prefix in gone:
+        _out.print(f"{'removed' if yes else 'would remove'} {prefix}")
+    if not gone:
+        _out.print(f"nothing to clean in {root}")
+    elif not yes:
+        _out.print("dry run: nothing removed; run again with --yes to do this")
+
+
 def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
     rows = []
     for entry in report_entries:
@@ -133,18 +213,25 @@ def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
 @click.option("--checksums", is_flag=True, help="Verify checksums too (reads every byte).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
-    """List the checkpoints of ROOT: step, time, size, files, metrics, status."""
-    if not os.path.isdir(root):
+    """List the checkpoints of ROOT: step, time, size, files, metrics, status.
+
+    ROOT may be an fsspec URL (s3://bucket/run); options for its filesystem (an
+    endpoint, say) go in the environment variable CKPTGUARD_STORAGE_OPTIONS as JSON.
+    """
+    if not is_url(root) and not os.path.isdir(root):
         _err.print(f"[red]error:[/] {root} is not a directory")
         sys.exit(2)
     try:
-        rows = _list_rows(list(scan(root, checksums=checksums).entries))
+        if is_url(root):
+            rows = _remote_rows(root, checksums=checksums)
+        else:
+            rows = _list_rows(list(scan(root, checksums=checksums).entries))
     except (CheckpointError, OSError) as exc:
         _fail(str(exc), as_json=as_json)
     if as_json:
         _emit_json(rows)
         return
-    table = Table(title=f"checkpoints in {os.path.abspath(root)}")
+    table = Table(title=f"checkpoints in {root if is_url(root) else os.path.abspath(root)}")
     for column in ("step", "time", "size", "files", "metrics", "status"):
         table.add_column(column, justify="right" if column in {"step", "size", "files"} else "left")
     for row in rows:
@@ -199,6 +286,9 @@ def _verify_all(paths: list[str], *, show_progress: bool) -> list[VerifyReport]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify_cmd(path: str, *, as_json: bool) -> None:
     """Verify a checkpoint, or every checkpoint of a root. Exit 1 if any is corrupt."""
+    if is_url(path):
+        _verify_remote_cmd(path, as_json=as_json)
+        return
     if not os.path.isdir(path):
         _err.print(f"[red]error:[/] {path} is not a directory")
         sys.exit(2)
@@ -333,7 +423,13 @@ def _plan(root: str, entry: RootEntry) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
-    """Remove stale staging dirs, trash and quarantine of ROOT (dry run unless --yes)."""
+    """Remove stale staging dirs, trash and quarantine of ROOT (dry run unless --yes).
+
+    On an object store (an fsspec URL): the uploads no manifest refers to.
+    """
+    if is_url(root):
+        _clean_remote_cmd(root, yes=yes, stale_after=stale_after, as_json=as_json)
+        return
     if not os.path.isdir(root):
         _fail(f"{root} is not a directory", as_json=as_json)
     kinds = {EntryKind.STAGING_STALE, EntryKind.TRASH, EntryKind.QUARANTINE}
