@@ -183,7 +183,12 @@ class FsspecStorage:
         import fsspec  # noqa: PLC0415 - only for object-store roots
 
         self.url = url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
+        options = dict(storage_options or {})
+        if self.url.split("://", 1)[0] in {"s3", "s3a"}:
+            # a listing cached by another user of this filesystem object must never decide
+            # whether a manifest exists
+            options.setdefault("use_listings_cache", False)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.protocol = self.url.split("://", 1)[0]
         self.root_key = root.rstrip("/")
         self._conditional: bool | None = None
