@@ -344,13 +344,22 @@ def test_missing_step_and_empty_root(tmp_path: Path) -> None:
     assert issubclass(ckptguard.NoValidCheckpoint, ckptguard.CheckpointError)
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://bucket/prefix/run", "memory://x"])
-def test_object_store_roots_are_not_implemented(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+def test_url_roots_never_litter_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # a regression must not litter the cwd with "s3:" folders
-    with pytest.raises(NotImplementedError, match="object-store"):
-        ckptguard.CheckpointManager(url)
+    monkeypatch.chdir(tmp_path)  # a regression must not create "memory:" folders here
+    mgr = ckptguard.CheckpointManager(f"memory://ckptguard-tests/{tmp_path.name}")
+    mgr.save(1, _state(1))
+    assert mgr.verify(1).ok
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_url_whose_filesystem_is_not_installed_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImportError, match="gcsfs"):  # not a dependency of this project
+        ckptguard.CheckpointManager("gs://bucket/prefix/run")
     assert os.listdir(tmp_path) == []
 
 

@@ -188,7 +188,13 @@ class FsspecStorage:
             # a listing cached by another user of this filesystem object must never decide
             # whether a manifest exists
             options.setdefault("use_listings_cache", False)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError as exc:
+            raise ImportError(
+                f"{self.url}: {exc} (fsspec needs that package for this kind of URL; for "
+                "s3:// install ckptguard[s3])"
+            ) from exc
         self.protocol = self.url.split("://", 1)[0]
         self.root_key = root.rstrip("/")
         self._conditional: bool | None = None
