@@ -129,7 +129,13 @@ def doctor(root: Path) -> dict[str, object]:
     """The distributed checks of ckptguard.doctor, with this job's process group."""
     from ckptguard.coordination import default_coordinator
 
-    report = ckptguard.doctor(root, coordinator=default_coordinator(), versions=False)
+    expect = os.environ.get("CKPT_EXPECT_SHARED")
+    report = ckptguard.doctor(
+        root,
+        coordinator=default_coordinator(),
+        versions=False,
+        expect_shared=None if expect is None else expect == "1",
+    )
     dist_checks = {
         c.name: [c.status, c.message] for c in report.checks if c.name.startswith("dist.")
     }

@@ -221,6 +221,14 @@ def test_doctor_finds_node_local_roots(tmp_path: Path) -> None:
         status, message = report["doctor"]["dist.same_root"]
         assert status == "warn"
         assert "node-local" in message
+    # configured as shared (a Trainer's save_on_each_node=False): that fails
+    reports = _two_nodes(
+        "doctor", str(tmp_path / "node{node}"), 1, tmp_path / "out2", {"CKPT_EXPECT_SHARED": "1"}
+    )
+    for report in reports:
+        status, message = report["doctor"]["dist.same_root"]
+        assert status == "fail"
+        assert "configuration says the root is shared" in message
 
 
 def test_sharded_save_on_node_local_roots_is_refused(tmp_path: Path) -> None:

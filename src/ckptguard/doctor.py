@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -75,7 +76,12 @@ _FS_NOTES = {
 version_lookup: Callable[[str], str | None]
 
 
+@functools.cache
 def _installed_version(dist: str) -> str | None:
+    """Installed version of ``dist``, looked up once per process.
+
+    Each lookup scans every installed distribution, and every manager start asks.
+    """
     try:
         return _metadata.version(dist)
     except _metadata.PackageNotFoundError:
@@ -442,8 +448,14 @@ def _check_contents(root: str, *, expect_empty: bool) -> list[Check]:
 
 
 # -- distributed ------------------------------------------------------------------------------
-def check_distributed(root: str | None, coordinator: Coordinator) -> list[Check]:
-    """Same root on every rank? Clock skew? World size against the newest checkpoint's."""
+def check_distributed(
+    root: str | None, coordinator: Coordinator, *, expect_shared: bool | None = None
+) -> list[Check]:
+    """Same root on every rank (and as configured)? Clock skew? World size vs checkpoint's.
+
+    ``expect_shared``: what the job's configuration says (a Trainer's
+    ``save_on_each_node=False`` means shared); a mismatch with what the ranks see fails.
+    """
     checks: list[Check] = []
     world = coordinator.world_size
     if root is not None:
@@ -463,7 +475,18 @@ def check_distributed(root: str | None, coordinator: Coordinator) -> list[Check]
             with contextlib.suppress(OSError):
                 os.unlink(marker)
         nodes = coordinator.all_gather(coordinator.node)
-        if all(seen):
+        if expect_shared is not None and expect_shared != all(seen):
+            said, found = ("shared", "node-local") if expect_shared else ("node-local", "shared")
+            checks.append(
+                Check(
+                    "dist.same_root",
+                    "fail",
+                    f"the configuration says the root is {said}; the ranks find it {found}",
+                    "fix the configuration (save_on_each_node for the Hugging Face Trainer) "
+                    "or the mounts; ckptguard itself follows what it finds",
+                )
+            )
+        elif all(seen):
             checks.append(Check("dist.same_root", "ok", f"all {world} ranks see the same root"))
         else:
             blind = sorted({nodes[r] for r, s in enumerate(seen) if not s})
@@ -529,6 +552,7 @@ def doctor(
     coordinator: Coordinator | None = None,
     mounts_file: str = "/proc/mounts",
     versions: bool = True,
+    expect_shared: bool | None = None,
 ) -> DoctorReport:
     """Check the environment (and ``root``, if given) for what breaks checkpointing."""
     checks: list[Check] = []
@@ -555,7 +579,7 @@ def doctor(
             )
     if coordinator is not None and coordinator.world_size > 1:
         local = path if path is not None and "://" not in path else None
-        checks.extend(check_distributed(local, coordinator))
+        checks.extend(check_distributed(local, coordinator, expect_shared=expect_shared))
     return DoctorReport(path, checks)
 
 
