@@ -125,6 +125,23 @@ def async_saves(root: Path, rounds: int) -> dict[str, object]:
     return {"errors": errors, "buffer_bytes": capacity, "stalls": stalls}
 
 
+def doctor(root: Path) -> dict[str, object]:
+    """The distributed checks of ckptguard.doctor, with this job's process group."""
+    from ckptguard.coordination import default_coordinator
+
+    expect = os.environ.get("CKPT_EXPECT_SHARED")
+    report = ckptguard.doctor(
+        root,
+        coordinator=default_coordinator(),
+        versions=False,
+        expect_shared=None if expect is None else expect == "1",
+    )
+    dist_checks = {
+        c.name: [c.status, c.message] for c in report.checks if c.name.startswith("dist.")
+    }
+    return {"errors": [], "doctor": dist_checks}
+
+
 def killed(root: Path, rounds: int, rank: int) -> dict[str, object]:
     """Rank 1 is SIGKILLed while writing in the last round; torchrun ends the job."""
     import signal
@@ -194,6 +211,8 @@ def main() -> None:
         report = sharded_refused(root)
     elif mode == "sharded":
         report = sharded(root, rounds)
+    elif mode == "doctor":
+        report = doctor(root)
     elif mode == "async":
         report = async_saves(root, rounds)
     elif mode == "killed":

@@ -202,6 +202,35 @@ def test_async_saves_on_node_local_roots(tmp_path: Path) -> None:
         assert ckptguard.verify(tmp_path / f"node{node}" / "checkpoint-4").ok
 
 
+def test_doctor_across_ranks_on_a_shared_root(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    ckptguard.CheckpointManager(root).save(1, {"w": 1.0})  # saved by one process
+    reports = _torchrun("doctor", root, 1, tmp_path / "out", nproc=2)
+    for report in reports:
+        checks = report["doctor"]
+        assert checks["dist.same_root"][0] == "ok", checks
+        assert checks["dist.clock_skew"][0] == "ok", checks
+        assert checks["dist.world_size"][0] == "warn", checks
+        assert "saved by 1 ranks; this run has 2" in checks["dist.world_size"][1]
+    assert sorted(p.name for p in root.iterdir()) == [".ckptguard", "checkpoint-1"]  # no probe
+
+
+def test_doctor_finds_node_local_roots(tmp_path: Path) -> None:
+    reports = _two_nodes("doctor", str(tmp_path / "node{node}"), 1, tmp_path / "out")
+    for report in reports:
+        status, message = report["doctor"]["dist.same_root"]
+        assert status == "warn"
+        assert "node-local" in message
+    # configured as shared (a Trainer's save_on_each_node=False): that fails
+    reports = _two_nodes(
+        "doctor", str(tmp_path / "node{node}"), 1, tmp_path / "out2", {"CKPT_EXPECT_SHARED": "1"}
+    )
+    for report in reports:
+        status, message = report["doctor"]["dist.same_root"]
+        assert status == "fail"
+        assert "configuration says the root is shared" in message
+
+
 def test_sharded_save_on_node_local_roots_is_refused(tmp_path: Path) -> None:
     reports = _two_nodes("sharded_refused", str(tmp_path / "node{node}"), 1, tmp_path / "out")
     for r in reports:

@@ -7,6 +7,7 @@ the public API; this core imports without torch.
 
 from ckptguard.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
 from ckptguard.coordination import Coordinator, SingleProcess
+from ckptguard.doctor import DoctorReport, doctor
 from ckptguard.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -48,6 +49,7 @@ __all__ = [
     "CommitResult",
     "Coordinator",
     "CorruptCheckpoint",
+    "DoctorReport",
     "EntryKind",
     "FileDigest",
     "FileEntry",
@@ -77,6 +79,7 @@ __all__ = [
     "__version__",
     "atomic_checkpoint",
     "capture_rng_state",
+    "doctor",
     "load_legacy_pt",
     "read_manifest",
     "recover",

@@ -478,3 +478,34 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
         _out.print(f"recovered: {action_done}")
     if not yes:
         _out.print("dry run: nothing removed; run again with --yes to do this")
+
+
+# -- doctor ------------------------------------------------------------------------------------
+@main.command("doctor")
+@click.argument("root", required=False)
+@click.option("--keep", type=int, default=3, show_default=True,
+              help="Checkpoints you keep (for the free-space check).")  # fmt: skip
+@click.option("--expect-empty", is_flag=True,
+              help="ROOT must be empty (a new run's output dir): hidden files count.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor_cmd(root: str | None, *, keep: int, expect_empty: bool, as_json: bool) -> None:
+    """Check versions, ROOT and its filesystem for what breaks checkpointing.
+
+    Exit 0 if every check is OK, 1 if some warn, 2 if any fails.
+    """
+    from ckptguard.doctor import doctor  # noqa: PLC0415
+
+    report = doctor(root, keep=keep, expect_empty=expect_empty)
+    if as_json:
+        _emit_json(report.to_json())
+        sys.exit(report.exit_code)
+    table = Table(title="ckptguard doctor" + (f": {root}" if root else ""))
+    for column in ("check", "status", "finding", "what to do"):
+        table.add_column(column)
+    styles = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for check in report.checks:
+        style = styles[check.status]
+        table.add_row(check.name, f"[{style}]{check.status.upper()}[/]", check.message,
+                      check.advice)  # fmt: skip
+    _out.print(table)
+    sys.exit(report.exit_code)

@@ -307,6 +307,7 @@ class CheckpointManager:
         exit_timeout: float = 120.0,
         verify_after_save: bool = False,
         mirror: str | None = None,
+        check_environment: bool = True,
     ) -> None:
         """Checkpoints of one run under ``root`` (see the module docstring).
 
@@ -326,6 +327,10 @@ class CheckpointManager:
         uploaded in the background and its remote copy verified (see ``mirror.py``;
         ``storage_options`` are the mirror's); ``latest``/``restore`` take the newest valid
         checkpoint of local and mirror.
+
+        ``check_environment``: run the fast part of :func:`ckptguard.doctor` at start
+        (library versions, the root's contents) and log what it finds as warnings; also
+        off with the environment variable ``CKPTGUARD_DOCTOR=0``.
         """
         root = os.fspath(root)
         from ckptguard.objectstore import FsspecStorage, is_url  # noqa: PLC0415
@@ -370,6 +375,7 @@ class CheckpointManager:
                 coordinator=SingleProcess(),
                 naming=naming,
                 stale_after=stale_after,
+                check_environment=False,
             )
         error: str | None = None
         try:
@@ -384,6 +390,10 @@ class CheckpointManager:
                     )
                     for action in report.actions:
                         _log.info("startup recovery: %s", action)
+            if check_environment and self.coordinator.rank == 0:
+                from ckptguard.doctor import warn_at_start  # noqa: PLC0415
+
+                warn_at_start(self.root, log=_log)
         except Exception as exc:
             if self.coordinator.world_size == 1:
                 raise

@@ -113,7 +113,11 @@ class _Guard:
         root = os.path.abspath(root)
         if root not in self.managers:
             self.managers[root] = CheckpointManager(
-                root, keep_last=self.keep_last, keep_best=0, coordinator=default_coordinator()
+                root,
+                keep_last=self.keep_last,
+                keep_best=0,
+                coordinator=default_coordinator(),
+                check_environment=False,  # protect() ran the checks already
             )
         manager = self.managers[root]
         manager.policy = RetentionPolicy(keep_last=self.keep_last, keep_best=0)
@@ -141,6 +145,11 @@ def protect(trainer: T) -> T:
                 f"{type(trainer).__name__} has no {needed!r}"
             )
     t: Any = trainer
+    is_zero = getattr(t, "is_world_process_zero", None)
+    if t.args.output_dir and (not callable(is_zero) or is_zero()):
+        from ckptguard.doctor import warn_at_start  # noqa: PLC0415
+
+        warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
     guard = _Guard(keep_last=_keep_last(t.args.save_total_limit))
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
