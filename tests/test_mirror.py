@@ -128,3 +128,87 @@ def test_a_failing_mirror_never_fails_a_local_save(
     assert any("mirroring to" in r.getMessage() for r in caplog.records)
     assert mgr.restore(1)["step"] == 1
     mgr.close()
+
+
+def test_mirror_deletions_wait_while_uploads_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local retention must not empty the mirror while no newer copy reaches it."""
+    from ckptguard.mirror import Mirror
+
+    url = f"memory://ckptguard-tests/mirror-{uuid.uuid4().hex[:8]}"
+    mgr = ckptguard.CheckpointManager(tmp_path / "run", keep_last=2, mirror=url)
+    mgr.save(1, _state(1))
+    mgr.save(2, _state(2))
+    mgr.wait()
+    upload = Mirror._upload
+
+    def failing(_self: Mirror, local_path: str) -> None:
+        raise ckptguard.StorageError(f"injected: cannot upload {local_path}")
+
+    monkeypatch.setattr(Mirror, "_upload", failing)
+    mgr.save(3, _state(3))
+    mgr.save(4, _state(4))  # local retention deletes 1 and 2
+    with pytest.raises(ckptguard.StorageError, match="injected"):
+        mgr.wait()
+    storage = FsspecStorage(url)
+    assert committed_names(storage, url) == ["checkpoint-1", "checkpoint-2"]  # kept
+    monkeypatch.setattr(Mirror, "_upload", upload)
+    mgr.save(5, _state(5))
+    mgr.close()
+    assert "checkpoint-5" in committed_names(storage, url)
+
+
+def test_an_unreachable_mirror_leaves_local_resume_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"memory://ckptguard-tests/mirror-{uuid.uuid4().hex[:8]}"
+    with ckptguard.CheckpointManager(tmp_path / "run", keep_last=None, mirror=url) as mgr:
+        mgr.save(1, _state(1))
+
+    def down(_self: FsspecStorage, path: str) -> dict[str, Any]:
+        raise ckptguard.StorageError(f"injected: {path} unreachable", path=path)
+
+    monkeypatch.setattr(FsspecStorage, "find", down)
+    with caplog.at_level(logging.WARNING, logger="ckptguard"):
+        mgr = ckptguard.CheckpointManager(tmp_path / "run", keep_last=None, mirror=url)
+        latest = mgr.latest()
+        assert latest is not None
+        assert latest.step == 1
+        assert mgr.restore()["step"] == 1
+    assert any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_exit_finishes_queued_mirror_uploads(tmp_path: Path, moto: S3Server) -> None:
+    """A script that saves and exits without close(): its checkpoint still reaches S3."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    url = moto.url(f"exit-{uuid.uuid4().hex[:8]}")
+    script = tmp_path / "child.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys, torch, ckptguard
+            mgr = ckptguard.CheckpointManager(
+                sys.argv[1], mirror=sys.argv[2], storage_options=json.loads(sys.argv[3])
+            )
+            mgr.save(7, {"w": torch.randn(4 << 20)})  # 16 MiB: the upload outlives the script
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), url, json.dumps(moto.storage_options)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage = FsspecStorage(url, moto.storage_options)
+    assert committed_names(storage, url) == ["checkpoint-7"]
+    assert verify_remote(storage, f"{url}/checkpoint-7").ok

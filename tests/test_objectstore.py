@@ -498,3 +498,25 @@ def test_the_command_line_on_an_object_store(servers: dict[str, S3Server]) -> No
     assert done.returncode == 0, done.stderr
     assert not storage.exists(orphan)
     assert server.storage_options["secret"] not in listed.stdout + listed.stderr
+
+
+def test_clean_up_never_takes_a_committed_save_for_an_orphan() -> None:
+    """A manifest that is there but cannot be read (a newer schema, a failing read) keeps
+    its save: clean-up skips the name instead of deleting the data it lists."""
+    url = f"memory://ckptguard-tests/clean-{uuid.uuid4().hex[:8]}"
+    mgr = ckptguard.CheckpointManager(url, keep_last=None)
+    mgr.save(1, _state(1))
+    storage = FsspecStorage(url)
+    manifest = f"{url}/checkpoint-1/ckptguard.json"
+    good = storage.read_bytes(manifest, limit=1 << 20)
+    doc = json.loads(good)
+    doc["schema_version"] = 99  # written by a newer ckptguard
+    storage.fs.pipe_file(storage.key(manifest), json.dumps(doc).encode())
+    data = [k for k in storage.find(f"{url}/checkpoint-1") if not k.endswith("ckptguard.json")]
+    assert data
+    from ckptguard.objectstore import clean_remote
+
+    assert clean_remote(storage, url, grace=0) == []
+    assert all(storage.exists(storage.url_of(k)) for k in data)
+    storage.fs.pipe_file(storage.key(manifest), good)
+    assert mgr.verify(1).ok

@@ -156,3 +156,45 @@ def test_without_a_target_each_file_is_read_once_and_checked(tmp_path: Path) -> 
     victim.write_bytes(bytes(data))
     with pytest.raises(ckptguard.CorruptCheckpoint, match="checksum mismatch"):
         mgr.restore(1)
+
+
+def test_modules_whose_saving_or_loading_is_customised_go_through_their_own_methods(
+    tmp_path: Path, no_copies: list[str]
+) -> None:
+    """A submodule's state-dict hook (values saved as copies) and a norm layer that
+    transforms what it loads: load_state_dict's result, not a raw copy into the tensors."""
+
+    class Doubling(torch.nn.BatchNorm1d):
+        def _load_from_state_dict(
+            self, state_dict: dict[str, Any], prefix: str, *args: Any
+        ) -> None:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * 2
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def as_copies(module: Any, state: dict[str, Any], prefix: str, local: Any) -> None:
+        del module, local
+        for key in list(state):
+            if key.startswith(prefix):
+                state[key] = state[key].detach().clone()
+
+    mgr = ckptguard.CheckpointManager(tmp_path / "run")
+    linear, norm = torch.nn.Linear(4, 4), Doubling(4)
+    saved = torch.nn.Sequential(linear, norm)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+    mgr.save(1, {"model": saved})
+
+    hooked = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    hooks: Any = hooked[0]
+    hooks._register_state_dict_hook(as_copies)
+    mgr.restore(target={"model": hooked})
+    first = hooked[0]
+    assert isinstance(first, torch.nn.Linear)
+    assert torch.equal(first.weight, linear.weight)  # restored, not copied into copies
+
+    doubling = torch.nn.Sequential(torch.nn.Linear(4, 4), Doubling(4))
+    mgr.restore(target={"model": doubling})
+    second = doubling[1]
+    assert isinstance(second, Doubling)
+    assert torch.equal(second.weight, torch.full((4,), 2.0))  # its own loading ran
+    assert no_copies  # both went through load_state_dict

@@ -47,6 +47,7 @@ from ckptguard.errors import (
     CorruptCheckpoint,
     NoValidCheckpoint,
     SaveAborted,
+    StorageError,
 )
 from ckptguard.layout import (
     HF_NAMING,
@@ -229,6 +230,12 @@ def _finish_in_flight(why: str) -> None:
             )  # fmt: skip
         elif job._error is not None:  # noqa: SLF001
             _log.error("%s: the async save of step %d failed: %s", why, job.step, job._error)  # noqa: SLF001
+    for mgr in list(_LIVE):  # then the mirror uploads (the saves above may have queued one)
+        if mgr.mirror is not None and not mgr.mirror.drain(mgr.exit_timeout):
+            _log.error(
+                "%s: gave up waiting for the mirror uploads to %s after %.0f s",
+                why, mgr.mirror.url, mgr.exit_timeout,
+            )  # fmt: skip
 
 
 def _at_exit() -> None:
@@ -368,15 +375,20 @@ class CheckpointManager:
             from ckptguard.mirror import Mirror  # noqa: PLC0415
 
             self.mirror = Mirror(mirror, storage_options)
-            self._mirror_reader = CheckpointManager(
-                self.mirror.url,
-                keep_last=None,
-                storage_options=storage_options,
-                coordinator=SingleProcess(),
-                naming=naming,
-                stale_after=stale_after,
-                check_environment=False,
-            )
+            try:
+                self._mirror_reader = CheckpointManager(
+                    self.mirror.url,
+                    keep_last=None,
+                    storage_options=storage_options,
+                    coordinator=SingleProcess(),
+                    naming=naming,
+                    stale_after=stale_after,
+                    check_environment=False,
+                )
+            except (CheckpointError, OSError) as exc:  # never stops a local run
+                _log.warning("mirror %s unreachable at start (%s); resume uses local "
+                             "checkpoints only", mirror, exc)  # fmt: skip
+            _watch_exit(self)  # exit waits for queued uploads too
         error: str | None = None
         try:
             if self.remote is not None:
@@ -914,7 +926,11 @@ class CheckpointManager:
                 break
             _log.warning("skipping %s: %s", path, "; ".join(report.problems))
         if self._mirror_reader is not None:
-            remote = self._mirror_reader.latest()
+            try:
+                remote = self._mirror_reader.latest()
+            except (CheckpointError, OSError) as exc:
+                _log.warning("mirror unreachable (%s): local checkpoints only", exc)
+                remote = None
             if remote is not None and (local is None or remote.step > local.step):
                 return remote
         return local
@@ -951,10 +967,18 @@ class CheckpointManager:
         ]
         if self._mirror_reader is not None:
             mirror = self._mirror_reader
-            candidates += [(s, 0, p, mirror) for s, p in mirror._committed()]  # noqa: SLF001
+            try:
+                candidates += [(s, 0, p, mirror) for s, p in mirror._committed()]  # noqa: SLF001
+            except (CheckpointError, OSError) as exc:
+                _log.warning("mirror unreachable (%s): local checkpoints only", exc)
         for _step, _local, path, owner in sorted(candidates, reverse=True):
             try:
                 state = owner._restore_one(path, target, read_state)  # noqa: SLF001
+            except StorageError as exc:
+                if owner is self:
+                    raise
+                _log.warning("skipping the mirror's %s: %s", path, exc.message)
+                continue
             except CorruptCheckpoint as exc:
                 _log.warning("skipping %s: %s", path, exc.message)
                 skipped.append(f"{os.path.basename(path)}: {exc.message}")

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.coordination import SingleProcess
@@ -43,6 +44,7 @@ class Mirror:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self.uploaded: list[str] = []
+        self._last_upload_ok = True  # deletions wait while uploads fail
 
     # -- the manager's calls ------------------------------------------------------------------
     def upload(self, local_path: str) -> None:
@@ -60,6 +62,15 @@ class Mirror:
             error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the queue to empty; whether it did."""
+        deadline = time.monotonic() + timeout
+        while self._jobs.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def close(self) -> None:
         try:
@@ -85,9 +96,13 @@ class Mirror:
                     return
                 kind, arg = job
                 if kind == "upload":
+                    self._last_upload_ok = False
                     self._upload(arg)
-                else:
+                    self._last_upload_ok = True
+                elif self._last_upload_ok:
                     retire_remote(self.remote, f"{self.url}/{arg}")
+                else:  # never empty the mirror while no newer copy reaches it
+                    _log.warning("not deleting %s from the mirror: the last upload failed", arg)
             except BaseException as exc:
                 _log.error("mirroring to %s failed: %s: %s", self.url, type(exc).__name__, exc)
                 with self._lock:

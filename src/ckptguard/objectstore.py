@@ -594,7 +594,13 @@ def clean_remote(
             continue
         by_prefix.setdefault(parts[0], []).append((key, info))
     for name, objects in sorted(by_prefix.items()):
-        manifest = _read_manifest_quiet(storage, f"{root}/{name}")
+        try:
+            manifest = _read_manifest(storage, f"{root}/{name}")
+        except (UnsafeManifest, StorageError) as exc:
+            # A manifest that is there but cannot be read now (a 503, a newer schema):
+            # its save must not be taken for an orphan. Leave the whole name alone.
+            _log.warning("clean-up skips %s/%s: its manifest cannot be read: %s", root, name, exc)
+            continue
         keep = manifest.save_id if manifest is not None else None
         stale: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for key, info in objects:

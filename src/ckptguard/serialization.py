@@ -445,8 +445,11 @@ class StagingBuffers:
                 view = flat[off : off + n].view(p.source.dtype).reshape(p.shape)
                 np.copyto(view, p.source)
                 dst.source = view
-        if cuda:
-            _torch().cuda.synchronize()
+        if cuda:  # every device copied from, not only the current one
+            torch = _torch()
+            for device in {p.source.device for p in pending if _is_tensor(p.source)}:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
         return EncodedState(encoded.tree, groups)
 
 
@@ -897,17 +900,18 @@ def _plain_loading(module: Any) -> bool:
     from torch.nn.modules.batchnorm import _NormBase  # noqa: PLC0415 - with torch
 
     base = torch.nn.Module._load_from_state_dict  # noqa: SLF001 - compared, not called
+    norm = _NormBase._load_from_state_dict  # noqa: SLF001 - only migrates old versions' keys
+    hooks = (
+        "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+    )  # fmt: skip
     for m in module.modules():
-        if getattr(m, "_load_state_dict_pre_hooks", None) or getattr(
-            m, "_load_state_dict_post_hooks", None
-        ):
+        if any(getattr(m, h, None) for h in hooks):
             return False
-        own = type(m)._load_from_state_dict  # noqa: SLF001
-        if own is not base and not isinstance(m, _NormBase):
+        if type(m)._load_from_state_dict not in {base, norm}:  # noqa: SLF001
             return False
     return bool(
-        not getattr(module, "_state_dict_hooks", None)
-        and type(module).load_state_dict is torch.nn.Module.load_state_dict
+        type(module).load_state_dict is torch.nn.Module.load_state_dict
         and type(module).state_dict is torch.nn.Module.state_dict
     )
 
@@ -925,6 +929,13 @@ def _fill_module(target: Any, loaded: Any) -> bool:
         return False
     current = target.state_dict(keep_vars=True)
     if set(current) != set(loaded):
+        return False
+    # Each entry must be the module's own parameter or buffer, not a copy made for saving.
+    own = {
+        **dict(target.named_parameters(remove_duplicate=False)),
+        **dict(target.named_buffers(remove_duplicate=False)),
+    }
+    if any(own.get(key) is not tensor for key, tensor in current.items()):
         return False
     for key, tensor in current.items():
         value = loaded[key]
