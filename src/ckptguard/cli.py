@@ -139,21 +139,9 @@ def _verify_remote_cmd(path: str, *, as_json: bool) -> None:
             reports = [verify_remote(storage, f"{storage.url}/{n}") for n in names]
     except (CheckpointError, OSError) as exc:
         _fail(str(exc), as_json=as_json)
-    bad = [r for r in reports if not r.ok]
-    if as_json:
-        _emit_json({"ok": not bad, "checkpoints": [_report_json(r) for r in reports]})
-    else:
-        if not reports:
-            _err.print(f"no checkpoints in {path}")
-        for r in reports:
-            if r.ok:
-                _out.print(f"[green]ok[/]       {r.path}  ({r.files_checked} files, "
-                           f"{_size(r.bytes_checked)} checked)")  # fmt: skip
-            else:
-                _out.print(f"[red]CORRUPT[/]  {r.path}")
-                for problem in r.problems:
-                    _out.print(f"           - {problem}")
-    sys.exit(1 if bad else 0)
+    if not reports and not as_json:
+        _err.print(f"no checkpoints in {path}")
+    _report_and_exit(reports, as_json=as_json)
 
 
 def _clean_remote_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
@@ -312,6 +300,11 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
         if not paths:
             _err.print(f"no checkpoints in {path}")
     reports = _verify_all(paths, show_progress=not as_json and _err.is_terminal)
+    _report_and_exit(reports, as_json=as_json)
+
+
+def _report_and_exit(reports: list[VerifyReport], *, as_json: bool) -> NoReturn:
+    """Print verify reports (a line each, or JSON); exit 1 if any is corrupt, else 0."""
     bad = [r for r in reports if not r.ok]
     if as_json:
         _emit_json({"ok": not bad, "checkpoints": [_report_json(r) for r in reports]})
