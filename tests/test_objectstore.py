@@ -251,7 +251,8 @@ _CHILD = textwrap.dedent(
 
 def _child(root: Root, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD)
+    if not script.exists():  # once: a child still starting must never read a rewrite
+        script.write_text(_CHILD)
     return subprocess.Popen(
         [sys.executable, str(script), root.url, json.dumps(root.options), *args],
         env=CHILD_ENV,
@@ -311,10 +312,16 @@ def test_concurrent_committers_exactly_one_manifest_wins(s3: Root, tmp_path: Pat
     start = time.time() + 3.0
     procs = [_child(s3, tmp_path, "race", str(float(i)), str(start)) for i in range(4)]
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:  # never leave a child running into the next test
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     # every process learns the same winner
     assert len({r["save_id"] for r in results}) == 1, results
     mgr = s3.manager()
