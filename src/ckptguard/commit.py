@@ -74,6 +74,7 @@ from ckptguard.retry import (
     RetryPolicy,
     call_fsync,
     call_with_retry,
+    with_retries,
 )
 from ckptguard.storage import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
 from ckptguard.verify import verify
@@ -509,13 +510,25 @@ def publish(
     logged, not raised (the next save or ``recover`` finishes the cleanup).
     """
     storage, layout = staging.storage, staging.layout
+    what = "fsync of the root after the commit"
     try:
-        storage.fsync_dir(layout.root)
+        # Retried only on a busy or stale-handle answer (EBUSY, EAGAIN, ESTALE...): the
+        # call did not run. A failed writeback (EIO, ENOSPC...) is never retried: a second
+        # fsync could report success for entries the kernel has dropped ("fsyncgate").
+        call_with_retry(
+            functools.partial(storage.fsync_dir, layout.root),
+            what=what,
+            path=layout.root,
+            policy=staging.retry,
+            map_permanent=False,
+        )
     except OSError as exc:
         # Every file, the manifest and the staging dir were fsynced before the rename, so
         # the checkpoint is complete; only its name may not survive a power loss (it would
-        # come back as a stale staging dir, which recovery removes). Never retry the fsync.
-        err = storage_error_from_os(exc, "fsync of the root after the commit", layout.root)
+        # come back as a stale staging dir, which recovery removes).
+        err = (
+            exc if isinstance(exc, StorageError) else storage_error_from_os(exc, what, layout.root)
+        )
         err.message += f"; {result.path} is complete and visible, but its durability is unknown"
         err.hint = (
             "the filesystem reported an error; check the disk (dmesg) before relying on it. "
@@ -647,7 +660,7 @@ class AtomicCheckpoint:
         self.final = final
         self.step, self.metrics, self.metadata = step, metrics, metadata
         self.if_exists: IfExists = if_exists
-        self.storage = storage or LocalStorage()
+        self.storage = with_retries(storage or LocalStorage(), retry)
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.dir_mode = dir_mode
         self.coordinator = coordinator

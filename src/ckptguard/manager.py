@@ -58,10 +58,7 @@ from ckptguard.layout import (
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
 from ckptguard.recovery import recover
 from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
-from ckptguard.retry import (
-    DEFAULT_RETRY,
-    RetryPolicy,
-)
+from ckptguard.retry import DEFAULT_RETRY, RetryPolicy, call_save_with_retry, with_retries
 from ckptguard.storage import LocalStorage, Storage
 from ckptguard.verify import VerifyReport, verify
 
@@ -365,7 +362,7 @@ class CheckpointManager:
         self.policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
-        self.storage: Storage = self.remote or storage or LocalStorage()
+        self.storage: Storage = self.remote or with_retries(storage or LocalStorage(), retry)
         self.naming = naming
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         # Under torch.distributed, one process per node repairs its root at startup; every
@@ -528,22 +525,31 @@ class CheckpointManager:
             return self._commit_remote(
                 step, encoded, state, metrics, metadata, pin=pin, coord=coord
             )
-        tx = self._transaction(step, metrics, metadata, coord)
-        with tx as staging:
-            committer = coord.rank == tx.committer
-            self._committer = committer
-            if committer:
-                if encoded is None:
-                    if state is None:
-                        raise RuntimeError(
-                            f"rank {coord.rank} commits for its node this time but took no "
-                            "snapshot (it did not commit the previous save); save again"
-                        )
-                    encoded = encode_state(state)
-                tx.known.update(write_encoded(str(staging), encoded, self.storage))
-        return self._after_commit(
-            step, self._result(tx).path, committer=committer, pin=pin, coord=coord
-        )
+
+        def attempt() -> tuple[str, bool]:
+            tx = self._transaction(step, metrics, metadata, coord)
+            with tx as staging:
+                committer = coord.rank == tx.committer
+                self._committer = committer
+                if committer:
+                    snapshot = encoded
+                    if snapshot is None:
+                        if state is None:
+                            raise RuntimeError(
+                                f"rank {coord.rank} commits for its node this time but took "
+                                "no snapshot (it did not commit the previous save); save again"
+                            )
+                        snapshot = encode_state(state)
+                    tx.known.update(write_encoded(str(staging), snapshot, self.storage))
+            return self._result(tx).path, committer
+
+        if coord.world_size == 1:
+            # One process: a save that a transient error aborted is made again from scratch.
+            final = os.path.join(self.root, self.naming.name(step))
+            path, committer = call_save_with_retry(attempt, final=final, policy=self.retry)
+        else:
+            path, committer = attempt()
+        return self._after_commit(step, path, committer=committer, pin=pin, coord=coord)
 
     def _commit_remote(
         self,
