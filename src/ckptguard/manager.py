@@ -48,6 +48,7 @@ from ckptguard.errors import (
     NoValidCheckpoint,
     SaveAborted,
     StorageError,
+    storage_error_from_os,
 )
 from ckptguard.layout import (
     HF_NAMING,
@@ -849,7 +850,7 @@ class CheckpointManager:
                 report = self._verify_new(path)
                 if self.mirror is not None and coord.rank == 0:
                     self.mirror.upload(path)
-                self._apply_retention(os.path.basename(path), also_keep)
+                self._retain_after(path, also_keep)
             except Exception as exc:
                 if coord.world_size == 1:
                     raise
@@ -861,6 +862,21 @@ class CheckpointManager:
         if report is None:
             report = self._verify_path(path, checksums=False)
         return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
+
+    def _retain_after(self, path: str, also_keep: Collection[str]) -> None:
+        """Retention after the commit of ``path``; a storage failure is raised typed."""
+        try:
+            self._apply_retention(os.path.basename(path), also_keep)
+        except StorageError:
+            raise
+        except OSError as exc:
+            err = storage_error_from_os(exc, "retention after the commit", exc.filename)
+            err.message += f"; {path} is committed and intact"
+            err.hint = (
+                "older checkpoints may not all have been retired; check the filesystem, "
+                "the next save retries the retention"
+            )
+            raise err from exc
 
     def _save_sharded(
         self,

@@ -109,13 +109,13 @@ class Fault:
     the operation's path (``"*"``: any). It fires on the ``at``-th matching call
     (1-based), or else on each matching call with probability ``p``; ``times`` limits how
     often it fires (None: every matching call from then on, a persistent fault).
-    ``action``: ``"raise"`` OSError(``errno``); ``"kill"`` SIGKILL this process; ``"tear"``
-    write part of the chunk then SIGKILL (on other operations: like kill);
-    ``"power_cut"`` raise :class:`PowerCut`.
+    ``action``: ``"raise"`` OSError(``errno``, or one of a tuple chosen at random);
+    ``"kill"`` SIGKILL this process; ``"tear"`` write part of the chunk then SIGKILL (on
+    other operations: like kill); ``"power_cut"`` raise :class:`PowerCut`.
     """
 
     op: str = "*"
-    errno: int = errno_mod.EIO
+    errno: int | tuple[int, ...] = errno_mod.EIO
     at: int | None = None
     p: float = 0.0
     times: int | None = 1
@@ -139,12 +139,14 @@ class Fault:
 
     # Readable constructors for the common cases.
     @classmethod
-    def fail(cls, op: str, err: int, *, at: int = 1, times: int | None = 1) -> Fault:
+    def fail(
+        cls, op: str, err: int | tuple[int, ...], *, at: int = 1, times: int | None = 1
+    ) -> Fault:
         """Raise ``err`` at the ``at``-th call of ``op`` (``times=None``: and every later one)."""
         return cls(op=op, errno=err, at=at, times=times)
 
     @classmethod
-    def flaky(cls, err: int, p: float, *, ops: Sequence[str] = ("*",)) -> Fault:
+    def flaky(cls, err: int | tuple[int, ...], p: float, *, ops: Sequence[str] = ("*",)) -> Fault:
         """Raise ``err`` on each call of ``ops`` with probability ``p``, forever."""
         return cls(op="*", ops=tuple(ops), errno=err, p=p, times=None)
 
@@ -395,8 +397,9 @@ class FaultyStorage:
             if fault.action == "power_cut":
                 self.dead = True
                 raise PowerCut(f"power cut at call {self.calls}: {op} {path}")
+            code = fault.errno if isinstance(fault.errno, int) else self._rng.choice(fault.errno)
         if fault.action == "raise":
-            raise OSError(fault.errno, f"{os.strerror(fault.errno)} (injected)", path)
+            raise OSError(code, f"{os.strerror(code)} (injected)", path)
         if fault.action == "kill" or (fault.action == "tear" and op != "write"):
             os.kill(os.getpid(), signal.SIGKILL)
         return fault
