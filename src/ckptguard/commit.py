@@ -276,7 +276,11 @@ def seal(
     def write_manifest() -> None:
         storage.write_bytes(tmp, data, fsync=True)
 
-    call_fsync(write_manifest, what="write manifest", path=tmp)
+    try:
+        call_fsync(write_manifest, what="write manifest", path=tmp)
+    except StorageFull as err:
+        explain_full(err, staging, _tree_size(path) + len(data))
+        raise
     fault_point("seal.manifest_tmp_written")
     _rename(staging, tmp, os.path.join(path, MANIFEST_NAME))
     fault_point("seal.manifest_written")
@@ -578,19 +582,35 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def typed_write_error(exc: OSError, staging: Staging) -> StorageError:
-    """Turn a permanent OSError from the user's writes into our typed error, with sizes."""
+def typed_write_error(
+    exc: OSError, staging: Staging, expected_bytes: int | None = None
+) -> StorageError:
+    """Turn a permanent OSError from the writes into our typed error, with sizes.
+
+    ``expected_bytes``: what the whole save writes, where the writer knows it (a manager
+    save does); otherwise the space needed is only known to exceed what was written.
+    """
     err = storage_error_from_os(exc, f"writing checkpoint {staging.name}", staging.final)
-    written = _tree_size(staging.path)
-    err.message += f"; {written} bytes were written to its staging dir before that"
     if isinstance(err, StorageFull):
-        free = shutil.disk_usage(staging.layout.root).free
-        err.message += (
-            f"; {free} bytes are free on {staging.layout.root}, and this save needs more "
-            f"than {written} bytes"
-        )
-        err.bytes_needed = written
+        explain_full(err, staging, expected_bytes)
+    else:
+        err.message += f"; {_tree_size(staging.path)} bytes were written to its staging dir"
     return err
+
+
+def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None) -> None:
+    """Add to a StorageFull what was written, what is free and what the save needs."""
+    written = _tree_size(staging.path)
+    free = shutil.disk_usage(staging.layout.root).free
+    if expected_bytes is not None and expected_bytes > written:
+        need, what = expected_bytes, f"about {expected_bytes} bytes"
+    else:
+        need, what = written, f"more than {written} bytes"
+    err.message += (
+        f"; {written} bytes were written to its staging dir before that; {free} bytes are "
+        f"free on {staging.layout.root}, and this save needs {what}"
+    )
+    err.bytes_needed = need
 
 
 _warned_multi_rank = False
@@ -669,6 +689,8 @@ class AtomicCheckpoint:
         # before the seal (e.g. moving files that a framework wrote into a subdirectory).
         self.prepare = prepare
         self.supersedes: str | None = None  # see commit()
+        # What the block will write, if the caller knows it: a StorageFull names it.
+        self.expected_bytes: int | None = None
         # With several ranks, an exception in the block normally reaches every rank as
         # SaveAborted. When the block runs a framework's own collectives (the integrations),
         # the other ranks may be waiting inside one of those instead: then the failing rank
@@ -701,7 +723,7 @@ class AtomicCheckpoint:
             return
         if exc is not None:
             typed = (
-                typed_write_error(exc, staging)
+                typed_write_error(exc, staging, self.expected_bytes)
                 if isinstance(exc, OSError)
                 and not isinstance(exc, CheckpointError)
                 and exc.errno in PERMANENT_ERRNOS

@@ -541,6 +541,7 @@ class CheckpointManager:
                                 "no snapshot (it did not commit the previous save); save again"
                             )
                         snapshot = encode_state(state)
+                    tx.expected_bytes = snapshot.nbytes
                     tx.known.update(write_encoded(str(staging), snapshot, self.storage))
             return self._result(tx).path, committer
 
