@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +140,20 @@ class CommitResult:
     quarantined: str | None = None  # where a foreign entry in the way was moved
 
 
+_OTHERS_WRITE = 0o022  # group and world write bits
+
+
 def _default_dir_mode() -> int:
-    """0o777 minus the process umask, read without changing it (os.umask is racy)."""
+    """0o777 minus the process umask, and never writable by group or others.
+
+    The umask is read without changing it (os.umask is racy). A checkpoint must not be
+    altered behind its writer's back, whatever the umask.
+    """
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o777 & ~int(line.split()[1], 8)
+                    return 0o777 & ~int(line.split()[1], 8) & ~_OTHERS_WRITE
     except (OSError, ValueError):
         pass
     return 0o755
@@ -223,11 +231,14 @@ def seal(
     metrics: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     known: Mapping[str, FileDigest] | None = None,
+    others_may_write: bool = False,
 ) -> Manifest:
     """Make every file durable and write the manifest; the save stays invisible.
 
     ``known`` holds digests of files that were checksummed and fsynced while written
     (through ``Storage.open_write``); every other file is hashed and fsynced here.
+    Group and world write bits are removed from every file and directory, unless
+    ``others_may_write``.
     """
     storage, path = staging.storage, staging.path
     known = known or {}
@@ -254,6 +265,8 @@ def seal(
             ) from None
         if rel not in known:
             unknown.append(rel)
+    if not others_may_write:
+        _remove_others_write(storage, path, [*listed, *dirs])
     digests = {**_hash_and_fsync(storage, path, unknown), **known}
     entries = [FileEntry(rel, digests[rel].size, digests[rel].checksum) for rel in listed]
     for rel in reversed(dirs):  # deepest first, so each parent is synced after its children
@@ -291,6 +304,14 @@ def seal(
     call_fsync(functools.partial(storage.fsync_dir, path), what="fsync staging dir", path=path)
     fault_point("seal.done")
     return manifest
+
+
+def _remove_others_write(storage: Storage, root: str, rels: list[str]) -> None:
+    for rel in rels:
+        sub = os.path.join(root, rel)
+        mode = stat.S_IMODE(os.stat(sub, follow_symlinks=False).st_mode)
+        if mode & _OTHERS_WRITE:
+            storage.set_mode(sub, mode & ~_OTHERS_WRITE)
 
 
 _FSYNC_THREADS = 4
@@ -387,6 +408,7 @@ def commit(
                 return _committed_by_peer(staging, final)
             raise
         else:
+            _refuse_a_link(staging, final)
             fault_point("commit.renamed")
             return CommitResult(final, Outcome.COMMITTED, manifest)
 
@@ -414,12 +436,30 @@ def commit(
         quarantined = quarantine(staging, final, reason="; ".join(existing.problems))
         fault_point("commit.quarantined")
         _rename(staging, staging.path, final)
+        _refuse_a_link(staging, final)
         fault_point("commit.renamed")
         return CommitResult(final, Outcome.COMMITTED, manifest, quarantined=quarantined)
     raise StorageError(
         f"{final} kept appearing and disappearing while committing; another process is "
         "modifying the root without ckptguard's lock",
         path=final,
+    )
+
+
+def _refuse_a_link(staging: Staging, final: str) -> None:
+    """Check that the rename published a directory, not a symlink.
+
+    A staging dir swapped for a symlink after its mode was set (the last check through a
+    descriptor) would be renamed as the link itself: the link goes to quarantine.
+    """
+    if not os.path.islink(final):
+        return
+    target = quarantine(staging, final, reason="the staging dir was replaced by a symlink")
+    raise UnsupportedFile(
+        f"{staging.path} was replaced by a symlink before its commit; nothing is committed "
+        f"and the link was moved to {target}",
+        path=final,
+        hint="another process replaced the staging dir; find out which, and save again",
     )
 
 
@@ -478,6 +518,7 @@ def _replace(staging: Staging, ours: Manifest) -> CommitResult:
         except OSError as exc:
             _log.error("could not restore %s from %s (%s); recover() will", final, trash, exc)
         raise
+    _refuse_a_link(staging, final)
     fault_point("commit.renamed")
     return CommitResult(final, Outcome.REPLACED, ours, replaced=trash)
 
@@ -650,6 +691,10 @@ class AtomicCheckpoint:
     first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
     quarantined, never deleted. After the block, ``.result`` tells what happened.
 
+    Permissions: the staging dir is 0700 while it is written. The committed directory
+    gets ``dir_mode`` (default: 0o777 minus the umask), and neither it nor anything in it
+    stays writable by group or others, unless ``dir_mode`` itself grants that.
+
     Under torch.distributed every rank enters the block and gets the same staging dir
     (rank 0 creates it); every rank writes its own files; rank 0 alone seals and commits
     after all ranks finished, and all ranks succeed, or all raise :class:`SaveAborted`
@@ -740,7 +785,12 @@ class AtomicCheckpoint:
         if self.prepare is not None:
             self.prepare(Path(staging.path))
         return seal(
-            staging, step=self.step, metrics=self.metrics, metadata=self.metadata, known=self.known
+            staging,
+            step=self.step,
+            metrics=self.metrics,
+            metadata=self.metadata,
+            known=self.known,
+            others_may_write=self.dir_mode is not None and bool(self.dir_mode & _OTHERS_WRITE),
         )
 
     def _commit_and_publish(self, staging: Staging, manifest: Manifest) -> CommitResult:

@@ -64,6 +64,7 @@ __all__ = [
     "cut_power_at",
     "flip_bit",
     "kill_at",
+    "on_step",
     "truncate",
 ]
 
@@ -566,6 +567,20 @@ def _at_step(step: str, act: Callable[[], None], nth: int) -> Iterator[list[str]
     previous = set_fault_hook(hook)
     try:
         yield seen
+    finally:
+        set_fault_hook(previous)
+
+
+@contextlib.contextmanager
+def on_step(fn: Callable[[str], None]) -> Iterator[None]:
+    """Call ``fn(step)`` at every named protocol step reached within the block.
+
+    ``fn`` may inspect the tree, change it (swap a directory for a symlink, as an
+    attacker would), raise, or kill the process.
+    """
+    previous = set_fault_hook(fn)
+    try:
+        yield
     finally:
         set_fault_hook(previous)
 
