@@ -47,7 +47,7 @@ def test_it_is_a_storage_and_rejects_bad_faults() -> None:
 
 def test_fail_at_the_kth_matching_call_once_or_persistently(tmp_path: Path) -> None:
     fs = FaultyStorage(faults=[Fault.fail("exists", errno.EBUSY, at=3)])
-    results = []
+    results: list[bool | int | None] = []
     for _ in range(5):
         try:
             results.append(fs.exists(_p(tmp_path)))
