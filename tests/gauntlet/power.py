@@ -16,6 +16,7 @@ Rows:
 from __future__ import annotations
 
 import os
+import random
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,10 +47,10 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _manager_saver(async_save: bool) -> Callable[[str, FaultyStorage, int], None]:
+def _manager_saver(async_save: bool, keep: int = KEEP) -> Callable[[str, FaultyStorage, int], None]:
     def save(root: str, storage: FaultyStorage, step: int) -> None:
         mgr = ckptguard.CheckpointManager(
-            root, keep_last=KEEP, storage=storage, async_save=async_save, check_environment=False
+            root, keep_last=keep, storage=storage, async_save=async_save, check_environment=False
         )
         try:
             mgr.save(step, _state(step))
@@ -117,7 +118,7 @@ def _run(
     return returned, cut
 
 
-def _judge(root: str, returned: list[int], *, atomic: bool) -> str | None:
+def _judge(root: str, returned: list[int], *, atomic: bool, keep: int | None = KEEP) -> str | None:
     """The claims after the machine came back; a description of the first that fails."""
     mgr = ckptguard.CheckpointManager(root, keep_last=KEEP, check_environment=False)
     try:
@@ -128,8 +129,8 @@ def _judge(root: str, returned: list[int], *, atomic: bool) -> str | None:
                 f"a checkpoint name that does not verify is visible: {sorted(listed - set(valid))}"
             )
         # Retention after a later commit may retire a returned save: only the newest KEEP of
-        # the saves that returned or committed must be there.
-        kept = sorted(set(returned) | set(valid))[-KEEP:]
+        # the saves that returned or committed must be there (all of them without retention).
+        kept = sorted(set(returned) | set(valid))[-keep if keep else 0 :]
         for step in (s for s in returned if s in kept):
             if step not in valid:
                 return f"checkpoint-{step} was saved (save returned) but is gone or invalid"
@@ -175,9 +176,30 @@ def _sweep(
         returned, cut = _run(root, save, Fault.power_cut(at=k), ignore_fsync=ignore_fsync)
         if not cut and ignore_fsync is False:
             continue  # an async save's operation count varies; k past the end cut nothing
-        problem = _judge(root, returned, atomic=atomic)
+        problem = _judge(root, returned, atomic=atomic, keep=None if atomic else KEEP)
         row.trial(None if problem is None else f"{label}, cut at operation {k}: {problem}")
     row.figures[f"{label}_ops"] = probe.calls
+
+
+def _random_sequences(work: Path, trials: int) -> Row:
+    """Random savers, run lengths, retention and cut points (a seeded, repeatable mix)."""
+    row = Row("power", "random save sequences cut at a random operation: saves returned lost = 0")
+    rng = random.Random(20261128)  # noqa: S311 - a repeatable schedule, not a secret
+    cuts = 0
+    for i in range(trials):
+        atomic = rng.random() < 0.3
+        keep = None if atomic else rng.randint(1, 3)
+        save = _atomic_saver if atomic else _manager_saver(async_save=False, keep=keep or 1)
+        n = rng.randint(1, 5)
+        k = rng.randint(1, 40 * n)
+        root = str(work / f"random-{i}")
+        returned, cut = _run(root, save, Fault.power_cut(at=k), steps=n)
+        cuts += cut
+        problem = _judge(root, returned, atomic=atomic, keep=keep)
+        label = f"{'atomic' if atomic else f'save keep_last={keep}'}, {n} saves, cut at {k}"
+        row.trial(None if problem is None else f"{label}: {problem}")
+    row.figures.update({"seed": 20261128, "power_cuts": cuts})
+    return row
 
 
 def run(full: bool, work: Path) -> list[Row]:
@@ -204,11 +226,11 @@ def run(full: bool, work: Path) -> list[Row]:
                     continue  # reached only when a name is taken or replaced
                 steps.trial(f"{label}: step {step} was never reached")
                 continue
-            problem = _judge(root, returned, atomic=atomic)
+            problem = _judge(root, returned, atomic=atomic, keep=None if atomic else KEEP)
             steps.trial(None if problem is None else f"{label}, cut at {step}: {problem}")
 
+    rows = [claim, steps, _random_sequences(work, 1000 if full else 20)]
     # Controls: each fsync the claim rests on, skipped, must lose a save that returned.
-    rows = [claim, steps]
     for what, skip in CONTROLS:
         control = Row("power", f"{CLAIM}, with {what} skipped", control=True)
         label = f"control-{len(rows)}"
