@@ -264,7 +264,7 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _reject(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {key!r}")
         result[key] = value
     return result
 
