@@ -819,6 +819,12 @@ class CheckpointManager:
         written (see ``__init__``).
         """
         report = self._verify_path(path, checksums=self.verify_after_save)
+        if (not report.ok or report.manifest is None) and self.remote is None:
+            # Another process sharing the root may be replacing this name with a newer save,
+            # between its two renames (the name is briefly absent): it does so under the
+            # root's lock, so look again holding it. A valid newer save is no corruption.
+            with root_lock(self.layout, self.lock_timeout):
+                report = self._verify_path(path, checksums=self.verify_after_save)
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",
