@@ -14,8 +14,9 @@ Rows:
   that every reported step that retention keeps restores exactly, that ``latest()`` is the
   newest checkpoint, at least the last reported step, and restores exactly, and that the
   next child resumes from it. Two roots run side by side. A kill between a staging dir's
-  mkdir and its owner file leaves a dir that recovery keeps for 6 h (``_leftovers``); such
-  dirs are counted apart (figure ``ownerless_staging_kept``), anything else left fails.
+  mkdir and its owner file leaves a dir that recovery keeps until it is 10 s old (then the
+  dead pid in its save id decides; ``_leftovers``): such young dirs are counted apart
+  (figure ``ownerless_staging_kept``), anything else left fails.
 
 Children run as ``python -m gauntlet.kills fault|loop ...``.
 """
@@ -76,7 +77,7 @@ def _loop_state(step: int) -> dict[str, Any]:
 def _leftovers(root: Path, *, dead: Collection[int] = ()) -> tuple[list[str], set[str]]:
     """Staging and trash entries (files, verdict); apart: ownerless dirs of the pids ``dead``.
 
-    Recovery keeps an ownerless staging dir as live for 6 h: its pid is only in the save id.
+    Recovery keeps an ownerless staging dir as live for its first 10 s (``OWNERLESS_GRACE``).
     """
     layout = RootLayout(str(root))
     found, ownerless = [], set()
