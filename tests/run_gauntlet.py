@@ -15,9 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from gauntlet import SCENARIOS, Row, run_scenario
 from rich.console import Console
 from rich.table import Table
+
+from gauntlet import SCENARIOS, Row, run_scenario
 
 
 def _table(rows: list[tuple[Row, float]]) -> Table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+
 from gauntlet import SCENARIOS, run_scenario
 
 if TYPE_CHECKING:

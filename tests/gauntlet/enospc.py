@@ -98,7 +98,7 @@ def _tmpfs_row(work: Path, full: bool) -> Row:
     deltas = (
         [-16384, -4096, 0, 1, 4096, 65536, 1 << 20]
         if not full
-        else list(range(-65536, 65536, 2048)) + [1 << 19, 1 << 20, 2 << 20]
+        else [*range(-65536, 65536, 2048), 1 << 19, 1 << 20, 2 << 20]
     )
     mnt = work / "mnt"
     mnt.mkdir()
