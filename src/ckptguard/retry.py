@@ -73,6 +73,21 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+def _retrying(
+    retry_if: Callable[[BaseException], bool],
+    policy: RetryPolicy,
+    log: Callable[[tenacity.RetryCallState], None],
+) -> tenacity.Retrying:
+    """Exponential backoff with full jitter, until ``policy.deadline``; re-raises the last."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(retry_if),
+        wait=tenacity.wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
+        stop=tenacity.stop_after_delay(policy.deadline),
+        before_sleep=log,
+        reraise=True,
+    )
+
+
 def call_with_retry(
     fn: Callable[[], T],
     *,
@@ -103,15 +118,8 @@ def call_with_retry(
         exc = state.outcome.exception() if state.outcome else None
         _log.warning("%s on %s failed (%s); retry %d", what, path, exc, state.attempt_number)
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
-        stop=tenacity.stop_after_delay(policy.deadline),
-        before_sleep=log_retry,
-        reraise=True,
-    )
     try:
-        return retrying(fn)
+        return _retrying(is_transient, policy, log_retry)(fn)
     except StorageError:
         raise
     except OSError as exc:
@@ -243,15 +251,8 @@ def call_save_with_retry(fn: Callable[[], T], *, final: str, policy: RetryPolicy
             state.attempt_number + 1,
         )
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(redo),
-        wait=tenacity.wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
-        stop=tenacity.stop_after_delay(policy.deadline),
-        before_sleep=log_retry,
-        reraise=True,
-    )
     try:
-        return retrying(fn)
+        return _retrying(redo, policy, log_retry)(fn)
     except StorageError:
         raise
     except OSError as exc:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["SCENARIOS", "Row", "run_scenario"]
+__all__ = ["SCENARIOS", "Row", "run_scenario", "same"]
 
 # Module names under tests/gauntlet, in the order of the table.
 SCENARIOS: tuple[str, ...] = (
@@ -74,6 +74,22 @@ class Row:
         lines = [f"{self.scenario}: {kind}: {self.claim}: {self.failures}/{self.trials} failed"]
         lines += [f"  - {e}" for e in self.examples]
         return "\n".join(lines)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact equality of two state trees: key order, types, dtypes, shapes and bytes."""
+    import numpy as np
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and (a.dtype, a.shape) == (b.dtype, b.shape)
+            and a.tobytes() == b.tobytes()
+        )
+    return type(a) is type(b) and bool(a == b)
 
 
 def run_scenario(name: str, *, full: bool, work: Path) -> list[Row]:

@@ -39,8 +39,7 @@ from ckptguard import Outcome
 from ckptguard._faults import set_fault_hook
 from ckptguard.commit import IfExists
 from ckptguard.layout import MANIFEST_NAME, META_DIR, RootLayout
-from gauntlet import Row
-from gauntlet.kills import _same
+from gauntlet import Row, same
 from test_race import USER_FILES, _error_record, _naive_worker, _payload, _write_files
 
 if TYPE_CHECKING:
@@ -187,7 +186,7 @@ def _round_problem(
             return f"{where}: {final} is not entirely writer {winner}'s (writer.json: {content})"
     else:
         state = reader.restore(step=rnd)
-        if not _same(state, _state(winner, rnd)):
+        if not same(state, _state(winner, rnd)):
             return f"{where}: {final} is not entirely writer {winner}'s: wid {state.get('wid')}"
     if saver != "manager-replace":
         if renamed != [winner]:

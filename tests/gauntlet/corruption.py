@@ -30,7 +30,7 @@ import numpy as np
 import ckptguard
 from ckptguard.layout import MANIFEST_NAME
 from ckptguard.manifest import Manifest
-from gauntlet import Row
+from gauntlet import Row, same
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,20 +50,6 @@ def _state(step: int) -> dict[str, Any]:
         "step": step,
         "tag": f"step-{step}",
     }
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Exact equality of two state trees: types, dtypes, shapes and bytes."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and (a.dtype, a.shape) == (b.dtype, b.shape)
-            and a.tobytes() == b.tobytes()
-        )
-    return type(a) is type(b) and bool(a == b)
 
 
 @contextlib.contextmanager
@@ -118,7 +104,7 @@ def _resume_problem(root: Path, expected: dict[str, Any]) -> str | None:
         restored = mgr.restore()
     except Exception as exc:  # any exception is the finding, reported with its type
         return f"resume raised {type(exc).__name__}: {exc}"
-    if not _same(restored, expected):
+    if not same(restored, expected):
         return "restore() did not return the previous state exactly"
     return None
 

@@ -7,7 +7,7 @@ Rows:
   ``CheckpointManager.save`` and by ``atomic_checkpoint`` with the user's own writes. Each
   one that does not fit must raise StorageFull naming the space needed
   (``bytes_needed``), keep the earlier checkpoint restorable, and leave no staging dir;
-  where no tmpfs can be mounted, the row fails and says why (the wrapper row still runs);
+  where no tmpfs can be mounted, this row is left out and the next one says why;
 - the fault wrapper: ENOSPC injected at each write, close and fsync of a save.
 """
 
@@ -84,16 +84,12 @@ def _mount_prefix(probe: Path) -> tuple[list[str] | None, str]:
     return None, "; ".join(why)
 
 
-def _tmpfs_row(work: Path, full: bool) -> Row:
+def _tmpfs_row(work: Path, full: bool, prefix: list[str]) -> Row:
     row = Row(
         "enospc",
         "a real full disk (tmpfs): StorageFull naming the space needed, "
         "earlier checkpoint intact, no staging left",
     )
-    prefix, why = _mount_prefix(work / "probe")
-    if prefix is None:
-        row.fail(f"cannot mount a tmpfs here ({why}); see the fault-wrapper row")
-        return row
     # Bytes beyond the free space: from "the manifest does not fit" to "nothing fits".
     deltas = (
         [-16384, -4096, 0, 1, 4096, 65536, 1 << 20]
@@ -185,4 +181,9 @@ def _wrapper_row(work: Path) -> Row:
 
 
 def run(full: bool, work: Path) -> list[Row]:
-    return [_tmpfs_row(work, full), _wrapper_row(work)]
+    prefix, why = _mount_prefix(work / "probe")
+    wrapped = _wrapper_row(work)
+    if prefix is None:  # no tmpfs here: the fault wrapper's row stands alone, and says why
+        wrapped.figures["tmpfs"] = f"cannot be mounted here: {why}"
+        return [wrapped]
+    return [_tmpfs_row(work, full, prefix), wrapped]

@@ -40,7 +40,7 @@ import ckptguard
 from ckptguard import EntryKind
 from ckptguard._faults import set_fault_hook
 from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name
-from gauntlet import Row
+from gauntlet import Row, same
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -56,14 +56,6 @@ LOOP_ROOTS = 2
 def _env() -> dict[str, str]:
     path = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return bool(np.array_equal(a, b)) and np.asarray(a).dtype == np.asarray(b).dtype
-    return bool(a == b)
 
 
 def _fault_state(step: int, tag: str) -> dict[str, Any]:
@@ -119,7 +111,7 @@ def _content_problem(mgr: ckptguard.CheckpointManager, saver: str, step: int, ta
     """What is wrong with checkpoint-``step`` (``tag``: "old" or "new" content), or ""."""
     if saver == "manager":
         got = mgr.restore(step=step)
-        return "" if _same(got, _fault_state(step, tag)) else f"step {step} restores {got!r}"
+        return "" if same(got, _fault_state(step, tag)) else f"step {step} restores {got!r}"
     data = (Path(mgr.root) / f"checkpoint-{step}" / "weights.bin").read_bytes()
     ok = len(data) == NEW_SIZE if tag == "new" else data == OLD_BYTES[step]
     return "" if ok else f"checkpoint-{step} holds {len(data)} bytes, expected the {tag} save"
@@ -231,7 +223,7 @@ def _loop_child(root: str) -> None:
     """Resume from the newest valid checkpoint, then save forever; report each commit."""
     mgr = ckptguard.CheckpointManager(root, keep_last=LOOP_KEEP, check_environment=False)
     info = mgr.latest()
-    if info is not None and not _same(mgr.restore(), _loop_state(info.step)):
+    if info is not None and not same(mgr.restore(), _loop_state(info.step)):
         print(f"bad-resume {info.step}", flush=True)
         sys.exit(2)
     print("fresh" if info is None else f"resumed {info.step}", flush=True)
@@ -294,14 +286,14 @@ def _check_after_kill(root: Path, lines: list[str], prev: int | None, st: _LoopS
     st.max_step = max(st.max_step, latest.step)
     if reported is not None and latest.step not in {reported, reported + 1}:
         st.problems.append(f"latest() is step {latest.step}, the last reported is {reported}")
-    if not _same(mgr.restore(), _loop_state(latest.step)):
+    if not same(mgr.restore(), _loop_state(latest.step)):
         st.problems.append(f"restore() does not give step {latest.step}'s state")
     if latest.step != max(i.step for i in infos):
         st.problems.append(f"latest() is step {latest.step}, not the newest of {infos}")
     for info in infos:  # every checkpoint visible: valid and exact
         if not info.valid:
             st.problems.append(f"checkpoint-{info.step} does not verify: {info.problems}")
-        elif not _same(mgr.restore(step=info.step), _loop_state(info.step)):
+        elif not same(mgr.restore(step=info.step), _loop_state(info.step)):
             st.problems.append(f"checkpoint-{info.step} restores another state")
     kept = {i.step for i in infos}
     for step in range(latest.step - LOOP_KEEP + 1, latest.step + 1):  # what retention keeps

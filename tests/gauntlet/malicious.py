@@ -49,7 +49,7 @@ from ckptguard.layout import MANIFEST_NAME, STATE_NAME
 from ckptguard.manifest import MAX_MANIFEST_BYTES
 from ckptguard.safetensors_format import build_header, parse_header
 from ckptguard.serialization import STATE_FORMAT, STATE_VERSION
-from gauntlet import Row
+from gauntlet import Row, same
 from test_manifest import (
     _BASE_BYTES,
     _BASE_DICT,
@@ -89,14 +89,6 @@ def _pickled(outside: Path) -> bytes:
 
 def _good(step: int) -> dict[str, Any]:
     return {"w": np.arange(64, dtype=np.float32) * step, "step": step}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    return type(a) is type(b) and bool(a == b)
 
 
 # -- hostile checkpoints ----------------------------------------------------------------------
@@ -320,7 +312,7 @@ def _judge(case: Case, call: str, result: Any) -> str | None:
         return f"latest() returned step {step}, not 1"
     if call == "restore(2)" and not typed:
         return "restore(2) returned a state instead of raising"
-    if call == "restore()" and not _same(result, _good(1)):
+    if call == "restore()" and not same(result, _good(1)):
         return "restore() did not return step 1's state"
     return None
 

@@ -24,7 +24,7 @@ import numpy as np
 import ckptguard
 from ckptguard.layout import RootLayout
 from ckptguard.testing import PROTOCOL_STEPS, Fault, FaultyStorage, PowerCut, cut_power_at
-from gauntlet import Row
+from gauntlet import Row, same
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,14 +37,6 @@ CLAIM = "power cut at every storage operation: checkpoints whose save returned l
 def _state(step: int) -> dict[str, Any]:
     rng = np.random.default_rng(step)
     return {"w": rng.standard_normal(257).astype(np.float32), "b": np.full(3, step), "step": step}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return bool(np.array_equal(a, b)) and np.asarray(a).dtype == np.asarray(b).dtype
-    return bool(a == b)
 
 
 def _manager_saver(async_save: bool, keep: int = KEEP) -> Callable[[str, FaultyStorage, int], None]:
@@ -72,7 +64,7 @@ def _atomic_saver(root: str, storage: FaultyStorage, step: int) -> None:
 
 def _check_atomic(path: str, step: int) -> str | None:
     w = np.load(os.path.join(path, "w.npy"))
-    if not _same(w, _state(step)["w"]):
+    if not same(w, _state(step)["w"]):
         return f"checkpoint-{step}: w.npy differs from what was saved"
     return None
 
@@ -143,7 +135,7 @@ def _judge(root: str, returned: list[int], *, atomic: bool, keep: int | None = K
                 problem = _check_atomic(info.path, step)
                 if problem:
                     return problem
-            elif not _same(mgr.restore(step), _state(step)):
+            elif not same(mgr.restore(step), _state(step)):
                 return f"checkpoint-{step} restores to a different state"
         if atomic:
             _atomic_saver(root, FaultyStorage(), 99)
