@@ -170,7 +170,8 @@ def _sweep(
             continue  # an async save's operation count varies; k past the end cut nothing
         problem = _judge(root, returned, atomic=atomic, keep=None if atomic else KEEP)
         row.trial(None if problem is None else f"{label}, cut at operation {k}: {problem}")
-    row.figures[f"{label}_ops"] = probe.calls
+    key = "ops_per_run" if label.startswith("control") else f"{label}_ops"
+    row.figures[key] = probe.calls
 
 
 def _random_sequences(work: Path, trials: int) -> Row:
