@@ -42,10 +42,13 @@ test: lint types pytest
 bench: install
 	$(PY) benchmarks/bench_save.py --mib 1024 --rounds 11 --json benchmarks/results/latest.json
 
-# The full crash sweep (make test runs 2 crash points per target): many points in the
-# before, torn and unsynced modes, for every framework driver, with 1 and 2 ranks.
+# The reliability and security gauntlet in full (make test runs a sample of each row),
+# which prints its table of figures and writes them as JSON; then the full crash sweep
+# (make test runs 2 crash points per target): many points in the before, torn and
+# unsynced modes, for every framework driver, with 1 and 2 ranks.
 CHAOS_POINTS ?= 24
 chaos: install
+	$(PY) tests/run_gauntlet.py --full --json benchmarks/results/gauntlet-latest.json
 	CKPTGUARD_CHAOS_POINTS=$(CHAOS_POINTS) CKPTGUARD_CHAOS_MODES=before,torn,unsynced \
 		$(PY) -m pytest -q tests/test_chaos_gate.py
 

@@ -24,7 +24,10 @@ def test_core_imports_and_saves_without_torch(tmp_path: object) -> None:
 import sys
 sys.modules["torch"] = None  # any "import torch" now raises ImportError
 import ckptguard
-with ckptguard.atomic_checkpoint({str(tmp_path)!r} + "/checkpoint-1") as d:
+from ckptguard.testing import FaultyStorage  # the fault toolkit is torch-free too
+with ckptguard.atomic_checkpoint(
+    {str(tmp_path)!r} + "/checkpoint-1", storage=FaultyStorage()
+) as d:
     (d / "x").write_bytes(b"1")
 assert ckptguard.verify({str(tmp_path)!r} + "/checkpoint-1").ok
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]

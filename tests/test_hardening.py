@@ -191,3 +191,68 @@ def test_deep_trees_are_reported_not_a_recursion_error(tmp_path: Path) -> None:
     ):
         _deep_dirs(d, 100)
     assert not (tmp_path / "checkpoint-2").exists()
+
+
+REPLACE_RACE_CHILD = """
+import sys, time
+from pathlib import Path
+import numpy as np
+import ckptguard
+from ckptguard.testing import on_step
+
+role, root = sys.argv[1], sys.argv[2]
+marks = Path(root + ".marks")
+
+def wait_for(name):
+    while not (marks / name).exists():
+        time.sleep(0.001)
+
+def hook(point):
+    if role == "A" and point in {"seal.done", "commit.renamed"}:
+        (marks / f"A.{point}").touch()
+    if role == "B" and point == "seal.done":
+        wait_for("A.commit.renamed")  # B commits right after A
+    if role == "B" and point == "commit.moved_to_trash":
+        (marks / "B.moved_to_trash").touch()
+        time.sleep(1.0)  # a slow second rename (NFS): meanwhile the name is empty
+
+if role == "A":  # A is descheduled between its commit and its read-back
+    def pause(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_verify_new":
+            wait_for("B.moved_to_trash")
+    sys.setprofile(pause)
+else:
+    wait_for("A.seal.done")  # B seals after A: B's save is the newer one
+mgr = ckptguard.CheckpointManager(root, check_environment=False)
+with on_step(hook):
+    try:
+        mgr.save(7, {"w": np.full(8, 1.0 if role == "A" else 2.0)})
+        print("returned")
+    except ckptguard.CheckpointError as exc:
+        print("raised", type(exc).__name__, exc)
+"""
+
+
+def test_a_commit_replaced_by_a_newer_peer_save_is_not_reported_corrupt(tmp_path: Path) -> None:
+    # Found by the gauntlet (8 processes x 300 rounds, about once): A's read-back after its
+    # commit fell between the two renames of B's replace and raised CorruptCheckpoint.
+    root = tmp_path / "run"
+    Path(f"{root}.marks").mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(REPLACE_RACE_CHILD)
+    procs = {
+        role: subprocess.Popen(
+            [sys.executable, str(script), role, str(root)], stdout=subprocess.PIPE, text=True
+        )
+        for role in ("A", "B")
+    }
+    try:
+        out = {role: p.communicate(timeout=120)[0].strip() for role, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    assert out == {"A": "returned", "B": "returned"}
+    with ckptguard.CheckpointManager(root, check_environment=False) as mgr:
+        assert mgr.verify(7).ok
+        assert mgr.restore(7)["w"][0] == 2.0

@@ -79,7 +79,7 @@ def _sign(obj: dict[str, Any]) -> bytes:
     """Serialise ``obj`` with a correct manifest_checksum, as the parser computes it."""
     body = {k: v for k, v in obj.items() if k != "manifest_checksum"}
     signed = dict(body, manifest_checksum=xxhash.xxh3_128_hexdigest(mf._canonical(body)))
-    return json.dumps(signed, indent=1, ensure_ascii=False).encode()
+    return (json.dumps(signed, indent=1, ensure_ascii=False) + "\n").encode()
 
 
 def _signed_text_with(value_text: str) -> bytes:
@@ -104,8 +104,8 @@ def _rejects(data: bytes, match: str) -> None:
 
 
 def test_sign_helper_produces_what_the_parser_accepts() -> None:
-    obj = _valid_dict()
-    assert Manifest.from_json(_sign(obj)) == Manifest.from_json(json.dumps(obj).encode())
+    manifest = _make()
+    assert Manifest.from_json(_sign(json.loads(manifest.to_json()))) == manifest
 
 
 def test_round_trip_equals_original_with_files_sorted() -> None:
@@ -438,7 +438,7 @@ _RAW_CASES: dict[str, tuple[Callable[[], bytes], str]] = {
     ),
     "deep object nesting": (
         lambda: _signed_text_with('{"a":' * 100_000 + "0" + "}" * 100_000),
-        "not valid UTF-8 JSON \\(RecursionError",
+        "far denser than anything ckptguard writes",  # 600 KB: refused before parsing
     ),
     "latin-1 byte": (
         lambda: _signed_text_with('"caf\u00e9"').replace("\u00e9".encode(), b"\xe9"),
@@ -506,11 +506,30 @@ def test_non_bytes_input_is_rejected(data: Any) -> None:
 
 
 def test_exactly_max_manifest_bytes_is_accepted() -> None:
-    manifest = _make()
-    data = manifest.to_json().ljust(mf.MAX_MANIFEST_BYTES)  # JSON allows trailing spaces
+    pad = mf.MAX_MANIFEST_BYTES - len(_make(metadata={"pad": ""}).to_json())
+    manifest = _make(metadata={"pad": "x" * pad})
+    data = manifest.to_json()
     assert len(data) == mf.MAX_MANIFEST_BYTES
     assert Manifest.from_json(data) == manifest
     _rejects(data + b" ", "larger than")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b: b[:-1],  # the final newline dropped
+        lambda b: b + b" ",
+        lambda b: b.replace(b'"epoch": 3', b'"epoch":  3'),
+        lambda b: b.replace(b"0.0001", b"1E-4"),  # the same number, spelled otherwise
+        lambda b: b.replace(b'"a"', b'"\\u0061"'),  # the same string, escaped
+    ],
+)
+def test_an_edit_that_keeps_the_content_is_still_rejected(edit: Callable[[bytes], bytes]) -> None:
+    data = _make().to_json()
+    edited = edit(data)
+    assert edited != data
+    assert json.loads(edited) == json.loads(data)
+    _rejects(edited, "not those ckptguard wrote")
 
 
 def test_rejection_names_the_path_and_is_a_corrupt_checkpoint() -> None:

@@ -84,6 +84,31 @@ def test_staging_of_unknown_owner_goes_stale_by_age(tmp_path: Path) -> None:
     assert "unchanged for" in report.actions[0]
 
 
+def _ownerless_staging(root: Path, pid: int, age: float) -> str:
+    """A staging dir as a SIGKILL between its mkdir and its owner file leaves it."""
+    save_id = new_save_id().replace(f"-{os.getpid()}-", f"-{pid}-")
+    path = os.path.join(RootLayout(str(root)).staging, f"checkpoint-1.{save_id}")
+    os.makedirs(path, mode=0o700)
+    when = time.time() - age
+    os.utime(path, (when, when))
+    return path
+
+
+def test_ownerless_staging_of_a_dead_writer_here_goes_stale_after_a_grace(
+    tmp_path: Path, dead_writer: WriterInfo
+) -> None:
+    # Found by the gauntlet's random kills (about 12 in 1000): kept for stale_after (6 h).
+    root = tmp_path / "run"
+    ckptguard.recover(root)  # creates the layout
+    dead = _ownerless_staging(root, dead_writer.pid, age=60)
+    young = _ownerless_staging(root, dead_writer.pid, age=0)  # its writer may be mid-mkdir
+    alive = _ownerless_staging(root, os.getpid(), age=60)
+    report = ckptguard.recover(root)
+    assert not os.path.exists(dead)
+    assert any("no owner file, and its writer" in a for a in report.actions)
+    assert {e.path for e in report.of_kind(EntryKind.STAGING_LIVE)} == {young, alive}
+
+
 def test_interrupted_replace_is_rolled_back(tmp_path: Path) -> None:
     root = tmp_path / "run"
     final = _save(root, "checkpoint-1", b"old")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,22 @@ def test_problem_list_is_bounded(tmp_path: Path) -> None:
     report = ckptguard.verify(tmp_path / "checkpoint-1")
     assert len(report.problems) == 101
     assert report.problems[-1].startswith("...")
+
+
+def test_an_older_checkpoint_copied_in_under_a_newer_name_is_refused(tmp_path: Path) -> None:
+    with ckptguard.CheckpointManager(tmp_path, check_environment=False) as mgr:
+        mgr.save(1, {"step": 1})
+        mgr.save(2, {"step": 2})
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-2")
+    report = ckptguard.verify(tmp_path / "checkpoint-2")
+    assert not report.ok
+    assert "written for checkpoint-1, but this directory is checkpoint-2" in report.problems[0]
+    with ckptguard.CheckpointManager(tmp_path, check_environment=False) as mgr:
+        latest = mgr.latest()
+        assert latest is not None
+        assert latest.step == 1
+        assert mgr.restore() == {"step": 1}
+    # A staging, trash or quarantine name ("<name>.<save id>") still verifies.
+    os.rename(tmp_path / "checkpoint-2", tmp_path / "checkpoint-1.20261128T000000Z-x")
+    assert ckptguard.verify(tmp_path / "checkpoint-1.20261128T000000Z-x").ok

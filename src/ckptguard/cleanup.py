@@ -24,8 +24,10 @@ from ckptguard.layout import (
     OWNER_NAME,
     RETIRED_SUFFIX,
     RootLayout,
+    host_hash,
     new_save_id,
     parse_staging_name,
+    save_id_writer,
 )
 from ckptguard.owner import WriterInfo, is_alive_here
 from ckptguard.retry import (
@@ -163,6 +165,23 @@ def _last_change(path: str) -> float:
     return newest
 
 
+# How long a staging dir may lack its owner file before the pid in its save id decides.
+OWNERLESS_GRACE = 10.0
+
+
+def _writer_gone_here(save_id: str) -> bool:
+    origin = save_id_writer(save_id)
+    if origin is None or origin[0] != host_hash():
+        return False
+    try:
+        os.kill(origin[1], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, as another user's process
+    return False
+
+
 def staging_state(
     storage: Storage, path: str, *, stale_after: float = DEFAULT_STALE_AFTER
 ) -> StagingState | None:
@@ -185,6 +204,12 @@ def staging_state(
         age = time.time() - _last_change(path)
     except FileNotFoundError:
         return StagingState(path, name, save_id, live=False, reason="vanished", owner=owner)
+    if owner is None and age >= OWNERLESS_GRACE and _writer_gone_here(save_id):
+        # Killed between creating the dir and writing its owner file: the save id names
+        # the writer (host and pid). A live writer writes that file at once, so past the
+        # grace an ownerless dir whose writer is gone from this host is dead.
+        reason = f"no owner file, and its writer (pid {save_id.split('-')[2]} here) has exited"
+        return StagingState(path, name, save_id, live=False, reason=reason, owner=None)
     who = f"owner {owner.host}:{owner.pid}" if owner else "unknown owner"
     if age < stale_after:
         reason = f"{who}, changed {age:.0f}s ago (stale after {stale_after:.0f}s)"

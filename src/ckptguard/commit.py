@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ from ckptguard.retry import (
     RetryPolicy,
     call_fsync,
     call_with_retry,
+    with_retries,
 )
 from ckptguard.storage import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
 from ckptguard.verify import verify
@@ -138,13 +140,20 @@ class CommitResult:
     quarantined: str | None = None  # where a foreign entry in the way was moved
 
 
+_OTHERS_WRITE = 0o022  # group and world write bits
+
+
 def _default_dir_mode() -> int:
-    """0o777 minus the process umask, read without changing it (os.umask is racy)."""
+    """0o777 minus the process umask, and never writable by group or others.
+
+    The umask is read without changing it (os.umask is racy). A checkpoint must not be
+    altered behind its writer's back, whatever the umask.
+    """
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o777 & ~int(line.split()[1], 8)
+                    return 0o777 & ~int(line.split()[1], 8) & ~_OTHERS_WRITE
     except (OSError, ValueError):
         pass
     return 0o755
@@ -222,11 +231,14 @@ def seal(
     metrics: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     known: Mapping[str, FileDigest] | None = None,
+    others_may_write: bool = False,
 ) -> Manifest:
     """Make every file durable and write the manifest; the save stays invisible.
 
     ``known`` holds digests of files that were checksummed and fsynced while written
     (through ``Storage.open_write``); every other file is hashed and fsynced here.
+    Group and world write bits are removed from every file and directory, unless
+    ``others_may_write``.
     """
     storage, path = staging.storage, staging.path
     known = known or {}
@@ -253,6 +265,8 @@ def seal(
             ) from None
         if rel not in known:
             unknown.append(rel)
+    if not others_may_write:
+        _remove_others_write(storage, path, [*listed, *dirs])
     digests = {**_hash_and_fsync(storage, path, unknown), **known}
     entries = [FileEntry(rel, digests[rel].size, digests[rel].checksum) for rel in listed]
     for rel in reversed(dirs):  # deepest first, so each parent is synced after its children
@@ -275,7 +289,11 @@ def seal(
     def write_manifest() -> None:
         storage.write_bytes(tmp, data, fsync=True)
 
-    call_fsync(write_manifest, what="write manifest", path=tmp)
+    try:
+        call_fsync(write_manifest, what="write manifest", path=tmp)
+    except StorageFull as err:
+        explain_full(err, staging, _tree_size(path) + len(data))
+        raise
     fault_point("seal.manifest_tmp_written")
     _rename(staging, tmp, os.path.join(path, MANIFEST_NAME))
     fault_point("seal.manifest_written")
@@ -286,6 +304,14 @@ def seal(
     call_fsync(functools.partial(storage.fsync_dir, path), what="fsync staging dir", path=path)
     fault_point("seal.done")
     return manifest
+
+
+def _remove_others_write(storage: Storage, root: str, rels: list[str]) -> None:
+    for rel in rels:
+        sub = os.path.join(root, rel)
+        mode = stat.S_IMODE(os.stat(sub, follow_symlinks=False).st_mode)
+        if mode & _OTHERS_WRITE:
+            storage.set_mode(sub, mode & ~_OTHERS_WRITE)
 
 
 _FSYNC_THREADS = 4
@@ -382,6 +408,7 @@ def commit(
                 return _committed_by_peer(staging, final)
             raise
         else:
+            _refuse_a_link(staging, final)
             fault_point("commit.renamed")
             return CommitResult(final, Outcome.COMMITTED, manifest)
 
@@ -409,12 +436,30 @@ def commit(
         quarantined = quarantine(staging, final, reason="; ".join(existing.problems))
         fault_point("commit.quarantined")
         _rename(staging, staging.path, final)
+        _refuse_a_link(staging, final)
         fault_point("commit.renamed")
         return CommitResult(final, Outcome.COMMITTED, manifest, quarantined=quarantined)
     raise StorageError(
         f"{final} kept appearing and disappearing while committing; another process is "
         "modifying the root without ckptguard's lock",
         path=final,
+    )
+
+
+def _refuse_a_link(staging: Staging, final: str) -> None:
+    """Check that the rename published a directory, not a symlink.
+
+    A staging dir swapped for a symlink after its mode was set (the last check through a
+    descriptor) would be renamed as the link itself: the link goes to quarantine.
+    """
+    if not os.path.islink(final):
+        return
+    target = quarantine(staging, final, reason="the staging dir was replaced by a symlink")
+    raise UnsupportedFile(
+        f"{staging.path} was replaced by a symlink before its commit; nothing is committed "
+        f"and the link was moved to {target}",
+        path=final,
+        hint="another process replaced the staging dir; find out which, and save again",
     )
 
 
@@ -473,6 +518,7 @@ def _replace(staging: Staging, ours: Manifest) -> CommitResult:
         except OSError as exc:
             _log.error("could not restore %s from %s (%s); recover() will", final, trash, exc)
         raise
+    _refuse_a_link(staging, final)
     fault_point("commit.renamed")
     return CommitResult(final, Outcome.REPLACED, ours, replaced=trash)
 
@@ -509,13 +555,25 @@ def publish(
     logged, not raised (the next save or ``recover`` finishes the cleanup).
     """
     storage, layout = staging.storage, staging.layout
+    what = "fsync of the root after the commit"
     try:
-        storage.fsync_dir(layout.root)
+        # Retried only on a busy or stale-handle answer (EBUSY, EAGAIN, ESTALE...): the
+        # call did not run. A failed writeback (EIO, ENOSPC...) is never retried: a second
+        # fsync could report success for entries the kernel has dropped ("fsyncgate").
+        call_with_retry(
+            functools.partial(storage.fsync_dir, layout.root),
+            what=what,
+            path=layout.root,
+            policy=staging.retry,
+            map_permanent=False,
+        )
     except OSError as exc:
         # Every file, the manifest and the staging dir were fsynced before the rename, so
         # the checkpoint is complete; only its name may not survive a power loss (it would
-        # come back as a stale staging dir, which recovery removes). Never retry the fsync.
-        err = storage_error_from_os(exc, "fsync of the root after the commit", layout.root)
+        # come back as a stale staging dir, which recovery removes).
+        err = (
+            exc if isinstance(exc, StorageError) else storage_error_from_os(exc, what, layout.root)
+        )
         err.message += f"; {result.path} is complete and visible, but its durability is unknown"
         err.hint = (
             "the filesystem reported an error; check the disk (dmesg) before relying on it. "
@@ -565,19 +623,35 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def typed_write_error(exc: OSError, staging: Staging) -> StorageError:
-    """Turn a permanent OSError from the user's writes into our typed error, with sizes."""
+def typed_write_error(
+    exc: OSError, staging: Staging, expected_bytes: int | None = None
+) -> StorageError:
+    """Turn a permanent OSError from the writes into our typed error, with sizes.
+
+    ``expected_bytes``: what the whole save writes, where the writer knows it (a manager
+    save does); otherwise the space needed is only known to exceed what was written.
+    """
     err = storage_error_from_os(exc, f"writing checkpoint {staging.name}", staging.final)
-    written = _tree_size(staging.path)
-    err.message += f"; {written} bytes were written to its staging dir before that"
     if isinstance(err, StorageFull):
-        free = shutil.disk_usage(staging.layout.root).free
-        err.message += (
-            f"; {free} bytes are free on {staging.layout.root}, and this save needs more "
-            f"than {written} bytes"
-        )
-        err.bytes_needed = written
+        explain_full(err, staging, expected_bytes)
+    else:
+        err.message += f"; {_tree_size(staging.path)} bytes were written to its staging dir"
     return err
+
+
+def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None) -> None:
+    """Add to a StorageFull what was written, what is free and what the save needs."""
+    written = _tree_size(staging.path)
+    free = shutil.disk_usage(staging.layout.root).free
+    if expected_bytes is not None and expected_bytes > written:
+        need, what = expected_bytes, f"about {expected_bytes} bytes"
+    else:
+        need, what = written, f"more than {written} bytes"
+    err.message += (
+        f"; {written} bytes were written to its staging dir before that; {free} bytes are "
+        f"free on {staging.layout.root}, and this save needs {what}"
+    )
+    err.bytes_needed = need
 
 
 _warned_multi_rank = False
@@ -617,6 +691,10 @@ class AtomicCheckpoint:
     first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
     quarantined, never deleted. After the block, ``.result`` tells what happened.
 
+    Permissions: the staging dir is 0700 while it is written. The committed directory
+    gets ``dir_mode`` (default: 0o777 minus the umask), and neither it nor anything in it
+    stays writable by group or others, unless ``dir_mode`` itself grants that.
+
     Under torch.distributed every rank enters the block and gets the same staging dir
     (rank 0 creates it); every rank writes its own files; rank 0 alone seals and commits
     after all ranks finished, and all ranks succeed, or all raise :class:`SaveAborted`
@@ -647,7 +725,7 @@ class AtomicCheckpoint:
         self.final = final
         self.step, self.metrics, self.metadata = step, metrics, metadata
         self.if_exists: IfExists = if_exists
-        self.storage = storage or LocalStorage()
+        self.storage = with_retries(storage or LocalStorage(), retry)
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.dir_mode = dir_mode
         self.coordinator = coordinator
@@ -656,6 +734,8 @@ class AtomicCheckpoint:
         # before the seal (e.g. moving files that a framework wrote into a subdirectory).
         self.prepare = prepare
         self.supersedes: str | None = None  # see commit()
+        # What the block will write, if the caller knows it: a StorageFull names it.
+        self.expected_bytes: int | None = None
         # With several ranks, an exception in the block normally reaches every rank as
         # SaveAborted. When the block runs a framework's own collectives (the integrations),
         # the other ranks may be waiting inside one of those instead: then the failing rank
@@ -688,7 +768,7 @@ class AtomicCheckpoint:
             return
         if exc is not None:
             typed = (
-                typed_write_error(exc, staging)
+                typed_write_error(exc, staging, self.expected_bytes)
                 if isinstance(exc, OSError)
                 and not isinstance(exc, CheckpointError)
                 and exc.errno in PERMANENT_ERRNOS
@@ -705,7 +785,12 @@ class AtomicCheckpoint:
         if self.prepare is not None:
             self.prepare(Path(staging.path))
         return seal(
-            staging, step=self.step, metrics=self.metrics, metadata=self.metadata, known=self.known
+            staging,
+            step=self.step,
+            metrics=self.metrics,
+            metadata=self.metadata,
+            known=self.known,
+            others_may_write=self.dir_mode is not None and bool(self.dir_mode & _OTHERS_WRITE),
         )
 
     def _commit_and_publish(self, staging: Staging, manifest: Manifest) -> CommitResult:

@@ -48,8 +48,11 @@ __all__ = [
     "Naming",
     "RootLayout",
     "checkpoint_name",
+    "host_hash",
+    "is_save_id",
     "new_save_id",
     "parse_staging_name",
+    "save_id_writer",
     "staging_name",
     "step_from_name",
     "validate_name",
@@ -87,6 +90,19 @@ def new_save_id() -> str:
     """A fresh save id: sortable by time, unique across processes, hosts and runs."""
     now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{now}-{_host_hash()}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def save_id_writer(save_id: str) -> tuple[str, int] | None:
+    """(host hash, pid) of the process that made ``save_id``; None if it is not a save id."""
+    if not is_save_id(save_id):
+        return None
+    _, host, pid, _ = save_id.split("-")
+    return host, int(pid)
+
+
+def host_hash() -> str:
+    """This host's part of a save id."""
+    return _host_hash()
 
 
 def is_save_id(text: str) -> bool:

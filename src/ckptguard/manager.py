@@ -48,6 +48,7 @@ from ckptguard.errors import (
     NoValidCheckpoint,
     SaveAborted,
     StorageError,
+    storage_error_from_os,
 )
 from ckptguard.layout import (
     HF_NAMING,
@@ -58,10 +59,7 @@ from ckptguard.layout import (
 from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
 from ckptguard.recovery import recover
 from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
-from ckptguard.retry import (
-    DEFAULT_RETRY,
-    RetryPolicy,
-)
+from ckptguard.retry import DEFAULT_RETRY, RetryPolicy, call_save_with_retry, with_retries
 from ckptguard.storage import LocalStorage, Storage
 from ckptguard.verify import VerifyReport, verify
 
@@ -365,7 +363,7 @@ class CheckpointManager:
         self.policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
-        self.storage: Storage = self.remote or storage or LocalStorage()
+        self.storage: Storage = self.remote or with_retries(storage or LocalStorage(), retry)
         self.naming = naming
         self._verified: dict[str, str] = {}  # path -> save id checksum-verified by us
         # Under torch.distributed, one process per node repairs its root at startup; every
@@ -528,22 +526,32 @@ class CheckpointManager:
             return self._commit_remote(
                 step, encoded, state, metrics, metadata, pin=pin, coord=coord
             )
-        tx = self._transaction(step, metrics, metadata, coord)
-        with tx as staging:
-            committer = coord.rank == tx.committer
-            self._committer = committer
-            if committer:
-                if encoded is None:
-                    if state is None:
-                        raise RuntimeError(
-                            f"rank {coord.rank} commits for its node this time but took no "
-                            "snapshot (it did not commit the previous save); save again"
-                        )
-                    encoded = encode_state(state)
-                tx.known.update(write_encoded(str(staging), encoded, self.storage))
-        return self._after_commit(
-            step, self._result(tx).path, committer=committer, pin=pin, coord=coord
-        )
+
+        def attempt() -> tuple[str, bool]:
+            tx = self._transaction(step, metrics, metadata, coord)
+            with tx as staging:
+                committer = coord.rank == tx.committer
+                self._committer = committer
+                if committer:
+                    snapshot = encoded
+                    if snapshot is None:
+                        if state is None:
+                            raise RuntimeError(
+                                f"rank {coord.rank} commits for its node this time but took "
+                                "no snapshot (it did not commit the previous save); save again"
+                            )
+                        snapshot = encode_state(state)
+                    tx.expected_bytes = snapshot.nbytes
+                    tx.known.update(write_encoded(str(staging), snapshot, self.storage))
+            return self._result(tx).path, committer
+
+        if coord.world_size == 1:
+            # One process: a save that a transient error aborted is made again from scratch.
+            final = os.path.join(self.root, self.naming.name(step))
+            path, committer = call_save_with_retry(attempt, final=final, policy=self.retry)
+        else:
+            path, committer = attempt()
+        return self._after_commit(step, path, committer=committer, pin=pin, coord=coord)
 
     def _commit_remote(
         self,
@@ -811,6 +819,12 @@ class CheckpointManager:
         written (see ``__init__``).
         """
         report = self._verify_path(path, checksums=self.verify_after_save)
+        if (not report.ok or report.manifest is None) and self.remote is None:
+            # Another process sharing the root may be replacing this name with a newer save,
+            # between its two renames (the name is briefly absent): it does so under the
+            # root's lock, so look again holding it. A valid newer save is no corruption.
+            with root_lock(self.layout, self.lock_timeout):
+                report = self._verify_path(path, checksums=self.verify_after_save)
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",
@@ -843,7 +857,7 @@ class CheckpointManager:
                 report = self._verify_new(path)
                 if self.mirror is not None and coord.rank == 0:
                     self.mirror.upload(path)
-                self._apply_retention(os.path.basename(path), also_keep)
+                self._retain_after(path, also_keep)
             except Exception as exc:
                 if coord.world_size == 1:
                     raise
@@ -855,6 +869,21 @@ class CheckpointManager:
         if report is None:
             report = self._verify_path(path, checksums=False)
         return CheckpointInfo.from_report(step, report, pinned=pin or self._pin_file(step))
+
+    def _retain_after(self, path: str, also_keep: Collection[str]) -> None:
+        """Retention after the commit of ``path``; a storage failure is raised typed."""
+        try:
+            self._apply_retention(os.path.basename(path), also_keep)
+        except StorageError:
+            raise
+        except OSError as exc:
+            err = storage_error_from_os(exc, "retention after the commit", exc.filename)
+            err.message += f"; {path} is committed and intact"
+            err.hint = (
+                "older checkpoints may not all have been retired; check the filesystem, "
+                "the next save retries the retention"
+            )
+            raise err from exc
 
     def _save_sharded(
         self,

@@ -42,6 +42,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "library_versions",
+    "too_dense",
     "validate_relpath",
 ]
 
@@ -263,7 +264,7 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _reject(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {key!r}")
         result[key] = value
     return result
 
@@ -304,11 +305,34 @@ def _keys(obj: Any, expected: frozenset[str], what: str) -> dict[str, Any]:
     return obj
 
 
+# json.loads builds ~20 bytes of Python objects per byte of "[],[],..." input: a large
+# document with more than one array or object per DENSE_JSON_BYTES bytes is refused
+# unparsed. What ckptguard writes has one per 15 bytes or more (a file entry, a tensor).
+DENSE_JSON_MIN = 256 * 1024
+DENSE_JSON_BYTES = 12
+
+
+def too_dense(data: bytes | memoryview) -> str | None:
+    """Why a JSON document is refused before parsing (None: it is not): see above."""
+    if len(data) < DENSE_JSON_MIN:
+        return None
+    raw = bytes(data)
+    containers = raw.count(b"[") + raw.count(b"{")
+    if containers * DENSE_JSON_BYTES <= len(raw):
+        return None
+    return (
+        f"{containers} arrays and objects in {len(raw)} bytes: far denser than anything "
+        "ckptguard writes, refused unparsed (parsing it would take ~20x its size in memory)"
+    )
+
+
 def _parse(data: bytes) -> Manifest:
     if not isinstance(data, (bytes, bytearray)):
         raise _reject("data must be bytes")
     if len(data) > MAX_MANIFEST_BYTES:
         raise _reject(f"larger than {MAX_MANIFEST_BYTES} bytes")
+    if (dense := too_dense(data)) is not None:
+        raise _reject(dense)
     try:
         text = bytes(data).decode("utf-8")
         obj = json.loads(
@@ -332,8 +356,10 @@ def _parse(data: bytes) -> Manifest:
             "it may have been written by a newer ckptguard: upgrade to read it"
         )
     obj = _keys(obj, _TOP_KEYS, "manifest")
-    claimed = obj.pop("manifest_checksum")
     try:
+        # The exact bytes ckptguard writes for this content (see to_json).
+        written = (json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+        claimed = obj.pop("manifest_checksum")
         actual = xxhash.xxh3_128_hexdigest(_canonical(obj))
     except (ValueError, RecursionError) as exc:
         # Values json.loads accepts but we never write: lone surrogates, 1e400 (-> inf),
@@ -341,6 +367,10 @@ def _parse(data: bytes) -> Manifest:
         raise _reject(f"content cannot be re-encoded ({type(exc).__name__})") from None
     if not isinstance(claimed, str) or actual != claimed:
         raise _reject("manifest_checksum does not match its content (manifest altered or corrupt)")
+    if bytes(data) != written:
+        # The checksum covers the content; this covers the bytes: an edit that keeps the
+        # content (whitespace, "e" -> "E", a digit that rounds the same) is still an edit.
+        raise _reject("its bytes are not those ckptguard wrote for its content (altered)")
     if obj["checksum"] != CHECKSUM_ALGORITHM:
         raise _reject(f"unknown checksum algorithm {obj['checksum']!r}")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptguard.errors import CorruptCheckpoint
-from ckptguard.manifest import no_duplicate_keys
+from ckptguard.manifest import no_duplicate_keys, too_dense
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -112,6 +112,8 @@ def parse_header(
         raise _bad(path, f"header of {length} bytes exceeds the cap of {MAX_HEADER_BYTES}")
     if 8 + length > file_size or len(prefix) < 8 + length:
         raise _bad(path, f"header of {length} bytes runs past the end of the file")
+    if (dense := too_dense(prefix[8 : 8 + length])) is not None:
+        raise _bad(path, f"header: {dense}")
     try:
         obj = json.loads(
             bytes(prefix[8 : 8 + length]).decode("utf-8"),

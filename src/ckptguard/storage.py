@@ -239,7 +239,18 @@ class LocalStorage:
             os.close(fd)
 
     def set_mode(self, path: str, mode: int) -> None:
-        os.chmod(path, mode, follow_symlinks=False)
+        # Through a descriptor opened without following a symlink: a staging dir swapped
+        # for a link is refused, never the link's target changed.
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _symlink_refused(path) from None
+            raise
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
     def list_dir(self, path: str) -> list[str]:
         try:
@@ -252,8 +263,20 @@ class LocalStorage:
 
     # -- files -------------------------------------------------------------------------
     def open_write(self, path: str, *, fsync: bool = True) -> _LocalWriter:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, self.file_mode)
+        # Created inside its directory opened with O_NOFOLLOW: if that directory (a staging
+        # dir) was swapped for a symlink, nothing is written through it.
+        parent, name = os.path.split(path)
+        try:
+            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in {errno.ELOOP, errno.ENOTDIR} and os.path.islink(parent):
+                raise _symlink_refused(parent) from None
+            raise
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, self.file_mode, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
         return _LocalWriter(path, fd, fsync=fsync and self.durable)
 
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
@@ -308,6 +331,8 @@ class LocalStorage:
             os.close(fd)
 
     def walk_files(self, path: str) -> tuple[list[str], list[str]]:
+        if os.path.islink(path):
+            raise _symlink_refused(path)
         files: list[str] = []
         dirs: list[str] = []
         stack = [(path, "", 0)]
@@ -389,6 +414,15 @@ class LocalStorage:
         except FileNotFoundError:
             if os.path.lexists(path):
                 raise
+
+
+def _symlink_refused(path: str) -> UnsupportedFile:
+    return UnsupportedFile(
+        f"{path} is a symlink (-> {os.readlink(path)}), where ckptguard created a directory: "
+        "refused, nothing is written through it",
+        path=path,
+        hint="another process replaced it; find out which, and save again",
+    )
 
 
 def digest_fd(

@@ -101,7 +101,10 @@ def _read_manifest_fd(dir_fd: int, path: str) -> Manifest:
             raise UnsafeManifest(f"{MANIFEST_NAME} is {st.st_size} bytes: too large", path=path)
         # Loop: one read(2) may return less (FUSE direct_io, network filesystems, signals).
         chunks, total = [], 0
-        while chunk := os.read(fd, MAX_MANIFEST_BYTES + 1 - total):
+        # Ask for what fstat says (+1 to see growth), not the cap: read(2) of n bytes
+        # allocates n bytes first, and a manifest is usually a few KiB.
+        limit = MAX_MANIFEST_BYTES + 1
+        while chunk := os.read(fd, min(limit - total, max(st.st_size + 1 - total, 65536))):
             chunks.append(chunk)
             total += len(chunk)
             if total > MAX_MANIFEST_BYTES:
@@ -184,6 +187,15 @@ def verify(
         except OSError as exc:
             why = f"cannot read {MANIFEST_NAME} ({exc.strerror or exc})"
             return VerifyReport(path, ok=False, problems=[why])
+        base = os.path.basename(os.path.normpath(path))
+        # Staging, trash and quarantine entries are "<name>.<save id>"; anything else must
+        # bear the name it was committed under: resume goes by the name's step, and an
+        # older checkpoint copied in under a newer name would be taken for that step.
+        if base != manifest.name and not base.startswith(manifest.name + "."):
+            problems.add(
+                f"the manifest was written for {manifest.name}, but this directory is {base} "
+                f"(a copy or a rename): its step cannot be trusted; rename it {manifest.name}"
+            )
         files = bytes_checked = 0
         for entry in manifest.files:
             try:
