@@ -8,7 +8,7 @@ from pathlib import Path
 import ckptguard
 from ckptguard import EntryKind
 from ckptguard.commit import stage
-from ckptguard.layout import RootLayout, new_save_id
+from ckptguard.layout import OWNER_NAME, RootLayout, new_save_id
 from ckptguard.owner import WriterInfo
 
 
@@ -101,12 +101,23 @@ def test_ownerless_staging_of_a_dead_writer_here_goes_stale_after_a_grace(
     root = tmp_path / "run"
     ckptguard.recover(root)  # creates the layout
     dead = _ownerless_staging(root, dead_writer.pid, age=60)
+    torn = _ownerless_staging(root, dead_writer.pid, age=60)
+    Path(torn, OWNER_NAME).write_bytes(b'{"save_id": "2026')  # killed mid-write
     young = _ownerless_staging(root, dead_writer.pid, age=0)  # its writer may be mid-mkdir
     alive = _ownerless_staging(root, os.getpid(), age=60)
+    written = _ownerless_staging(root, dead_writer.pid, age=60)
+    Path(written, "model.bin").write_bytes(b"x")  # its writer got further: the 6 h rule
+    absurd = _ownerless_staging(root, 2**40, age=60)
+    for path in (torn, written):
+        os.utime(path, (time.time() - 60,) * 2)
+        for name in os.listdir(path):
+            os.utime(os.path.join(path, name), (time.time() - 60,) * 2)
     report = ckptguard.recover(root)
     assert not os.path.exists(dead)
-    assert any("no owner file, and its writer" in a for a in report.actions)
-    assert {e.path for e in report.of_kind(EntryKind.STAGING_LIVE)} == {young, alive}
+    assert not os.path.exists(torn)
+    assert sum("no owner file (or a torn one), and its writer" in a for a in report.actions) == 2
+    live = {e.path for e in report.of_kind(EntryKind.STAGING_LIVE)}
+    assert live == {young, alive, written, absurd}
 
 
 def test_interrupted_replace_is_rolled_back(tmp_path: Path) -> None:

@@ -105,7 +105,9 @@ def test_problem_list_is_bounded(tmp_path: Path) -> None:
     assert report.problems[-1].startswith("...")
 
 
-def test_an_older_checkpoint_copied_in_under_a_newer_name_is_refused(tmp_path: Path) -> None:
+def test_an_older_checkpoint_copied_in_under_a_newer_name_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with ckptguard.CheckpointManager(tmp_path, check_environment=False) as mgr:
         mgr.save(1, {"step": 1})
         mgr.save(2, {"step": 2})
@@ -119,6 +121,14 @@ def test_an_older_checkpoint_copied_in_under_a_newer_name_is_refused(tmp_path: P
         assert latest is not None
         assert latest.step == 1
         assert mgr.restore() == {"step": 1}
-    # A staging, trash or quarantine name ("<name>.<save id>") still verifies.
-    os.rename(tmp_path / "checkpoint-2", tmp_path / "checkpoint-1.20261128T000000Z-x")
-    assert ckptguard.verify(tmp_path / "checkpoint-1.20261128T000000Z-x").ok
+        assert [i.step for i in mgr.list() if i.valid] == [1]
+    scan = ckptguard.scan(tmp_path)
+    assert [e.name for e in scan.of_kind(ckptguard.EntryKind.COMMITTED_CORRUPT)] == ["checkpoint-2"]
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path / "checkpoint-2")
+        assert not ckptguard.verify(".").ok  # the directory's own name, not "."
+    # A copy under a name that is not a step name verifies (Hugging Face pushes the
+    # newest checkpoint as "last-checkpoint" and resumes from that path).
+    os.rename(tmp_path / "checkpoint-2", tmp_path / "last-checkpoint")
+    assert ckptguard.verify(tmp_path / "last-checkpoint").ok
+    assert ckptguard.scan(tmp_path).of_kind(ckptguard.EntryKind.COMMITTED_CORRUPT) == []

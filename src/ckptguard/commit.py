@@ -309,9 +309,16 @@ def seal(
 def _remove_others_write(storage: Storage, root: str, rels: list[str]) -> None:
     for rel in rels:
         sub = os.path.join(root, rel)
-        mode = stat.S_IMODE(os.stat(sub, follow_symlinks=False).st_mode)
+        try:
+            mode = stat.S_IMODE(os.stat(sub, follow_symlinks=False).st_mode)
+        except OSError as exc:
+            raise storage_error_from_os(exc, "read the mode of", sub) from exc
         if mode & _OTHERS_WRITE:
-            storage.set_mode(sub, mode & ~_OTHERS_WRITE)
+            call_with_retry(
+                functools.partial(storage.set_mode, sub, mode & ~_OTHERS_WRITE),
+                what="remove group and world write permission",
+                path=sub,
+            )
 
 
 _FSYNC_THREADS = 4
@@ -557,9 +564,12 @@ def publish(
     storage, layout = staging.storage, staging.layout
     what = "fsync of the root after the commit"
     try:
-        # Retried only on a busy or stale-handle answer (EBUSY, EAGAIN, ESTALE...): the
-        # call did not run. A failed writeback (EIO, ENOSPC...) is never retried: a second
-        # fsync could report success for entries the kernel has dropped ("fsyncgate").
+        # A failed writeback (EIO, ENOSPC, EDQUOT...) is never retried: a second fsync
+        # could report success for entries the kernel has dropped ("fsyncgate"). Retried:
+        # the transient answers (EBUSY, EAGAIN, ESTALE, ETIMEDOUT), which a local
+        # filesystem never gives for a writeback, and which on NFS concern no unwritten
+        # data: its namespace operations (our rename) are stable on the server before they
+        # return, so a directory fsync there has nothing of ours left to lose.
         call_with_retry(
             functools.partial(storage.fsync_dir, layout.root),
             what=what,
@@ -642,7 +652,10 @@ def typed_write_error(
 def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None) -> None:
     """Add to a StorageFull what was written, what is free and what the save needs."""
     written = _tree_size(staging.path)
-    free = shutil.disk_usage(staging.layout.root).free
+    try:
+        free: int | str = shutil.disk_usage(staging.layout.root).free
+    except OSError:
+        free = "an unknown number of"
     if expected_bytes is not None and expected_bytes > written:
         need, what = expected_bytes, f"about {expected_bytes} bytes"
     else:

@@ -616,7 +616,8 @@ class CheckpointManager:
             from ckptguard.objectstore import verify_remote  # noqa: PLC0415
 
             return verify_remote(self.remote, path, checksums=checksums)
-        return verify(path, checksums=checksums)
+        # A checkpoint of this root is found by its name, which gives its step.
+        return verify(path, checksums=checksums, expect_name=os.path.basename(path))
 
     def _join(self, name: str) -> str:
         return f"{self.root}/{name}" if self.remote is not None else os.path.join(self.root, name)
@@ -822,9 +823,13 @@ class CheckpointManager:
         if (not report.ok or report.manifest is None) and self.remote is None:
             # Another process sharing the root may be replacing this name with a newer save,
             # between its two renames (the name is briefly absent): it does so under the
-            # root's lock, so look again holding it. A valid newer save is no corruption.
+            # root's lock, so look again holding it. A valid newer save is no corruption;
+            # its bytes were not written by us, so every checksum is checked before
+            # retention relies on it.
             with root_lock(self.layout, self.lock_timeout):
-                report = self._verify_path(path, checksums=self.verify_after_save)
+                report = self._verify_path(path, checksums=True)
+            if report.ok:
+                _log.info("%s was replaced by a newer save of another process", path)
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",

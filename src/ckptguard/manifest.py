@@ -306,19 +306,20 @@ def _keys(obj: Any, expected: frozenset[str], what: str) -> dict[str, Any]:
 
 
 # json.loads builds ~20 bytes of Python objects per byte of "[],[],..." input: a large
-# document with more than one array or object per DENSE_JSON_BYTES bytes is refused
-# unparsed. What ckptguard writes has one per 15 bytes or more (a file entry, a tensor).
+# document denser in arrays and objects than its writer ever makes is refused unparsed.
+# A manifest (indented: user metadata can hold empty lists) has at least 4 bytes per
+# array or object; a safetensors header of ckptguard's at least 15 (a tensor's entry).
 DENSE_JSON_MIN = 256 * 1024
-DENSE_JSON_BYTES = 12
+MANIFEST_BYTES_PER_CONTAINER = 4
 
 
-def too_dense(data: bytes | memoryview) -> str | None:
+def too_dense(data: bytes | memoryview, bytes_per_container: int) -> str | None:
     """Why a JSON document is refused before parsing (None: it is not): see above."""
     if len(data) < DENSE_JSON_MIN:
         return None
     raw = bytes(data)
     containers = raw.count(b"[") + raw.count(b"{")
-    if containers * DENSE_JSON_BYTES <= len(raw):
+    if containers * bytes_per_container <= len(raw):
         return None
     return (
         f"{containers} arrays and objects in {len(raw)} bytes: far denser than anything "
@@ -331,7 +332,7 @@ def _parse(data: bytes) -> Manifest:
         raise _reject("data must be bytes")
     if len(data) > MAX_MANIFEST_BYTES:
         raise _reject(f"larger than {MAX_MANIFEST_BYTES} bytes")
-    if (dense := too_dense(data)) is not None:
+    if (dense := too_dense(data, MANIFEST_BYTES_PER_CONTAINER)) is not None:
         raise _reject(dense)
     try:
         text = bytes(data).decode("utf-8")

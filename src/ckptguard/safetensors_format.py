@@ -40,6 +40,9 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch support
     raise ImportError("ckptguard's safetensors writer assumes a little-endian machine")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A tensor's entry ({"dtype":..,"shape":[..],"data_offsets":[..]}) takes 15 bytes or more
+# per array or object; a header far denser than that is refused unparsed (manifest.py).
+HEADER_BYTES_PER_CONTAINER = 12
 MAX_DIMS = 64
 # Even an empty tensor (a 0 in its shape) may not claim more: torch cannot allocate it.
 MAX_TENSOR_BYTES = 1 << 50
@@ -112,7 +115,7 @@ def parse_header(
         raise _bad(path, f"header of {length} bytes exceeds the cap of {MAX_HEADER_BYTES}")
     if 8 + length > file_size or len(prefix) < 8 + length:
         raise _bad(path, f"header of {length} bytes runs past the end of the file")
-    if (dense := too_dense(prefix[8 : 8 + length])) is not None:
+    if (dense := too_dense(prefix[8 : 8 + length], HEADER_BYTES_PER_CONTAINER)) is not None:
         raise _bad(path, f"header: {dense}")
     try:
         obj = json.loads(

@@ -239,16 +239,16 @@ class LocalStorage:
             os.close(fd)
 
     def set_mode(self, path: str, mode: int) -> None:
-        # Through a descriptor opened without following a symlink: a staging dir swapped
-        # for a link is refused, never the link's target changed.
+        # Through an O_PATH descriptor opened without following a symlink (it needs no read
+        # permission): a staging dir swapped for a link is refused, its target untouched.
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _symlink_refused(path) from None
-            raise
-        try:
-            os.fchmod(fd, mode)
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise _symlink_refused(path)
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", mode)  # fchmod refuses O_PATH descriptors
+            except FileNotFoundError:  # no /proc: by name, checked not to be a link above
+                os.chmod(path, mode)
         finally:
             os.close(fd)
 
@@ -264,8 +264,11 @@ class LocalStorage:
     # -- files -------------------------------------------------------------------------
     def open_write(self, path: str, *, fsync: bool = True) -> _LocalWriter:
         # Created inside its directory opened with O_NOFOLLOW: if that directory (a staging
-        # dir) was swapped for a symlink, nothing is written through it.
+        # dir) was swapped for a symlink, nothing is written through it (partial: only the
+        # last directory of the path is checked so; ckptguard writes at the top of a
+        # staging dir, which its seal and commit check again).
         parent, name = os.path.split(path)
+        parent = parent or "."
         try:
             dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -417,8 +420,12 @@ class LocalStorage:
 
 
 def _symlink_refused(path: str) -> UnsupportedFile:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
     return UnsupportedFile(
-        f"{path} is a symlink (-> {os.readlink(path)}), where ckptguard created a directory: "
+        f"{path} is a symlink (-> {target}), where ckptguard created a directory: "
         "refused, nothing is written through it",
         path=path,
         hint="another process replaced it; find out which, and save again",

@@ -228,24 +228,40 @@ class _Durable:
         if self.covers(path):
             self.ident(path, fresh=True)
 
-    def synced_file(self, path: str) -> None:
+    # Each fsync is recorded in two halves: what is there is read before the fsync (what
+    # other threads write during it is not made durable by it), and kept once it returned.
+    def file_now(self, path: str) -> tuple[int, bytes] | None:
         if not self.covers(path):
-            return
+            return None
         oid = self.ident(path)
-        if self.kind[oid] == "file":
-            with open(path, "rb") as f:
-                self.data[oid] = f.read()
+        if self.kind[oid] != "file":
+            return None
+        with open(path, "rb") as f:
+            return oid, f.read()
 
-    def synced_dir(self, path: str) -> None:
+    def dir_now(self, path: str) -> tuple[int, int, dict[str, int]] | None:
         if not self.covers(path):
-            return
+            return None
         oid = self.ident(path)
-        self.mode[oid] = stat.S_IMODE(os.lstat(path).st_mode)
         names: dict[str, int] = {}
         for name in os.listdir(path):
             with contextlib.suppress(FileNotFoundError):  # removed by other code meanwhile
                 names[name] = self.ident(os.path.join(path, name))
-        self.names[oid] = names
+        return oid, stat.S_IMODE(os.lstat(path).st_mode), names
+
+    def keep_file(self, now: tuple[int, bytes] | None) -> None:
+        if now is not None:
+            self.data[now[0]] = now[1]
+
+    def keep_dir(self, now: tuple[int, int, dict[str, int]] | None) -> None:
+        if now is not None:
+            oid, self.mode[now[0]], self.names[oid] = now
+
+    def synced_file(self, path: str) -> None:
+        self.keep_file(self.file_now(path))
+
+    def synced_dir(self, path: str) -> None:
+        self.keep_dir(self.dir_now(path))
 
     def renamed(self, src: str, dst: str) -> None:
         moved = {p: v for p, v in self._at.items() if p == src or p.startswith(src + "/")}
@@ -448,6 +464,17 @@ class FaultyStorage:
             with self._lock:
                 self._durable.synced_file(path)
 
+    def _file_now(self, path: str) -> tuple[int, bytes] | None:
+        if self._durable is None:
+            return None
+        with self._lock:
+            return self._durable.file_now(path)
+
+    def _keep_file(self, now: tuple[int, bytes] | None) -> None:
+        if self._durable is not None:
+            with self._lock:
+                self._durable.keep_file(now)
+
     def _created(self, path: str) -> None:
         if self._durable is not None:
             with self._lock:
@@ -491,16 +518,17 @@ class FaultyStorage:
     ) -> FileDigest:
         self._check("hash_file", path)
         sync = fsync and not self._skip_sync(path)
+        now = self._file_now(path) if sync else None
         digest = self.inner.hash_file(path, fsync=sync, progress=progress)
-        if sync:
-            self._synced_file(path)
+        self._keep_file(now)
         return digest
 
     def fsync_file(self, path: str) -> None:
         self._check("fsync_file", path)
         if not self._skip_sync(path):
+            now = self._file_now(path)
             self.inner.fsync_file(path)
-            self._synced_file(path)
+            self._keep_file(now)
 
     def walk_files(self, path: str) -> tuple[list[str], list[str]]:
         self._check("walk_files", path)
@@ -510,10 +538,14 @@ class FaultyStorage:
         self._check("fsync_dir", path)
         if self._skip_sync(path):
             return
+        if self._durable is None:
+            self.inner.fsync_dir(path)
+            return
+        with self._lock:
+            now = self._durable.dir_now(path)
         self.inner.fsync_dir(path)
-        if self._durable is not None:
-            with self._lock:
-                self._durable.synced_dir(path)
+        with self._lock:
+            self._durable.keep_dir(now)
 
     def set_mode(self, path: str, mode: int) -> None:
         self._check("set_mode", path)

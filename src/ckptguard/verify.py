@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckptguard.errors import UnsafeManifest, storage_error_from_os
-from ckptguard.layout import MANIFEST_NAME
+from ckptguard.layout import ACCELERATE_NAMING, HF_NAMING, MANIFEST_NAME
 from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest
 from ckptguard.storage import digest_fd
 
@@ -168,8 +168,15 @@ def verify(
     *,
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
+    expect_name: str | None = None,
 ) -> VerifyReport:
-    """Verify the checkpoint at ``path``; with ``checksums=False`` only sizes are checked."""
+    """Verify the checkpoint at ``path``; with ``checksums=False`` only sizes are checked.
+
+    ``expect_name``: the name it must have been committed under, because its name gives
+    its step. By default, that is its directory's name when that is a step name
+    (``checkpoint-N``, ``checkpoint_N``); a copy under another kind of name (Hugging
+    Face's ``last-checkpoint``, ``best``) and staging or trash entries are not checked.
+    """
     path = os.fspath(path)
     problems = _Problems()
     try:
@@ -187,14 +194,17 @@ def verify(
         except OSError as exc:
             why = f"cannot read {MANIFEST_NAME} ({exc.strerror or exc})"
             return VerifyReport(path, ok=False, problems=[why])
-        base = os.path.basename(os.path.normpath(path))
-        # Staging, trash and quarantine entries are "<name>.<save id>"; anything else must
-        # bear the name it was committed under: resume goes by the name's step, and an
-        # older checkpoint copied in under a newer name would be taken for that step.
-        if base != manifest.name and not base.startswith(manifest.name + "."):
+        # Resume goes by the name's step: an older checkpoint copied in under a newer name
+        # would be taken for that step.
+        if expect_name is None:
+            base = os.path.basename(os.path.abspath(path))
+            steps = (HF_NAMING.step(base), ACCELERATE_NAMING.step(base))
+            expect_name = base if steps != (None, None) else None
+        if expect_name is not None and expect_name != manifest.name:
             problems.add(
-                f"the manifest was written for {manifest.name}, but this directory is {base} "
-                f"(a copy or a rename): its step cannot be trusted; rename it {manifest.name}"
+                f"the manifest was written for {manifest.name}, but this directory is "
+                f"{expect_name} (a copy or a rename): its step cannot be trusted; rename it "
+                f"{manifest.name}"
             )
         files = bytes_checked = 0
         for entry in manifest.files:
