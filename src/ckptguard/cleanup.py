@@ -169,8 +169,8 @@ def _last_change(path: str) -> float:
 OWNERLESS_GRACE = 10.0
 
 
-def _killed_at_birth(path: str, save_id: str) -> bool:
-    """Whether a staging dir died right after its mkdir.
+def _killed_at_birth(path: str, save_id: str) -> int | None:
+    """The pid of the writer, if a staging dir died right after its mkdir (else None).
 
     It holds nothing, or only a torn owner file, and the writer named by its save id is
     gone from this host (partial: a writer in another pid namespace of a host of the same
@@ -179,26 +179,26 @@ def _killed_at_birth(path: str, save_id: str) -> bool:
     """
     origin = save_id_writer(save_id)
     if origin is None or origin[0] != host_hash():
-        return False
+        return None
     try:
         names = os.listdir(path)
         if names not in ([], [OWNER_NAME]):
-            return False
+            return None
         if names:  # an owner file that cannot be parsed: torn by the kill, or unreadable
             with open(os.path.join(path, OWNER_NAME), "rb") as f:
                 json.loads(f.read(_MAX_OWNER_BYTES))
-            return False  # it parses: read_owner failed for another reason; keep it
+            return None  # it parses: read_owner failed for another reason; keep it
     except ValueError:
         pass  # torn
     except OSError:
-        return False  # unreadable now (ESTALE, EIO): decide another time
+        return None  # unreadable now (ESTALE, EIO): decide another time
     try:
         os.kill(origin[1], 0)
     except ProcessLookupError:
-        return True
+        return origin[1]
     except (PermissionError, OverflowError, ValueError):
-        return False  # it exists as another user's process, or the pid is absurd
-    return False
+        return None  # it exists as another user's process, or the pid is absurd
+    return None
 
 
 def staging_state(
@@ -223,11 +223,10 @@ def staging_state(
         age = time.time() - _last_change(path)
     except FileNotFoundError:
         return StagingState(path, name, save_id, live=False, reason="vanished", owner=owner)
-    if owner is None and age >= OWNERLESS_GRACE and _killed_at_birth(path, save_id):
+    if owner is None and age >= OWNERLESS_GRACE and (pid := _killed_at_birth(path, save_id)):
         # Killed between creating the dir and writing its owner file: the save id names
         # the writer (host and pid). A live writer writes that file at once, so past the
         # grace an empty dir whose writer is gone from this host is dead.
-        pid = save_id.split("-")[2]
         reason = f"no owner file (or a torn one), and its writer (pid {pid} here) has exited"
         return StagingState(path, name, save_id, live=False, reason=reason, owner=None)
     who = f"owner {owner.host}:{owner.pid}" if owner else "unknown owner"

@@ -265,8 +265,8 @@ def seal(
             ) from None
         if rel not in known:
             unknown.append(rel)
-    if not others_may_write:
-        _remove_others_write(storage, path, [*listed, *dirs])
+    if not others_may_write:  # files written through the storage have its own mode
+        _remove_others_write(storage, path, [*unknown, *dirs])
     digests = {**_hash_and_fsync(storage, path, unknown), **known}
     entries = [FileEntry(rel, digests[rel].size, digests[rel].checksum) for rel in listed]
     for rel in reversed(dirs):  # deepest first, so each parent is synced after its children

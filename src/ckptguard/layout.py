@@ -82,14 +82,15 @@ _SAVE_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}-\d+-[0-9a-f]{16}")
 _STAGING_RE = re.compile(rf"(?P<name>.+)\.(?P<save_id>{_SAVE_ID_RE.pattern})")
 
 
-def _host_hash() -> str:
+def host_hash() -> str:
+    """This host's part of a save id."""
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def new_save_id() -> str:
     """A fresh save id: sortable by time, unique across processes, hosts and runs."""
     now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{now}-{_host_hash()}-{os.getpid()}-{secrets.token_hex(8)}"
+    return f"{now}-{host_hash()}-{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def save_id_writer(save_id: str) -> tuple[str, int] | None:
@@ -98,11 +99,6 @@ def save_id_writer(save_id: str) -> tuple[str, int] | None:
         return None
     _, host, pid, _ = save_id.split("-")
     return host, int(pid)
-
-
-def host_hash() -> str:
-    """This host's part of a save id."""
-    return _host_hash()
 
 
 def is_save_id(text: str) -> bool:

@@ -313,16 +313,15 @@ DENSE_JSON_MIN = 256 * 1024
 MANIFEST_BYTES_PER_CONTAINER = 4
 
 
-def too_dense(data: bytes | memoryview, bytes_per_container: int) -> str | None:
+def too_dense(data: bytes, bytes_per_container: int) -> str | None:
     """Why a JSON document is refused before parsing (None: it is not): see above."""
     if len(data) < DENSE_JSON_MIN:
         return None
-    raw = bytes(data)
-    containers = raw.count(b"[") + raw.count(b"{")
-    if containers * bytes_per_container <= len(raw):
+    containers = data.count(b"[") + data.count(b"{")
+    if containers * bytes_per_container <= len(data):
         return None
     return (
-        f"{containers} arrays and objects in {len(raw)} bytes: far denser than anything "
+        f"{containers} arrays and objects in {len(data)} bytes: far denser than anything "
         "ckptguard writes, refused unparsed (parsing it would take ~20x its size in memory)"
     )
 

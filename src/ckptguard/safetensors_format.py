@@ -115,11 +115,12 @@ def parse_header(
         raise _bad(path, f"header of {length} bytes exceeds the cap of {MAX_HEADER_BYTES}")
     if 8 + length > file_size or len(prefix) < 8 + length:
         raise _bad(path, f"header of {length} bytes runs past the end of the file")
-    if (dense := too_dense(prefix[8 : 8 + length], HEADER_BYTES_PER_CONTAINER)) is not None:
+    header = bytes(prefix[8 : 8 + length])
+    if (dense := too_dense(header, HEADER_BYTES_PER_CONTAINER)) is not None:
         raise _bad(path, f"header: {dense}")
     try:
         obj = json.loads(
-            bytes(prefix[8 : 8 + length]).decode("utf-8"),
+            header.decode("utf-8"),
             object_pairs_hook=no_duplicate_keys,
             parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)),
         )

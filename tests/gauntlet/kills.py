@@ -39,7 +39,7 @@ import numpy as np
 import ckptguard
 from ckptguard import EntryKind
 from ckptguard._faults import set_fault_hook
-from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name
+from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name, save_id_writer
 from gauntlet import Row, same
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ def _leftovers(root: Path, *, dead: Collection[int] = ()) -> tuple[list[str], se
             continue
         files = sorted(os.listdir(entry.path)) if os.path.isdir(entry.path) else []
         parsed = parse_staging_name(os.path.basename(entry.path))
-        pid = int(parsed[1].split("-")[2]) if parsed else None
+        origin = save_id_writer(parsed[1]) if parsed else None
+        pid = origin[1] if origin else None
         if (
             entry.kind == EntryKind.STAGING_LIVE
             and pid in dead
