@@ -49,7 +49,7 @@ import safetensors.torch
 import torch
 
 import ckptguard
-from ckptguard.storage import LocalStorage
+from ckptguard._storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -28,7 +28,7 @@ def train(root: Path, kill_at: int | None) -> None:
     import torch  # noqa: PLC0415 - the parent process does not need torch
 
     import ckptguard  # noqa: PLC0415
-    from ckptguard._faults import set_fault_hook  # noqa: PLC0415
+    from ckptguard._storage.faults import set_fault_hook  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING, format="    [log] %(message)s")
     torch.manual_seed(0)

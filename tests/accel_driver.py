@@ -23,7 +23,7 @@ import xxhash
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from ckptguard.errors import NoValidCheckpoint
+from ckptguard._errors import NoValidCheckpoint
 from ckptguard.integrations.accelerate import protect
 from driver_faults import kill_at
 

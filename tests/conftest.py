@@ -8,7 +8,7 @@ import sys
 import pytest
 from hypothesis import settings
 
-from ckptguard.owner import WriterInfo, current_writer
+from ckptguard._format.owner import WriterInfo, current_writer
 
 
 @pytest.fixture

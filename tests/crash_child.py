@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import ckptguard
-from ckptguard._faults import set_fault_hook
-from ckptguard.commit import IfExists
+from ckptguard._protocol.commit import IfExists
+from ckptguard._storage.faults import set_fault_hook
 
 
 def main() -> None:

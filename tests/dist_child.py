@@ -127,7 +127,7 @@ def async_saves(root: Path, rounds: int) -> dict[str, object]:
 
 def doctor(root: Path) -> dict[str, object]:
     """The distributed checks of ckptguard.doctor, with this job's process group."""
-    from ckptguard.coordination import default_coordinator
+    from ckptguard._coordination.base import default_coordinator
 
     expect = os.environ.get("CKPT_EXPECT_SHARED")
     report = ckptguard.doctor(

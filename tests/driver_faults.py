@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
-from ckptguard import _faults
+from ckptguard._storage import faults as _faults
 
 
 def kill_at(spec: str) -> None:

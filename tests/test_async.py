@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard import _faults
-from ckptguard.layout import RootLayout
-from ckptguard.manager import PendingSave
-from ckptguard.serialization import StagingBuffers, encode_state
+from ckptguard._format.layout import RootLayout
+from ckptguard._manager.manager import PendingSave
+from ckptguard._state.serialization import StagingBuffers, encode_state
+from ckptguard._storage import faults as _faults
 
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -293,7 +293,7 @@ _EXIT_CHILD = textwrap.dedent(
     import json, os, sys, time
     import torch
     import ckptguard
-    from ckptguard import _faults
+    from ckptguard._storage import faults as _faults
 
     root, mode = sys.argv[1], sys.argv[2]
     held = os.environ.get("HOLD_SECONDS")

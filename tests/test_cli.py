@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard.commit import stage
-from ckptguard.layout import MANIFEST_NAME, RootLayout, new_save_id
-from ckptguard.owner import current_writer
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard._format.owner import current_writer
+from ckptguard._protocol.commit import stage
 
 CLI = Path(sys.executable).with_name("ckptguard")
 STEPS = (1, 2, 3)

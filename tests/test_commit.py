@@ -13,10 +13,10 @@ import pytest
 
 import ckptguard
 from ckptguard import Outcome
-from ckptguard.commit import IfExists, commit, publish, seal, stage
-from ckptguard.layout import MANIFEST_NAME, RootLayout
-from ckptguard.locking import root_lock
-from ckptguard.owner import WriterInfo
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
+from ckptguard._format.owner import WriterInfo
+from ckptguard._protocol.commit import IfExists, commit, publish, seal, stage
+from ckptguard._protocol.locking import root_lock
 
 
 def _save(

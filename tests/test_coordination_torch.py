@@ -20,7 +20,7 @@ import pytest
 CHILD = """
 import json, sys
 import torch.distributed as dist
-from ckptguard.coordination_torch import TorchCoordinator
+from ckptguard._coordination.distributed import TorchCoordinator
 dist.init_process_group("gloo")
 rounds = int(sys.argv[2])
 coord = TorchCoordinator()

@@ -18,8 +18,8 @@ import pytest
 
 import ckptguard
 from ckptguard import EntryKind
-from ckptguard._faults import FAULT_POINTS, REMOTE_FAULT_POINTS
-from ckptguard.layout import RootLayout
+from ckptguard._format.layout import RootLayout
+from ckptguard._storage.faults import FAULT_POINTS, REMOTE_FAULT_POINTS
 
 CHILD = Path(__file__).with_name("crash_child.py")
 SRC = Path(ckptguard.__file__).parent

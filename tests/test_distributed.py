@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import ckptguard
-from ckptguard.layout import MANIFEST_NAME, RootLayout
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 
 CHILD = Path(__file__).with_name("dist_child.py")
 

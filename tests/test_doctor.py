@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import ckptguard
-from ckptguard.doctor import Check, DoctorReport, check_root, check_versions
+from ckptguard._tools.doctor import Check, DoctorReport, check_root, check_versions
 
 doctor_module = sys.modules["ckptguard.doctor"]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -147,7 +147,7 @@ _IN_NAMESPACE = textwrap.dedent(
     """
     import json, os, sys
     import ckptguard
-    from ckptguard import doctor as _
+    from ckptguard._tools import doctor as _
     root, keep = sys.argv[1], int(sys.argv[2])
     report = ckptguard.doctor(root, keep=keep, versions=False)
     print(json.dumps(report.to_json()))

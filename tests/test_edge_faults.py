@@ -22,9 +22,9 @@ CHILD = """
 import json, logging, os, sys
 from pathlib import Path
 import ckptguard
-from ckptguard.cleanup import write_owner
-from ckptguard.commit import stage
-from ckptguard.owner import current_writer
+from ckptguard._protocol.cleanup import write_owner
+from ckptguard._protocol.commit import stage
+from ckptguard._format.owner import current_writer
 import dataclasses
 
 mode, root = sys.argv[1], Path(sys.argv[2])

@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 import ckptguard
-from ckptguard import errors
+from ckptguard import _errors as errors
 
 ALL_ERRORS = [
     getattr(errors, name) for name in errors.__all__ if isinstance(getattr(errors, name), type)

@@ -14,10 +14,10 @@ import pytest
 
 import ckptguard
 from ckptguard import Outcome
-from ckptguard._faults import set_fault_hook
-from ckptguard.commit import commit, seal, stage
-from ckptguard.layout import MANIFEST_NAME, RootLayout, new_save_id
-from ckptguard.locking import root_lock
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard._protocol.commit import commit, seal, stage
+from ckptguard._protocol.locking import root_lock
+from ckptguard._storage.faults import set_fault_hook
 
 CHILD = Path(__file__).with_name("crash_child.py")
 POINT = "commit.moved_to_trash"

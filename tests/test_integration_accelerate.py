@@ -23,8 +23,8 @@ import pytest
 
 import ckptguard
 import driver_jobs
-from ckptguard.errors import CheckpointError
-from ckptguard.layout import MANIFEST_NAME, RootLayout
+from ckptguard._errors import CheckpointError
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 from driver_jobs import CHILD_ENV, RUN_TIMEOUT, Done, assert_killed
 
 if TYPE_CHECKING:

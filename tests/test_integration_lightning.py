@@ -23,14 +23,14 @@ import torch
 
 import ckptguard
 import driver_jobs
-from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 from ckptguard.integrations.lightning import (
     CHECKPOINT_FILE,
     AtomicCheckpointIO,
     checkpoint_file,
     last_valid_checkpoint,
 )
-from ckptguard.layout import MANIFEST_NAME, RootLayout
 from driver_jobs import Done, assert_killed
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def test_storage_options_are_refused(tmp_path: Path) -> None:
 
 _REPLACE_KILLED = """
 import os, signal, sys, torch
-from ckptguard import _faults
+from ckptguard._storage import faults as _faults
 from ckptguard.integrations.lightning import AtomicCheckpointIO
 path = sys.argv[1]
 AtomicCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)

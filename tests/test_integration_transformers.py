@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import ckptguard
+from ckptguard._format.layout import RootLayout
 from ckptguard.integrations.transformers import last_valid_checkpoint
-from ckptguard.layout import RootLayout
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

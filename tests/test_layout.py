@@ -5,7 +5,7 @@ import multiprocessing as mp
 import pytest
 
 import ckptguard
-from ckptguard import layout
+from ckptguard._format import layout
 
 
 def _ids(n: int) -> list[str]:

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard.commit import stage
-from ckptguard.layout import MANIFEST_NAME, RootLayout, new_save_id
-from ckptguard.owner import WriterInfo, current_writer
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard._format.owner import WriterInfo, current_writer
+from ckptguard._protocol.commit import stage
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_verify_after_save_reads_the_new_checkpoint_back_before_retention(
     """Bytes that change between the seal and the read-back (a bad disk, a bug) are caught
     with verify_after_save=True, and retention then keeps the older checkpoint; the
     default does not read the save back (the False case is the control)."""
-    from ckptguard import _faults
+    from ckptguard._storage import faults as _faults
 
     root = tmp_path / "run"
     mgr = ckptguard.CheckpointManager(root, keep_last=1, verify_after_save=verify_after_save)
@@ -409,7 +409,7 @@ import sys
 import torch
 
 import ckptguard
-from ckptguard._faults import set_fault_hook
+from ckptguard._storage.faults import set_fault_hook
 
 
 def make_state(k):

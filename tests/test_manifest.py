@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ckptguard
-from ckptguard import manifest as mf
-from ckptguard.layout import new_save_id
-from ckptguard.manifest import FileEntry, Manifest, validate_relpath
-from ckptguard.owner import WriterInfo
+from ckptguard._format import manifest as mf
+from ckptguard._format.layout import new_save_id
+from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
+from ckptguard._format.owner import WriterInfo
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard.objectstore import FsspecStorage, committed_names, verify_remote
+from ckptguard._storage.objectstore import FsspecStorage, committed_names, verify_remote
 from s3_servers import S3Server, start_moto
 
 
@@ -134,7 +134,7 @@ def test_mirror_deletions_wait_while_uploads_fail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Local retention must not empty the mirror while no newer copy reaches it."""
-    from ckptguard.mirror import Mirror
+    from ckptguard._manager.mirror import Mirror
 
     url = f"memory://ckptguard-tests/mirror-{uuid.uuid4().hex[:8]}"
     mgr = ckptguard.CheckpointManager(tmp_path / "run", keep_last=2, mirror=url)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard.objectstore import FsspecStorage, _retry, committed_names, is_transient
+from ckptguard._storage.objectstore import FsspecStorage, _retry, committed_names, is_transient
 from s3_servers import S3Server, start_moto, start_seaweedfs
 
 SERVERS = ("moto", "seaweedfs")
@@ -221,7 +221,7 @@ _CHILD = textwrap.dedent(
     import json, os, signal, sys, time
     import torch
     import ckptguard
-    from ckptguard import _faults
+    from ckptguard._storage import faults as _faults
 
     url, options, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     value = float(sys.argv[4])
@@ -521,7 +521,7 @@ def test_clean_up_never_takes_a_committed_save_for_an_orphan() -> None:
     storage.fs.pipe_file(storage.key(manifest), json.dumps(doc).encode())
     data = [k for k in storage.find(f"{url}/checkpoint-1") if not k.endswith("ckptguard.json")]
     assert data
-    from ckptguard.objectstore import clean_remote
+    from ckptguard._storage.objectstore import clean_remote
 
     assert clean_remote(storage, url, grace=0) == []
     assert all(storage.exists(storage.url_of(k)) for k in data)

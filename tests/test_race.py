@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import ckptguard
 from ckptguard import Outcome
-from ckptguard.layout import MANIFEST_NAME, META_DIR, RootLayout
+from ckptguard._format.layout import MANIFEST_NAME, META_DIR, RootLayout
 
 if TYPE_CHECKING:
     from collections.abc import Callable

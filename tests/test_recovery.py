@@ -7,9 +7,9 @@ from pathlib import Path
 
 import ckptguard
 from ckptguard import EntryKind
-from ckptguard.commit import stage
-from ckptguard.layout import OWNER_NAME, RootLayout, new_save_id
-from ckptguard.owner import WriterInfo
+from ckptguard._format.layout import OWNER_NAME, RootLayout, new_save_id
+from ckptguard._format.owner import WriterInfo, current_writer
+from ckptguard._protocol.commit import stage
 
 
 def _save(root: Path, name: str, data: bytes = b"x") -> Path:
@@ -70,7 +70,7 @@ def test_classifies_every_entry(tmp_path: Path, dead_writer: WriterInfo) -> None
 
 def test_staging_of_unknown_owner_goes_stale_by_age(tmp_path: Path) -> None:
     root = tmp_path / "run"
-    writer = dataclasses.replace(ckptguard.owner.current_writer(), host="other-node", boot_id="x")
+    writer = dataclasses.replace(current_writer(), host="other-node", boot_id="x")
     staging = stage(root, "checkpoint-1", writer=writer)
     report = ckptguard.scan(root, stale_after=3600)
     assert report.of_kind(EntryKind.STAGING_LIVE)[0].path == staging.path

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard import serialization
+from ckptguard._state import serialization
 
 
 def _model() -> torch.nn.Sequential:

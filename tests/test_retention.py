@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
+from ckptguard._manager.retention import Candidate, RetentionPolicy, select_deletions
 
 
 def _c(

@@ -5,7 +5,7 @@ import errno
 import pytest
 
 import ckptguard
-from ckptguard.retry import NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
+from ckptguard._storage.retry import NFS_LAG_ERRNOS, RetryPolicy, call_fsync, call_with_retry
 
 FAST = RetryPolicy(deadline=5.0, initial_wait=0.001, max_wait=0.01)
 

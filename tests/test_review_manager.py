@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard.layout import RETIRED_SUFFIX, RootLayout, new_save_id
-from ckptguard.retention import RetentionPolicy
-from ckptguard.safetensors_format import parse_header
-from ckptguard.serialization import TargetMismatch
+from ckptguard._format.layout import RETIRED_SUFFIX, RootLayout, new_save_id
+from ckptguard._format.safetensors import parse_header
+from ckptguard._manager.retention import RetentionPolicy
+from ckptguard._state.serialization import TargetMismatch
 
 CLI = Path(sys.executable).with_name("ckptguard")
 

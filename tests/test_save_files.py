@@ -15,11 +15,11 @@ from typing import Any, cast
 import pytest
 
 import ckptguard
-from ckptguard.cleanup import retire_checkpoint
-from ckptguard.commit import AtomicCheckpoint
-from ckptguard.errors import CheckpointError, InvalidCheckpointName
-from ckptguard.layout import ACCELERATE_NAMING, HF_NAMING, Naming, RootLayout, validate_name
-from ckptguard.storage import LocalStorage
+from ckptguard._errors import CheckpointError, InvalidCheckpointName
+from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING, Naming, RootLayout, validate_name
+from ckptguard._protocol.cleanup import retire_checkpoint
+from ckptguard._protocol.commit import AtomicCheckpoint
+from ckptguard._storage.local import LocalStorage
 
 
 def _writer(content: bytes, *, nested: str | None = None) -> Callable[[AtomicCheckpoint], None]:

@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptguard
-from ckptguard.layout import META_DIR, STAGING_DIR, STATE_NAME, new_save_id
-from ckptguard.manifest import Manifest
-from ckptguard.owner import current_writer
-from ckptguard.safetensors_format import DTYPE_SIZES, MAX_HEADER_BYTES, parse_header
-from ckptguard.serialization import (
+from ckptguard._format.layout import META_DIR, STAGING_DIR, STATE_NAME, new_save_id
+from ckptguard._format.manifest import Manifest
+from ckptguard._format.owner import current_writer
+from ckptguard._format.safetensors import DTYPE_SIZES, MAX_HEADER_BYTES, parse_header
+from ckptguard._state.serialization import (
     STATE_FORMAT,
     STATE_VERSION,
     TargetMismatch,

@@ -29,16 +29,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import ckptguard
-from ckptguard import commit as protocol
-from ckptguard._faults import FAULT_POINTS, set_fault_hook
-from ckptguard.cleanup import DEFAULT_STALE_AFTER
-from ckptguard.layout import MANIFEST_NAME, OWNER_NAME, RootLayout, parse_staging_name
-from ckptguard.locking import root_lock
-from ckptguard.owner import WriterInfo, current_writer
-from ckptguard.recovery import EntryKind
+from ckptguard._format.layout import MANIFEST_NAME, OWNER_NAME, RootLayout, parse_staging_name
+from ckptguard._format.owner import WriterInfo, current_writer
+from ckptguard._protocol import commit as protocol
+from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER
+from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.recovery import EntryKind
+from ckptguard._storage.faults import FAULT_POINTS, set_fault_hook
 
 if TYPE_CHECKING:
-    from ckptguard.commit import IfExists
+    from ckptguard._protocol.commit import IfExists
 
 Files = dict[str, bytes]
 

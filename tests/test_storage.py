@@ -8,7 +8,7 @@ import pytest
 import xxhash
 
 import ckptguard
-from ckptguard.storage import LocalStorage, renameat2_available
+from ckptguard._storage.local import LocalStorage, renameat2_available
 
 
 @pytest.fixture(params=[True, False], ids=["renameat2", "fallback"])
@@ -187,7 +187,7 @@ def test_list_dir_and_exists(tmp_path: Path, storage: LocalStorage) -> None:
 def test_large_writes_hash_while_writing_in_another_thread(
     tmp_path: Path, storage: LocalStorage
 ) -> None:
-    from ckptguard.storage import OVERLAP_MIN_BYTES
+    from ckptguard._storage.local import OVERLAP_MIN_BYTES
 
     big = os.urandom(3 * OVERLAP_MIN_BYTES + 5)
     writer = storage.open_write(str(tmp_path / "f"))

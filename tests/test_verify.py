@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import ckptguard
-from ckptguard.layout import MANIFEST_NAME
+from ckptguard._format.layout import MANIFEST_NAME
 
 
 @pytest.fixture

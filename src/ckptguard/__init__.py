@@ -5,10 +5,8 @@ A checkpoint is either committed (complete, checksummed, visible) or invisible. 
 the public API; this core imports without torch.
 """
 
-from ckptguard.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
-from ckptguard.coordination import Coordinator, SingleProcess
-from ckptguard.doctor import DoctorReport, doctor
-from ckptguard.errors import (
+from ckptguard._coordination.base import Coordinator, SingleProcess
+from ckptguard._errors import (
     CheckpointError,
     CheckpointNotFound,
     CommitConflict,
@@ -27,15 +25,17 @@ from ckptguard.errors import (
     UnsafeManifest,
     UnsupportedFile,
 )
-from ckptguard.manager import CheckpointInfo, CheckpointManager
-from ckptguard.manifest import FileEntry, Manifest
-from ckptguard.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
-from ckptguard.retention import RetentionPolicy
-from ckptguard.retry import RetryPolicy
-from ckptguard.rng import capture_rng_state, restore_rng_state
-from ckptguard.serialization import load_legacy_pt
-from ckptguard.storage import FileDigest, LocalStorage, Storage
-from ckptguard.verify import VerifyReport, read_manifest, verify
+from ckptguard._format.manifest import FileEntry, Manifest
+from ckptguard._manager.manager import CheckpointInfo, CheckpointManager
+from ckptguard._manager.retention import RetentionPolicy
+from ckptguard._protocol.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
+from ckptguard._protocol.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
+from ckptguard._protocol.verify import VerifyReport, read_manifest, verify
+from ckptguard._state.rng import capture_rng_state, restore_rng_state
+from ckptguard._state.serialization import load_legacy_pt
+from ckptguard._storage.local import FileDigest, LocalStorage, Storage
+from ckptguard._storage.retry import RetryPolicy
+from ckptguard._tools.doctor import DoctorReport, doctor
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m ckptguard``: the same as the ``ckptguard`` command."""
 
-from ckptguard.cli import main
+from ckptguard._tools.cli import main
 
 main()

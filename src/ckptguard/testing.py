@@ -1,6 +1,6 @@
 """Fault injection for your own pipeline's tests (and ckptguard's): a public test double.
 
-- :class:`FaultyStorage` wraps a :class:`~ckptguard.storage.Storage` (``LocalStorage()`` by
+- :class:`FaultyStorage` wraps a :class:`~ckptguard.Storage` (``LocalStorage()`` by
   default) and injects :class:`Fault` s into its operations: raise an errno at the k-th
   call or with probability p, persistently or a few times; SIGKILL the process at the
   k-th call; tear a file (write part of a chunk, then die); or cut the power. Pass it to
@@ -10,7 +10,7 @@
   (or any time), :meth:`FaultyStorage.power_loss` rewrites ``root`` to that durable image:
   unsynced data and unsynced names are dropped, as a crash of the machine would.
 - :func:`kill_at` / :func:`cut_power_at` act at a named step of the commit protocol
-  (``ckptguard._faults.FAULT_POINTS``); :func:`flip_bit` and :func:`truncate` damage a
+  (``ckptguard._storage.faults.FAULT_POINTS``); :func:`flip_bit` and :func:`truncate` damage a
   committed file.
 
 The power-loss model is the strict POSIX one (partial: real filesystems are kinder):
@@ -47,13 +47,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptguard._faults import FAULT_POINTS, REMOTE_FAULT_POINTS, set_fault_hook
-from ckptguard.storage import LocalStorage
+from ckptguard._storage.faults import FAULT_POINTS, REMOTE_FAULT_POINTS, set_fault_hook
+from ckptguard._storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from ckptguard.storage import FileDigest, FileWriter, Storage
+    from ckptguard._storage.local import FileDigest, FileWriter, Storage
 
 __all__ = [
     "OPERATIONS",
@@ -350,7 +350,7 @@ class _FaultyWriter:
 
 
 class FaultyStorage:
-    """A :class:`~ckptguard.storage.Storage` that injects faults into another one.
+    """A :class:`~ckptguard.Storage` that injects faults into another one.
 
     ``faults``: the :class:`Fault` s to inject (checked in order; the first that fires
     acts). ``seed``: for probabilistic faults. ``track``: a directory whose durability

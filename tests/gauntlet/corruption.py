@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ckptguard
-from ckptguard.layout import MANIFEST_NAME
-from ckptguard.manifest import Manifest
+from ckptguard._format.layout import MANIFEST_NAME
+from ckptguard._format.manifest import Manifest
 from gauntlet import Row, same
 
 if TYPE_CHECKING:

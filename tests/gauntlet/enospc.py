@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ckptguard
-from ckptguard.errors import StorageFull
-from ckptguard.layout import RootLayout
+from ckptguard._errors import StorageFull
+from ckptguard._format.layout import RootLayout
 from ckptguard.testing import Fault, FaultyStorage
 from gauntlet import Row
 

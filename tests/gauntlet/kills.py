@@ -38,8 +38,8 @@ import numpy as np
 
 import ckptguard
 from ckptguard import EntryKind
-from ckptguard._faults import set_fault_hook
-from ckptguard.layout import OWNER_NAME, RootLayout, parse_staging_name, save_id_writer
+from ckptguard._format.layout import OWNER_NAME, RootLayout, parse_staging_name, save_id_writer
+from ckptguard._storage.faults import set_fault_hook
 from gauntlet import Row, same
 
 if TYPE_CHECKING:

@@ -45,10 +45,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptguard
-from ckptguard.layout import MANIFEST_NAME, STATE_NAME
-from ckptguard.manifest import MAX_MANIFEST_BYTES
-from ckptguard.safetensors_format import build_header, parse_header
-from ckptguard.serialization import STATE_FORMAT, STATE_VERSION
+from ckptguard._format.layout import MANIFEST_NAME, STATE_NAME
+from ckptguard._format.manifest import MAX_MANIFEST_BYTES
+from ckptguard._format.safetensors import build_header, parse_header
+from ckptguard._state.serialization import STATE_FORMAT, STATE_VERSION
 from gauntlet import Row, same
 from test_manifest import (
     _BASE_BYTES,

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import ckptguard
-from ckptguard.errors import CheckpointError
-from ckptguard.layout import RootLayout
+from ckptguard._errors import CheckpointError
+from ckptguard._format.layout import RootLayout
 from ckptguard.testing import on_step
 from gauntlet import Row
 

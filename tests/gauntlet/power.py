@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ckptguard
-from ckptguard.layout import RootLayout
+from ckptguard._format.layout import RootLayout
 from ckptguard.testing import PROTOCOL_STEPS, Fault, FaultyStorage, PowerCut, cut_power_at
 from gauntlet import Row, same
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import ckptguard
-from ckptguard.errors import ReadOnlyStorage, StorageError, StorageFull
-from ckptguard.layout import RootLayout
-from ckptguard.retry import RetryPolicy
+from ckptguard._errors import ReadOnlyStorage, StorageError, StorageFull
+from ckptguard._format.layout import RootLayout
+from ckptguard._storage.retry import RetryPolicy
 from ckptguard.testing import OPERATIONS, Fault, FaultyStorage
 from gauntlet import Row
 

@@ -12,14 +12,14 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ckptguard.errors import CheckpointError, CorruptCheckpoint, NoValidCheckpoint, SaveAborted
-from ckptguard.layout import MANIFEST_NAME, META_DIR
-from ckptguard.recovery import recover
-from ckptguard.verify import verify
+from ckptguard._errors import CheckpointError, CorruptCheckpoint, NoValidCheckpoint, SaveAborted
+from ckptguard._format.layout import MANIFEST_NAME, META_DIR
+from ckptguard._protocol.recovery import recover
+from ckptguard._protocol.verify import verify
 
 if TYPE_CHECKING:
-    from ckptguard.coordination import Coordinator
-    from ckptguard.manager import CheckpointManager
+    from ckptguard._coordination.base import Coordinator
+    from ckptguard._manager.manager import CheckpointManager
 
 __all__ = ["agreed_latest", "check_resume_path", "repair_root"]
 

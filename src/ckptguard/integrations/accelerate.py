@@ -39,15 +39,15 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.commit import AtomicCheckpoint
-from ckptguard.coordination import default_coordinator
-from ckptguard.errors import NoValidCheckpoint
+from ckptguard._coordination.base import default_coordinator
+from ckptguard._errors import NoValidCheckpoint
+from ckptguard._format.layout import ACCELERATE_NAMING
+from ckptguard._manager.manager import CheckpointManager
+from ckptguard._protocol.commit import AtomicCheckpoint
 from ckptguard.integrations._resume import agreed_latest, check_resume_path
-from ckptguard.layout import ACCELERATE_NAMING
-from ckptguard.manager import CheckpointManager
 
 if TYPE_CHECKING:
-    from ckptguard.commit import AtomicCheckpoint as Transaction
+    from ckptguard._protocol.commit import AtomicCheckpoint as Transaction
 
 __all__ = ["protect"]
 

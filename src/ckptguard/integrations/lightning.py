@@ -35,14 +35,14 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 
-from ckptguard.cleanup import retire_checkpoint
-from ckptguard.commit import AtomicCheckpoint
-from ckptguard.coordination import SingleProcess
-from ckptguard.errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard._coordination.base import SingleProcess
+from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
+from ckptguard._protocol.cleanup import retire_checkpoint
+from ckptguard._protocol.commit import AtomicCheckpoint
+from ckptguard._protocol.verify import verify
+from ckptguard._storage.local import LocalStorage
 from ckptguard.integrations._resume import repair_root
-from ckptguard.layout import MANIFEST_NAME, RootLayout
-from ckptguard.storage import LocalStorage
-from ckptguard.verify import verify
 
 if TYPE_CHECKING:
     from collections.abc import Callable

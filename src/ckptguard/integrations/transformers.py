@@ -44,22 +44,22 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckptguard.coordination import default_coordinator
-from ckptguard.errors import CheckpointError, NoValidCheckpoint
+from ckptguard._coordination.base import default_coordinator
+from ckptguard._errors import CheckpointError, NoValidCheckpoint
+from ckptguard._format.layout import HF_NAMING, RESERVED_NAMES
+from ckptguard._manager.manager import CheckpointManager
+from ckptguard._manager.retention import RetentionPolicy
+from ckptguard._protocol.verify import verify
 from ckptguard.integrations._resume import (
     agreed_latest,
     check_resume_path,
     repair_root,
 )
-from ckptguard.layout import HF_NAMING, RESERVED_NAMES
-from ckptguard.manager import CheckpointManager
-from ckptguard.retention import RetentionPolicy
-from ckptguard.verify import verify
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ckptguard.commit import AtomicCheckpoint
+    from ckptguard._protocol.commit import AtomicCheckpoint
 
 __all__ = ["install", "last_valid_checkpoint", "protect", "uninstall"]
 
@@ -147,7 +147,7 @@ def protect(trainer: T) -> T:
     t: Any = trainer
     is_zero = getattr(t, "is_world_process_zero", None)
     if t.args.output_dir and (not callable(is_zero) or is_zero()):
-        from ckptguard.doctor import warn_at_start  # noqa: PLC0415
+        from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415
 
         warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
     guard = _Guard(keep_last=_keep_last(t.args.save_total_limit))

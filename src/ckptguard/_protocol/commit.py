@@ -37,16 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptguard._faults import fault_point
-from ckptguard.cleanup import (
-    DEFAULT_STALE_AFTER,
-    remove_retrying,
-    remove_stale_staging,
-    repair_trash,
-    write_owner,
-)
-from ckptguard.coordination import Coordinator, SingleProcess, default_coordinator
-from ckptguard.errors import (
+from ckptguard._coordination.base import Coordinator, SingleProcess, default_coordinator
+from ckptguard._errors import (
     CheckpointError,
     CommitConflict,
     SaveAborted,
@@ -56,7 +48,7 @@ from ckptguard.errors import (
     UnsupportedFile,
     storage_error_from_os,
 )
-from ckptguard.layout import (
+from ckptguard._format.layout import (
     MANIFEST_NAME,
     MANIFEST_TMP_NAME,
     OWNER_NAME,
@@ -65,10 +57,20 @@ from ckptguard.layout import (
     step_from_name,
     validate_name,
 )
-from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard.manifest import FileEntry, Manifest, validate_relpath
-from ckptguard.owner import WriterInfo, current_writer
-from ckptguard.retry import (
+from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
+from ckptguard._format.owner import WriterInfo, current_writer
+from ckptguard._protocol.cleanup import (
+    DEFAULT_STALE_AFTER,
+    remove_retrying,
+    remove_stale_staging,
+    repair_trash,
+    write_owner,
+)
+from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard._protocol.verify import verify
+from ckptguard._storage.faults import fault_point
+from ckptguard._storage.local import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
+from ckptguard._storage.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
     PERMANENT_ERRNOS,
@@ -77,8 +79,6 @@ from ckptguard.retry import (
     call_with_retry,
     with_retries,
 )
-from ckptguard.storage import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
-from ckptguard.verify import verify
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import xxhash
 
-from ckptguard.errors import UnsupportedFile
+from ckptguard._errors import UnsupportedFile
 
 if TYPE_CHECKING:
     from collections.abc import Callable

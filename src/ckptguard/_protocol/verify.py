@@ -15,10 +15,10 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ckptguard.errors import UnsafeManifest, storage_error_from_os
-from ckptguard.layout import ACCELERATE_NAMING, HF_NAMING, MANIFEST_NAME
-from ckptguard.manifest import MAX_MANIFEST_BYTES, Manifest
-from ckptguard.storage import digest_fd
+from ckptguard._errors import UnsafeManifest, storage_error_from_os
+from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING, MANIFEST_NAME
+from ckptguard._format.manifest import MAX_MANIFEST_BYTES, Manifest
+from ckptguard._storage.local import digest_fd
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -17,19 +17,25 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ckptguard.errors import CheckpointError
-from ckptguard.layout import MANIFEST_NAME, META_DIR, RETIRED_SUFFIX, RootLayout, step_from_name
-from ckptguard.locking import root_lock
-from ckptguard.objectstore import (
+from ckptguard._errors import CheckpointError
+from ckptguard._format.layout import (
+    MANIFEST_NAME,
+    META_DIR,
+    RETIRED_SUFFIX,
+    RootLayout,
+    step_from_name,
+)
+from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.recovery import EntryKind, RootEntry, recover, scan
+from ckptguard._protocol.verify import VerifyReport, read_manifest, verify
+from ckptguard._storage.local import LocalStorage
+from ckptguard._storage.objectstore import (
     FsspecStorage,
     clean_remote,
     committed_names,
     is_url,
     verify_remote,
 )
-from ckptguard.recovery import EntryKind, RootEntry, recover, scan
-from ckptguard.storage import LocalStorage
-from ckptguard.verify import VerifyReport, read_manifest, verify
 
 __all__ = ["main"]
 
@@ -326,7 +332,7 @@ def _report_and_exit(reports: list[VerifyReport], *, as_json: bool) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(path: str, *, as_json: bool) -> None:
     """Show a checkpoint's manifest, files and tensors (shapes and dtypes)."""
-    from ckptguard.serialization import iter_tensor_infos  # noqa: PLC0415 - keeps startup light
+    from ckptguard._state.serialization import iter_tensor_infos  # noqa: PLC0415 - keeps startup light
 
     if not os.path.isdir(path):
         why = "is not a directory" if os.path.lexists(path) else "does not exist"
@@ -486,7 +492,7 @@ def doctor_cmd(root: str | None, *, keep: int, expect_empty: bool, as_json: bool
 
     Exit 0 if every check is OK, 1 if some warn, 2 if any fails.
     """
-    from ckptguard.doctor import doctor  # noqa: PLC0415
+    from ckptguard._tools.doctor import doctor  # noqa: PLC0415
 
     report = doctor(root, keep=keep, expect_empty=expect_empty)
     if as_json:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.errors import CheckpointError, CorruptCheckpoint
-from ckptguard.verify import verify
+from ckptguard._errors import CheckpointError, CorruptCheckpoint
+from ckptguard._protocol.verify import verify
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ckptguard.commit import AtomicCheckpoint
+    from ckptguard._protocol.commit import AtomicCheckpoint
 
 __all__ = ["KIND", "restore_sharded", "write_shards"]
 

@@ -99,11 +99,11 @@ def default_coordinator() -> Coordinator:
     """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        from ckptguard.coordination_torch import TorchCoordinator  # noqa: PLC0415 - needs torch
+        from ckptguard._coordination.distributed import TorchCoordinator  # noqa: PLC0415 - needs torch
 
         return TorchCoordinator()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        from ckptguard.commit import warn_multi_rank_without_group  # noqa: PLC0415 - cycle
+        from ckptguard._protocol.commit import warn_multi_rank_without_group  # noqa: PLC0415 - cycle
 
         warn_multi_rank_without_group()
     return SingleProcess()

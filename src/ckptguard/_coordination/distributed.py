@@ -1,4 +1,4 @@
-"""The torch.distributed backend of :class:`~ckptguard.coordination.Coordinator`.
+"""The torch.distributed backend of :class:`~ckptguard.Coordinator`.
 
 Messages are small JSON documents exchanged through the key-value store of the default
 process group (the c10d ``Store`` that torchrun's rendezvous made): no process group of

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
-from ckptguard.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
+from ckptguard._format.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ckptguard.coordination import Coordinator
+    from ckptguard._coordination.base import Coordinator
 
 __all__ = ["Check", "DoctorReport", "doctor"]
 
@@ -348,7 +348,7 @@ def check_root(
         checks.append(Check("root.probe", "fail", f"cannot create a probe dir in {where}: {exc}"))
         return checks
     try:
-        from ckptguard.storage import LocalStorage  # noqa: PLC0415
+        from ckptguard._storage.local import LocalStorage  # noqa: PLC0415
 
         a, b = os.path.join(probe, "a"), os.path.join(probe, "b")
         os.mkdir(a)
@@ -366,7 +366,7 @@ def check_root(
                 )
             )
         except FileExistsError:
-            from ckptguard.storage import renameat2_available  # noqa: PLC0415
+            from ckptguard._storage.local import renameat2_available  # noqa: PLC0415
 
             how = "RENAME_NOREPLACE" if renameat2_available() else "check-then-rename"
             checks.append(Check("root.rename_noreplace", "ok", f"no-replace renames work ({how})"))
@@ -515,7 +515,7 @@ def check_distributed(
 
 
 def _world_size_against_checkpoint(root: str, world: int) -> list[Check]:
-    from ckptguard.verify import read_manifest  # noqa: PLC0415
+    from ckptguard._protocol.verify import read_manifest  # noqa: PLC0415
 
     steps = []
     with contextlib.suppress(OSError):

@@ -19,11 +19,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.coordination import SingleProcess
-from ckptguard.errors import CorruptCheckpoint
-from ckptguard.objectstore import FsspecStorage, commit_remote, retire_remote, verify_remote
-from ckptguard.storage import READ_CHUNK, FileDigest
-from ckptguard.verify import open_checkpoint_file, verify
+from ckptguard._coordination.base import SingleProcess
+from ckptguard._errors import CorruptCheckpoint
+from ckptguard._protocol.verify import open_checkpoint_file, verify
+from ckptguard._storage.local import READ_CHUNK, FileDigest
+from ckptguard._storage.objectstore import (
+    FsspecStorage,
+    commit_remote,
+    retire_remote,
+    verify_remote,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.errors import CorruptCheckpoint
-from ckptguard.manifest import no_duplicate_keys, too_dense
+from ckptguard._errors import CorruptCheckpoint
+from ckptguard._format.manifest import no_duplicate_keys, too_dense
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping

@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import tenacity
 import xxhash
 
-from ckptguard._faults import fault_point
-from ckptguard.errors import (
+from ckptguard._errors import (
     CheckpointError,
     CommitConflict,
     CorruptCheckpoint,
@@ -47,17 +46,18 @@ from ckptguard.errors import (
     StorageError,
     UnsafeManifest,
 )
-from ckptguard.layout import MANIFEST_NAME, META_DIR, new_save_id
-from ckptguard.manifest import FileEntry, Manifest, validate_relpath
-from ckptguard.owner import current_writer
-from ckptguard.serialization import Source
-from ckptguard.storage import FileDigest
-from ckptguard.verify import VerifyReport
+from ckptguard._format.layout import MANIFEST_NAME, META_DIR, new_save_id
+from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
+from ckptguard._format.owner import current_writer
+from ckptguard._protocol.verify import VerifyReport
+from ckptguard._state.serialization import Source
+from ckptguard._storage.faults import fault_point
+from ckptguard._storage.local import FileDigest
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ckptguard.coordination import Coordinator
+    from ckptguard._coordination.base import Coordinator
 
 __all__ = ["FsspecStorage", "clean_remote", "commit_remote", "is_url", "verify_remote"]
 

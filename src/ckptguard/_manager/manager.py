@@ -29,19 +29,13 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from ckptguard.cleanup import DEFAULT_STALE_AFTER, retire_checkpoint
-from ckptguard.commit import (
-    AtomicCheckpoint,
-    CommitResult,
-    IfExists,
-)
-from ckptguard.coordination import (
+from ckptguard._coordination.base import (
     Coordinator,
     SingleProcess,
     default_coordinator,
     side_channel,
 )
-from ckptguard.errors import (
+from ckptguard._errors import (
     CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
@@ -50,29 +44,35 @@ from ckptguard.errors import (
     StorageError,
     storage_error_from_os,
 )
-from ckptguard.layout import (
+from ckptguard._format.layout import (
     HF_NAMING,
     META_DIR,
     Naming,
     RootLayout,
 )
-from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard.recovery import recover
-from ckptguard.retention import Candidate, RetentionPolicy, select_deletions
-from ckptguard.retry import DEFAULT_RETRY, RetryPolicy, call_save_with_retry, with_retries
-from ckptguard.storage import LocalStorage, Storage
-from ckptguard.verify import VerifyReport, verify
+from ckptguard._manager.retention import Candidate, RetentionPolicy, select_deletions
+from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER, retire_checkpoint
+from ckptguard._protocol.commit import (
+    AtomicCheckpoint,
+    CommitResult,
+    IfExists,
+)
+from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard._protocol.recovery import recover
+from ckptguard._protocol.verify import VerifyReport, verify
+from ckptguard._storage.local import LocalStorage, Storage
+from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, call_save_with_retry, with_retries
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
     from pathlib import Path
     from types import FrameType
 
-    from ckptguard.manifest import Manifest
-    from ckptguard.mirror import Mirror
-    from ckptguard.objectstore import FsspecStorage
-    from ckptguard.serialization import EncodedState, StagingBuffers
-    from ckptguard.storage import FileDigest
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._manager.mirror import Mirror
+    from ckptguard._state.serialization import EncodedState, StagingBuffers
+    from ckptguard._storage.local import FileDigest
+    from ckptguard._storage.objectstore import FsspecStorage
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "PendingSave"]
 
@@ -338,7 +338,7 @@ class CheckpointManager:
         off with the environment variable ``CKPTGUARD_DOCTOR=0``.
         """
         root = os.fspath(root)
-        from ckptguard.objectstore import FsspecStorage, is_url  # noqa: PLC0415
+        from ckptguard._storage.objectstore import FsspecStorage, is_url  # noqa: PLC0415
 
         self.remote: FsspecStorage | None = None
         self.mirror: Mirror | None = None
@@ -370,7 +370,7 @@ class CheckpointManager:
         # rank hears of any failure, so that no rank is left alone in a collective.
         self.coordinator = coordinator or default_coordinator()
         if mirror is not None:
-            from ckptguard.mirror import Mirror  # noqa: PLC0415
+            from ckptguard._manager.mirror import Mirror  # noqa: PLC0415
 
             self.mirror = Mirror(mirror, storage_options)
             try:
@@ -401,7 +401,7 @@ class CheckpointManager:
                     for action in report.actions:
                         _log.info("startup recovery: %s", action)
             if check_environment and self.coordinator.rank == 0:
-                from ckptguard.doctor import warn_at_start  # noqa: PLC0415
+                from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415
 
                 warn_at_start(self.root, log=_log)
         except Exception as exc:
@@ -520,7 +520,7 @@ class CheckpointManager:
         is the state ready to write (a snapshot for async saves); a committer without
         one encodes ``state`` (the training thread's, for blocking saves only).
         """
-        from ckptguard.serialization import encode_state, write_encoded  # noqa: PLC0415
+        from ckptguard._state.serialization import encode_state, write_encoded  # noqa: PLC0415
 
         if self.remote is not None:
             return self._commit_remote(
@@ -565,8 +565,8 @@ class CheckpointManager:
         coord: Coordinator,
     ) -> CheckpointInfo:
         """The object-store commit: rank 0 uploads, then writes the manifest (the commit)."""
-        from ckptguard.objectstore import commit_remote  # noqa: PLC0415
-        from ckptguard.serialization import encode_state, write_encoded  # noqa: PLC0415
+        from ckptguard._state.serialization import encode_state, write_encoded  # noqa: PLC0415
+        from ckptguard._storage.objectstore import commit_remote  # noqa: PLC0415
 
         if self.remote is None:  # pragma: no cover - only called for URL roots
             raise RuntimeError("not an object-store root")
@@ -596,7 +596,7 @@ class CheckpointManager:
         Saves no manifest refers to (killed mid-upload, replaced, or losing a race), once
         older than ``stale_after``.
         """
-        from ckptguard.objectstore import clean_remote  # noqa: PLC0415
+        from ckptguard._storage.objectstore import clean_remote  # noqa: PLC0415
 
         if self.remote is None:  # pragma: no cover
             return
@@ -613,7 +613,7 @@ class CheckpointManager:
     def _verify_path(self, path: str, *, checksums: bool = True) -> VerifyReport:
         """verify() for a local checkpoint, or its object-store counterpart."""
         if self.remote is not None:
-            from ckptguard.objectstore import verify_remote  # noqa: PLC0415
+            from ckptguard._storage.objectstore import verify_remote  # noqa: PLC0415
 
             return verify_remote(self.remote, path, checksums=checksums)
         # A checkpoint of this root is found by its name, which gives its step.
@@ -632,7 +632,7 @@ class CheckpointManager:
         pin: bool,
     ) -> PendingSave:
         """Snapshot on this thread; write, commit and retain on a background thread."""
-        from ckptguard.serialization import StagingBuffers, encode_state  # noqa: PLC0415
+        from ckptguard._state.serialization import StagingBuffers, encode_state  # noqa: PLC0415
 
         started = time.perf_counter()
         if self._background is None:
@@ -899,7 +899,7 @@ class CheckpointManager:
         *,
         pin: bool,
     ) -> CheckpointInfo:
-        from ckptguard.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
+        from ckptguard._state.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
 
         self._local_only("sharded=True saves")
         coord = self.coordinator
@@ -914,7 +914,7 @@ class CheckpointManager:
         """(step, path) of every ``checkpoint-<step>`` entry, newest first."""
         found = []
         if self.remote is not None:
-            from ckptguard.objectstore import committed_names  # noqa: PLC0415
+            from ckptguard._storage.objectstore import committed_names  # noqa: PLC0415
 
             names = committed_names(self.remote, self.root)
         else:
@@ -988,7 +988,7 @@ class CheckpointManager:
         target. With ``step=None`` a corrupt checkpoint is skipped (and logged) in favour of
         the next older one; an explicit ``step`` that does not verify raises.
         """
-        from ckptguard.serialization import read_state  # noqa: PLC0415 - may import torch
+        from ckptguard._state.serialization import read_state  # noqa: PLC0415 - may import torch
 
         if step is not None:
             path = self._join(self.naming.name(step))
@@ -1049,11 +1049,11 @@ class CheckpointManager:
                 hint="load it with the framework that wrote it (its directory is verified)",
             )
         if isinstance(flags, dict) and flags.get("kind") == "dcp":
-            from ckptguard.sharded import restore_sharded  # noqa: PLC0415 - imports torch
+            from ckptguard._state.sharded import restore_sharded  # noqa: PLC0415 - imports torch
 
             return restore_sharded(path, target)
         if self.remote is not None:
-            from ckptguard.objectstore import remote_read_args  # noqa: PLC0415
+            from ckptguard._storage.objectstore import remote_read_args  # noqa: PLC0415
 
             base, manifest, opener = remote_read_args(self.remote, path, report.manifest)
             return read_state(base, manifest, target=target, opener=opener)
@@ -1141,7 +1141,7 @@ class CheckpointManager:
         if self.mirror is not None and self.coordinator.rank == 0:
             self.mirror.retire(name)
         if self.remote is not None:
-            from ckptguard.objectstore import retire_remote  # noqa: PLC0415
+            from ckptguard._storage.objectstore import retire_remote  # noqa: PLC0415
 
             retire_remote(self.remote, self._join(name))
             return

@@ -28,7 +28,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 
-from ckptguard.errors import InvalidCheckpointName
+from ckptguard._errors import InvalidCheckpointName
 
 __all__ = [
     "ACCELERATE_NAMING",

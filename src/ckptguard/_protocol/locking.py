@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import filelock
 
-from ckptguard.errors import LockTimeout, storage_error_from_os
+from ckptguard._errors import LockTimeout, storage_error_from_os
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from ckptguard.layout import RootLayout
+    from ckptguard._format.layout import RootLayout
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "root_lock"]
 

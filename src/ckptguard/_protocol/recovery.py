@@ -26,24 +26,24 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptguard.cleanup import (
-    DEFAULT_STALE_AFTER,
-    check_meta_dirs,
-    remove_stale_staging,
-    repair_trash,
-    staging_state,
-)
-from ckptguard.layout import (
+from ckptguard._format.layout import (
     MANIFEST_NAME,
     META_DIR,
     QUARANTINE_REASON_SUFFIX,
     RootLayout,
     parse_staging_name,
 )
-from ckptguard.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard.retry import DEFAULT_RETRY, RetryPolicy
-from ckptguard.storage import LocalStorage, Storage
-from ckptguard.verify import VerifyReport, verify
+from ckptguard._protocol.cleanup import (
+    DEFAULT_STALE_AFTER,
+    check_meta_dirs,
+    remove_stale_staging,
+    repair_trash,
+    staging_state,
+)
+from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT, root_lock
+from ckptguard._protocol.verify import VerifyReport, verify
+from ckptguard._storage.local import LocalStorage, Storage
+from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptguard.errors import CheckpointError, UnsupportedFile
-from ckptguard.layout import (
+from ckptguard._errors import CheckpointError, UnsupportedFile
+from ckptguard._format.layout import (
     OWNER_NAME,
     RETIRED_SUFFIX,
     RootLayout,
@@ -29,18 +29,18 @@ from ckptguard.layout import (
     parse_staging_name,
     save_id_writer,
 )
-from ckptguard.owner import WriterInfo, is_alive_here
-from ckptguard.retry import (
+from ckptguard._format.owner import WriterInfo, is_alive_here
+from ckptguard._protocol.verify import read_manifest, verify
+from ckptguard._storage.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
     RetryPolicy,
     call_fsync,
     call_with_retry,
 )
-from ckptguard.verify import read_manifest, verify
 
 if TYPE_CHECKING:
-    from ckptguard.storage import Storage
+    from ckptguard._storage.local import Storage
 
 __all__ = [
     "DEFAULT_STALE_AFTER",

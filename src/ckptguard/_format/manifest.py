@@ -29,9 +29,9 @@ from typing import Any
 
 import xxhash
 
-from ckptguard.errors import UnsafeManifest
-from ckptguard.layout import RESERVED_NAMES, is_save_id, validate_name
-from ckptguard.owner import WriterInfo
+from ckptguard._errors import UnsafeManifest
+from ckptguard._format.layout import RESERVED_NAMES, is_save_id, validate_name
+from ckptguard._format.owner import WriterInfo
 
 __all__ = [
     "FORMAT",

@@ -42,22 +42,22 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ckptguard.errors import CorruptCheckpoint, StateFormatError, TargetMismatch
-from ckptguard.layout import STATE_NAME
-from ckptguard.retry import call_fsync
-from ckptguard.safetensors_format import (
+from ckptguard._errors import CorruptCheckpoint, StateFormatError, TargetMismatch
+from ckptguard._format.layout import STATE_NAME
+from ckptguard._format.safetensors import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
     TensorInfo,
     build_header,
     parse_header,
 )
-from ckptguard.storage import PARALLEL_FSYNC_MIN, digest_fd
-from ckptguard.verify import open_checkpoint_file
+from ckptguard._protocol.verify import open_checkpoint_file
+from ckptguard._storage.local import PARALLEL_FSYNC_MIN, digest_fd
+from ckptguard._storage.retry import call_fsync
 
 if TYPE_CHECKING:
-    from ckptguard.manifest import Manifest
-    from ckptguard.storage import FileDigest, Storage
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._storage.local import FileDigest, Storage
 
 __all__ = [
     "EncodedState",

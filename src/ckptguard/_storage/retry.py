@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from ckptguard.errors import StorageError, TransientStorageError, storage_error_from_os
+from ckptguard._errors import StorageError, TransientStorageError, storage_error_from_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ckptguard.storage import FileDigest, FileWriter, Storage
+    from ckptguard._storage.local import FileDigest, FileWriter, Storage
 
 __all__ = [
     "PERMANENT_ERRNOS",

@@ -1,0 +1,1 @@
+"""_coordination: private layer of ckptguard (see ckptguard/__init__.py)."""

@@ -1,0 +1,1 @@
+"""_state: private layer of ckptguard (see ckptguard/__init__.py)."""

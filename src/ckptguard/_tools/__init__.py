@@ -1,0 +1,1 @@
+"""_tools: private layer of ckptguard (see ckptguard/__init__.py)."""
