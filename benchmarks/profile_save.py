@@ -21,7 +21,7 @@ from typing import Any
 from bench_save import drop_cache, gpt_like_state  # the same state as the benchmark
 
 import ckptguard
-from ckptguard._protocol import commit
+from ckptguard._protocol import rename as commit
 from ckptguard._state import serialization
 from ckptguard._storage.local import LocalStorage
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import ckptguard
-from ckptguard._protocol.commit import IfExists
+from ckptguard._protocol.strategy import IfExists
 from ckptguard._storage.faults import set_fault_hook
 
 

@@ -21,7 +21,7 @@ import torch
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
 from ckptguard._format.owner import current_writer
-from ckptguard._protocol.commit import stage
+from ckptguard._protocol.rename import stage
 
 CLI = Path(sys.executable).with_name("ckptguard")
 STEPS = (1, 2, 3)
@@ -176,7 +176,9 @@ def test_list_missing_root(tmp_path: Path) -> None:
     for args in (("list",), ("list", "--json")):
         proc = _cli(*args, tmp_path / "nope")
         assert proc.returncode == 2
-        assert "not a directory" in _text(proc.stderr)
+        # --json: the error is a JSON document on stdout, as for every other outcome
+        where = proc.stdout if "--json" in args else proc.stderr
+        assert "not a directory" in _text(where)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -224,7 +226,9 @@ def test_verify_missing_path(tmp_path: Path) -> None:
     for args in (("verify",), ("verify", "--json")):
         proc = _cli(*args, tmp_path / "nope")
         assert proc.returncode == 2
-        assert "not a directory" in _text(proc.stderr)
+        # --json: the error is a JSON document on stdout, as for every other outcome
+        where = proc.stdout if "--json" in args else proc.stderr
+        assert "not a directory" in _text(where)
     (tmp_path / "file").write_text("x")
     assert _cli("verify", tmp_path / "file").returncode == 2
 

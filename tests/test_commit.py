@@ -15,8 +15,9 @@ import ckptguard
 from ckptguard import Outcome
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 from ckptguard._format.owner import WriterInfo
-from ckptguard._protocol.commit import IfExists, commit, publish, seal, stage
 from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.rename import commit, publish, seal, stage
+from ckptguard._protocol.strategy import IfExists
 
 
 def _save(

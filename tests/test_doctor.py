@@ -22,7 +22,7 @@ import pytest
 import ckptguard
 from ckptguard._tools.doctor import Check, DoctorReport, check_root, check_versions
 
-doctor_module = sys.modules["ckptguard.doctor"]
+doctor_module = sys.modules["ckptguard._tools.doctor"]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

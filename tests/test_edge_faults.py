@@ -23,7 +23,7 @@ import json, logging, os, sys
 from pathlib import Path
 import ckptguard
 from ckptguard._protocol.cleanup import write_owner
-from ckptguard._protocol.commit import stage
+from ckptguard._protocol.rename import stage
 from ckptguard._format.owner import current_writer
 import dataclasses
 

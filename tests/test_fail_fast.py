@@ -26,14 +26,14 @@ import ckptguard
 dist.init_process_group("gloo", timeout=timedelta(seconds=40))
 fail_fast = sys.argv[2] == "on"
 mgr = ckptguard.CheckpointManager(sys.argv[1], keep_last=None)
-original = ckptguard._protocol.commit.AtomicCheckpoint.__enter__
+original = ckptguard._protocol.transaction.AtomicCheckpoint.__enter__
 
 def enter(self):
     staging = original(self)
     self.fail_fast = fail_fast  # the control turns it off
     return staging
 
-ckptguard._protocol.commit.AtomicCheckpoint.__enter__ = enter
+ckptguard._protocol.transaction.AtomicCheckpoint.__enter__ = enter
 
 def write(tx):
     if dist.get_rank() == 1:

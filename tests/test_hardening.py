@@ -15,8 +15,8 @@ import pytest
 import ckptguard
 from ckptguard import Outcome
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
-from ckptguard._protocol.commit import commit, seal, stage
 from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.rename import commit, seal, stage
 from ckptguard._storage.faults import set_fault_hook
 
 CHILD = Path(__file__).with_name("crash_child.py")

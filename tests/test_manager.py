@@ -25,7 +25,7 @@ import torch
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
 from ckptguard._format.owner import WriterInfo, current_writer
-from ckptguard._protocol.commit import stage
+from ckptguard._protocol.rename import stage
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard._storage.objectstore import FsspecStorage, committed_names, verify_remote
+from ckptguard._protocol.backend import backend_for
+from ckptguard._storage.objectstore import FsspecStorage
 from s3_servers import S3Server, start_moto
 
 
@@ -60,9 +61,9 @@ def test_committed_checkpoints_are_mirrored_and_verified(
         assert mgr.mirror.uploaded[-2:] == ["checkpoint-2", "checkpoint-3"]
     storage = FsspecStorage(url, options)
     # local retention deleted checkpoint-1; the mirror followed
-    assert committed_names(storage, url) == ["checkpoint-2", "checkpoint-3"]
+    assert backend_for(url, storage=storage).names() == ["checkpoint-2", "checkpoint-3"]
     for name in ("checkpoint-2", "checkpoint-3"):
-        report = verify_remote(storage, f"{url}/{name}", checksums=True)
+        report = backend_for(url, storage=storage).verify(f"{url}/{name}", checksums=True)
         assert report.ok, report.problems
         assert report.bytes_checked > 0
 
@@ -152,11 +153,11 @@ def test_mirror_deletions_wait_while_uploads_fail(
     with pytest.raises(ckptguard.StorageError, match="injected"):
         mgr.wait()
     storage = FsspecStorage(url)
-    assert committed_names(storage, url) == ["checkpoint-1", "checkpoint-2"]  # kept
+    assert backend_for(url, storage=storage).names() == ["checkpoint-1", "checkpoint-2"]  # kept
     monkeypatch.setattr(Mirror, "_upload", upload)
     mgr.save(5, _state(5))
     mgr.close()
-    assert "checkpoint-5" in committed_names(storage, url)
+    assert "checkpoint-5" in backend_for(url, storage=storage).names()
 
 
 def test_an_unreachable_mirror_leaves_local_resume_working(
@@ -210,5 +211,5 @@ def test_exit_finishes_queued_mirror_uploads(tmp_path: Path, moto: S3Server) -> 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     storage = FsspecStorage(url, moto.storage_options)
-    assert committed_names(storage, url) == ["checkpoint-7"]
-    assert verify_remote(storage, f"{url}/checkpoint-7").ok
+    assert backend_for(url, storage=storage).names() == ["checkpoint-7"]
+    assert backend_for(url, storage=storage).verify(f"{url}/checkpoint-7").ok

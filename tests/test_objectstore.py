@@ -25,7 +25,10 @@ import pytest
 import torch
 
 import ckptguard
-from ckptguard._storage.objectstore import FsspecStorage, _retry, committed_names, is_transient
+from ckptguard._protocol.backend import backend_for
+from ckptguard._protocol.marker import clean_store
+from ckptguard._storage.objectstore import FsspecStorage, _retry, is_transient
+from ckptguard._storage.retry import DEFAULT_RETRY
 from s3_servers import S3Server, start_moto, start_seaweedfs
 
 SERVERS = ("moto", "seaweedfs")
@@ -131,7 +134,7 @@ def test_save_list_latest_restore_verify_retention(root: Root) -> None:
     assert _same(out, _state(2))
     assert torch.equal(target["model"]["weight"], _state(2)["model"]["weight"])  # in place
     if root.backend != "local":
-        assert committed_names(root.storage(), root.url) == ["checkpoint-2", "checkpoint-3"]
+        assert backend_for(root.url, root.options).names() == ["checkpoint-2", "checkpoint-3"]
         assert root.storage().find(f"{root.url}/checkpoint-1") == {}  # nothing left of it
 
 
@@ -303,7 +306,7 @@ def test_control_without_the_manifest_check_a_killed_save_would_be_listed(
     proc.communicate(timeout=120)
     assert proc.returncode == -9
     assert "checkpoint-2" in s3.storage().list_dir(s3.url)
-    assert "checkpoint-2" not in committed_names(s3.storage(), s3.url)
+    assert "checkpoint-2" not in backend_for(s3.url, s3.options).names()
 
 
 def test_concurrent_committers_exactly_one_manifest_wins(s3: Root, tmp_path: Path) -> None:
@@ -396,7 +399,7 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
             raise error(503, "SlowDown")
         return "done"
 
-    assert _retry(flaky, what="upload", path="s3://b/k") == "done"
+    assert _retry(flaky, what="upload", path="s3://b/k", policy=DEFAULT_RETRY) == "done"
     assert calls[0] == 3
     calls[0] = 0
 
@@ -405,7 +408,7 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
         raise error(403, "AccessDenied")
 
     with pytest.raises(ckptguard.StorageError, match="AccessDenied"):
-        _retry(denied, what="upload", path="s3://b/k")
+        _retry(denied, what="upload", path="s3://b/k", policy=DEFAULT_RETRY)
     assert calls[0] == 1
 
 
@@ -462,7 +465,7 @@ def test_checkpoint_manager_under_torchrun_on_s3(
         assert all(i["valid"] for i in report["infos"])
         assert report["restored_equal"]
         assert report["aborted"]  # rank 0 could not store a lambda: every rank heard
-    assert committed_names(FsspecStorage(url, server.storage_options), url) == [
+    assert backend_for(url, server.storage_options).names() == [
         "checkpoint-3",
         "checkpoint-4",
     ]
@@ -521,9 +524,7 @@ def test_clean_up_never_takes_a_committed_save_for_an_orphan() -> None:
     storage.fs.pipe_file(storage.key(manifest), json.dumps(doc).encode())
     data = [k for k in storage.find(f"{url}/checkpoint-1") if not k.endswith("ckptguard.json")]
     assert data
-    from ckptguard._storage.objectstore import clean_remote
-
-    assert clean_remote(storage, url, grace=0) == []
+    assert clean_store(storage, url, grace=0) == []
     assert all(storage.exists(storage.url_of(k)) for k in data)
     storage.fs.pipe_file(storage.key(manifest), good)
     assert mgr.verify(1).ok

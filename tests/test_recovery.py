@@ -9,7 +9,7 @@ import ckptguard
 from ckptguard import EntryKind
 from ckptguard._format.layout import OWNER_NAME, RootLayout, new_save_id
 from ckptguard._format.owner import WriterInfo, current_writer
-from ckptguard._protocol.commit import stage
+from ckptguard._protocol.rename import stage
 
 
 def _save(root: Path, name: str, data: bytes = b"x") -> Path:

@@ -18,7 +18,7 @@ import ckptguard
 from ckptguard._errors import CheckpointError, InvalidCheckpointName
 from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING, Naming, RootLayout, validate_name
 from ckptguard._protocol.cleanup import retire_checkpoint
-from ckptguard._protocol.commit import AtomicCheckpoint
+from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.local import LocalStorage
 
 

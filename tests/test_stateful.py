@@ -31,14 +31,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME, OWNER_NAME, RootLayout, parse_staging_name
 from ckptguard._format.owner import WriterInfo, current_writer
-from ckptguard._protocol import commit as protocol
+from ckptguard._protocol import rename as protocol
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.recovery import EntryKind
+from ckptguard._protocol.strategy import Staging
 from ckptguard._storage.faults import FAULT_POINTS, set_fault_hook
 
 if TYPE_CHECKING:
-    from ckptguard._protocol.commit import IfExists
+    from ckptguard._protocol.strategy import IfExists
 
 Files = dict[str, bytes]
 
@@ -137,7 +138,7 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         self.names: dict[str, _Name] = {}
         self.next_step = 0
         self.quarantined = 0
-        self.live: dict[str, protocol.Staging | None] = {}  # path -> open save (None: leaked)
+        self.live: dict[str, Staging | None] = {}  # path -> open save (None: leaked)
         self.dead: set[str] = set()  # staging left by a writer that died on this machine
         self.foreign: set[str] = set()  # staging left by a writer on another host
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import ckptguard
+from ckptguard._storage.base import Storage
 from ckptguard._storage.faults import FAULT_POINTS
-from ckptguard._storage.local import Storage
 from ckptguard.testing import (
     OPERATIONS,
     Fault,

@@ -20,20 +20,26 @@ from ckptguard._errors import (
     StorageError,
     StorageFull,
     StoragePermissionError,
+    StorageUnreachable,
     TargetMismatch,
     TransientStorageError,
     UnsafeManifest,
     UnsupportedFile,
+    UnsupportedRoot,
 )
+from ckptguard._format.layout import Naming
 from ckptguard._format.manifest import FileEntry, Manifest
-from ckptguard._manager.manager import CheckpointInfo, CheckpointManager
+from ckptguard._manager.manager import CheckpointInfo, CheckpointManager, PendingSave
 from ckptguard._manager.retention import RetentionPolicy
-from ckptguard._protocol.commit import AtomicCheckpoint, CommitResult, Outcome, atomic_checkpoint
+from ckptguard._protocol.api import read_manifest, verify
 from ckptguard._protocol.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
-from ckptguard._protocol.verify import VerifyReport, read_manifest, verify
+from ckptguard._protocol.strategy import CommitResult, Outcome
+from ckptguard._protocol.transaction import AtomicCheckpoint, atomic_checkpoint
+from ckptguard._protocol.verify import VerifyReport
 from ckptguard._state.rng import capture_rng_state, restore_rng_state
 from ckptguard._state.serialization import load_legacy_pt
-from ckptguard._storage.local import FileDigest, LocalStorage, Storage
+from ckptguard._storage.base import FileDigest, Storage
+from ckptguard._storage.local import LocalStorage
 from ckptguard._storage.retry import RetryPolicy
 from ckptguard._tools.doctor import DoctorReport, doctor
 
@@ -57,8 +63,10 @@ __all__ = [
     "LocalStorage",
     "LockTimeout",
     "Manifest",
+    "Naming",
     "NoValidCheckpoint",
     "Outcome",
+    "PendingSave",
     "ReadOnlyStorage",
     "RecoveryReport",
     "RetentionPolicy",
@@ -71,10 +79,12 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StoragePermissionError",
+    "StorageUnreachable",
     "TargetMismatch",
     "TransientStorageError",
     "UnsafeManifest",
     "UnsupportedFile",
+    "UnsupportedRoot",
     "VerifyReport",
     "__version__",
     "atomic_checkpoint",

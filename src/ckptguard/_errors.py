@@ -10,6 +10,7 @@
     ├── StateFormatError(TypeError)                  a state value not storable without pickle
     ├── TargetMismatch(ValueError)                   a valid checkpoint not fitting the target
     ├── InvalidCheckpointName(ValueError)            a name that is not a safe single path component
+    ├── UnsupportedRoot(ValueError)                  a root or option that cannot be served as given
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
     ├── LockTimeout(TimeoutError)                    another process held the root's lock too long
@@ -19,6 +20,7 @@
         ├── ReadOnlyStorage                          EROFS
         ├── StoragePermissionError(PermissionError)  EACCES/EPERM
         └── TransientStorageError                    EBUSY/ESTALE/...: retry deadline passed
+            └── StorageUnreachable(ConnectionError)  an endpoint that cannot be reached
 
 Each class also inherits the builtin it resembles, so ``except FileExistsError`` keeps
 working in code that predates ckptguard. Every error carries the ``path`` it concerns and
@@ -45,10 +47,12 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StoragePermissionError",
+    "StorageUnreachable",
     "TargetMismatch",
     "TransientStorageError",
     "UnsafeManifest",
     "UnsupportedFile",
+    "UnsupportedRoot",
     "storage_error_from_os",
 ]
 
@@ -151,6 +155,16 @@ class InvalidCheckpointName(CheckpointError, ValueError):
         "use a name such as 'checkpoint-100': letters, digits, '.', '_', '=' and '-', "
         "not starting with '.'"
     )
+
+
+class UnsupportedRoot(CheckpointError, ValueError):
+    """A root (or its options) that this entry point cannot act on as given.
+
+    Raised before anything is written, e.g. an object-store URL given to code that can
+    only write local files: a URL never becomes a local folder named ``s3:``.
+    """
+
+    default_hint = "pass a local directory, or use the entry point the message names"
 
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
@@ -273,6 +287,15 @@ class TransientStorageError(StorageError):
     default_hint = (
         "the filesystem kept failing with a normally transient error; check the server "
         "(NFS/Lustre), or raise the retry deadline"
+    )
+
+
+class StorageUnreachable(TransientStorageError, ConnectionError):
+    """The storage's endpoint could not be reached within the connect budget."""
+
+    default_hint = (
+        "check the endpoint URL (AWS_ENDPOINT_URL or storage_options), the network and "
+        "that the server is up; RetryPolicy(connect_budget=...) sets how long to try"
     )
 
 

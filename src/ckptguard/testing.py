@@ -53,7 +53,7 @@ from ckptguard._storage.local import LocalStorage
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from ckptguard._storage.local import FileDigest, FileWriter, Storage
+    from ckptguard._storage.base import CheckpointTree, FileDigest, FileWriter, Storage
 
 __all__ = [
     "OPERATIONS",
@@ -87,9 +87,8 @@ OPERATIONS: tuple[str, ...] = (
     "exists",
     "remove_tree",
     "remove_file",
+    "open_tree",
 )
-# Operations that make something durable, or that change the tree.
-_SYNC_OPS = frozenset({"close", "write_bytes", "hash_file", "fsync_file", "fsync_dir"})
 PROTOCOL_STEPS: tuple[str, ...] = FAULT_POINTS + REMOTE_FAULT_POINTS
 
 Action = Literal["raise", "kill", "tear", "power_cut"]
@@ -575,6 +574,10 @@ class FaultyStorage:
         self._check("remove_file", path)
         self.inner.remove_file(path)
         self._removed(path)
+
+    def open_tree(self, path: str) -> CheckpointTree:
+        self._check("open_tree", path)
+        return self.inner.open_tree(path)
 
     def __getattr__(self, name: str) -> Any:
         # Anything beyond the Storage protocol (an object store's extras) passes through.

@@ -37,7 +37,7 @@ import numpy as np
 import ckptguard
 from ckptguard import Outcome
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR, RootLayout
-from ckptguard._protocol.commit import IfExists
+from ckptguard._protocol.strategy import IfExists
 from ckptguard._storage.faults import set_fault_hook
 from gauntlet import Row, same
 from test_race import USER_FILES, _error_record, _naive_worker, _payload, _write_files

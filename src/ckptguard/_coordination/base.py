@@ -23,6 +23,7 @@ lock, as for independent processes sharing a root) and the torch.distributed bac
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -103,7 +104,23 @@ def default_coordinator() -> Coordinator:
 
         return TorchCoordinator()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        from ckptguard._protocol.commit import warn_multi_rank_without_group  # noqa: PLC0415 - cycle
-
-        warn_multi_rank_without_group()
+        _warn_multi_rank_without_group()
     return SingleProcess()
+
+
+_warned_multi_rank = False
+
+
+def _warn_multi_rank_without_group() -> None:
+    """Warn once: WORLD_SIZE > 1 but no process group to coordinate the ranks' saves."""
+    # Without a coordinator every process stages and commits its own save; the first
+    # commit wins and files that only other ranks wrote are not in it.
+    global _warned_multi_rank  # noqa: PLW0603 - warn once per process, not once per save
+    if not _warned_multi_rank:
+        _warned_multi_rank = True
+        logging.getLogger("ckptguard.commit").warning(
+            "WORLD_SIZE=%s but torch.distributed is not initialised: each process commits its "
+            "own save and the first commit wins, so files written only by other ranks are "
+            "dropped. Initialise the process group before saving (or save from one rank)",
+            os.environ.get("WORLD_SIZE"),
+        )

@@ -3,9 +3,9 @@
 ``CheckpointManager(root, mirror="s3://bucket/run")``: after each local commit, a
 background thread uploads the checkpoint (its files streamed from disk, each checksum
 computed while uploading and compared with the local manifest's), commits it on the store
-with its own manifest (``objectstore.commit_remote``), then reads the remote copy back and
-checks every checksum. A checkpoint that local retention deletes is deleted from the
-mirror too. Failures are logged at once and raised by the manager's ``wait``/``close``;
+with its own manifest (the manifest-marker commit, ``_protocol/marker.py``), then reads the
+remote copy back and checks every checksum. A checkpoint that local retention deletes is
+deleted from the mirror too. Failures are logged at once and raised by the manager's ``wait``/``close``;
 they never fail a local save. Resume takes the newest valid checkpoint of local and
 remote (``CheckpointManager.latest``/``restore``).
 """
@@ -21,14 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from ckptguard._coordination.base import SingleProcess
 from ckptguard._errors import CorruptCheckpoint
-from ckptguard._protocol.verify import open_checkpoint_file, verify
-from ckptguard._storage.local import READ_CHUNK, FileDigest
-from ckptguard._storage.objectstore import (
-    FsspecStorage,
-    commit_remote,
-    retire_remote,
-    verify_remote,
-)
+from ckptguard._protocol.backend import backend_for
+from ckptguard._protocol.transaction import AtomicCheckpoint
+from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._storage.base import READ_CHUNK, FileDigest
+from ckptguard._storage.local import open_checkpoint_file
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,8 +39,8 @@ class Mirror:
     """The background copier of one manager's committed checkpoints."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.remote = FsspecStorage(url, storage_options)
-        self.url = self.remote.url
+        self.backend = backend_for(url, storage_options, what="mirror")
+        self.url = self.backend.root
         self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -105,7 +102,7 @@ class Mirror:
                     self._upload(arg)
                     self._last_upload_ok = True
                 elif self._last_upload_ok:
-                    retire_remote(self.remote, f"{self.url}/{arg}")
+                    self.backend.retire(arg)
                 else:  # never empty the mirror while no newer copy reaches it
                     _log.warning("not deleting %s from the mirror: the last upload failed", arg)
             except BaseException as exc:
@@ -127,38 +124,29 @@ class Mirror:
                 path=local_path,
             )
         manifest = local.manifest
-
-        def write(prefix: str) -> dict[str, FileDigest]:
-            digests = {}
-            for entry in manifest.files:
-                digest = self._copy(local_path, entry.path, f"{prefix}/{entry.path}")
-                if digest.size != entry.size or digest.checksum != entry.checksum:
-                    raise CorruptCheckpoint(
-                        f"{local_path}/{entry.path} changed since its commit "
-                        "(its bytes do not match the local manifest); not mirrored",
-                        path=local_path,
-                    )
-                digests[entry.path] = digest
-            return digests
-
         target = f"{self.url}/{name}"
+        tx = AtomicCheckpoint(
+            target,
+            step=manifest.step,
+            metrics=manifest.metrics,
+            metadata=manifest.metadata,
+            if_exists="replace",
+            storage=self.backend.storage,
+            retry=self.backend.retry,
+            coordinator=SingleProcess(),
+        )
         try:
-            commit_remote(
-                self.remote,
-                target,
-                write,
-                step=manifest.step,
-                metrics=manifest.metrics,
-                metadata=manifest.metadata,
-                if_exists="replace",
-                coordinator=SingleProcess(),
-            )
+            with tx:
+                for entry in manifest.files:
+                    digest = self._copy(local_path, entry.path, f"{tx.write_path}/{entry.path}")
+                    _same_as_committed(local_path, entry.path, digest, entry.size, entry.checksum)
+                    tx.known[entry.path] = digest
         except Exception:
             if not os.path.lexists(local_path):  # retention got to it first: nothing to keep
                 _log.info("not mirroring %s: deleted by retention during its upload", name)
                 return
             raise
-        report = verify_remote(self.remote, target, checksums=True)  # the remote copy, read back
+        report = self.backend.verify(target, checksums=True)  # the remote copy, read back
         if not report.ok:
             raise CorruptCheckpoint(
                 f"the mirror copy {target} does not verify: {'; '.join(report.problems)}",
@@ -173,11 +161,27 @@ class Mirror:
     def _copy(self, checkpoint: str, rel: str, dest: str) -> FileDigest:
         fd = open_checkpoint_file(checkpoint, rel)
         try:
-            with self.remote.open_write(dest) as writer:
+            writer = self.backend.storage.open_write(dest)
+            try:
                 buf = bytearray(READ_CHUNK)
                 view = memoryview(buf)
                 while n := os.readv(fd, [buf]):
                     writer.write(view[:n])
                 return writer.close()
+            except BaseException:
+                writer.abort()
+                raise
         finally:
             os.close(fd)
+
+
+def _same_as_committed(
+    checkpoint: str, rel: str, digest: FileDigest, size: int, checksum: str
+) -> None:
+    """Refuse to mirror a file whose bytes are no longer those its manifest lists."""
+    if digest.size != size or digest.checksum != checksum:
+        raise CorruptCheckpoint(
+            f"{checkpoint}/{rel} changed since its commit "
+            "(its bytes do not match the local manifest); not mirrored",
+            path=checkpoint,
+        )

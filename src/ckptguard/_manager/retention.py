@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Candidate", "RetentionPolicy", "select_deletions"]
+__all__ = ["Candidate", "RetentionPolicy", "metric_value", "select_deletions"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,19 @@ class Candidate:
     pinned: bool = False
 
 
-def _metric(c: Candidate) -> float | None:
-    if c.metric is None or isinstance(c.metric, bool):
+def metric_value(value: object) -> float | None:
+    """A metric as a float retention can rank, or None (bools, non-numbers, inf, nan)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     try:
-        value = float(c.metric)
-    except (OverflowError, TypeError, ValueError):
+        number = float(value)
+    except OverflowError:  # an int beyond float: not a usable metric
         return None
-    return value if math.isfinite(value) else None
+    return number if math.isfinite(number) else None
+
+
+def _metric(c: Candidate) -> float | None:
+    return metric_value(c.metric)
 
 
 def select_deletions(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[str]:

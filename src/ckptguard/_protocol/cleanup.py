@@ -30,7 +30,8 @@ from ckptguard._format.layout import (
     save_id_writer,
 )
 from ckptguard._format.owner import WriterInfo, is_alive_here
-from ckptguard._protocol.verify import read_manifest, verify
+from ckptguard._protocol.verify import read_manifest_local as read_manifest
+from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
@@ -40,7 +41,7 @@ from ckptguard._storage.retry import (
 )
 
 if TYPE_CHECKING:
-    from ckptguard._storage.local import Storage
+    from ckptguard._storage.base import Storage
 
 __all__ = [
     "DEFAULT_STALE_AFTER",

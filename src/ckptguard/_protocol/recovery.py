@@ -24,7 +24,7 @@ import enum
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptguard._format.layout import (
     MANIFEST_NAME,
@@ -33,6 +33,7 @@ from ckptguard._format.layout import (
     RootLayout,
     parse_staging_name,
 )
+from ckptguard._protocol.backend import Backend, backend_for
 from ckptguard._protocol.cleanup import (
     DEFAULT_STALE_AFTER,
     check_meta_dirs,
@@ -41,12 +42,15 @@ from ckptguard._protocol.cleanup import (
     staging_state,
 )
 from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard._protocol.verify import VerifyReport, verify
-from ckptguard._storage.local import LocalStorage, Storage
+from ckptguard._protocol.marker import clean_store
+from ckptguard._protocol.verify import VerifyReport
+from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._storage.base import Storage, is_url
+from ckptguard._storage.local import LocalStorage
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
 __all__ = ["EntryKind", "RecoveryReport", "RootEntry", "recover", "scan"]
 
@@ -133,8 +137,15 @@ def scan(
     checksums: bool = True,
     stale_after: float = DEFAULT_STALE_AFTER,
     storage: Storage | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RecoveryReport:
-    """Classify every entry of ``root`` without changing anything."""
+    """Classify every entry of ``root`` (a directory or a URL) without changing anything."""
+    if is_url(os.fspath(root)):
+        return _scan_store(
+            backend_for(root, storage_options, storage=storage, what="scan"),
+            checksums=checksums,
+            stale_after=stale_after,
+        )
     storage = storage or LocalStorage()
     layout = RootLayout(os.path.abspath(os.fspath(root)))
     check_meta_dirs(layout)
@@ -169,8 +180,20 @@ def recover(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     storage: Storage | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RecoveryReport:
-    """Repair what a crash left under ``root`` (under its lock), then classify everything."""
+    """Repair what a crash left under ``root`` (under its lock), then classify everything.
+
+    On an object store: uploads no manifest refers to, older than ``stale_after``, are
+    removed (there is no trash or staging dir to repair).
+    """
+    if is_url(os.fspath(root)):
+        backend = backend_for(root, storage_options, storage=storage, retry=retry,
+                              what="recover")  # fmt: skip
+        backend.require_root()
+        done = backend.repair(stale_after=stale_after, lock_timeout=lock_timeout)
+        report = _scan_store(backend, checksums=checksums, stale_after=stale_after)
+        return RecoveryReport(report.root, report.entries, tuple(done))
     storage = storage or LocalStorage()
     layout = RootLayout(os.path.abspath(os.fspath(root)))
     actions: list[str] = []
@@ -185,3 +208,22 @@ def recover(
     for action in actions:
         _log.info("%s", action)
     return RecoveryReport(report.root, report.entries, tuple(actions))
+
+
+def _scan_store(backend: Backend, *, checksums: bool, stale_after: float) -> RecoveryReport:
+    """Classify an object-store root: checkpoints (by manifest) and uploads none refers to."""
+    backend.require_root()
+    entries = []
+    for name in backend.names():
+        path = backend.join(name)
+        report = backend.verify(path, checksums=checksums)
+        kind = EntryKind.COMMITTED_VALID if report.ok else EntryKind.COMMITTED_CORRUPT
+        entries.append(RootEntry(kind, path, name, "; ".join(report.problems), report))
+    for orphan in clean_store(backend.storage, backend.root, grace=0.0, dry_run=True):
+        fresh = orphan not in clean_store(
+            backend.storage, backend.root, grace=stale_after, dry_run=True
+        )
+        kind = EntryKind.STAGING_LIVE if fresh else EntryKind.STAGING_STALE
+        name = orphan.removeprefix(backend.root + "/").split("/", 1)[0]
+        entries.append(RootEntry(kind, orphan, name, "an upload no manifest refers to"))
+    return RecoveryReport(backend.root, tuple(entries))

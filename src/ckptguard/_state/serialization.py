@@ -27,7 +27,6 @@ torch is imported only when the state holds tensors (or a target asks for them).
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import json
 import math
@@ -51,13 +50,17 @@ from ckptguard._format.safetensors import (
     build_header,
     parse_header,
 )
-from ckptguard._protocol.verify import open_checkpoint_file
-from ckptguard._storage.local import PARALLEL_FSYNC_MIN, digest_fd
+from ckptguard._storage.base import Source
+from ckptguard._storage.local import (
+    PARALLEL_FSYNC_MIN,
+    LocalSource,
+    open_checkpoint_file,
+)
 from ckptguard._storage.retry import call_fsync
 
 if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
-    from ckptguard._storage.local import FileDigest, Storage
+    from ckptguard._storage.base import FileDigest, Storage
 
 __all__ = [
     "EncodedState",
@@ -480,43 +483,6 @@ class _File:
         self.source.pread_into(view, self.data_start + info.begin)
 
 
-class Source:
-    """One file of a checkpoint, open for reading: a local file (this class) or an object.
-
-    Reads fill their buffer or raise :class:`CorruptCheckpoint` (a file shorter than its
-    manifest and header say).
-    """
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path, self._fd = path, fd
-        with contextlib.suppress(OSError, AttributeError):  # a hint only
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-
-    @property
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def pread_into(self, view: memoryview, offset: int) -> None:
-        while view:
-            n = os.preadv(self._fd, [view], offset)
-            if n == 0:
-                raise _corrupt(self.path, "shorter than its header says (changed while read?)")
-            view, offset = view[n:], offset + n
-
-    def read_at_most(self, limit: int, offset: int = 0) -> bytes:
-        return _read_at_most(self._fd, limit, offset)
-
-    def checksum(self) -> str:
-        """xxh3-128 of the whole file, streamed through one bounded buffer."""
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        return digest_fd(self._fd).checksum
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 Opener = Callable[[str], Source]
 
 
@@ -524,7 +490,7 @@ def local_opener(checkpoint: str) -> Opener:
     """Opens files of a local checkpoint, refusing symlinks at every path component."""
 
     def open_(rel: str) -> Source:
-        return Source(os.path.join(checkpoint, rel), open_checkpoint_file(checkpoint, rel))
+        return LocalSource(os.path.join(checkpoint, rel), open_checkpoint_file(checkpoint, rel))
 
     return open_
 
@@ -643,15 +609,6 @@ def _numpy() -> Any:
     import numpy as np  # noqa: PLC0415 - only for states that hold tensors or arrays
 
     return np
-
-
-def _read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
-    """Up to ``limit`` bytes from ``offset``; loops, since one read(2) may return less."""
-    chunks, total = [], 0
-    while total < limit and (chunk := os.pread(fd, limit - total, offset + total)):
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def _read_state_json(checkpoint: str, manifest: Manifest, opener: Opener) -> Any:
@@ -1005,25 +962,26 @@ def read_state(
             file.close()
 
 
-def iter_tensor_infos(checkpoint: str, manifest: Manifest) -> Iterator[tuple[str, TensorInfo]]:
-    """(file, tensor info) for every tensor of a checkpoint, headers validated (for inspect)."""
+def iter_tensor_infos(
+    checkpoint: str, manifest: Manifest, opener: Opener | None = None
+) -> Iterator[tuple[str, TensorInfo]]:
+    """(file, tensor info) for every tensor of a checkpoint, headers validated (for inspect).
+
+    ``manifest`` lists the files relative to what ``opener`` opens (default: a local dir).
+    """
+    opener = opener or local_opener(checkpoint)
     for entry in manifest.files:
         if not entry.path.endswith(".safetensors"):
             continue
-        fd = open_checkpoint_file(checkpoint, entry.path)
+        source = opener(entry.path)
         try:
-            size = os.fstat(fd).st_size
-            prefix = _read_at_most(fd, min(size, 8 + (100 << 20)))
+            size = source.size
+            prefix = source.read_at_most(min(size, 8 + (100 << 20)))
         finally:
-            os.close(fd)
-        _, infos, _ = parse_header(prefix, size, os.path.join(checkpoint, entry.path))
+            source.close()
+        _, infos, _ = parse_header(prefix, size, f"{checkpoint}/{entry.path}")
         for info in infos:
             yield entry.path, info
-
-
-def dtype_size(dtype: str) -> int:
-    """Bytes per element of a safetensors dtype."""
-    return DTYPE_SIZES[dtype]
 
 
 def load_legacy_pt(path: str | os.PathLike[str]) -> Any:

@@ -16,12 +16,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._errors import CheckpointError, CorruptCheckpoint
-from ckptguard._protocol.verify import verify
+from ckptguard._protocol.verify import verify_local as verify
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ckptguard._protocol.commit import AtomicCheckpoint
+    from ckptguard._protocol.transaction import AtomicCheckpoint
 
 __all__ = ["KIND", "restore_sharded", "write_shards"]
 

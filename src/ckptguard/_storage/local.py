@@ -1,15 +1,4 @@
-"""The storage interface, and its POSIX implementation.
-
-The commit protocol (``commit.py``) talks to a filesystem only through :class:`Storage`.
-Order of calls for one save, all made by the committing process unless noted:
-
-1. ``make_dir(staging, mode=0o700)``                          stage
-2. ``open_write`` / ``write_bytes`` (any writer, any rank)    write: checksum while writing
-   ``walk_files`` + ``hash_file(fsync=True)``                 seal: files written by others
-3. ``write_bytes(manifest tmp)``, ``rename_noreplace``,        seal
-   ``fsync_dir(staging)``
-4. ``rename_noreplace(staging, final)``                       commit: the atomic step
-5. ``fsync_dir(root)``, ``remove_tree(trash entry)``          publish
+"""POSIX storage: :class:`LocalStorage`, the local implementation of the storage contract.
 
 Guarantees of :class:`LocalStorage`:
 - files are created with O_EXCL|O_NOFOLLOW (never through a planted symlink, never over
@@ -21,7 +10,10 @@ Guarantees of :class:`LocalStorage`:
   replaced if it is an empty directory; a non-empty one still makes the rename fail.
   ckptguard holds the root's lock around the commit, so only processes that bypass the
   lock can hit that window;
-- ``remove_tree`` never follows a symlink: it removes the link, not its target.
+- ``remove_tree`` never follows a symlink: it removes the link, not its target;
+- ``open_tree`` opens a checkpoint's directory once and every file relative to it with
+  O_NOFOLLOW on each component: a symlink planted anywhere in the tree is reported,
+  never followed.
 """
 
 from __future__ import annotations
@@ -34,92 +26,33 @@ import os
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Self
 
 import xxhash
 
-from ckptguard._errors import UnsupportedFile
+from ckptguard._errors import CorruptCheckpoint, UnsupportedFile
+from ckptguard._storage.base import READ_CHUNK, FileDigest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FileDigest", "FileWriter", "LocalStorage", "Storage", "renameat2_available"]
+__all__ = [
+    "LocalSource",
+    "LocalStorage",
+    "LocalTree",
+    "digest_fd",
+    "renameat2_available",
+    "tree_size",
+]
 
-READ_CHUNK = 8 * 1024 * 1024
 # Files at least this large are fsynced by another thread while the next file is written
 # or hashed (commit.seal, serialization.write_encoded); smaller ones inline.
 PARALLEL_FSYNC_MIN = 8 * 1024 * 1024
 OVERLAP_MIN_BYTES = 4 * 1024 * 1024  # below this, hashing inline is cheaper than a handoff
-MAX_DEPTH = 64  # directories inside a checkpoint (verify.py refuses deeper trees too)
+MAX_DEPTH = 64  # directories inside a checkpoint; deeper is hostile, not a model
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """Size and xxh3-128 hex digest of a file's bytes."""
-
-    size: int
-    checksum: str
-
-
-class FileWriter(Protocol):
-    """A file being written: ``write`` any number of times, then ``close`` (or ``abort``)."""
-
-    def write(self, data: bytes | bytearray | memoryview) -> None: ...
-    def close(self) -> FileDigest: ...
-    def abort(self) -> None: ...
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """A filesystem as the commit protocol needs it. Paths are absolute, '/'-separated."""
-
-    def make_dir(self, path: str, *, mode: int = 0o700, exist_ok: bool = False) -> None:
-        """Create one directory with ``mode`` exactly (umask does not widen or narrow it)."""
-
-    def open_write(self, path: str, *, fsync: bool = True) -> FileWriter:
-        """Create a new file (never an existing one); its digest is computed while writing."""
-
-    def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
-        """Create a new file holding ``data``."""
-
-    def read_bytes(self, path: str, *, limit: int) -> bytes:
-        """Read a regular file of at most ``limit`` bytes (never through a symlink)."""
-
-    def hash_file(
-        self, path: str, *, fsync: bool = False, progress: Callable[[int], None] | None = None
-    ) -> FileDigest:
-        """Digest a regular file by streaming it; fsync it too if asked."""
-
-    def fsync_file(self, path: str) -> None:
-        """Make a regular file's data durable (never through a symlink)."""
-
-    def walk_files(self, path: str) -> tuple[list[str], list[str]]:
-        """(files, dirs) under ``path`` as relative POSIX paths; refuses symlinks and specials."""
-
-    def fsync_dir(self, path: str) -> None:
-        """Make a directory's entries durable."""
-
-    def set_mode(self, path: str, mode: int) -> None:
-        """Set a directory's permission bits (no-op where the store has none)."""
-
-    def rename_noreplace(self, src: str, dst: str) -> None:
-        """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists."""
-
-    def list_dir(self, path: str) -> list[str]:
-        """Names in a directory, sorted; [] if it does not exist."""
-
-    def exists(self, path: str) -> bool:
-        """Whether anything (even a dangling symlink) has that name."""
-
-    def remove_tree(self, path: str) -> None:
-        """Remove a file or a directory tree; a symlink is removed, never followed."""
-
-    def remove_file(self, path: str) -> None:
-        """Remove one file; missing is fine."""
 
 
 @cache
@@ -402,6 +335,9 @@ class LocalStorage:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
+    def open_tree(self, path: str) -> LocalTree:
+        return LocalTree(path)
+
     def remove_tree(self, path: str) -> None:
         try:
             st = os.lstat(path)
@@ -448,3 +384,199 @@ def digest_fd(
     if fsync:
         os.fsync(fd)
     return FileDigest(size, hasher.hexdigest())
+
+
+# -- reading a checkpoint ------------------------------------------------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def open_relative(dir_fd: int, rel: str) -> int:
+    """Open ``rel`` under ``dir_fd`` without following a symlink at any component."""
+    parts = rel.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_checkpoint_file(checkpoint: str, rel: str) -> int:
+    """Open file ``rel`` of a checkpoint read-only, refusing symlinks at every component."""
+    dir_fd = os.open(checkpoint, _DIR_FLAGS)
+    try:
+        return open_relative(dir_fd, rel)
+    finally:
+        os.close(dir_fd)
+
+
+def read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
+    """Up to ``limit`` bytes from ``offset``; loops, since one read(2) may return less."""
+    chunks, total = [], 0
+    while total < limit and (chunk := os.pread(fd, limit - total, offset + total)):
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+class LocalSource:
+    """One local file of a checkpoint, open for reading."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self._fd = path, fd
+        with contextlib.suppress(OSError, AttributeError):  # a hint only
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        while view:
+            n = os.preadv(self._fd, [view], offset)
+            if n == 0:
+                raise CorruptCheckpoint(
+                    f"{self.path}: shorter than its header says (changed while read?)",
+                    path=self.path,
+                )
+            view, offset = view[n:], offset + n
+
+    def read_at_most(self, limit: int, offset: int = 0) -> bytes:
+        return read_at_most(self._fd, limit, offset)
+
+    def checksum(self) -> str:
+        """xxh3-128 of the whole file, streamed through one bounded buffer."""
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        return digest_fd(self._fd).checksum
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalTree:
+    """A local checkpoint directory, opened once; every file relative to it (O_NOFOLLOW)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedFile(f"{path}: is a symlink", path=path) from None
+            if exc.errno == errno.ENOTDIR:
+                raise UnsupportedFile(f"{path}: is not a directory", path=path) from None
+            raise
+
+    def read_small(self, rel: str, limit: int) -> bytes:
+        """A small file of the checkpoint (the manifest), read in full."""
+        try:
+            fd = open_relative(self._fd, rel)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsupportedFile(f"{rel} is a symlink", path=self.path) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsupportedFile(f"{rel} is not a regular file", path=self.path)
+            if st.st_size > limit:
+                raise ValueError(f"{rel} is {st.st_size} bytes: too large")
+            # Ask for what fstat says (+1 to see growth), not the cap: read(2) of n bytes
+            # allocates n bytes first, and a manifest is usually a few KiB. Loop: one read
+            # may return less (FUSE direct_io, network filesystems, signals).
+            chunks, total = [], 0
+            while chunk := os.read(fd, min(limit + 1 - total, max(st.st_size + 1 - total, 65536))):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"{rel} grew over {limit} bytes while read: too large")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def entries(self, under: str, problem: Callable[[str], None]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        stack: list[tuple[int, str, int]] = [(os.dup(self._fd), "", 0)]
+        while stack:
+            fd, prefix, depth = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    entries = list(it)
+                for entry in entries:
+                    rel = f"{prefix}{entry.name}"
+                    if entry.is_symlink():
+                        problem(f"{rel}: is a symlink")
+                    elif entry.is_dir(follow_symlinks=False):
+                        if depth + 1 > MAX_DEPTH:
+                            problem(f"{rel}/: nested deeper than {MAX_DEPTH} directories")
+                            continue
+                        try:
+                            sub = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                        except OSError as exc:
+                            problem(f"{rel}/: cannot open ({exc.strerror})")
+                            continue
+                        stack.append((sub, rel + "/", depth + 1))
+                    elif entry.is_file(follow_symlinks=False):
+                        if rel.startswith(under):
+                            found[rel] = entry.stat(follow_symlinks=False).st_size
+                    else:
+                        problem(f"{rel}: is a device, fifo or socket")
+            finally:
+                os.close(fd)
+        return found
+
+    def _open_fd(self, rel: str) -> int:
+        try:
+            fd = open_relative(self._fd, rel)
+        except OSError as exc:
+            # O_NOFOLLOW gives ELOOP on a symlinked file, O_DIRECTORY ENOTDIR on a
+            # symlinked directory component.
+            if exc.errno in {errno.ELOOP, errno.ENOTDIR}:
+                raise UnsupportedFile(
+                    f"{rel}: cannot open (a symlink or non-directory in its path)",
+                    path=os.path.join(self.path, rel),
+                ) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsupportedFile(f"{rel}: not a regular file", path=os.path.join(self.path, rel))
+        return fd
+
+    def digest(self, rel: str, progress: Callable[[int], None] | None = None) -> FileDigest:
+        fd = self._open_fd(rel)
+        try:
+            return digest_fd(fd, progress=progress)
+        finally:
+            os.close(fd)
+
+    def open(self, rel: str) -> LocalSource:
+        return LocalSource(os.path.join(self.path, rel), self._open_fd(rel))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tree_size(path: str, *, skip: str | None = None) -> int:
+    """Bytes of every file under ``path`` (best effort); ``skip``: a top-level name left out."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            if dirpath == path and f == skip:
+                continue
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total

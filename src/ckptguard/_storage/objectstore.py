@@ -1,38 +1,33 @@
-"""Checkpoints on object stores (s3://, gs://, memory://, ...) through fsspec.
+"""fsspec object stores (s3://, gs://, memory://, ...): the storage contract on a store.
 
-Object stores have no rename, so the commit is an object, not a directory:
+:class:`FsspecStorage` implements the same contract as ``LocalStorage``; the commit on
+a store (the manifest as the commit marker) is ``ckptguard/_protocol/marker.py``.
 
-    ROOT/<name>/<save id>/<file>       the data objects of one save, written first
-    ROOT/<name>/ckptguard.json         the manifest: written last, the commit marker
+Errors: every request is retried on 5xx, throttling, 409 and dropped connections with
+the root's :class:`RetryPolicy` (backoff to its ``deadline``), and what fails for good
+is mapped to the same typed errors as on a filesystem:
 
-The manifest lists its files as ``<save id>/<file>``. A prefix without a manifest that
-parses and verifies is invisible to list, latest and restore; so are the objects of a save
-whose manifest lost (``if_exists="keep"``) or was replaced. ``clean_remote`` removes them
-once they are older than a grace period.
+- 403, AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch: StoragePermissionError;
+- EntityTooLarge, QuotaExceeded, 507: StorageFull;
+- a missing bucket: CheckpointNotFound (``require_root``);
+- an endpoint that refuses or does not answer connections for ``connect_budget``
+  seconds: StorageUnreachable, one message (no retry log: retries are logged at DEBUG);
+- transient errors past the deadline: TransientStorageError; anything else: StorageError.
 
-Exactly once per name: with ``if_exists="keep"`` the manifest is written with a
-create-only conditional write (``If-None-Match: *``) where the store honours it (probed
-once per root: a second create of the same probe object must fail); elsewhere it is
-written only if absent, then read back and our save id compared (last writer wins that
-race, and the loser learns it lost). With ``"replace"`` (the manager's default) the new
-manifest simply overwrites the old one (one PUT: readers see one or the other), then the
-old save's objects are deleted. Retries with backoff on 5xx, throttling and 409.
-
-Credentials come from fsspec's and boto's usual configuration (environment, config
-files, ``storage_options``); they are never logged.
+botocore's and s3fs's own retries are turned down (one attempt, a short connect
+timeout) unless ``storage_options`` set them, so that the budget above is what holds.
+Credentials come from fsspec's and boto's usual configuration (the AWS environment
+variables, config files, ``storage_options``); they are never logged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as _dt
 import errno
 import logging
-import os
 import posixpath
+import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
@@ -40,32 +35,27 @@ import xxhash
 
 from ckptguard._errors import (
     CheckpointError,
-    CommitConflict,
+    CheckpointNotFound,
     CorruptCheckpoint,
-    SaveAborted,
     StorageError,
-    UnsafeManifest,
+    StorageFull,
+    StoragePermissionError,
+    StorageUnreachable,
+    TransientStorageError,
 )
-from ckptguard._format.layout import MANIFEST_NAME, META_DIR, new_save_id
-from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
-from ckptguard._format.owner import current_writer
-from ckptguard._protocol.verify import VerifyReport
-from ckptguard._state.serialization import Source
+from ckptguard._storage.base import READ_CHUNK, FileDigest
 from ckptguard._storage.faults import fault_point
-from ckptguard._storage.local import FileDigest
+from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from ckptguard._coordination.base import Coordinator
-
-__all__ = ["FsspecStorage", "clean_remote", "commit_remote", "is_url", "verify_remote"]
+__all__ = ["FsspecStorage", "ObjectSource", "ObjectTree", "is_transient"]
 
 _log = logging.getLogger("ckptguard.objectstore")
 T = TypeVar("T")
 
-MAX_MANIFEST_BYTES = 64 << 20
-READ_CHUNK = 8 << 20
+PROBE_DIR = ".ckptguard"  # where the create-only probe object goes (never a checkpoint name)
 UPLOAD_BLOCK = 16 << 20  # multipart part size for large files (S3's minimum is 5 MiB)
 _TRANSIENT_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 _TRANSIENT_CODES = frozenset(
@@ -74,11 +64,14 @@ _TRANSIENT_CODES = frozenset(
         "ServiceUnavailable", "OperationAborted", "RequestLimitExceeded", "Conflict",
     }
 )  # fmt: skip
-
-
-def is_url(root: str) -> bool:
-    """Whether ``root`` names an fsspec store rather than a local path."""
-    return "://" in root and not root.startswith("file://")
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+     "InvalidToken", "ExpiredToken", "AccountProblem"}
+)  # fmt: skip
+_FULL_CODES = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"})
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionRefused",
+                "Could not connect", "Cannot connect to host", "Connect timeout")  # fmt: skip
+CONNECT_TIMEOUT = 3.0  # seconds per connection attempt (botocore's default is 60)
 
 
 def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
@@ -97,40 +90,127 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
+def _chain_text(exc: BaseException) -> str:
+    parts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__} {current}")
+        current = current.__cause__ or current.__context__
+    return " | ".join(parts)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """A connection refused, reset before an answer, or never answered."""
+    return any(s in _chain_text(exc) for s in _UNREACHABLE)
+
+
 def is_transient(exc: BaseException) -> bool:
     """5xx, throttling, 409 and dropped connections: worth another try."""
+    if isinstance(exc, CheckpointError):
+        return False
     status, code = _status_and_code(exc)
     if status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES:
         return True
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, (ConnectionError, TimeoutError)) or is_unreachable(exc):
         return True
     text = f"{type(exc).__name__} {exc}"
-    return any(s in text for s in ("SlowDown", "ServiceUnavailable", "Throttl", "EndpointConnec"))
+    return any(s in text for s in ("SlowDown", "ServiceUnavailable", "Throttl"))
 
 
-def _retry(fn: Callable[[], T], *, what: str, path: str, deadline: float = 60.0) -> T:
+def typed_store_error(exc: BaseException, what: str, path: str) -> StorageError:
+    """The typed error for what a store request failed with, for good."""
+    status, code = _status_and_code(exc)
+    detail = f"{type(exc).__name__}: {exc}"
+    if is_unreachable(exc):
+        return StorageUnreachable(
+            f"{what} of {path} failed: the endpoint cannot be reached ({detail})",
+            path=path,
+            errno=errno.ECONNREFUSED,
+        )
+    if code in _DENIED_CODES or status == 403 or isinstance(exc, PermissionError):
+        return StoragePermissionError(
+            f"{what} of {path} was refused ({code or status or detail})",
+            path=path,
+            errno=errno.EACCES,
+            hint="check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+            "storage_options) and the bucket's policy",
+        )
+    if code in _FULL_CODES or status == 507:
+        return StorageFull(f"{what} of {path} failed: {code or status}", path=path,
+                           errno=errno.ENOSPC)  # fmt: skip
+    if is_transient(exc):
+        return TransientStorageError(
+            f"{what} of {path} kept failing past the retry deadline ({detail})",
+            path=path,
+            errno=errno.EAGAIN,
+        )
+    return StorageError(
+        f"{what} of {path} failed: {detail}",
+        path=path,
+        hint="check the endpoint, the bucket and the credentials (fsspec/boto "
+        "configuration or storage_options)",
+    )
+
+
+def _retry(
+    fn: Callable[[], T], *, what: str, path: str, policy: RetryPolicy, writing: bool = False
+) -> T:
+    """Run one store request with the policy's retries; failures raised typed.
+
+    FileNotFoundError passes through for reads (a missing object is an answer); for a
+    write it can only mean a missing bucket, raised typed.
+    """
+    first_unreachable: list[float] = []
+
+    def retry_if(exc: BaseException) -> bool:
+        if not is_transient(exc):
+            return False
+        if is_unreachable(exc):
+            now = time.monotonic()
+            first_unreachable[:1] = first_unreachable[:1] or [now]
+            return now - first_unreachable[0] < policy.connect_budget
+        return True
+
     def log_retry(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        _log.warning("%s of %s failed (%s); retry %d", what, path, exc, state.attempt_number)
+        _log.debug("%s of %s failed (%s); retry %d", what, path, exc, state.attempt_number)
 
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_random_exponential(multiplier=0.05, max=4.0),
-        stop=tenacity.stop_after_delay(deadline),
+        retry=tenacity.retry_if_exception(retry_if),
+        wait=tenacity.wait_random_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
+        stop=tenacity.stop_after_delay(policy.deadline),
         before_sleep=log_retry,
         reraise=True,
     )
     try:
         return retrying(fn)
-    except (StorageError, FileExistsError, FileNotFoundError):
+    except FileNotFoundError as exc:
+        if writing:
+            raise _missing_bucket(exc, what, path) from exc
+        raise
+    except (CheckpointError, FileExistsError):
         raise
     except Exception as exc:
-        raise StorageError(
-            f"{what} of {path} failed: {type(exc).__name__}: {exc}",
-            path=path,
-            hint="check the endpoint, the bucket and the credentials (fsspec/boto "
-            "configuration or storage_options)",
-        ) from exc
+        raise typed_store_error(exc, what, path) from exc
+
+
+def _missing_bucket(exc: BaseException, what: str, path: str) -> StorageError:
+    return StorageError(
+        f"{what} of {path} failed: {exc} (the bucket does not exist)",
+        path=path,
+        errno=errno.ENOENT,
+        hint="check the bucket name in the URL, or create the bucket",
+    )
+
+
+def _typed_upload_error(exc: BaseException, path: str) -> StorageError:
+    """A streamed upload failed (the save that wrote it is redone or aborted)."""
+    if isinstance(exc, CheckpointError):
+        return exc if isinstance(exc, StorageError) else StorageError(str(exc), path=path)
+    if isinstance(exc, FileNotFoundError):
+        return _missing_bucket(exc, "upload", path)
+    return typed_store_error(exc, "upload", path)
 
 
 class _UploadWriter:
@@ -147,12 +227,18 @@ class _UploadWriter:
         for start in range(0, len(view), UPLOAD_BLOCK):  # one part at a time
             chunk = view[start : start + UPLOAD_BLOCK]
             self._hasher.update(chunk)
-            self._file.write(chunk)
+            try:
+                self._file.write(chunk)
+            except Exception as exc:  # a part upload failed: typed, never retried here
+                raise _typed_upload_error(exc, self._path) from exc
             self._size += len(chunk)
             fault_point("remote.uploading")
 
     def close(self) -> FileDigest:
-        self._file.close()  # completes the (multipart) upload
+        try:
+            self._file.close()  # completes the (multipart) upload
+        except Exception as exc:
+            raise _typed_upload_error(exc, self._path) from exc
         return FileDigest(self._size, self._hasher.hexdigest())
 
     def abort(self) -> None:
@@ -172,22 +258,36 @@ class _UploadWriter:
 
 
 class FsspecStorage:
-    """The storage calls ckptguard's writers and readers make, on an fsspec filesystem.
+    """The storage contract on an fsspec filesystem.
 
     Paths are URLs (``s3://bucket/run/checkpoint-1/...``) or the filesystem's own keys.
     """
 
     durable = True
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
         import fsspec  # noqa: PLC0415 - only for object-store roots
 
         self.url = url.rstrip("/")
+        self.retry = retry
+        self.protocol = self.url.split("://", 1)[0]
         options = dict(storage_options or {})
-        if self.url.split("://", 1)[0] in {"s3", "s3a"}:
+        if self.protocol in {"s3", "s3a"}:
             # a listing cached by another user of this filesystem object must never decide
             # whether a manifest exists
             options.setdefault("use_listings_cache", False)
+            # The retry policy decides (one clear error within connect_budget), not
+            # botocore's and s3fs's own retry loops (about 65 s on a dead endpoint).
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("connect_timeout", min(CONNECT_TIMEOUT, retry.connect_budget))
+            config.setdefault("retries", {"max_attempts": 1})
+            options["config_kwargs"] = config
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except ImportError as exc:
@@ -195,9 +295,36 @@ class FsspecStorage:
                 f"{self.url}: {exc} (fsspec needs that package for this kind of URL; for "
                 "s3:// install ckptguard[s3])"
             ) from exc
-        self.protocol = self.url.split("://", 1)[0]
         self.root_key = root.rstrip("/")
+        if self.protocol in {"s3", "s3a"} and hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs's own loop (5 by default): the policy retries instead
         self._conditional: bool | None = None
+
+    def _retry(self, fn: Callable[[], T], *, what: str, path: str) -> T:
+        return _retry(fn, what=what, path=path, policy=self.retry)
+
+    def require_root(self) -> None:
+        """Raise typed unless the bucket (or the store's top level) can be reached and read."""
+        bucket = self.root_key.split("/", 1)[0]
+        if self.protocol == "memory" or not bucket:
+            return
+
+        def look() -> bool:
+            try:
+                self.fs.ls(bucket, detail=False, refresh=True)
+            except FileNotFoundError:
+                return False
+            return True
+
+        if not self._retry(look, what="list", path=f"{self.protocol}://{bucket}"):
+            raise CheckpointNotFound(
+                f"the bucket {bucket!r} of {self.url} does not exist",
+                path=self.url,
+                hint="check the bucket name in the URL, or create the bucket",
+            )
+
+    def open_tree(self, path: str) -> ObjectTree:
+        return ObjectTree(self, path)
 
     def key(self, path: str) -> str:
         """The filesystem's key for a URL or key."""
@@ -219,7 +346,10 @@ class FsspecStorage:
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
         del fsync
         key = self.key(path)
-        _retry(lambda: self.fs.pipe_file(key, data), what="upload", path=path)
+        _retry(
+            lambda: self.fs.pipe_file(key, data), what="upload", path=path, policy=self.retry,
+            writing=True,
+        )  # fmt: skip
         return FileDigest(len(data), xxhash.xxh3_128_hexdigest(data))
 
     def fsync_file(self, path: str) -> None:
@@ -239,14 +369,14 @@ class FsspecStorage:
                 data: bytes = f.read(limit + 1)
             return data
 
-        data = _retry(read, what="download", path=path)
+        data = self._retry(read, what="download", path=path)
         if len(data) > limit:
-            raise StorageError(f"{path} is larger than {limit} bytes", path=path)
+            raise ValueError(f"{path} is larger than {limit} bytes")
         return data
 
     def exists(self, path: str) -> bool:
         key = self.key(path)
-        return bool(_retry(lambda: self.fs.exists(key), what="look up", path=path))
+        return bool(self._retry(lambda: self.fs.exists(key), what="look up", path=path))
 
     def list_dir(self, path: str) -> list[str]:
         """Names directly under a prefix, sorted; [] if there is none."""
@@ -259,7 +389,7 @@ class FsspecStorage:
                 return []
             return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
 
-        return _retry(ls, what="list", path=path)
+        return self._retry(ls, what="list", path=path)
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """Every object under a prefix: key -> info (size, last modified)."""
@@ -274,7 +404,7 @@ class FsspecStorage:
                 return {}
             return {k: v for k, v in found.items() if v.get("type") != "directory"}
 
-        return _retry(find, what="list", path=path)
+        return self._retry(find, what="list", path=path)
 
     def remove_file(self, path: str) -> None:
         key = self.key(path)
@@ -283,7 +413,7 @@ class FsspecStorage:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(key)
 
-        _retry(rm, what="delete", path=path)
+        self._retry(rm, what="delete", path=path)
 
     def remove_tree(self, path: str) -> None:
         for key in sorted(self.find(path)):
@@ -320,7 +450,7 @@ class FsspecStorage:
                     size += len(chunk)
             return FileDigest(size, hasher.hexdigest())
 
-        return _retry(run, what="download", path=path)
+        return self._retry(run, what="download", path=path)
 
     # -- create-only writes ----------------------------------------------------------------
     def create_only(self, path: str, data: bytes) -> bool:
@@ -340,12 +470,12 @@ class FsspecStorage:
                 raise
             return True
 
-        return _retry(put, what="conditional upload", path=path)
+        return _retry(put, what="conditional upload", path=path, policy=self.retry, writing=True)
 
     def supports_create_only(self) -> bool:
         """Probe once per root: does a second create-only write of one object fail?"""
         if self._conditional is None:
-            probe = f"{self.url}/{META_DIR}/probe-{uuid.uuid4().hex}"
+            probe = f"{self.url}/{PROBE_DIR}/probe-{uuid.uuid4().hex}"
             try:
                 first = self.create_only(probe, b"1")
                 second = self.create_only(probe, b"2")
@@ -362,281 +492,13 @@ class FsspecStorage:
         return self._conditional
 
 
-# -- commit --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RemoteCommit:
-    path: str
-    manifest: Manifest
-    outcome: str  # "committed", "replaced" or "kept" (someone else's save was there)
-
-
-def _read_manifest(storage: FsspecStorage, path: str) -> Manifest | None:
-    where = f"{path}/{MANIFEST_NAME}"
-    try:
-        data = storage.read_bytes(where, limit=MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        return None
-    except StorageError:
-        if storage.exists(where):
-            raise
-        return None
-    return Manifest.from_json(data, path=where)
-
-
-def commit_remote(
-    storage: FsspecStorage,
-    path: str,
-    write: Callable[[str], Mapping[str, FileDigest]],
-    *,
-    step: int | None,
-    metrics: Mapping[str, Any] | None,
-    metadata: Mapping[str, Any] | None,
-    if_exists: str,
-    coordinator: Coordinator,
-) -> RemoteCommit:
-    """Upload a checkpoint under ``path`` and commit it with its manifest.
-
-    Every rank calls; ``write(prefix)`` runs on rank 0 (the committer: one copy on an
-    object store, which every node sees) and returns the digests of what it uploaded
-    under ``prefix``. Every rank gets the same result or the same error.
-    """
-    name = posixpath.basename(path.rstrip("/"))
-    save_id = coordinator.broadcast(new_save_id() if coordinator.rank == 0 else None)
-    prefix = f"{path}/{save_id}"
-    error: str | None = None
-    result: dict[str, Any] | None = None
-    if coordinator.rank == 0:
-        try:
-            digests = write(prefix)
-            fault_point("remote.data_uploaded")
-            entries = [
-                FileEntry(validate_relpath(f"{save_id}/{rel}"), d.size, d.checksum)
-                for rel, d in sorted(digests.items())
-            ]
-            manifest = Manifest.create(
-                name=name,
-                save_id=save_id,
-                step=step,
-                files=entries,
-                writer=current_writer(tuple(range(coordinator.world_size)), coordinator.world_size),
-                metrics=metrics,
-                metadata=metadata,
-            )
-            outcome = _publish(storage, path, manifest, if_exists=if_exists)
-            fault_point("remote.manifest_written")
-            result = {"outcome": outcome, "manifest": manifest.to_json().decode()}
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if coordinator.world_size == 1:
-                with contextlib.suppress(Exception):
-                    storage.remove_tree(prefix)
-                if isinstance(exc, CheckpointError):
-                    raise
-                raise StorageError(
-                    f"saving {path} failed: {error}",
-                    path=path,
-                    hint="check the endpoint, the bucket and the credentials (fsspec/boto "
-                    "configuration or storage_options)",
-                ) from exc
-            with contextlib.suppress(Exception):
-                storage.remove_tree(prefix)
-    shared = coordinator.broadcast({"error": error, "result": result})
-    if shared["error"] is not None:
-        raise SaveAborted(
-            f"saving {path} failed on rank 0: {shared['error']}",
-            path=path,
-            failures={0: shared["error"]},
-        )
-    manifest = Manifest.from_json(shared["result"]["manifest"].encode())
-    return RemoteCommit(path, manifest, shared["result"]["outcome"])
-
-
-def _publish(storage: FsspecStorage, path: str, manifest: Manifest, *, if_exists: str) -> str:
-    """Write the manifest (the commit); remove what it replaced or what lost."""
-    where = f"{path}/{MANIFEST_NAME}"
-    data = manifest.to_json()
-    prefix = f"{path}/{manifest.save_id}"
-    if if_exists == "replace":
-        old = _read_manifest_quiet(storage, path)
-        storage.write_bytes(where, data)
-        if old is not None and old.save_id != manifest.save_id:
-            _remove_save(storage, path, old.save_id)
-            return "replaced"
-        return "committed"
-    if if_exists == "error" and storage.exists(where):
-        storage.remove_tree(prefix)
-        raise CommitConflict(f"{path} already exists", path=path)
-    if storage.supports_create_only():
-        won = storage.create_only(where, data)
-    else:
-        won = not storage.exists(where)
-        if won:
-            storage.write_bytes(where, data)
-            # No conditional write here: read back, the last writer of a race wins.
-            back = _read_manifest_quiet(storage, path)
-            won = back is not None and back.save_id == manifest.save_id
-    if not won:
-        storage.remove_tree(prefix)
-        if if_exists == "error":
-            raise CommitConflict(f"{path} was committed by another save", path=path)
-        _log.info("%s was committed by another save; ours is discarded", path)
-        return "kept"
-    return "committed"
-
-
-def _read_manifest_quiet(storage: FsspecStorage, path: str) -> Manifest | None:
-    try:
-        return _read_manifest(storage, path)
-    except (UnsafeManifest, StorageError):
-        return None
-
-
-def _remove_save(storage: FsspecStorage, path: str, save_id: str) -> None:
-    try:
-        storage.remove_tree(f"{path}/{save_id}")
-    except StorageError as exc:
-        _log.warning("could not delete the replaced save %s/%s: %s", path, save_id, exc)
-
-
-def retire_remote(storage: FsspecStorage, path: str) -> None:
-    """Delete a checkpoint: its manifest first (it is invisible from then on), then data."""
-    storage.remove_file(f"{path}/{MANIFEST_NAME}")
-    storage.remove_tree(path)
-    _log.info("deleted %s", path)
-
-
-def committed_names(storage: FsspecStorage, root: str) -> list[str]:
-    """Names under ``root`` that hold a manifest, from one listing.
-
-    Prefixes without one (a save killed mid-upload, an empty prefix a store keeps
-    listing) are skipped.
-    """
-    base = storage.key(root)
-    names = set()
-    for key in storage.find(root):
-        parts = key.removeprefix(base + "/").split("/")
-        if len(parts) == 2 and parts[1] == MANIFEST_NAME and parts[0] != META_DIR:
-            names.add(parts[0])
-    return sorted(names)
-
-
-# -- verify --------------------------------------------------------------------------------
-def verify_remote(storage: FsspecStorage, path: str, *, checksums: bool = True) -> VerifyReport:
-    """Verify a checkpoint on an object store, as :func:`ckptguard.verify` does locally.
-
-    The manifest parses and names this checkpoint; every listed object exists with its
-    size (and checksum); no unlisted object lies under the save's own prefix.
-    """
-    problems: list[str] = []
-    try:
-        manifest = _read_manifest(storage, path)
-    except UnsafeManifest as exc:
-        return VerifyReport(path, ok=False, problems=[f"unsafe manifest: {exc.message}"])
-    except StorageError as exc:
-        return VerifyReport(path, ok=False, problems=[f"cannot read the manifest: {exc}"])
-    if manifest is None:
-        return VerifyReport(path, ok=False, problems=[f"no {MANIFEST_NAME} in {path}"])
-    name = posixpath.basename(path.rstrip("/"))
-    if manifest.name != name:
-        problems.append(f"manifest names {manifest.name!r}, the prefix is {name!r}")
-    base = storage.key(path)
-    found = storage.find(f"{path}/{manifest.save_id}")
-    listed = {f"{base}/{f.path}": f for f in manifest.files}
-    files = checked = 0
-    for key, entry in sorted(listed.items()):
-        info = found.get(key)
-        if info is None:
-            problems.append(f"{entry.path}: missing")
-            continue
-        if int(info.get("size", -1)) != entry.size:
-            problems.append(f"{entry.path}: size {info.get('size')}, manifest says {entry.size}")
-            continue
-        if checksums:
-            digest = storage.hash_object(storage.url_of(key))
-            checked += digest.size
-            if digest.checksum != entry.checksum:
-                problems.append(f"{entry.path}: checksum mismatch (content altered)")
-                continue
-        files += 1
-    problems.extend(
-        f"{key.removeprefix(base + '/')}: extra object not in the manifest"
-        for key in sorted(set(found) - set(listed))
-    )
-    return VerifyReport(
-        path,
-        ok=not problems,
-        problems=problems,
-        manifest=manifest,
-        files_checked=files,
-        bytes_checked=checked,
-        checksums=checksums,
-    )
-
-
-# -- clean ---------------------------------------------------------------------------------
-def clean_remote(
-    storage: FsspecStorage, root: str, *, grace: float, dry_run: bool = False
-) -> list[str]:
-    """Remove what no manifest references, once older than ``grace`` seconds.
-
-    Save prefixes of a checkpoint other than the one its manifest names (a replaced save,
-    a save that lost, a save killed mid-upload) and checkpoint prefixes without a
-    manifest. Returns what was (or, with ``dry_run``, would be) removed.
-    """
-    now = _dt.datetime.now(_dt.UTC)
-    removed: list[str] = []
-    by_prefix: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    base = storage.key(root)
-    for key, info in storage.find(root).items():
-        rel = key.removeprefix(base + "/")
-        parts = rel.split("/")
-        if parts[0] == META_DIR or len(parts) < 2:
-            continue
-        by_prefix.setdefault(parts[0], []).append((key, info))
-    for name, objects in sorted(by_prefix.items()):
-        try:
-            manifest = _read_manifest(storage, f"{root}/{name}")
-        except (UnsafeManifest, StorageError) as exc:
-            # A manifest that is there but cannot be read now (a 503, a newer schema):
-            # its save must not be taken for an orphan. Leave the whole name alone.
-            _log.warning("clean-up skips %s/%s: its manifest cannot be read: %s", root, name, exc)
-            continue
-        keep = manifest.save_id if manifest is not None else None
-        stale: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for key, info in objects:
-            parts = key.removeprefix(base + "/").split("/")
-            if parts[1] == MANIFEST_NAME or (keep is not None and parts[1] == keep):
-                continue
-            stale.setdefault(parts[1], []).append((key, info))
-        for save_id, items in sorted(stale.items()):
-            times = [t for _, info in items if (t := _modified(info)) is not None]
-            if times and (now - max(times)).total_seconds() < grace:
-                continue
-            target = f"{root}/{name}/{save_id}"
-            removed.append(target)
-            if not dry_run:
-                for key, _ in items:
-                    storage.remove_file(storage.url_of(key))
-    return removed
-
-
-def _modified(info: Mapping[str, Any]) -> _dt.datetime | None:
-    for field_name in ("LastModified", "last_modified", "mtime", "created"):
-        value = info.get(field_name)
-        if isinstance(value, _dt.datetime):
-            return value if value.tzinfo else value.replace(tzinfo=_dt.UTC)
-        if isinstance(value, (int, float)):
-            return _dt.datetime.fromtimestamp(value, _dt.UTC)
-    return None
-
-
-class ObjectSource(Source):
+class ObjectSource:
     """An object, open for reading (ranges through the filesystem's file object)."""
 
-    def __init__(self, storage: FsspecStorage, path: str) -> None:
+    def __init__(self, storage: FsspecStorage, path: str, size: int | None = None) -> None:
         self.path = path
         self._file: Any = storage.open_read(path)
-        self._size = int(storage.fs.size(storage.key(path)))
+        self._size = int(storage.fs.size(storage.key(path))) if size is None else size
 
     @property
     def size(self) -> int:
@@ -669,30 +531,46 @@ class ObjectSource(Source):
         self._file.close()
 
 
-def remote_read_args(
-    storage: FsspecStorage, path: str, manifest: Manifest
-) -> tuple[str, Manifest, Callable[[str], Source]]:
-    """(base, manifest, opener) for ``read_state`` of a checkpoint on an object store.
+class ObjectTree:
+    """One checkpoint on a store: one listing of its prefix, then reads by key."""
 
-    The files of the save lie under ``<path>/<save id>/``; the manifest handed back
-    lists them relative to that prefix, as a local checkpoint's manifest does.
-    """
-    base = f"{path}/{manifest.save_id}"
-    prefix = f"{manifest.save_id}/"
-    files = tuple(
-        FileEntry(f.path.removeprefix(prefix), f.size, f.checksum)
-        for f in manifest.files
-        if f.path.startswith(prefix)
-    )
+    def __init__(self, storage: FsspecStorage, path: str) -> None:
+        self.path = path.rstrip("/")
+        self._storage = storage
+        self._base = storage.key(self.path)
+        found = storage.find(self.path)
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, "no objects under this prefix", self.path)
+        self._sizes = {
+            key.removeprefix(self._base + "/"): int(info.get("size", -1))
+            for key, info in found.items()
+        }
 
-    def opener(rel: str) -> Source:
-        return ObjectSource(storage, f"{base}/{rel}")
+    def read_small(self, rel: str, limit: int) -> bytes:
+        size = self._sizes.get(rel)
+        if size is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.path}/{rel}")
+        if size > limit:
+            raise ValueError(f"{rel} is {size} bytes: too large")
+        data = self._storage.read_bytes(f"{self.path}/{rel}", limit=limit)
+        if len(data) > limit:
+            raise ValueError(f"{rel} grew over {limit} bytes while read: too large")
+        return data
 
-    return base, dataclasses.replace(manifest, files=files), opener
+    def entries(self, under: str, problem: Callable[[str], None]) -> dict[str, int]:
+        del problem  # objects are never links or devices
+        return {rel: size for rel, size in self._sizes.items() if rel.startswith(under)}
 
+    def digest(self, rel: str, progress: Callable[[int], None] | None = None) -> FileDigest:
+        digest = self._storage.hash_object(f"{self.path}/{rel}")
+        if progress is not None:
+            progress(digest.size)
+        return digest
 
-def check_remote_path(path: str) -> None:
-    """Refuse a checkpoint name that is not a single path component."""
-    name = posixpath.basename(path.rstrip("/"))
-    if not name or name in {".", ".."} or "/" in name or os.sep in name:
-        raise CorruptCheckpoint(f"{path}: not a checkpoint prefix", path=path)
+    def open(self, rel: str) -> ObjectSource:
+        if rel not in self._sizes:
+            raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.path}/{rel}")
+        return ObjectSource(self._storage, f"{self.path}/{rel}", self._sizes[rel])
+
+    def close(self) -> None:
+        return None

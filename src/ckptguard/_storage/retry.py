@@ -28,7 +28,7 @@ from ckptguard._errors import StorageError, TransientStorageError, storage_error
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ckptguard._storage.local import FileDigest, FileWriter, Storage
+    from ckptguard._storage.base import CheckpointTree, FileDigest, FileWriter, Storage
 
 __all__ = [
     "PERMANENT_ERRNOS",
@@ -63,11 +63,15 @@ class RetryPolicy:
         deadline: seconds after the first failure when we give up and raise.
         initial_wait: the first backoff, doubled each attempt, with full jitter.
         max_wait: the cap of a single backoff.
+        connect_budget: seconds an object store's endpoint may stay unreachable (refused
+            or unanswered connections) before :class:`StorageUnreachable` is raised; the
+            same on every backend (a local filesystem never needs it).
     """
 
     deadline: float = 30.0
     initial_wait: float = 0.02
     max_wait: float = 2.0
+    connect_budget: float = 10.0
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -212,6 +216,9 @@ class RetryingStorage:
 
     def remove_file(self, path: str) -> None:
         self._retry(functools.partial(self.inner.remove_file, path), "remove file", path)
+
+    def open_tree(self, path: str) -> CheckpointTree:
+        return self._retry(functools.partial(self.inner.open_tree, path), "open checkpoint", path)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -1,7 +1,14 @@
 """The ``ckptguard`` command: list, verify, inspect and clean checkpoints.
 
-Exit codes: 0 all good; 1 something is corrupt (verify) ; 2 bad usage or a path that is
-not there. Every command takes ``--json`` for machine-readable output on stdout.
+Every ROOT or PATH may be a local path or an fsspec URL (s3://bucket/run); options for
+its filesystem (an endpoint, say) go in ``CKPTGUARD_STORAGE_OPTIONS`` as JSON, and the
+standard AWS environment variables work as for any boto client. Each path is turned
+into a backend by the one resolver (``_protocol/backend.py``): a URL is never a local
+folder.
+
+Exit codes: 0 all good; 1 something is corrupt (verify, inspect); 2 bad usage, or a path,
+bucket or prefix that is not there or cannot be reached. Every command takes ``--json``
+for machine-readable output on stdout.
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ckptguard._errors import CheckpointError
+from ckptguard._errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    StoragePermissionError,
+    StorageUnreachable,
+    UnsupportedRoot,
+)
 from ckptguard._format.layout import (
     MANIFEST_NAME,
     META_DIR,
@@ -25,17 +38,15 @@ from ckptguard._format.layout import (
     RootLayout,
     step_from_name,
 )
+from ckptguard._protocol.backend import Backend, backend_for, checkpoint_backend
 from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.marker import clean_store
 from ckptguard._protocol.recovery import EntryKind, RootEntry, recover, scan
-from ckptguard._protocol.verify import VerifyReport, read_manifest, verify
+from ckptguard._protocol.verify import VerifyReport
+from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._state.serialization import iter_tensor_infos
+from ckptguard._storage.base import is_url
 from ckptguard._storage.local import LocalStorage
-from ckptguard._storage.objectstore import (
-    FsspecStorage,
-    clean_remote,
-    committed_names,
-    is_url,
-    verify_remote,
-)
 
 __all__ = ["main"]
 
@@ -84,19 +95,15 @@ def _fail(message: str, *, as_json: bool, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def _is_checkpoint(path: str) -> bool:
-    return os.path.lexists(os.path.join(path, MANIFEST_NAME))
-
-
-def _is_root(path: str) -> bool:
+def _is_root(backend: Backend) -> bool:
     """A checkpoint root: it has ckptguard's meta dir or holds checkpoints."""
-    if os.path.isdir(os.path.join(path, META_DIR)):
+    if not backend.remote and os.path.isdir(os.path.join(backend.root, META_DIR)):
         return True
     try:
-        names = os.listdir(path)
-    except OSError:
+        names = backend.names()
+    except (CheckpointError, OSError):
         return False
-    return any(_is_checkpoint(os.path.join(path, n)) for n in names)
+    return any(backend.exists(backend.join(f"{n}/{MANIFEST_NAME}")) for n in names)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,68 +112,28 @@ def main() -> None:
     """Crash-safe, exactly-once, verified checkpoints: inspect and maintain them."""
 
 
+# -- resolving a ROOT or PATH ------------------------------------------------------------------
+_NOT_THERE = (CheckpointNotFound, StorageUnreachable, StoragePermissionError, UnsupportedRoot)
+
+
+def _backend(root: str, *, as_json: bool) -> Backend:
+    """The backend of ROOT; exit 2 with the reason if it cannot be resolved or is not there."""
+    try:
+        backend = backend_for(root, what=f"ckptguard {click.get_current_context().info_name}")
+        if backend.remote:
+            backend.require_root()  # a missing bucket or prefix, an unreachable endpoint
+    except (CheckpointError, OSError, ImportError) as exc:
+        _fail_for(exc, as_json=as_json)
+    return backend
+
+
+def _fail_for(exc: BaseException, *, as_json: bool) -> NoReturn:
+    """Exit 2 for what is not there, cannot be reached or resolved; 1 for anything else."""
+    there = isinstance(exc, CheckpointError) and not isinstance(exc, _NOT_THERE)
+    _fail(str(exc), as_json=as_json, code=1 if there else 2)
+
+
 # -- list --------------------------------------------------------------------------------------
-def _remote(url: str) -> FsspecStorage:
-    options = json.loads(os.environ.get("CKPTGUARD_STORAGE_OPTIONS") or "{}")
-    return FsspecStorage(url, options)
-
-
-def _remote_rows(url: str, *, checksums: bool) -> list[dict[str, Any]]:
-    storage = _remote(url)
-    rows = []
-    for name in committed_names(storage, storage.url):
-        report = verify_remote(storage, f"{storage.url}/{name}", checksums=checksums)
-        manifest = report.manifest
-        status = ("ok" if checksums else "ok (sizes)") if report.ok else "corrupt"
-        rows.append(
-            {
-                "name": name,
-                "path": report.path,
-                "step": manifest.step if manifest else step_from_name(name),
-                "created_at": manifest.created_at if manifest else None,
-                "size_bytes": manifest.total_size if manifest else None,
-                "files": len(manifest.files) if manifest else None,
-                "metrics": dict(manifest.metrics) if manifest else {},
-                "status": status,
-                "problems": "; ".join(report.problems),
-            }
-        )
-    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
-    return rows
-
-
-def _verify_remote_cmd(path: str, *, as_json: bool) -> None:
-    storage = _remote(path)
-    try:
-        if storage.exists(f"{storage.url}/{MANIFEST_NAME}"):
-            reports = [verify_remote(storage, storage.url)]
-        else:
-            names = committed_names(storage, storage.url)
-            reports = [verify_remote(storage, f"{storage.url}/{n}") for n in names]
-    except (CheckpointError, OSError) as exc:
-        _fail(str(exc), as_json=as_json)
-    if not reports and not as_json:
-        _err.print(f"no checkpoints in {path}")
-    _report_and_exit(reports, as_json=as_json)
-
-
-def _clean_remote_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
-    storage = _remote(root)
-    try:
-        gone = clean_remote(storage, storage.url, grace=stale_after, dry_run=not yes)
-    except (CheckpointError, OSError) as exc:
-        _fail(str(exc), as_json=as_json)
-    if as_json:
-        _emit_json({"dry_run": not yes, "removed" if yes else "planned": gone})
-        return
-    for prefix in gone:
-        _out.print(f"{'removed' if yes else 'would remove'} {prefix}")
-    if not gone:
-        _out.print(f"nothing to clean in {root}")
-    elif not yes:
-        _out.print("dry run: nothing removed; run again with --yes to do this")
-
-
 def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
     rows = []
     for entry in report_entries:
@@ -174,7 +141,7 @@ def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
             EntryKind.COMMITTED_VALID,
             EntryKind.COMMITTED_CORRUPT,
             EntryKind.FOREIGN,
-        }:
+        }:  # staging, trash and quarantine (uploads without a manifest) are not listed
             continue
         if entry.kind == EntryKind.FOREIGN and step_from_name(entry.name) is None:
             continue  # user files; only checkpoint-shaped foreign folders are listed
@@ -213,19 +180,16 @@ def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
     endpoint, say) go in the environment variable CKPTGUARD_STORAGE_OPTIONS as JSON.
     """
     if not is_url(root) and not os.path.isdir(root):
-        _err.print(f"[red]error:[/] {root} is not a directory")
-        sys.exit(2)
+        _fail(f"{root} is not a directory", as_json=as_json)
+    backend = _backend(root, as_json=as_json)
     try:
-        if is_url(root):
-            rows = _remote_rows(root, checksums=checksums)
-        else:
-            rows = _list_rows(list(scan(root, checksums=checksums).entries))
+        rows = _list_rows(list(scan(backend.root, checksums=checksums).entries))
     except (CheckpointError, OSError) as exc:
-        _fail(str(exc), as_json=as_json)
+        _fail_for(exc, as_json=as_json)
     if as_json:
         _emit_json(rows)
         return
-    table = Table(title=f"checkpoints in {root if is_url(root) else os.path.abspath(root)}")
+    table = Table(title=f"checkpoints in {backend.root}")
     for column in ("step", "time", "size", "files", "metrics", "status"):
         table.add_column(column, justify="right" if column in {"step", "size", "files"} else "left")
     for row in rows:
@@ -258,21 +222,21 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
     }
 
 
-def _verify_all(paths: list[str], *, show_progress: bool) -> list[VerifyReport]:
+def _verify_all(backend: Backend, paths: list[str], *, show_progress: bool) -> list[VerifyReport]:
     total = 0
     for path in paths:
         try:
-            total += read_manifest(path).total_size
+            total += backend.read_manifest(path).total_size
         except (CheckpointError, OSError):
             continue
     if not show_progress or total < PROGRESS_MIN_BYTES:
-        return [verify(p) for p in paths]
+        return [backend.verify(p) for p in paths]
     columns = (
         TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
     )  # fmt: skip
     with Progress(*columns, console=_err, transient=True) as progress:
         task = progress.add_task("verify", total=total)
-        return [verify(p, progress=lambda n: progress.advance(task, n)) for p in paths]
+        return [backend.verify(p, progress=lambda n: progress.advance(task, n)) for p in paths]
 
 
 @main.command("verify")
@@ -280,33 +244,35 @@ def _verify_all(paths: list[str], *, show_progress: bool) -> list[VerifyReport]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify_cmd(path: str, *, as_json: bool) -> None:
     """Verify a checkpoint, or every checkpoint of a root. Exit 1 if any is corrupt."""
-    if is_url(path):
-        _verify_remote_cmd(path, as_json=as_json)
-        return
-    if not os.path.isdir(path):
-        _err.print(f"[red]error:[/] {path} is not a directory")
-        sys.exit(2)
-    if _is_checkpoint(path) or not _is_root(path):
-        # A folder that is not a root is judged as a checkpoint: one without a manifest
-        # (a half-written Trainer save, say) fails verification instead of passing.
-        paths = [path]
-    else:
-        try:
-            entries = scan(path, checksums=False).entries
-        except (CheckpointError, OSError) as exc:
-            _fail(str(exc), as_json=as_json)
-        paths = [
-            e.path
-            for e in entries
-            if e.kind in {EntryKind.COMMITTED_VALID, EntryKind.COMMITTED_CORRUPT}
-            # checkpoint-N folders without a manifest are not checkpoints: report them
-            or (e.kind == EntryKind.FOREIGN and step_from_name(e.name) is not None)
-        ]
-        paths.sort(key=lambda p: (step_from_name(os.path.basename(p)) or -1, p))
-        if not paths:
-            _err.print(f"no checkpoints in {path}")
-    reports = _verify_all(paths, show_progress=not as_json and _err.is_terminal)
+    if not is_url(path) and not os.path.isdir(path):
+        _fail(f"{path} is not a directory", as_json=as_json)
+    backend = _backend(path, as_json=as_json)  # PATH taken as a root first
+    try:
+        if backend.exists(backend.join(MANIFEST_NAME)) or not _is_root(backend):
+            # A folder that is not a root is judged as a checkpoint: one without a manifest
+            # (a half-written Trainer save, say) fails verification instead of passing.
+            single, where = checkpoint_backend(path, what="ckptguard verify")
+            reports = _verify_all(single, [where], show_progress=_progress_wanted(as_json))
+        else:
+            entries = scan(backend.root, checksums=False).entries
+            paths = [
+                e.path
+                for e in entries
+                if e.kind in {EntryKind.COMMITTED_VALID, EntryKind.COMMITTED_CORRUPT}
+                # checkpoint-N folders without a manifest are not checkpoints: report them
+                or (e.kind == EntryKind.FOREIGN and step_from_name(e.name) is not None)
+            ]
+            paths.sort(key=lambda p: (step_from_name(p.rstrip("/").rsplit("/", 1)[-1]) or -1, p))
+            if not paths and not as_json:
+                _err.print(f"no checkpoints in {path}")
+            reports = _verify_all(backend, paths, show_progress=_progress_wanted(as_json))
+    except (CheckpointError, OSError) as exc:
+        _fail_for(exc, as_json=as_json)
     _report_and_exit(reports, as_json=as_json)
+
+
+def _progress_wanted(as_json: bool) -> bool:  # noqa: FBT001 - one flag, read as such
+    return not as_json and _err.is_terminal
 
 
 def _report_and_exit(reports: list[VerifyReport], *, as_json: bool) -> NoReturn:
@@ -332,29 +298,33 @@ def _report_and_exit(reports: list[VerifyReport], *, as_json: bool) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(path: str, *, as_json: bool) -> None:
     """Show a checkpoint's manifest, files and tensors (shapes and dtypes)."""
-    from ckptguard._state.serialization import iter_tensor_infos  # noqa: PLC0415 - keeps startup light
-
-    if not os.path.isdir(path):
+    if not is_url(path) and not os.path.isdir(path):
         why = "is not a directory" if os.path.lexists(path) else "does not exist"
-        _err.print(f"[red]error:[/] {path} {why}")
-        sys.exit(2)
+        _fail(f"{path} {why}", as_json=as_json)
     try:
-        manifest = read_manifest(path)
-        tensors: list[dict[str, Any]] = [
-            {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
-            for f, t in iter_tensor_infos(path, manifest)
-        ]
+        backend, where = checkpoint_backend(path, what="ckptguard inspect")
+        if backend.remote:
+            backend.require_root()
+        manifest = backend.read_manifest(where)
+        listed, opener, close = backend.open_files(where, manifest)
+        try:
+            tensors: list[dict[str, Any]] = [
+                {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+                 "bytes": t.nbytes}
+                for f, t in iter_tensor_infos(where, listed, opener)
+            ]  # fmt: skip
+        finally:
+            close()
     except FileNotFoundError as exc:
         missing = exc.filename or exc
-        _err.print(f"[red]error:[/] {path} is not a valid checkpoint: {missing} is missing")
-        sys.exit(1)
+        code = 2 if isinstance(exc, CheckpointNotFound) else 1
+        _fail(f"{path} is not a valid checkpoint: {missing} is missing", as_json=as_json, code=code)
     except (CheckpointError, OSError) as exc:
-        _err.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+        _fail_for(exc, as_json=as_json)
     if as_json:
         _emit_json(
             {
-                "path": os.path.abspath(path),
+                "path": where,
                 "name": manifest.name,
                 "step": manifest.step,
                 "save_id": manifest.save_id,
@@ -370,7 +340,7 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
         )
         return
     w = manifest.writer
-    _out.print(f"[bold]{os.path.abspath(path)}[/]")
+    _out.print(f"[bold]{where}[/]")
     _out.print(f"  step {manifest.step}, saved {_when(manifest.created_at)} by {w.host} pid {w.pid}"
                f" (ranks {list(w.ranks)} of {w.world_size})")  # fmt: skip
     _out.print(f"  save id {manifest.save_id}, {len(manifest.files)} files, "
@@ -396,6 +366,23 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
 
 
 # -- clean -------------------------------------------------------------------------------------
+def _clean_store(backend: Backend, *, yes: bool, stale_after: float, as_json: bool) -> None:
+    """On an object store: the uploads no manifest refers to."""
+    try:
+        gone = clean_store(backend.storage, backend.root, grace=stale_after, dry_run=not yes)
+    except (CheckpointError, OSError) as exc:
+        _fail_for(exc, as_json=as_json)
+    if as_json:
+        _emit_json({"dry_run": not yes, "removed" if yes else "planned": gone})
+        return
+    for prefix in gone:
+        _out.print(f"{'removed' if yes else 'would remove'} {prefix}")
+    if not gone:
+        _out.print(f"nothing to clean in {backend.root}")
+    elif not yes:
+        _out.print("dry run: nothing removed; run again with --yes to do this")
+
+
 def _plan(root: str, entry: RootEntry) -> str:
     """What clean does with an entry: "remove", "restore" or "keep" (decided before acting).
 
@@ -427,7 +414,8 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
     On an object store (an fsspec URL): the uploads no manifest refers to.
     """
     if is_url(root):
-        _clean_remote_cmd(root, yes=yes, stale_after=stale_after, as_json=as_json)
+        _clean_store(_backend(root, as_json=as_json), yes=yes, stale_after=stale_after,
+                     as_json=as_json)  # fmt: skip
         return
     if not os.path.isdir(root):
         _fail(f"{root} is not a directory", as_json=as_json)

@@ -247,14 +247,9 @@ def _checkpoint_sizes(root: str) -> tuple[int, int] | None:
                 steps.append((step, name))
     if not steps:
         return None
-    sizes = {}
-    for _, name in steps:
-        total = 0
-        for base, _dirs, files in os.walk(os.path.join(root, name)):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(base, f)).st_size
-        sizes[name] = total
+    from ckptguard._storage.local import tree_size  # noqa: PLC0415 - a lighter import at start
+
+    sizes = {name: tree_size(os.path.join(root, name)) for _, name in steps}
     return sizes[max(steps)[1]], sum(sizes.values())
 
 
@@ -515,7 +510,7 @@ def check_distributed(
 
 
 def _world_size_against_checkpoint(root: str, world: int) -> list[Check]:
-    from ckptguard._protocol.verify import read_manifest  # noqa: PLC0415
+    from ckptguard._protocol.verify import read_manifest_local as read_manifest  # noqa: PLC0415
 
     steps = []
     with contextlib.suppress(OSError):

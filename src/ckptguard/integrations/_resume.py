@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ckptguard._errors import CheckpointError, CorruptCheckpoint, NoValidCheckpoint, SaveAborted
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR
 from ckptguard._protocol.recovery import recover
-from ckptguard._protocol.verify import verify
+from ckptguard._protocol.verify import verify_local as verify
 
 if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator

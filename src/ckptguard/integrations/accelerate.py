@@ -43,11 +43,11 @@ from ckptguard._coordination.base import default_coordinator
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard._format.layout import ACCELERATE_NAMING
 from ckptguard._manager.manager import CheckpointManager
-from ckptguard._protocol.commit import AtomicCheckpoint
+from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard.integrations._resume import agreed_latest, check_resume_path
 
 if TYPE_CHECKING:
-    from ckptguard._protocol.commit import AtomicCheckpoint as Transaction
+    from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
 
 __all__ = ["protect"]
 

@@ -39,8 +39,8 @@ from ckptguard._coordination.base import SingleProcess
 from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 from ckptguard._protocol.cleanup import retire_checkpoint
-from ckptguard._protocol.commit import AtomicCheckpoint
-from ckptguard._protocol.verify import verify
+from ckptguard._protocol.transaction import AtomicCheckpoint
+from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.local import LocalStorage
 from ckptguard.integrations._resume import repair_root
 

@@ -49,7 +49,7 @@ from ckptguard._errors import CheckpointError, NoValidCheckpoint
 from ckptguard._format.layout import HF_NAMING, RESERVED_NAMES
 from ckptguard._manager.manager import CheckpointManager
 from ckptguard._manager.retention import RetentionPolicy
-from ckptguard._protocol.verify import verify
+from ckptguard._protocol.verify import verify_local as verify
 from ckptguard.integrations._resume import (
     agreed_latest,
     check_resume_path,
@@ -59,7 +59,7 @@ from ckptguard.integrations._resume import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ckptguard._protocol.commit import AtomicCheckpoint
+    from ckptguard._protocol.transaction import AtomicCheckpoint
 
 __all__ = ["install", "last_valid_checkpoint", "protect", "uninstall"]
 

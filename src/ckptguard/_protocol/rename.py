@@ -1,4 +1,4 @@
-"""The commit protocol: stage → write → seal → commit → publish.
+"""The rename commit (POSIX filesystems): stage → write → seal → commit → publish.
 
 Why: a trainer that let several processes ``rename(tmp, "checkpoint-100")`` crashed every
 process but the first with ``OSError: [Errno 39] Directory not empty``, and one that
@@ -20,12 +20,20 @@ byte and the manifest are durable.
 ``abort`` removes a staging dir; it runs on any failure before the commit. A crash at
 any point leaves either the old state or the new one; ``recovery.recover`` repairs the
 in-between states a crash can leave (stale staging, a replace cut between its renames).
+
+What :class:`RenameCommit` guarantees:
+- a checkpoint's name never exists before every file, the manifest and the staging dir
+  are fsynced; after ``commit`` returns, the rename is durable (ROOT fsynced);
+- exactly one save commits a name per ``if_exists="keep"`` among processes that take the
+  root's lock (every ckptguard process does); a name is never replaced by an older save;
+- nothing that is not a valid checkpoint is ever deleted: it is quarantined with a note;
+- a crash between the two renames of a replace is rolled back by recovery;
+- partial: the durability of the final rename relies on the filesystem honouring a
+  directory fsync (NFS: the server's commit semantics).
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import errno
 import functools
 import logging
@@ -33,15 +41,11 @@ import os
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ckptguard._coordination.base import Coordinator, SingleProcess, default_coordinator
 from ckptguard._errors import (
     CheckpointError,
     CommitConflict,
-    SaveAborted,
     StorageError,
     StorageFull,
     UnsafeManifest,
@@ -51,6 +55,7 @@ from ckptguard._errors import (
 from ckptguard._format.layout import (
     MANIFEST_NAME,
     MANIFEST_TMP_NAME,
+    META_DIR,
     OWNER_NAME,
     RootLayout,
     new_save_id,
@@ -61,36 +66,35 @@ from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
 from ckptguard._format.owner import WriterInfo, current_writer
 from ckptguard._protocol.cleanup import (
     DEFAULT_STALE_AFTER,
+    check_meta_dirs,
     remove_retrying,
     remove_stale_staging,
     repair_trash,
+    retire_checkpoint,
     write_owner,
 )
-from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT, root_lock
-from ckptguard._protocol.verify import verify
+from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.strategy import IF_EXISTS, CommitResult, IfExists, Outcome, Staging
+from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.faults import fault_point
-from ckptguard._storage.local import PARALLEL_FSYNC_MIN, FileDigest, LocalStorage, Storage
+from ckptguard._storage.local import PARALLEL_FSYNC_MIN, LocalStorage, tree_size
 from ckptguard._storage.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
-    PERMANENT_ERRNOS,
     RetryPolicy,
     call_fsync,
     call_with_retry,
-    with_retries,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
+    from contextlib import AbstractContextManager
+
+    from ckptguard._storage.base import FileDigest, Storage
 
 __all__ = [
-    "AtomicCheckpoint",
-    "CommitResult",
-    "IfExists",
-    "Outcome",
-    "Staging",
+    "RenameCommit",
     "abort",
-    "atomic_checkpoint",
     "commit",
     "publish",
     "seal",
@@ -98,47 +102,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("ckptguard.commit")
-
-IfExists = Literal["keep", "replace", "error"]
-_IF_EXISTS = ("keep", "replace", "error")
-
-
-class Outcome(enum.StrEnum):
-    """What a commit did."""
-
-    COMMITTED = "committed"  # our staging dir is now the checkpoint
-    REPLACED = "replaced"  # ... and an older valid checkpoint of that name went to trash
-    ALREADY_COMMITTED = "already_committed"  # a peer committed this very save (same save id)
-    KEPT_EXISTING = "kept_existing"  # a valid checkpoint of that name exists; ours discarded
-
-
-@dataclass(frozen=True)
-class Staging:
-    """A save in progress: where it is written and by whom."""
-
-    layout: RootLayout
-    name: str
-    save_id: str
-    path: str
-    storage: Storage
-    retry: RetryPolicy = DEFAULT_RETRY
-    writer: WriterInfo = field(default_factory=current_writer)
-
-    @property
-    def final(self) -> str:
-        return self.layout.final(self.name)
-
-
-@dataclass(frozen=True)
-class CommitResult:
-    """The checkpoint that is visible under the final name after a commit, and how."""
-
-    path: str
-    outcome: Outcome
-    manifest: Manifest
-    replaced: str | None = None  # trash path of the checkpoint we replaced
-    quarantined: str | None = None  # where a foreign entry in the way was moved
-
 
 _OTHERS_WRITE = 0o022  # group and world write bits
 
@@ -292,7 +255,7 @@ def seal(
     try:
         call_fsync(write_manifest, what="write manifest", path=tmp)
     except StorageFull as err:
-        explain_full(err, staging, _tree_size(path) + len(data))
+        explain_full(err, staging, tree_size(path, skip=OWNER_NAME) + len(data))
         raise
     fault_point("seal.manifest_tmp_written")
     _rename(staging, tmp, os.path.join(path, MANIFEST_NAME))
@@ -391,8 +354,8 @@ def commit(
     ``supersedes``: the save id of a checkpoint that this save knowingly replaces even if
     it no longer verifies (files added to it after its commit by the same job).
     """
-    if if_exists not in _IF_EXISTS:
-        raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
+    if if_exists not in IF_EXISTS:
+        raise ValueError(f"if_exists must be one of {IF_EXISTS}, got {if_exists!r}")
     storage, final = staging.storage, staging.final
     if not storage.exists(staging.path):
         # Peers of one save share its staging dir; the first of them renamed it already.
@@ -621,18 +584,6 @@ def abort(staging: Staging) -> None:
         _log.warning("could not remove staging %s (%s); the next save will", staging.path, exc)
 
 
-# -- the whole sequence, as a context manager ----------------------------------------------
-def _tree_size(path: str) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            if dirpath == path and f == OWNER_NAME:
-                continue
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
-
-
 def typed_write_error(
     exc: OSError, staging: Staging, expected_bytes: int | None = None
 ) -> StorageError:
@@ -645,13 +596,15 @@ def typed_write_error(
     if isinstance(err, StorageFull):
         explain_full(err, staging, expected_bytes)
     else:
-        err.message += f"; {_tree_size(staging.path)} bytes were written to its staging dir"
+        err.message += (
+            f"; {tree_size(staging.path, skip=OWNER_NAME)} bytes were written to its staging dir"
+        )
     return err
 
 
 def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None) -> None:
     """Add to a StorageFull what was written, what is free and what the save needs."""
-    written = _tree_size(staging.path)
+    written = tree_size(staging.path, skip=OWNER_NAME)
     try:
         free: int | str = shutil.disk_usage(staging.layout.root).free
     except OSError:
@@ -667,351 +620,110 @@ def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None)
     err.bytes_needed = need
 
 
-_warned_multi_rank = False
+class RenameCommit:
+    """The commit strategy of POSIX filesystems: a staging dir renamed into place."""
 
+    kind = "rename"
+    shared = False  # node-local roots exist: the transaction probes who sees what
 
-def warn_multi_rank_without_group() -> None:
-    """Warn once: WORLD_SIZE > 1 but no process group to coordinate the ranks' saves."""
-    # Without a coordinator every process stages and commits its own save; the first
-    # commit wins and files that only other ranks wrote are not in it.
-    global _warned_multi_rank  # noqa: PLW0603 - warn once per process, not once per save
-    if not _warned_multi_rank:
-        _warned_multi_rank = True
-        _log.warning(
-            "WORLD_SIZE=%s but torch.distributed is not initialised: each process commits its "
-            "own save and the first commit wins, so files written only by other ranks are "
-            "dropped. Initialise the process group before saving (or save from one rank)",
-            os.environ.get("WORLD_SIZE"),
-        )
+    def prepare_root(self, layout: RootLayout, storage: Storage, *, retry: RetryPolicy) -> None:
+        ensure_root(layout, storage, retry)
 
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class AtomicCheckpoint:
-    """Commit whatever the block writes into the yielded staging dir as ``final_path``.
-
-    ::
-
-        with ckptguard.atomic_checkpoint("runs/exp1/checkpoint-100") as staging_dir:
-            model.save_pretrained(staging_dir)
-
-    A normal exit seals and commits; an exception removes the staging dir and propagates
-    (a permanent OSError such as ENOSPC becomes a typed :class:`StorageError`). If the
-    final name already holds a valid checkpoint, ``if_exists`` decides: ``"keep"`` it
-    (default; exactly-once: the first committer wins), ``"replace"`` it (moved to trash
-    first), or raise :class:`CommitConflict` (``"error"``). Anything else in the way is
-    quarantined, never deleted. After the block, ``.result`` tells what happened.
-
-    Permissions: the staging dir is 0700 while it is written. The committed directory
-    gets ``dir_mode`` (default: 0o777 minus the umask), and neither it nor anything in it
-    stays writable by group or others, unless ``dir_mode`` itself grants that.
-
-    Under torch.distributed every rank enters the block and gets the same staging dir
-    (rank 0 creates it); every rank writes its own files; rank 0 alone seals and commits
-    after all ranks finished, and all ranks succeed, or all raise :class:`SaveAborted`
-    naming the ranks that failed (see ``coordination.py``).
-    """
-
-    def __init__(
+    def stage(
         self,
-        final_path: str | os.PathLike[str],
+        layout: RootLayout,
+        storage: Storage,
+        name: str,
         *,
-        step: int | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        if_exists: IfExists = "keep",
-        storage: Storage | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-        stale_after: float = DEFAULT_STALE_AFTER,
-        dir_mode: int | None = None,
-        coordinator: Coordinator | None = None,
-        shared_storage: bool | None = None,
-        prepare: Callable[[Path], None] | None = None,
-    ) -> None:
-        if if_exists not in _IF_EXISTS:
-            raise ValueError(f"if_exists must be one of {_IF_EXISTS}, got {if_exists!r}")
-        final = os.path.abspath(os.fspath(final_path))
-        self.root, self.name = os.path.dirname(final), validate_name(os.path.basename(final))
-        self.final = final
-        self.step, self.metrics, self.metadata = step, metrics, metadata
-        self.if_exists: IfExists = if_exists
-        self.storage = with_retries(storage or LocalStorage(), retry)
-        self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
-        self.dir_mode = dir_mode
-        self.coordinator = coordinator
-        self.shared_storage = shared_storage  # what the caller believes; the probe decides
-        # Run by each committer on the staging dir after every rank's writes succeeded and
-        # before the seal (e.g. moving files that a framework wrote into a subdirectory).
-        self.prepare = prepare
-        self.supersedes: str | None = None  # see commit()
-        # What the block will write, if the caller knows it: a StorageFull names it.
-        self.expected_bytes: int | None = None
-        # With several ranks, an exception in the block normally reaches every rank as
-        # SaveAborted. When the block runs a framework's own collectives (the integrations),
-        # the other ranks may be waiting inside one of those instead: then the failing rank
-        # raises at once, and the launcher (torchrun) ends the job, rather than all of them
-        # waiting for a timeout.
-        self.fail_fast = False
-        self._coord: Coordinator = SingleProcess()
-        self._committers: list[int] = [0]
-        self._nodes = 1
-        self.staging: Staging | None = None
-        self.result: CommitResult | None = None
-        # Digests of files that were checksummed and fsynced while written (through
-        # Storage.open_write): seal trusts them instead of reading those files again.
-        self.known: dict[str, FileDigest] = {}
+        retry: RetryPolicy,
+        writer: WriterInfo,
+    ) -> Staging:
+        return stage(layout.root, name, storage=storage, retry=retry, writer=writer)
 
-    def __enter__(self) -> Path:
-        self._coord = self.coordinator or default_coordinator()
-        if self._coord.world_size == 1:
-            self.staging = stage(self.root, self.name, storage=self.storage, retry=self.retry)
-        else:
-            self.staging = self._stage_for_all()
-        return Path(self.staging.path)
+    def attach(
+        self,
+        layout: RootLayout,
+        storage: Storage,
+        name: str,
+        save_id: str,
+        *,
+        retry: RetryPolicy,
+        writer: WriterInfo,
+    ) -> Staging:
+        path = layout.staging_dir(name, save_id)
+        return Staging(layout, name, save_id, path, storage, retry, writer)
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        staging = self.staging
-        if staging is None:
-            return
-        if self._coord.world_size > 1:
-            self._finish_for_all(staging, exc)
-            return
-        if exc is not None:
-            typed = (
-                typed_write_error(exc, staging, self.expected_bytes)
-                if isinstance(exc, OSError)
-                and not isinstance(exc, CheckpointError)
-                and exc.errno in PERMANENT_ERRNOS
-                else None
-            )
-            abort(staging)
-            if typed is not None:
-                raise typed from exc
-            return  # the original exception propagates
-        self.result = self._seal_and_commit(staging)
+    def workdir(self, staging: Staging) -> str:
+        return staging.path  # every rank of a node writes into the one staging dir
 
-    def _prepare_and_seal(self, staging: Staging) -> Manifest:
-        """The committer's steps once every rank has written: prepare, then seal."""
-        if self.prepare is not None:
-            self.prepare(Path(staging.path))
+    def flush(self, staging: Staging) -> dict[str, FileDigest]:
+        del staging  # the files are in the staging dir already; seal hashes them
+        return {}
+
+    def seal(
+        self,
+        staging: Staging,
+        *,
+        known: Mapping[str, FileDigest],
+        step: int | None,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        others_may_write: bool,
+    ) -> Manifest:
         return seal(
             staging,
-            step=self.step,
-            metrics=self.metrics,
-            metadata=self.metadata,
-            known=self.known,
-            others_may_write=self.dir_mode is not None and bool(self.dir_mode & _OTHERS_WRITE),
+            step=step,
+            metrics=metrics,
+            metadata=metadata,
+            known=known,
+            others_may_write=others_may_write,
         )
 
-    def _commit_and_publish(self, staging: Staging, manifest: Manifest) -> CommitResult:
-        """Rename the sealed save into place and publish it, under the root's lock."""
-        with root_lock(staging.layout, self.lock_timeout):
+    def commit(
+        self,
+        staging: Staging,
+        manifest: Manifest,
+        *,
+        if_exists: IfExists,
+        dir_mode: int | None,
+        supersedes: str | None,
+        lock_timeout: float,
+        stale_after: float,
+    ) -> CommitResult:
+        with root_lock(staging.layout, lock_timeout):
             result = commit(
-                staging,
-                manifest,
-                if_exists=self.if_exists,
-                dir_mode=self.dir_mode,
-                supersedes=self.supersedes,
+                staging, manifest, if_exists=if_exists, dir_mode=dir_mode, supersedes=supersedes
             )
-            publish(staging, result, stale_after=self.stale_after)
+            publish(staging, result, stale_after=stale_after)
         return result
 
-    def _seal_and_commit(self, staging: Staging) -> CommitResult:
-        try:
-            result = self._commit_and_publish(staging, self._prepare_and_seal(staging))
-        except BaseException:
-            abort(staging)  # a no-op if the rename already happened
-            raise
-        return result
+    def abort(self, staging: Staging) -> None:
+        abort(staging)
 
-    # -- several ranks -------------------------------------------------------------------------
-    # Six collectives per save, whatever the number of files (see coordination.py).
-    def _topology(self) -> list[int]:
-        """For every rank, the rank that commits for it (probed, not assumed).
+    def visible_names(self, layout: RootLayout, storage: Storage) -> list[str]:
+        return [n for n in storage.list_dir(layout.root) if n != META_DIR]
 
-        Rank 0 drops a probe file into its root; every rank looks for it in its own root.
-        Ranks that see it share rank 0's storage: rank 0 commits for all of them. The
-        others (node-local roots) are grouped by node, and each node's lowest rank
-        commits for its node.
-        """
-        coord = self._coord
-        layout = RootLayout(self.root)
-        message: dict[str, Any] | None = None
-        if coord.rank == 0:
-            try:
-                ensure_root(layout, self.storage, self.retry)
-                name = f"probe-{new_save_id()}"
-                self.storage.write_bytes(os.path.join(layout.meta, name), b"", fsync=False)
-                message = {"probe": name}
-            except Exception as exc:  # every rank must hear of it, or the others hang
-                message = {"error": _describe(exc)}
-        message = coord.broadcast(message)
-        if "error" in message:
-            raise SaveAborted(
-                f"{self.final}: rank 0 could not probe the checkpoint root: {message['error']}",
-                path=self.final,
-                failures={0: str(message["error"])},
-            )
-        probe_name = str(message["probe"])
-        sees = os.path.lexists(os.path.join(layout.meta, str(probe_name)))
-        views = coord.all_gather({"sees": sees, "node": coord.node})
-        self._nodes = len({str(view["node"]) for view in views})
-        if coord.rank == 0:
-            try:
-                self.storage.remove_file(os.path.join(layout.meta, str(probe_name)))
-            except OSError as exc:  # never leave the others in the next collective alone
-                _log.warning("could not remove the probe %s: %s", probe_name, exc)
-        committer: list[int] = []
-        first_on_node: dict[str, int] = {}
-        for rank, view in enumerate(views):
-            if view["sees"]:
-                committer.append(0)
-            else:
-                committer.append(first_on_node.setdefault(view["node"], rank))
-        shared = all(c == 0 for c in committer)
-        if not shared:
-            _log.info("checkpoint roots are node-local: one committer per node, ranks %s",
-                      sorted(set(committer)))  # fmt: skip
-        if self.shared_storage is not None and self.shared_storage != shared and coord.rank == 0:
-            # e.g. Hugging Face's save_on_each_node=True on a shared filesystem, or False on
-            # node-local disks (where nodes other than rank 0's would get no checkpoint)
-            _log.warning(
-                "%s: the configuration says the checkpoint root is %s, but the probe found it "
-                "%s; ckptguard commits %s",
-                self.root,
-                "shared by all nodes" if self.shared_storage else "local to each node",
-                "shared by all ranks" if shared else "not visible to every rank",
-                "once for all ranks" if shared else "once per node",
-            )
-        return committer
+    def content_prefix(self, manifest: Manifest) -> str:
+        del manifest
+        return ""
 
-    def _stage_for_all(self) -> Staging:
-        coord = self._coord
-        self._committers = self._topology()
-        mine = self._committers[coord.rank]
-        group = tuple(r for r, c in enumerate(self._committers) if c == mine)
-        writer = current_writer(ranks=group, world_size=coord.world_size)
-        staging: Staging | None = None
-        message: dict[str, Any] | None = None
-        if coord.rank == mine:
-            try:
-                staging = stage(
-                    self.root, self.name, storage=self.storage, retry=self.retry, writer=writer
-                )
-                message = {"ok": True, "save_id": staging.save_id}
-            except Exception as exc:  # every rank must hear of it, or the others hang
-                message = {"ok": False, "error": _describe(exc)}
-        messages = coord.all_gather(message)
-        failures = {r: str(m["error"]) for r, m in enumerate(messages) if m and not m["ok"]}
-        if failures:
-            if staging is not None:
-                abort(staging)
-            raise SaveAborted(
-                f"{self.final}: could not create the staging dir on rank(s) {sorted(failures)}",
-                path=self.final,
-                failures=failures,
-            )
-        if staging is None:
-            layout = RootLayout(self.root)
-            save_id = str(messages[mine]["save_id"])
-            path = layout.staging_dir(self.name, save_id)
-            staging = Staging(layout, self.name, save_id, path, self.storage, self.retry, writer)
-        return staging
+    def retire(
+        self, layout: RootLayout, storage: Storage, name: str, *, retry: RetryPolicy
+    ) -> bool:
+        return retire_checkpoint(layout, name, storage=storage, retry=retry)
 
-    def _finish_for_all(self, staging: Staging, exc: BaseException | None) -> None:
-        coord = self._coord
-        committer = coord.rank == self._committers[coord.rank]
-        if exc is not None and self.fail_fast:
-            if committer:
-                abort(staging)
-            return  # the exception propagates; no collective is entered
-        local_error: BaseException | None = exc
+    def repair(
+        self, layout: RootLayout, storage: Storage, *, stale_after: float, lock_timeout: float
+    ) -> list[str]:
+        """Roll back a replace cut between its renames, drop stale staging (under the lock)."""
+        check_meta_dirs(layout)
+        if not storage.exists(layout.meta):
+            return []
+        with root_lock(layout, lock_timeout):
+            actions = repair_trash(layout, storage, checksums=False, retry=DEFAULT_RETRY)
+            for state in remove_stale_staging(storage, layout, stale_after=stale_after):
+                actions.append(f"removed stale staging {state.path} ({state.reason})")
+        return actions
 
-        # Phase 1: did every rank's writes succeed? Then every committer seals.
-        mine = {"ok": exc is None, "error": None if exc is None else _describe(exc)}
-        reports = coord.all_gather(mine)
-        failures = {r: str(rep["error"]) for r, rep in enumerate(reports) if not rep["ok"]}
-        manifest: Manifest | None = None
-        sealed: dict[str, Any] | None = None
-        if committer and not failures:
-            try:
-                manifest = self._prepare_and_seal(staging)
-                sealed = {"ok": True}
-            except BaseException as err:  # tell the others before raising
-                local_error = err
-                sealed = {"ok": False, "error": _describe(err)}
-        # Phase 2: only when every committer sealed does any of them rename, so that one
-        # node does not commit a save that another node fails (partial: a rename itself
-        # can still fail on one node after another renamed).
-        seals = coord.all_gather(sealed)
-        failures |= {r: str(x["error"]) for r, x in enumerate(seals) if x and not x["ok"]}
-        outcome: dict[str, Any] | None = None
-        if committer:
-            if failures or manifest is None:
-                abort(staging)
-                outcome = {"ok": False, "failures": failures}
-            else:
-                try:
-                    result = self._commit_and_publish(staging, manifest)
-                    self.result = result
-                    outcome = {
-                        "ok": True,
-                        "outcome": result.outcome.value,
-                        "path": result.path,
-                        "manifest": result.manifest.to_json().decode("utf-8"),
-                    }
-                except BaseException as err:  # tell the others before raising
-                    abort(staging)
-                    local_error = err
-                    outcome = {"ok": False, "failures": {coord.rank: _describe(err)}}
-        outcomes = coord.all_gather(outcome)
-        merged: dict[int, str] = {}
-        for o in outcomes:
-            if o is not None and not o["ok"]:
-                merged |= {int(r): str(m) for r, m in o["failures"].items()}
-        if merged:
-            raise SaveAborted(
-                f"{self.final} was not committed: rank(s) {sorted(merged)} failed",
-                path=self.final,
-                failures=merged,
-            ) from local_error
-        if self.result is None:
-            mine_outcome = outcomes[self._committers[coord.rank]]
-            committed = Manifest.from_json(str(mine_outcome["manifest"]).encode("utf-8"))
-            self.result = CommitResult(
-                mine_outcome["path"], Outcome(mine_outcome["outcome"]), committed
-            )
-
-    @property
-    def staging_dir(self) -> Path:
-        """Where this save's files go (after ``__enter__``)."""
-        if self.staging is None:
-            raise RuntimeError("the transaction has not started: use it in a with statement")
-        return Path(self.staging.path)
-
-    @property
-    def shared(self) -> bool:
-        """Whether one committer commits for every rank (False: node-local roots)."""
-        return all(c == 0 for c in self.committers)
-
-    @property
-    def nodes(self) -> int:
-        """How many nodes the ranks of this save run on (after ``__enter__``)."""
-        return self._nodes
-
-    @property
-    def committer(self) -> int:
-        """The rank that commits for this process (after ``__enter__``)."""
-        return self._committers[self._coord.rank] if self._coord.world_size > 1 else 0
-
-    @property
-    def committers(self) -> list[int]:
-        """Each rank's committer (after ``__enter__``): one value if the root is shared."""
-        return list(self._committers) if self._coord.world_size > 1 else [0]
-
-
-# The public name reads as a function, as in ``with atomic_checkpoint(path) as d:``.
-atomic_checkpoint = AtomicCheckpoint
+    def lock(self, layout: RootLayout, timeout: float) -> AbstractContextManager[None]:
+        return root_lock(layout, timeout)

@@ -1,0 +1,141 @@
+"""Retention: which checkpoints go after a save, pins, and verify-before-delete.
+
+Retention runs only after a new checkpoint is committed and verified, under the root's
+lock where there is one, and never deletes the newest valid checkpoint, the best one, a
+pinned one, or anything that is not valid. What it keeps in place of what it deletes is
+checksum-verified first (once per save id in this process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from ckptguard._errors import StorageError, storage_error_from_os
+from ckptguard._format.layout import META_DIR
+from ckptguard._manager.options import PINS_DIR, pinned_in
+from ckptguard._manager.retention import Candidate, RetentionPolicy, metric_value, select_deletions
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
+
+    from ckptguard._format.layout import Naming
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._manager.catalog import Catalog
+    from ckptguard._protocol.backend import Backend
+
+__all__ = ["Retainer"]
+
+_log = logging.getLogger("ckptguard.manager")
+
+
+class Retainer:
+    """Applies a :class:`RetentionPolicy` to a root, and keeps its pins."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        policy: RetentionPolicy,
+        naming: Naming,
+        *,
+        lock_timeout: float,
+        on_retire: Callable[[str], None] | None = None,
+    ) -> None:
+        self.backend, self.policy, self.naming = backend, policy, naming
+        self.lock_timeout = lock_timeout
+        self.on_retire = on_retire  # e.g. the mirror deletes its copy too
+        self.verified: dict[str, str] = {}  # path -> save id checksum-verified by us
+
+    # -- pins -------------------------------------------------------------------------------
+    def _pin_path(self, step: int) -> str:
+        return self.backend.join(f"{META_DIR}/{PINS_DIR}/{self.naming.name(step)}")
+
+    def pin(self, step: int) -> None:
+        pins = self.backend.join(f"{META_DIR}/{PINS_DIR}")
+        storage = self.backend.storage
+        storage.make_dir(self.backend.join(META_DIR), mode=0o700, exist_ok=True)
+        storage.make_dir(pins, mode=0o700, exist_ok=True)
+        path = self._pin_path(step)
+        if not storage.exists(path):
+            storage.write_bytes(path, b"", fsync=True)
+            storage.fsync_dir(pins)
+
+    def unpin(self, step: int) -> None:
+        self.backend.storage.remove_file(self._pin_path(step))
+
+    def pin_file(self, step: int) -> bool:
+        return self.backend.storage.exists(self._pin_path(step))
+
+    def pinned(self, step: int, manifest: Manifest | None) -> bool:
+        return pinned_in(manifest) or self.pin_file(step)
+
+    # -- retention ----------------------------------------------------------------------------
+    def fully_verified(self, catalog: Catalog, path: str, save_id: str) -> bool:
+        """Checksum-verify a checkpoint once per save id in this process (then cached)."""
+        if self.verified.get(path) == save_id:
+            return True
+        report = catalog.check(path)
+        if report.ok:
+            self.verified[path] = save_id
+        else:
+            _log.warning("%s does not verify: %s", path, "; ".join(report.problems))
+        return report.ok
+
+    def after_commit(self, catalog: Catalog, path: str, also_keep: Collection[str] = ()) -> None:
+        """Retention after the commit of ``path``; a storage failure is raised typed."""
+        try:
+            self.apply(catalog, path.rstrip("/").rsplit("/", 1)[-1], also_keep)
+        except StorageError:
+            raise
+        except OSError as exc:
+            err = storage_error_from_os(exc, "retention after the commit", exc.filename)
+            err.message += f"; {path} is committed and intact"
+            err.hint = (
+                "older checkpoints may not all have been retired; check the filesystem, "
+                "the next save retries the retention"
+            )
+            raise err from exc
+
+    def apply(self, catalog: Catalog, just_saved: str, also_keep: Collection[str] = ()) -> None:
+        with self.backend.lock(self.lock_timeout):
+            candidates: dict[str, Candidate] = {}
+            save_ids: dict[str, str] = {}
+            for step, path in catalog.committed():
+                report = catalog.check(path, checksums=False)
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                metric = None
+                if report.manifest is not None:
+                    save_ids[name] = report.manifest.save_id
+                    if self.policy.best_metric is not None:
+                        metric = metric_value(report.manifest.metrics.get(self.policy.best_metric))
+                keep = self.pinned(step, report.manifest) or name in {just_saved, *also_keep}
+                candidates[name] = Candidate(name, step, report.ok, metric, keep)
+            newest = max(candidates.values(), key=lambda c: (c.step, c.name), default=None)
+            if newest is not None and newest.name != just_saved:
+                _log.warning(
+                    "%s has a higher step than the checkpoint just saved (%s): resume will "
+                    "pick it, not the new one",
+                    newest.name, just_saved,
+                )  # fmt: skip
+            # Sizes are cheap to check but miss bit rot. Before deleting anything, make sure
+            # that what the policy keeps in place of the deleted (the newest and the best) is
+            # really intact; one that is not is left alone and the choice made again.
+            while True:
+                deletions = select_deletions(list(candidates.values()), self.policy)
+                if not deletions:
+                    return
+                kept = [c for c in candidates.values() if c.valid and c.name not in deletions]
+                doubtful = [
+                    c
+                    for c in kept
+                    if not self.fully_verified(catalog, self.backend.join(c.name), save_ids[c.name])
+                ]
+                if not doubtful:
+                    break
+                for c in doubtful:
+                    candidates[c.name] = dataclasses.replace(c, valid=False)
+            for name in deletions:
+                if self.on_retire is not None:
+                    self.on_retire(name)
+                self.backend.retire(name)

@@ -1,0 +1,176 @@
+"""Async saves: the save in flight, and finishing it at exit (atexit, SIGTERM).
+
+``save(..., blocking=False)`` returns a :class:`PendingSave` once the state's tensors are
+copied into reused staging buffers; a background thread writes, commits and retains.
+At most one save is in flight per manager. Process exit and SIGTERM wait for it, up to
+the manager's ``exit_timeout``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from ckptguard._manager.catalog import CheckpointInfo
+
+__all__ = ["PendingSave", "forget", "watch_exit"]
+
+_log = logging.getLogger("ckptguard.manager")
+
+
+class PendingSave:
+    """An async save in flight (what ``save(..., blocking=False)`` returns).
+
+    ``result()`` waits for the save and returns its :class:`CheckpointInfo`, or raises its
+    error. ``stall_seconds`` is how long the training thread was blocked (the snapshot).
+    """
+
+    def __init__(self, step: int, path: str, stall_seconds: float) -> None:
+        self.step, self.path, self.stall_seconds = step, path, stall_seconds
+        self._done = threading.Event()
+        self._info: CheckpointInfo | None = None
+        self._error: BaseException | None = None
+        self._reported = False  # raised to the caller once (by result, wait, save or close)
+        self._thread: threading.Thread | None = None
+
+    def _join(self, timeout: float | None = None) -> bool:
+        """Wait until the save is finished and its thread has ended; False on timeout.
+
+        The thread itself, not only the result: a thread still unwinding (releasing its
+        tensors) while the interpreter shuts down aborts the process ("terminate called
+        without an active exception"), as torch's C++ frames cannot be unwound then.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._done.wait(timeout):
+            return False
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return not thread.is_alive()
+        return True
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed or failed)."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """Wait for the save; its CheckpointInfo, or its error raised (TimeoutError on timeout)."""
+        if not self._join(timeout):
+            raise TimeoutError(f"the async save of step {self.step} is still running")
+        if self._error is not None:
+            self._reported = True
+            raise self._error
+        if self._info is None:  # pragma: no cover - _finish always sets one of them
+            raise RuntimeError("async save finished without a result")
+        return self._info
+
+    def _finish(self, info: CheckpointInfo | None, error: BaseException | None) -> None:
+        self._info, self._error = info, error
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._error else "committed")
+        return f"PendingSave(step={self.step}, path={self.path!r}, {state})"
+
+
+# Managers with an async save that may be in flight: finished (or given up) at exit.
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # CheckpointManagers
+_EXIT_LOCK = threading.Lock()
+_sigterm_installed = False
+
+
+def _finish_in_flight(why: str) -> None:
+    """Let every in-flight async save finish, up to each manager's ``exit_timeout``."""
+    for mgr in list(_LIVE):
+        job: PendingSave | None = mgr.in_flight
+        if job is None:
+            continue
+        if job.done():
+            job._join(mgr.exit_timeout)  # noqa: SLF001 - let its thread end before shutdown
+            continue
+        _log.warning(
+            "%s: waiting up to %.0f s for the async save of step %d to %s to finish",
+            why, mgr.exit_timeout, job.step, job.path,
+        )  # fmt: skip
+        if not job._join(mgr.exit_timeout):  # noqa: SLF001
+            _log.error(
+                "%s: gave up on the async save of step %d after %.0f s; nothing of it is "
+                "visible (its staging dir is removed by the next start or `ckptguard clean`)",
+                why, job.step, mgr.exit_timeout,
+            )  # fmt: skip
+        elif job._error is not None:  # noqa: SLF001
+            _log.error("%s: the async save of step %d failed: %s", why, job.step, job._error)  # noqa: SLF001
+    for mgr in list(_LIVE):  # then the mirror uploads (the saves above may have queued one)
+        if mgr.mirror is not None and not mgr.mirror.drain(mgr.exit_timeout):
+            _log.error(
+                "%s: gave up waiting for the mirror uploads to %s after %.0f s",
+                why, mgr.mirror.url, mgr.exit_timeout,
+            )  # fmt: skip
+
+
+def _at_exit() -> None:
+    _finish_in_flight("process exit")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Finish in-flight async saves, then die of SIGTERM as the default action would."""
+    del frame
+    _finish_in_flight("SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def watch_exit(mgr: Any) -> None:
+    """Register ``mgr`` so that exit finishes its async saves.
+
+    atexit always; SIGTERM too when the program has no handler of its own and this is the
+    main thread.
+    """
+    global _sigterm_installed  # noqa: PLW0603 - one process-wide handler
+    with _EXIT_LOCK:
+        _LIVE.add(mgr)
+        _hook_thread_shutdown()
+        if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+            _sigterm_installed = True
+
+
+def forget(mgr: Any) -> None:
+    """A closed manager: nothing of it is left for exit to finish."""
+    with _EXIT_LOCK:
+        _LIVE.discard(mgr)
+
+
+atexit.register(_at_exit)
+_threading_exit_hooked = False
+
+
+def _hook_thread_shutdown() -> None:
+    """Also finish in-flight saves from threading's shutdown, before atexit handlers run.
+
+    By the time ``atexit`` handlers run, ``concurrent.futures`` has refused new work
+    ("cannot schedule new futures after interpreter shutdown"), which the background
+    save still needs. ``threading._register_atexit`` is how ``concurrent.futures`` itself
+    gets called at that point; hooks registered later run first. Where it is missing,
+    the ``atexit`` handler is all there is.
+    """
+    global _threading_exit_hooked  # noqa: PLW0603 - once per process
+    if _threading_exit_hooked:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    if callable(register):
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            register(_at_exit)
+    _threading_exit_hooked = True

@@ -1,0 +1,235 @@
+"""A checkpoint root on one kind of storage, and the one resolver that makes it.
+
+:func:`backend_for` is the only code that looks at a root's scheme (as torchsnapshot's
+``url_to_storage_plugin``): every public entry point turns its root or path into a
+:class:`Backend` through it, so a URL can never become a local path. A backend binds
+the root to its storage (retrying) and its commit strategy; everything above asks the
+backend, never which kind it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptguard._errors import CheckpointNotFound, UnsupportedRoot
+from ckptguard._format.layout import RootLayout
+from ckptguard._protocol.marker import MarkerCommit, read_marker
+from ckptguard._protocol.rename import RenameCommit
+from ckptguard._protocol.verify import (
+    VerifyReport,
+    read_manifest_from,
+    verify_checkpoint,
+)
+from ckptguard._storage.base import is_url
+from ckptguard._storage.local import LocalStorage
+from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, with_retries
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from contextlib import AbstractContextManager
+
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._protocol.strategy import CommitStrategy
+    from ckptguard._storage.base import Source, Storage
+
+__all__ = ["OPTIONS_ENV", "Backend", "backend_for", "parent_of", "storage_options_from_env"]
+
+OPTIONS_ENV = "CKPTGUARD_STORAGE_OPTIONS"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One checkpoint root: where it is, how to reach it, how a save commits there."""
+
+    root: str  # an absolute path, or a URL without a trailing slash
+    storage: Storage
+    strategy: CommitStrategy
+    retry: RetryPolicy = DEFAULT_RETRY
+
+    @property
+    def layout(self) -> RootLayout:
+        return RootLayout(self.root)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the root is on an object store (for messages and the mirror only)."""
+        return self.strategy.shared
+
+    def join(self, name: str) -> str:
+        return f"{self.root}/{name}" if is_url(self.root) else os.path.join(self.root, name)
+
+    def names(self) -> list[str]:
+        """Names under the root that may be checkpoints (each still to be verified)."""
+        return self.strategy.visible_names(self.layout, self.storage)
+
+    def exists(self, path: str | None = None) -> bool:
+        """Whether the root (or ``path``) holds anything at all."""
+        return self.storage.exists(self.root if path is None else path)
+
+    def require_root(self) -> None:
+        """Raise CheckpointNotFound unless the root exists (a bucket, a prefix, a dir)."""
+        checker = getattr(_unwrap(self.storage), "require_root", None)
+        if callable(checker):
+            checker()  # a missing bucket, refused credentials, an unreachable endpoint
+        if not self.exists():
+            raise CheckpointNotFound(
+                f"{self.root} does not exist",
+                path=self.root,
+                hint="check the path or URL (for a URL: the bucket and the prefix)",
+            )
+
+    def verify(
+        self,
+        path: str,
+        *,
+        checksums: bool = True,
+        progress: Callable[[int], None] | None = None,
+        expect_name: str | None = None,
+    ) -> VerifyReport:
+        return verify_checkpoint(
+            self.storage,
+            path,
+            content_prefix=self.strategy.content_prefix,
+            checksums=checksums,
+            progress=progress,
+            expect_name=expect_name,
+        )
+
+    def read_manifest(self, path: str) -> Manifest:
+        tree = self.storage.open_tree(path)
+        try:
+            return read_manifest_from(tree)
+        finally:
+            tree.close()
+
+    def open_files(
+        self, path: str, manifest: Manifest
+    ) -> tuple[Manifest, Callable[[str], Source], Callable[[], None]]:
+        """(manifest with paths relative to the files, opener, close) to read a checkpoint."""
+        import dataclasses  # noqa: PLC0415
+
+        under = self.strategy.content_prefix(manifest)
+        files = tuple(
+            dataclasses.replace(f, path=f.path.removeprefix(under))
+            for f in manifest.files
+            if f.path.startswith(under)
+        )
+        tree = self.storage.open_tree(path)
+
+        def opener(rel: str) -> Source:
+            return tree.open(under + rel)
+
+        return dataclasses.replace(manifest, files=files), opener, tree.close
+
+    def prepare_root(self) -> None:
+        self.strategy.prepare_root(self.layout, self.storage, retry=self.retry)
+
+    def retire(self, name: str) -> bool:
+        return self.strategy.retire(self.layout, self.storage, name, retry=self.retry)
+
+    def repair(self, *, stale_after: float, lock_timeout: float) -> list[str]:
+        return self.strategy.repair(
+            self.layout, self.storage, stale_after=stale_after, lock_timeout=lock_timeout
+        )
+
+    def lock(self, timeout: float) -> AbstractContextManager[None]:
+        return self.strategy.lock(self.layout, timeout)
+
+    def manifest_or_none(self, path: str) -> Manifest | None:
+        return read_marker(self.storage, path)
+
+
+def _unwrap(storage: Any) -> Any:
+    while hasattr(storage, "inner"):
+        storage = storage.inner
+    return storage
+
+
+def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """``CKPTGUARD_STORAGE_OPTIONS`` (JSON), or None; a malformed value is refused typed."""
+    raw = (os.environ if env is None else env).get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise UnsupportedRoot(
+            f"{OPTIONS_ENV} is not valid JSON ({exc})",
+            hint=f"set it to a JSON object, e.g. {OPTIONS_ENV}='{{\"anon\": false}}'",
+        ) from None
+    if not isinstance(options, dict):
+        raise UnsupportedRoot(
+            f"{OPTIONS_ENV} must be a JSON object, got {type(options).__name__}",
+            hint="set it to a JSON object of fsspec storage options",
+        )
+    return options
+
+
+def parent_of(path: str) -> str:
+    """The root that holds the checkpoint at ``path`` (a local path or a URL)."""
+    if is_url(path):
+        head = path.rstrip("/")
+        return head.rsplit("/", 1)[0] if "/" in head.split("://", 1)[1] else head
+    return os.path.dirname(os.path.abspath(path))
+
+
+def backend_for(
+    root: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    storage: Storage | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    what: str = "this operation",
+) -> Backend:
+    """The backend of ``root``: a local path (or file:// URL), or an fsspec URL.
+
+    ``storage`` replaces the local storage (a fault-injecting wrapper, say); for a URL it
+    must wrap an ``FsspecStorage`` of that URL. ``storage_options`` go to fsspec (and
+    default to ``CKPTGUARD_STORAGE_OPTIONS``). ``what`` names the caller in errors.
+    """
+    text = os.fspath(root)
+    if not isinstance(text, str) or not text.strip():
+        raise UnsupportedRoot(
+            f"{what}: an empty root ({text!r})",
+            path=str(text),
+            hint="pass a directory such as 'runs/exp1' or a URL such as 's3://bucket/run'",
+        )
+    if is_url(text):
+        from ckptguard._storage.objectstore import FsspecStorage  # noqa: PLC0415 - fsspec
+
+        if storage is None:
+            options = (
+                storage_options if storage_options is not None else (storage_options_from_env())
+            )
+            storage = FsspecStorage(text, options, retry=retry)
+        url = _unwrap(storage).url
+        return Backend(url, with_retries(storage, retry), MarkerCommit(), retry)
+    if storage_options:
+        raise UnsupportedRoot(
+            f"{what}: storage_options were given for the local path {text}",
+            path=text,
+            hint="storage_options are for URL roots (s3://bucket/prefix); drop them",
+        )
+    local = os.path.abspath(text.removeprefix("file://"))
+    return Backend(local, with_retries(storage or LocalStorage(), retry), RenameCommit(), retry)
+
+
+def checkpoint_backend(
+    path: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    what: str = "this operation",
+) -> tuple[Backend, str]:
+    """(backend of the root that holds the checkpoint at ``path``, its canonical path)."""
+    text = os.fspath(path)
+    backend = backend_for(parent_of(text) if text.strip() else text, storage_options, what=what)
+    name = (
+        posixpath.basename(text.rstrip("/"))
+        if is_url(text)
+        else os.path.basename(os.path.abspath(text))
+    )
+    return backend, backend.join(name)
