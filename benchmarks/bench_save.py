@@ -463,7 +463,7 @@ def bench_memory(state: dict[str, torch.Tensor], work: Path, growth_mib: int) ->
         mgr.save(step, {"model": small})
         mgr.wait()
         rss.append(_status("VmRSS") - base)
-    if mgr._buffers is None:  # noqa: SLF001
+    if mgr.saver._buffers is None:  # noqa: SLF001
         raise RuntimeError("an async manager without staging buffers")
     out["growth"] = {
         "state_bytes": nbytes_of(small),
@@ -471,7 +471,7 @@ def bench_memory(state: dict[str, torch.Tensor], work: Path, growth_mib: int) ->
         "rss_after_first_bytes": rss[0],
         "rss_max_after_later_bytes": max(rss[1:]),
         "rss_last_bytes": rss[-1],
-        "buffer_allocations": mgr._buffers.allocations,  # noqa: SLF001
+        "buffer_allocations": mgr.saver._buffers.allocations,  # noqa: SLF001
     }
     mgr.close()
     shutil.rmtree(root)

@@ -116,7 +116,7 @@ def async_saves(root: Path, rounds: int) -> dict[str, object]:
     last = mgr.wait()
     if last is None or last.step != rounds or not last.valid:
         errors.append(f"last save: {last}")
-    capacity = mgr._buffers.capacity if mgr._buffers is not None else 0
+    capacity = mgr.saver._buffers.capacity if mgr.saver._buffers is not None else 0
     for step in range(1, rounds + 1):
         got = mgr.restore(step)
         if got["step"] != step or not bool(torch.all(got["w"] == float(step))):

@@ -131,6 +131,9 @@ def start_seaweedfs(workdir: Path) -> S3Server:
         f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
         "-master.volumeSizeLimitMB=256",
+        # Its Iceberg and Lance catalogs listen on fixed ports (8181, 9101) by default: a
+        # second server at the same time (another test session) died on them.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -238,16 +238,16 @@ def test_staging_buffers_are_allocated_once_and_reused(tmp_path: Path) -> None:
     last = mgr.wait()
     assert last is not None
     assert last.step == 100
-    assert mgr._buffers is not None
-    assert mgr._buffers.allocations == 1
-    assert mgr._buffers.capacity >= sum(p.numel() * 4 for p in model.parameters())
+    assert mgr.saver._buffers is not None
+    assert mgr.saver._buffers.allocations == 1
+    assert mgr.saver._buffers.capacity >= sum(p.numel() * 4 for p in model.parameters())
     restored = mgr.restore()
     assert restored["step"] == 100
     first = model[0]
     assert isinstance(first, torch.nn.Linear)
     assert torch.equal(restored["model"]["0.weight"], first.weight.detach())
     mgr.close()
-    assert mgr._buffers.capacity == 0  # close frees them
+    assert mgr.saver._buffers.capacity == 0  # close frees them
 
 
 def test_snapshot_copies_every_dtype_and_layout() -> None:

@@ -264,7 +264,8 @@ def test_inspect_missing_and_corrupt(root: Path, tmp_path: Path) -> None:
     for args in (("inspect",), ("inspect", "--json")):
         proc = _cli(*args, tmp_path / "nope")
         assert proc.returncode == 2
-        assert "does not exist" in _text(proc.stderr)
+        where = proc.stdout if "--json" in args else proc.stderr  # --json: JSON on stdout
+        assert "does not exist" in _text(where)
 
     (root / "checkpoint-1" / MANIFEST_NAME).write_text('{"format": "not ours"')
     proc = _cli("inspect", root / "checkpoint-1")

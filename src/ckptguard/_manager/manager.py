@@ -18,27 +18,23 @@ after the new checkpoint is committed and verified.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ckptguard._coordination.base import (
     Coordinator,
     default_coordinator,
-    side_channel,
 )
-from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint, SaveAborted, UnsupportedRoot
+from ckptguard._errors import NoValidCheckpoint, SaveAborted, UnsupportedRoot
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.options import clean_metrics, flagged
+from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
-from ckptguard._manager.saver import PendingSave, forget, watch_exit
+from ckptguard._manager.saver import AsyncSaver, PendingSave, forget, watch_exit
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER
 from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT
-from ckptguard._protocol.transaction import AtomicCheckpoint
-from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, call_save_with_retry
+from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     import os
@@ -46,9 +42,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ckptguard._manager.mirror import Mirror
-    from ckptguard._protocol.strategy import CommitResult, IfExists
+    from ckptguard._protocol.strategy import IfExists
+    from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
-    from ckptguard._state.serialization import EncodedState, StagingBuffers
+    from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.base import Storage
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "PendingSave"]
@@ -133,10 +130,6 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.verify_after_save = verify_after_save
         self.exit_timeout = exit_timeout
-        self._pending: PendingSave | None = None
-        self._buffers: StagingBuffers | None = None
-        self._background: Coordinator | None = None
-        self._committer: bool | None = None  # whether this rank committed the last save
         self.root = self.backend.root
         self.layout = self.backend.layout
         self.storage = self.backend.storage
@@ -144,6 +137,9 @@ class CheckpointManager:
         self.if_exists: IfExists = if_exists
         self.retry, self.lock_timeout, self.stale_after = retry, lock_timeout, stale_after
         self.naming = naming
+        self.options = SaveOptions(
+            self.backend, naming, if_exists, retry, lock_timeout, stale_after
+        )
         self.retainer = Retainer(
             self.backend, self.policy, naming, lock_timeout=lock_timeout,
             on_retire=self._retire_mirror_copy,
@@ -152,6 +148,7 @@ class CheckpointManager:
             self.backend, naming, pinned=self.retainer.pinned, mirror=mirror_backend
         )
         self.coordinator = coordinator or default_coordinator()
+        self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
         self._start(check_environment=check_environment)
 
     def _start(self, *, check_environment: bool) -> None:
@@ -190,7 +187,7 @@ class CheckpointManager:
     @property
     def in_flight(self) -> PendingSave | None:
         """The async save in flight, if any (exit waits for it)."""
-        return self._pending
+        return self.saver.pending
 
     # -- saving ----------------------------------------------------------------------------
     @overload
@@ -265,11 +262,13 @@ class CheckpointManager:
                 "sharded=True saves are blocking (torch.distributed.checkpoint writes them); "
                 "pass blocking=True, or leave blocking unset"
             )
-        self._wait_save()  # at most one save in flight; raises the previous one's error
+        self.saver.wait()  # at most one save in flight; raises the previous one's error
         if sharded:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if not blocking:
-            return self._save_async(step, state, metrics, metadata, pin=pin)
+            path = self.backend.join(self.naming.name(step))
+            clean, flags = clean_metrics(metrics), flagged(metadata, kind="state", pin=pin)
+            return self.saver.start(step, path, state, clean, flags, pin=pin)
         flags = flagged(metadata, kind="state", pin=pin)
         return self._commit_state(
             step, None, state, metrics, flags, pin=pin, coord=self.coordinator
@@ -286,40 +285,14 @@ class CheckpointManager:
         pin: bool,
         coord: Coordinator,
     ) -> CheckpointInfo:
-        """Every rank calls; each committer writes its state into the agreed staging.
+        """Every rank calls: commit the state (see ``options.commit_state``), then retain."""
 
-        One committer for a shared root (or a store), one per node for node-local roots;
-        ``metadata`` is flagged already. ``encoded`` is the state ready to write (a
-        snapshot for async saves); a committer without one encodes ``state`` (the
-        training thread's, for blocking saves only). The storage writes straight into the
-        staging: a staging dir, or the save's prefix on a store.
-        """
-        from ckptguard._state.serialization import encode_state, write_encoded  # noqa: PLC0415
+        def took_part(committer: bool) -> None:  # noqa: FBT001 - a callback's one flag
+            self.saver.committer = committer
 
-        def attempt() -> tuple[str, bool]:
-            tx = self._transaction(step, metrics, metadata, coord)
-            with tx:
-                committer = coord.rank == tx.committer
-                self._committer = committer
-                if committer:
-                    snapshot = encoded
-                    if snapshot is None:
-                        if state is None:
-                            raise RuntimeError(
-                                f"rank {coord.rank} commits for its node this time but took "
-                                "no snapshot (it did not commit the previous save); save again"
-                            )
-                        snapshot = encode_state(state)
-                    tx.expected_bytes = snapshot.nbytes
-                    tx.known.update(write_encoded(tx.write_path, snapshot, tx.storage))
-            return self._result(tx).path, committer
-
-        if coord.world_size == 1:
-            # One process: a save that a transient error aborted is made again from scratch.
-            final = self.backend.join(self.naming.name(step))
-            path, committer = call_save_with_retry(attempt, final=final, policy=self.retry)
-        else:
-            path, committer = attempt()
+        path, committer = commit_state(
+            self.options, step, encoded, state, metrics, metadata, coord=coord, took_part=took_part
+        )
         return self._after_commit(step, path, committer=committer, pin=pin, coord=coord)
 
     def _save_sharded(
@@ -343,40 +316,14 @@ class CheckpointManager:
                 "mirror='s3://...' for an off-node copy",
             )
         coord = self.coordinator
-        tx = self._transaction(step, metrics, flagged(metadata, kind=KIND, pin=pin), coord)
+        flags = flagged(metadata, kind=KIND, pin=pin)
+        tx = self.options.transaction(step, metrics, flags, coord)
         with tx as staging:
             write_shards(tx, staging, state)
-        path = self._result(tx).path
+        path = result_of(tx).path
         return self._after_commit(step, path, committer=coord.rank == 0, pin=pin, coord=coord)
 
     # -- after a commit ----------------------------------------------------------------------
-    def _verify_new(self, path: str) -> VerifyReport:
-        """Check a checkpoint just committed; raise if it does not verify.
-
-        Sizes and structure always; checksums too with ``verify_after_save``. Either way
-        it counts as verified for retention: its checksums were taken from the bytes
-        written (see ``__init__``).
-        """
-        report = self.catalog.check(path, checksums=self.verify_after_save)
-        if not report.ok or report.manifest is None:
-            # Another process sharing the root may be replacing this name with a newer save,
-            # between its two renames (the name is briefly absent): it does so under the
-            # root's lock, so look again holding it. A valid newer save is no corruption;
-            # its bytes were not written by us, so every checksum is checked before
-            # retention relies on it.
-            with self.backend.lock(self.lock_timeout):
-                report = self.catalog.check(path, checksums=True)
-            if report.ok:
-                _log.info("%s was replaced by a newer save of another process", path)
-        if not report.ok or report.manifest is None:
-            raise CorruptCheckpoint(
-                f"{path} failed verification right after its commit",
-                path=path,
-                problems=report.problems,
-            )
-        self.retainer.verified[path] = report.manifest.save_id
-        return report
-
     def _after_commit(
         self,
         step: int,
@@ -387,31 +334,19 @@ class CheckpointManager:
         coord: Coordinator,
         also_keep: Collection[str] = (),
     ) -> CheckpointInfo:
-        """Verify the new checkpoint, then apply retention; each committer does both.
-
-        Nothing is deleted on the strength of a save that does not verify. With one
-        process, failures raise; with several, they are logged on every rank (the commit
-        itself has succeeded by then, on every node).
-        """
-        error: str | None = None
-        report: VerifyReport | None = None
-        if committer:
-            try:
-                report = self._verify_new(path)
-                if self.mirror is not None and coord.rank == 0:
-                    self.mirror.upload(path)
-                self.retainer.after_commit(self.catalog, path, also_keep)
-            except Exception as exc:
-                if coord.world_size == 1:
-                    raise
-                error = f"{type(exc).__name__}: {exc}"
-        if coord.world_size > 1:
-            for rank, err in enumerate(coord.all_gather(error)):
-                if err is not None:
-                    _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
-        if report is None:
-            report = self.catalog.check(path, checksums=False)
-        return CheckpointInfo.from_report(step, report, pinned=pin or self.retainer.pin_file(step))
+        """Verify the new checkpoint, mirror it, then apply retention (see retainer.py)."""
+        upload = self.mirror.upload if self.mirror is not None and coord.rank == 0 else None
+        return self.retainer.after_save(
+            self.catalog,
+            step,
+            path,
+            committer=committer,
+            pin=pin,
+            coord=coord,
+            also_keep=also_keep,
+            verify_after_save=self.verify_after_save,
+            upload=upload,
+        )
 
     def _retire_mirror_copy(self, name: str) -> None:
         if self.mirror is not None and self.coordinator.rank == 0:
@@ -464,74 +399,7 @@ class CheckpointManager:
         """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
         self.retainer.unpin(step)
 
-    # -- async saves ------------------------------------------------------------------------
-    def _save_async(
-        self,
-        step: int,
-        state: Any,
-        metrics: Mapping[str, Any] | None,
-        metadata: Mapping[str, Any] | None,
-        *,
-        pin: bool,
-    ) -> PendingSave:
-        """Snapshot on this thread; write, commit and retain on a background thread."""
-        from ckptguard._state.serialization import StagingBuffers, encode_state  # noqa: PLC0415 - torch
-
-        started = time.perf_counter()
-        if self._background is None:
-            self._background = side_channel(self.coordinator, "async")
-        if self._buffers is None:
-            self._buffers = StagingBuffers()
-        clean, flags = clean_metrics(metrics), flagged(metadata, kind="state", pin=pin)
-        # Only a rank that may commit keeps a copy: after the first save, the ranks that
-        # committed it (one per node at most); before it, every rank.
-        snapshot = None
-        if self._committer is not False:
-            snapshot = self._buffers.snapshot(encode_state(state))
-        else:
-            self._buffers.release()
-        job = PendingSave(
-            step,
-            self.backend.join(self.naming.name(step)),
-            time.perf_counter() - started,
-        )
-        self._pending = job
-        watch_exit(self)
-        worker = threading.Thread(
-            target=self._run_in_background,
-            args=(job, snapshot, clean, flags, pin, self._background),
-            name=f"ckptguard-save-{step}",
-            daemon=True,  # exit waits for it explicitly (atexit, SIGTERM), up to exit_timeout
-        )
-        job._thread = worker  # noqa: SLF001
-        worker.start()
-        return job
-
-    def _run_in_background(  # noqa: PLR0917 - the thread's arguments
-        self,
-        job: PendingSave,
-        snapshot: EncodedState | None,
-        metrics: dict[str, Any],
-        metadata: dict[str, Any],
-        pin: bool,  # noqa: FBT001 - positional thread argument
-        coord: Coordinator,
-    ) -> None:
-        try:
-            info = self._commit_state(
-                job.step, snapshot, None, metrics, metadata, pin=pin, coord=coord
-            )
-        except BaseException as exc:
-            _log.error(
-                "async save of step %d to %s failed: %s: %s (raised again by the next "
-                "save, wait or close)",
-                job.step, job.path, type(exc).__name__, exc,
-            )  # fmt: skip
-            job._finish(None, exc)  # noqa: SLF001
-        else:
-            job._finish(info, None)  # noqa: SLF001
-        if not self._committer and self._buffers is not None:
-            self._buffers.release()  # a rank that did not commit needs no copy
-
+    # -- waiting and closing ------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Finish the in-flight async save: its CheckpointInfo, or its error raised.
 
@@ -540,24 +408,10 @@ class CheckpointManager:
         ``PendingSave.result`` comes first. With a mirror, also waits for every queued
         upload and raises the first mirroring failure since the last ``wait``.
         """
-        info = self._wait_save(timeout)
+        info = self.saver.wait(timeout)
         if self.mirror is not None:
             self.mirror.wait()
         return info
-
-    def _wait_save(self, timeout: float | None = None) -> CheckpointInfo | None:
-        job = self._pending
-        if job is None:
-            return None
-        if not job._join(timeout):  # noqa: SLF001
-            raise TimeoutError(f"the async save of step {job.step} is still running")
-        self._pending = None
-        if job._error is not None:  # noqa: SLF001
-            if job._reported:  # noqa: SLF001
-                return None
-            job._reported = True  # noqa: SLF001
-            raise job._error  # noqa: SLF001
-        return job._info  # noqa: SLF001
 
     def close(self) -> None:
         """Finish the in-flight save (raising its error), then free the staging buffers."""
@@ -566,8 +420,7 @@ class CheckpointManager:
         finally:
             if self.mirror is not None:
                 self.mirror.close()
-            if self._buffers is not None:
-                self._buffers.release()
+            self.saver.release()
             forget(self)
 
     def __enter__(self) -> CheckpointManager:
@@ -608,10 +461,9 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self._wait_save()
-        tx = self._transaction(
-            step, metrics, flagged(metadata, kind="files", pin=False), self.coordinator
-        )
+        self.saver.wait()
+        flags = flagged(metadata, kind="files", pin=False)
+        tx = self.options.transaction(step, metrics, flags, self.coordinator)
         tx.prepare = prepare
         tx.supersedes = supersedes
         tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
@@ -619,36 +471,9 @@ class CheckpointManager:
             write(tx)
         return self._after_commit(
             step,
-            self._result(tx).path,
+            result_of(tx).path,
             committer=self.coordinator.rank == tx.committer,
             pin=False,
             also_keep=also_keep,
             coord=self.coordinator,
         )
-
-    def _transaction(
-        self,
-        step: int,
-        metrics: Mapping[str, Any] | None,
-        metadata: dict[str, Any],
-        coord: Coordinator,
-    ) -> AtomicCheckpoint:
-        """The coordinated commit of the checkpoint of ``step`` with this manager's settings."""
-        return AtomicCheckpoint(
-            self.backend.join(self.naming.name(step)),
-            step=step,
-            metrics=clean_metrics(metrics),
-            metadata=metadata,
-            if_exists=self.if_exists,
-            storage=self.storage,
-            retry=self.retry,
-            lock_timeout=self.lock_timeout,
-            stale_after=self.stale_after,
-            coordinator=coord,
-        )
-
-    @staticmethod
-    def _result(tx: AtomicCheckpoint) -> CommitResult:
-        if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
-            raise RuntimeError("save finished without a result")
-        return tx.result

@@ -5,9 +5,9 @@ background thread uploads the checkpoint (its files streamed from disk, each che
 computed while uploading and compared with the local manifest's), commits it on the store
 with its own manifest (the manifest-marker commit, ``_protocol/marker.py``), then reads the
 remote copy back and checks every checksum. A checkpoint that local retention deletes is
-deleted from the mirror too. Failures are logged at once and raised by the manager's ``wait``/``close``;
-they never fail a local save. Resume takes the newest valid checkpoint of local and
-remote (``CheckpointManager.latest``/``restore``).
+deleted from the mirror too. Failures are logged at once and raised by the manager's
+``wait``/``close``; they never fail a local save. Resume takes the newest valid
+checkpoint of local and remote (``CheckpointManager.latest``/``restore``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,43 @@
-"""What a manager stores besides the user's state: its flags in the manifest, clean metrics."""
+"""A manager's options for a save, and what it stores besides the user's state.
+
+:class:`SaveOptions` turns a step into the commit transaction with the manager's settings;
+:func:`commit_state` is the manager's save path on every backend: the transaction's
+committer streams the encoded state straight into the staging (a staging dir, or the
+save's prefix on a store), and the transaction seals and commits it.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckptguard._protocol.transaction import AtomicCheckpoint
+from ckptguard._storage.retry import call_save_with_retry
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
+    from ckptguard._coordination.base import Coordinator
+    from ckptguard._format.layout import Naming
     from ckptguard._format.manifest import Manifest
+    from ckptguard._protocol.backend import Backend
+    from ckptguard._protocol.strategy import CommitResult, IfExists
+    from ckptguard._state.serialization import EncodedState
+    from ckptguard._storage.retry import RetryPolicy
 
-__all__ = ["PINS_DIR", "RESERVED_METADATA", "clean_metrics", "flagged", "kind_of", "pinned_in"]
+__all__ = [
+    "PINS_DIR",
+    "RESERVED_METADATA",
+    "SaveOptions",
+    "clean_metrics",
+    "commit_state",
+    "flagged",
+    "kind_of",
+    "pinned_in",
+    "result_of",
+]
 
 _log = logging.getLogger("ckptguard.manager")
 PINS_DIR = "pins"  # ROOT/.ckptguard/pins/<name>: pinned after the save (see layout.py)
@@ -53,3 +79,89 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
             value = repr(value)
         out[str(key)] = value
     return out
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """What every save of one manager shares: where, how named, how committed."""
+
+    backend: Backend
+    naming: Naming
+    if_exists: IfExists
+    retry: RetryPolicy
+    lock_timeout: float
+    stale_after: float
+
+    def transaction(
+        self,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        metadata: dict[str, Any],
+        coord: Coordinator,
+    ) -> AtomicCheckpoint:
+        """The coordinated commit of the checkpoint of ``step`` with these settings."""
+        return AtomicCheckpoint(
+            self.backend.join(self.naming.name(step)),
+            step=step,
+            metrics=clean_metrics(metrics),
+            metadata=metadata,
+            if_exists=self.if_exists,
+            storage=self.backend.storage,
+            retry=self.retry,
+            lock_timeout=self.lock_timeout,
+            stale_after=self.stale_after,
+            coordinator=coord,
+        )
+
+
+def result_of(tx: AtomicCheckpoint) -> CommitResult:
+    """What a finished transaction committed."""
+    if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
+        raise RuntimeError("save finished without a result")
+    return tx.result
+
+
+def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it calls it
+    options: SaveOptions,
+    step: int,
+    encoded: EncodedState | None,
+    state: Any,
+    metrics: Mapping[str, Any] | None,
+    metadata: dict[str, Any],
+    *,
+    coord: Coordinator,
+    took_part: Callable[[bool], None],
+) -> tuple[str, bool]:
+    """Every rank calls; each committer writes its state into the agreed staging.
+
+    One committer for a shared root (or a store), one per node for node-local roots;
+    ``metadata`` is flagged already. ``encoded`` is the state ready to write (a snapshot
+    for async saves); a committer without one encodes ``state`` (the training thread's,
+    for blocking saves only). ``took_part(committer)`` learns whether this rank committed.
+    Returns (the checkpoint's path, whether this rank committed it).
+    """
+    from ckptguard._state.serialization import encode_state, write_encoded  # noqa: PLC0415 - torch
+
+    def attempt() -> tuple[str, bool]:
+        tx = options.transaction(step, metrics, metadata, coord)
+        with tx:
+            committer = coord.rank == tx.committer
+            took_part(committer)
+            if committer:
+                snapshot = encoded
+                if snapshot is None:
+                    if state is None:
+                        raise RuntimeError(
+                            f"rank {coord.rank} commits for its node this time but took "
+                            "no snapshot (it did not commit the previous save); save again"
+                        )
+                    snapshot = encode_state(state)
+                tx.expected_bytes = snapshot.nbytes
+                tx.known.update(write_encoded(tx.write_path, snapshot, tx.storage))
+        return result_of(tx).path, committer
+
+    if coord.world_size == 1:
+        # One process: a save that a transient error aborted is made again from scratch.
+        final = options.backend.join(options.naming.name(step))
+        return call_save_with_retry(attempt, final=final, policy=options.retry)
+    return attempt()

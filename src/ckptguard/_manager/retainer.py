@@ -12,18 +12,20 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from ckptguard._errors import StorageError, storage_error_from_os
+from ckptguard._errors import CorruptCheckpoint, StorageError, storage_error_from_os
 from ckptguard._format.layout import META_DIR
+from ckptguard._manager.catalog import Catalog, CheckpointInfo
 from ckptguard._manager.options import PINS_DIR, pinned_in
 from ckptguard._manager.retention import Candidate, RetentionPolicy, metric_value, select_deletions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
 
+    from ckptguard._coordination.base import Coordinator
     from ckptguard._format.layout import Naming
     from ckptguard._format.manifest import Manifest
-    from ckptguard._manager.catalog import Catalog
     from ckptguard._protocol.backend import Backend
+    from ckptguard._protocol.verify import VerifyReport
 
 __all__ = ["Retainer"]
 
@@ -69,6 +71,73 @@ class Retainer:
 
     def pinned(self, step: int, manifest: Manifest | None) -> bool:
         return pinned_in(manifest) or self.pin_file(step)
+
+    # -- after a save -------------------------------------------------------------------------
+    def after_save(
+        self,
+        catalog: Catalog,
+        step: int,
+        path: str,
+        *,
+        committer: bool,
+        pin: bool,
+        coord: Coordinator,
+        also_keep: Collection[str] = (),
+        verify_after_save: bool = False,
+        upload: Callable[[str], None] | None = None,
+    ) -> CheckpointInfo:
+        """Verify the new checkpoint, hand it to ``upload``, then apply retention.
+
+        Each committer does all three. Nothing is deleted on the strength of a save that
+        does not verify. With one process, failures raise; with several, they are logged
+        on every rank (the commit itself has succeeded by then, on every node).
+        """
+        error: str | None = None
+        report: VerifyReport | None = None
+        if committer:
+            try:
+                report = self._verify_new(catalog, path, checksums=verify_after_save)
+                if upload is not None:
+                    upload(path)
+                self.after_commit(catalog, path, also_keep)
+            except Exception as exc:
+                if coord.world_size == 1:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+        if coord.world_size > 1:
+            for rank, err in enumerate(coord.all_gather(error)):
+                if err is not None:
+                    _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
+        if report is None:
+            report = catalog.check(path, checksums=False)
+        return CheckpointInfo.from_report(step, report, pinned=pin or self.pin_file(step))
+
+    def _verify_new(self, catalog: Catalog, path: str, *, checksums: bool) -> VerifyReport:
+        """Check a checkpoint just committed; raise if it does not verify.
+
+        Sizes and structure always; checksums too with ``verify_after_save``. Either way
+        it counts as verified for retention: its checksums were taken from the bytes
+        written.
+        """
+        report = catalog.check(path, checksums=checksums)
+        if not report.ok or report.manifest is None:
+            # Another process sharing the root may be replacing this name with a newer save,
+            # between its two renames (the name is briefly absent): it does so under the
+            # root's lock, so look again holding it. A valid newer save is no corruption;
+            # its bytes were not written by us, so every checksum is checked before
+            # retention relies on it.
+            with self.backend.lock(self.lock_timeout):
+                report = catalog.check(path, checksums=True)
+            if report.ok:
+                _log.info("%s was replaced by a newer save of another process", path)
+        if not report.ok or report.manifest is None:
+            raise CorruptCheckpoint(
+                f"{path} failed verification right after its commit",
+                path=path,
+                problems=report.problems,
+            )
+        self.verified[path] = report.manifest.save_id
+        return report
 
     # -- retention ----------------------------------------------------------------------------
     def fully_verified(self, catalog: Catalog, path: str, save_id: str) -> bool:

@@ -18,12 +18,20 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ckptguard._coordination.base import side_channel
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
+    from ckptguard._coordination.base import Coordinator
     from ckptguard._manager.catalog import CheckpointInfo
+    from ckptguard._state.serialization import EncodedState, StagingBuffers
 
-__all__ = ["PendingSave", "forget", "watch_exit"]
+    # (step, snapshot, state, metrics, metadata, pin=, coord=) -> the committed info
+    Commit = Callable[..., CheckpointInfo]
+
+__all__ = ["AsyncSaver", "PendingSave", "forget", "watch_exit"]
 
 _log = logging.getLogger("ckptguard.manager")
 
@@ -174,3 +182,102 @@ def _hook_thread_shutdown() -> None:
         with contextlib.suppress(RuntimeError):  # already shutting down
             register(_at_exit)
     _threading_exit_hooked = True
+
+
+class AsyncSaver:
+    """A manager's background saves: at most one in flight, staging buffers reused.
+
+    The training thread snapshots the state into the buffers (``start``); a thread then
+    runs the manager's commit with that snapshot. ``wait`` returns its result or raises
+    its error, once.
+    """
+
+    def __init__(self, owner: Any, coordinator: Coordinator, commit: Commit) -> None:
+        self.owner = owner  # the manager: exit finishes its save
+        self.coordinator = coordinator
+        self._commit = commit
+        self.pending: PendingSave | None = None
+        self.committer: bool | None = None  # whether this rank committed the last save
+        self._buffers: StagingBuffers | None = None
+        self._background: Coordinator | None = None
+
+    def start(
+        self,
+        step: int,
+        path: str,
+        state: Any,
+        metrics: dict[str, Any],
+        metadata: dict[str, Any],
+        *,
+        pin: bool,
+    ) -> PendingSave:
+        """Snapshot on this thread; write, commit and retain on a background thread."""
+        from ckptguard._state.serialization import StagingBuffers, encode_state  # noqa: PLC0415 - torch
+
+        started = time.perf_counter()
+        if self._background is None:
+            self._background = side_channel(self.coordinator, "async")
+        if self._buffers is None:
+            self._buffers = StagingBuffers()
+        # Only a rank that may commit keeps a copy: after the first save, the ranks that
+        # committed it (one per node at most); before it, every rank.
+        snapshot = None
+        if self.committer is not False:
+            snapshot = self._buffers.snapshot(encode_state(state))
+        else:
+            self._buffers.release()
+        job = PendingSave(step, path, time.perf_counter() - started)
+        self.pending = job
+        watch_exit(self.owner)
+        worker = threading.Thread(
+            target=self._run,
+            args=(job, snapshot, metrics, metadata, pin, self._background),
+            name=f"ckptguard-save-{step}",
+            daemon=True,  # exit waits for it explicitly (atexit, SIGTERM), up to exit_timeout
+        )
+        job._thread = worker  # noqa: SLF001 - this module's own class
+        worker.start()
+        return job
+
+    def _run(  # noqa: PLR0917 - the thread's arguments
+        self,
+        job: PendingSave,
+        snapshot: EncodedState | None,
+        metrics: dict[str, Any],
+        metadata: dict[str, Any],
+        pin: bool,  # noqa: FBT001 - positional thread argument
+        coord: Coordinator,
+    ) -> None:
+        try:
+            info = self._commit(job.step, snapshot, None, metrics, metadata, pin=pin, coord=coord)
+        except BaseException as exc:
+            _log.error(
+                "async save of step %d to %s failed: %s: %s (raised again by the next "
+                "save, wait or close)",
+                job.step, job.path, type(exc).__name__, exc,
+            )  # fmt: skip
+            job._finish(None, exc)  # noqa: SLF001
+        else:
+            job._finish(info, None)  # noqa: SLF001
+        if not self.committer and self._buffers is not None:
+            self._buffers.release()  # a rank that did not commit needs no copy
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """The in-flight save's info, or its error raised (once); None if there is none."""
+        job = self.pending
+        if job is None:
+            return None
+        if not job._join(timeout):  # noqa: SLF001
+            raise TimeoutError(f"the async save of step {job.step} is still running")
+        self.pending = None
+        if job._error is not None:  # noqa: SLF001
+            if job._reported:  # noqa: SLF001
+                return None
+            job._reported = True  # noqa: SLF001
+            raise job._error  # noqa: SLF001
+        return job._info  # noqa: SLF001
+
+    def release(self) -> None:
+        """Free the staging buffers."""
+        if self._buffers is not None:
+            self._buffers.release()

@@ -17,7 +17,12 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ckptguard._errors import CheckpointError, UnsafeManifest, UnsupportedFile
+from ckptguard._errors import (
+    CheckpointError,
+    UnsafeManifest,
+    UnsupportedFile,
+    storage_error_from_os,
+)
 from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING, MANIFEST_NAME
 from ckptguard._format.manifest import MAX_MANIFEST_BYTES, Manifest
 from ckptguard._storage.base import is_url
@@ -69,6 +74,10 @@ def read_manifest_from(tree: CheckpointTree) -> Manifest:
         raise UnsafeManifest(exc.message, path=tree.path) from None
     except ValueError as exc:
         raise UnsafeManifest(str(exc), path=tree.path) from None
+    except CheckpointError:
+        raise
+    except OSError as exc:  # EIO, ENXIO (a socket), EACCES...: typed, with the step
+        raise storage_error_from_os(exc, f"reading {MANIFEST_NAME}", tree.path) from exc
     return Manifest.from_json(data, path=f"{tree.path.rstrip('/')}/{MANIFEST_NAME}")
 
 

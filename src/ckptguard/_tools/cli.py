@@ -24,13 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ckptguard._errors import (
-    CheckpointError,
-    CheckpointNotFound,
-    StoragePermissionError,
-    StorageUnreachable,
-    UnsupportedRoot,
-)
+from ckptguard._errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint
 from ckptguard._format.layout import (
     MANIFEST_NAME,
     META_DIR,
@@ -113,9 +107,6 @@ def main() -> None:
 
 
 # -- resolving a ROOT or PATH ------------------------------------------------------------------
-_NOT_THERE = (CheckpointNotFound, StorageUnreachable, StoragePermissionError, UnsupportedRoot)
-
-
 def _backend(root: str, *, as_json: bool) -> Backend:
     """The backend of ROOT; exit 2 with the reason if it cannot be resolved or is not there."""
     try:
@@ -128,9 +119,10 @@ def _backend(root: str, *, as_json: bool) -> Backend:
 
 
 def _fail_for(exc: BaseException, *, as_json: bool) -> NoReturn:
-    """Exit 2 for what is not there, cannot be reached or resolved; 1 for anything else."""
-    there = isinstance(exc, CheckpointError) and not isinstance(exc, _NOT_THERE)
-    _fail(str(exc), as_json=as_json, code=1 if there else 2)
+    """Exit 1 for a checkpoint that is there but corrupt; 2 for anything else (a path,
+    bucket or prefix that is not there or cannot be reached, an unusable root).
+    """
+    _fail(str(exc), as_json=as_json, code=1 if isinstance(exc, CorruptCheckpoint) else 2)
 
 
 # -- list --------------------------------------------------------------------------------------

@@ -36,7 +36,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
+from ckptguard._errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    StoragePermissionError,
+    StorageUnreachable,
+)
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
+from ckptguard._protocol.backend import backend_for
+from ckptguard._storage.base import is_url
+from ckptguard._storage.local import tree_size
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -247,8 +256,6 @@ def _checkpoint_sizes(root: str) -> tuple[int, int] | None:
                 steps.append((step, name))
     if not steps:
         return None
-    from ckptguard._storage.local import tree_size  # noqa: PLC0415 - a lighter import at start
-
     sizes = {name: tree_size(os.path.join(root, name)) for _, name in steps}
     return sizes[max(steps)[1]], sum(sizes.values())
 
@@ -538,6 +545,57 @@ def _world_size_against_checkpoint(root: str, world: int) -> list[Check]:
     return []
 
 
+# -- object stores ----------------------------------------------------------------------------
+def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> list[Check]:
+    """An object-store root: reachable, credentials accepted, bucket and prefix there."""
+    advice = {
+        CheckpointNotFound: "check the bucket name in the URL, or create the bucket",
+        StorageUnreachable: "check the endpoint (AWS_ENDPOINT_URL or storage_options) "
+        "and that the server is up",
+        StoragePermissionError: "check the credentials (AWS_ACCESS_KEY_ID/"
+        "AWS_SECRET_ACCESS_KEY or storage_options) and the bucket's policy",
+    }
+    try:
+        backend = backend_for(url, storage_options, what="doctor")
+        backend.require_root()
+    except (CheckpointError, OSError, ImportError) as exc:
+        hint = next((a for cls, a in advice.items() if isinstance(exc, cls)), "")
+        return [Check("root.store", "fail", str(exc), hint)]
+    checks = [Check("root.store", "ok", f"{backend.root}: reachable, credentials accepted")]
+    try:
+        if not backend.exists():
+            checks.append(
+                Check(
+                    "root.prefix",
+                    "warn",
+                    f"{backend.root} holds nothing yet",
+                    "a new run creates it; otherwise check the prefix for a typo",
+                )
+            )
+        else:
+            names = backend.names()
+            checks.append(Check("root.prefix", "ok", f"{len(names)} checkpoint(s) committed"))
+        store: Any = backend.storage
+        while hasattr(store, "inner"):
+            store = store.inner
+        if store.supports_create_only():
+            checks.append(Check("root.create_only", "ok", "create-only writes are honoured"))
+        else:
+            checks.append(
+                Check(
+                    "root.create_only",
+                    "warn",
+                    "create-only writes are not honoured: among processes committing one "
+                    "name at once, the last writer wins (each learns whether it won)",
+                    "save each name from one process (CheckpointManager does under "
+                    "torch.distributed)",
+                )
+            )
+    except (CheckpointError, OSError) as exc:
+        checks.append(Check("root.store", "fail", str(exc)))
+    return checks
+
+
 # -- all of it --------------------------------------------------------------------------------
 def doctor(
     root: str | os.PathLike[str] | None = None,
@@ -548,21 +606,20 @@ def doctor(
     mounts_file: str = "/proc/mounts",
     versions: bool = True,
     expect_shared: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> DoctorReport:
-    """Check the environment (and ``root``, if given) for what breaks checkpointing."""
+    """Check the environment (and ``root``, if given) for what breaks checkpointing.
+
+    ``root`` may be a URL (s3://bucket/run): then the store is checked (reachable,
+    credentials accepted, the bucket and the prefix there, create-only writes).
+    """
     checks: list[Check] = []
     if versions:
         checks.extend(check_versions())
     path = os.fspath(root) if root is not None else None
     if path is not None:
-        if "://" in path and not path.startswith("file://"):
-            checks.append(
-                Check(
-                    "root.object_store",
-                    "ok",
-                    f"{path}: an object-store root (no filesystem checks)",
-                )
-            )
+        if is_url(path):
+            checks.extend(check_store(path, storage_options))
         else:
             checks.extend(
                 check_root(
@@ -573,7 +630,7 @@ def doctor(
                 )
             )
     if coordinator is not None and coordinator.world_size > 1:
-        local = path if path is not None and "://" not in path else None
+        local = path if path is not None and not is_url(path) else None
         checks.extend(check_distributed(local, coordinator, expect_shared=expect_shared))
     return DoctorReport(path, checks)
 
@@ -590,7 +647,7 @@ def warn_at_start(
     if env.get("CKPTGUARD_DOCTOR", "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
     checks = check_versions()
-    if "://" not in root and os.path.isdir(root):
+    if not is_url(root) and os.path.isdir(root):
         checks.extend(_check_contents(root, expect_empty=False))
     report = DoctorReport(root, checks)
     for check in report.problems():

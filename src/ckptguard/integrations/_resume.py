@@ -12,18 +12,45 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from ckptguard._errors import CheckpointError, CorruptCheckpoint, NoValidCheckpoint, SaveAborted
+from ckptguard._errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    NoValidCheckpoint,
+    SaveAborted,
+    UnsupportedRoot,
+)
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR
 from ckptguard._protocol.recovery import recover
 from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._storage.base import is_url
 
 if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator
     from ckptguard._manager.manager import CheckpointManager
 
-__all__ = ["agreed_latest", "check_resume_path", "repair_root"]
+__all__ = ["agreed_latest", "check_resume_path", "local_dir", "repair_root"]
 
 _log = logging.getLogger("ckptguard.integrations")
+
+
+def local_dir(path: str | os.PathLike[str], *, who: str, framework: str) -> str:
+    """``path`` as a local path; UnsupportedRoot for a URL, before anything is written.
+
+    The frameworks write and read their checkpoint files with local file APIs: given
+    ``s3://bucket/run`` they would create a local folder named ``s3:`` and the user would
+    believe the checkpoints were off the node.
+    """
+    text = os.fspath(path)
+    if is_url(text):
+        raise UnsupportedRoot(
+            f"{who}: {text} is an object-store URL, but {framework} writes and reads its "
+            "checkpoints through local files; nothing was written",
+            path=text,
+            hint="give a local or shared-filesystem directory; for an off-node copy of "
+            "each checkpoint use CheckpointManager(local_dir, mirror=URL), and for files "
+            "you write yourself ckptguard.atomic_checkpoint(URL + '/name')",
+        )
+    return text
 
 
 def repair_root(root: str) -> None:

@@ -44,7 +44,7 @@ from ckptguard._errors import NoValidCheckpoint
 from ckptguard._format.layout import ACCELERATE_NAMING
 from ckptguard._manager.manager import CheckpointManager
 from ckptguard._protocol.transaction import AtomicCheckpoint
-from ckptguard.integrations._resume import agreed_latest, check_resume_path
+from ckptguard.integrations._resume import agreed_latest, check_resume_path, local_dir
 
 if TYPE_CHECKING:
     from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
@@ -64,7 +64,8 @@ class _Guard:
     warned_topology: bool = False
 
     def manager(self, root: str, keep_last: int | None) -> CheckpointManager:
-        root = os.path.abspath(root)
+        root = os.path.abspath(local_dir(root, who="Accelerate's project_dir",
+                                         framework="Accelerate"))  # fmt: skip
         if root not in self.managers:
             self.managers[root] = CheckpointManager(
                 root,
@@ -91,6 +92,8 @@ def protect(accelerator: T) -> T:
                 f"{type(accelerator).__name__} has no {needed!r}"
             )
     acc: Any = accelerator
+    if acc.project_dir:
+        local_dir(acc.project_dir, who="protect(accelerator)", framework="Accelerate")
     guard = _Guard()
     original_save = acc.save_state
     original_load = acc.load_state
@@ -172,7 +175,7 @@ def _save_state(
             "save_state() needs output_dir unless automatic_checkpoint_naming is enabled"
         )
     tx = AtomicCheckpoint(
-        output_dir,
+        local_dir(output_dir, who="save_state", framework="Accelerate"),
         if_exists="replace",
         metadata={"framework": "accelerate"},
         coordinator=default_coordinator(),
@@ -194,7 +197,8 @@ def _load_state(
     kwargs: dict[str, Any],
 ) -> Any:
     if input_dir is not None:
-        path = os.path.abspath(os.path.expanduser(os.fspath(input_dir)))
+        text = local_dir(input_dir, who="load_state", framework="Accelerate")
+        path = os.path.abspath(os.path.expanduser(text))
         check_resume_path(path, default_coordinator())
         result = original_load(path, **kwargs)
         if _automatic(acc):

@@ -42,7 +42,7 @@ from ckptguard._protocol.cleanup import retire_checkpoint
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.local import LocalStorage
-from ckptguard.integrations._resume import repair_root
+from ckptguard.integrations._resume import local_dir, repair_root
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -107,7 +107,7 @@ def load(
     A symlink (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is followed to a
     checkpoint in the same directory.
     """
-    path = _follow_link(os.fspath(path))
+    path = _follow_link(local_dir(path, who="load", framework="Lightning"))
     repair_root(os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path) and not _is_ours(path):
         raise CorruptCheckpoint(
@@ -131,7 +131,7 @@ def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
     half-written, corrupt and foreign entries are skipped and logged. Symlinks
     (``save_last="link"``) are skipped: their target is considered on its own.
     """
-    root = os.fspath(dirpath)
+    root = local_dir(dirpath, who="last_valid_checkpoint", framework="Lightning")
     if not os.path.isdir(root):
         return None
     repair_root(root)
@@ -161,7 +161,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__} does not take storage_options (local and shared "
                 "filesystems only)"
             )
-        target = os.path.abspath(os.fspath(path))
+        target = os.path.abspath(local_dir(path, who="save_checkpoint", framework="Lightning"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         step = checkpoint.get("global_step")
         tx = AtomicCheckpoint(
@@ -180,14 +180,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable[..., Any] | None = lambda storage, loc: storage,  # noqa: ARG005
         weights_only: bool | None = None,  # noqa: FBT001 - Lightning's signature
     ) -> dict[str, Any]:
-        path = os.fspath(path)
+        path = local_dir(path, who="load_checkpoint", framework="Lightning")
         repair_root(os.path.dirname(os.path.abspath(path)))
         if not os.path.lexists(path):
             raise NoValidCheckpoint(f"no checkpoint at {path}", path=path)
         return load(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
-        path = os.path.abspath(os.fspath(path))
+        path = os.path.abspath(local_dir(path, who="remove_checkpoint", framework="Lightning"))
         if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)
             return

@@ -53,6 +53,7 @@ from ckptguard._protocol.verify import verify_local as verify
 from ckptguard.integrations._resume import (
     agreed_latest,
     check_resume_path,
+    local_dir,
     repair_root,
 )
 
@@ -80,7 +81,7 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     (no manifest) are skipped and logged. What a crash left is repaired first (a replace
     cut between its renames is rolled back); nothing else is changed.
     """
-    root = os.fspath(output_dir)
+    root = local_dir(output_dir, who="last_valid_checkpoint", framework="the Trainer")
     if not os.path.isdir(root):
         return None
     repair_root(root)
@@ -110,7 +111,8 @@ class _Guard:
 
     def manager(self, root: str) -> CheckpointManager:
         """The checkpoint manager of ``root`` (made on first use: every rank calls)."""
-        root = os.path.abspath(root)
+        root = os.path.abspath(local_dir(root, who="the Trainer's output_dir",
+                                         framework="the Trainer"))  # fmt: skip
         if root not in self.managers:
             self.managers[root] = CheckpointManager(
                 root,
@@ -145,6 +147,8 @@ def protect(trainer: T) -> T:
                 f"{type(trainer).__name__} has no {needed!r}"
             )
     t: Any = trainer
+    if t.args.output_dir:
+        local_dir(t.args.output_dir, who="protect(trainer)", framework="the Trainer")
     is_zero = getattr(t, "is_world_process_zero", None)
     if t.args.output_dir and (not callable(is_zero) or is_zero()):
         from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415
