@@ -51,3 +51,13 @@ def test_import_has_no_side_effects(tmp_path: object) -> None:
         cwd=str(tmp_path),
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_documented_submodules_are_public() -> None:
+    """Every layer is a private package; users get ``ckptguard`` plus these two."""
+    import pkgutil
+
+    public = {m.name for m in pkgutil.iter_modules(ckptguard.__path__) if m.name[0] != "_"}
+    assert public == {"integrations", "testing"}
+    layers = {m.name for m in pkgutil.iter_modules(ckptguard.__path__) if m.ispkg}
+    assert {"_storage", "_format", "_protocol", "_coordination", "_state", "_manager"} <= layers

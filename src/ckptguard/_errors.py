@@ -14,7 +14,8 @@
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
     ├── LockTimeout(TimeoutError)                    another process held the root's lock too long
-    ├── SaveAborted                                  a save of several ranks failed on some rank
+    ├── RankFailure                                  several ranks' step failed on some rank
+    │   └── SaveAborted                              a save of several ranks failed on some rank
     └── StorageError(OSError)                        a filesystem operation failed for good
         ├── StorageFull                              ENOSPC, EDQUOT
         ├── ReadOnlyStorage                          EROFS
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidCheckpointName",
     "LockTimeout",
     "NoValidCheckpoint",
+    "RankFailure",
     "ReadOnlyStorage",
     "SaveAborted",
     "StateFormatError",
@@ -190,7 +192,17 @@ class LockTimeout(CheckpointError, TimeoutError):
     )
 
 
-class SaveAborted(CheckpointError):
+class RankFailure(CheckpointError):
+    """A step that several ranks take together failed on some rank.
+
+    Start-up, choosing where to resume, a save (:class:`SaveAborted`); ``failures`` names
+    each failing rank and its error.
+    """
+
+    default_hint = "see each rank's failure; nothing was changed by the ranks that succeeded"
+
+
+class SaveAborted(RankFailure):
     """A save that several ranks made together failed; ``failures`` names each failing rank."""
 
     default_hint = (

@@ -29,7 +29,13 @@ import socket
 import sys
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Coordinator", "SingleProcess", "default_coordinator", "side_channel"]
+__all__ = [
+    "Coordinator",
+    "SingleProcess",
+    "default_coordinator",
+    "gather_failures",
+    "side_channel",
+]
 
 
 @runtime_checkable
@@ -76,6 +82,16 @@ class SingleProcess:
 
     def all_gather(self, obj: Any) -> list[Any]:
         return [obj]
+
+
+def gather_failures(coordinator: Coordinator, error: str | None) -> dict[int, str]:
+    """Every rank's failure (rank -> message), {} if none failed: one all_gather.
+
+    Every rank must call it, failed or not, or the others wait in the collective.
+    """
+    if coordinator.world_size == 1:
+        return {} if error is None else {0: error}
+    return {r: str(e) for r, e in enumerate(coordinator.all_gather(error)) if e is not None}
 
 
 def side_channel(coordinator: Coordinator, name: str) -> Coordinator:

@@ -13,6 +13,7 @@
         trash/checkpoint-100.<save_id>/    a replaced checkpoint, until the replace is published
         quarantine/<name>.<save_id>/       anything that stood in a checkpoint's way
         quarantine/<name>.<save_id>.json   why it was moved there
+        pins/<name>                        kept whatever the retention policy says
 
 A save id is unique across processes, hosts and runs: UTC time, a short hash of the
 host, the pid and 64 random bits. It sorts by creation time.
@@ -39,6 +40,7 @@ __all__ = [
     "MANIFEST_TMP_NAME",
     "META_DIR",
     "OWNER_NAME",
+    "PINS_DIR",
     "QUARANTINE_DIR",
     "RESERVED_NAMES",
     "RETIRED_SUFFIX",
@@ -68,6 +70,7 @@ STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 QUARANTINE_DIR = "quarantine"
 LOCK_NAME = "lock"
+PINS_DIR = "pins"  # ROOT/.ckptguard/pins/<name>: pinned after its save (CheckpointManager.pin)
 CHECKPOINT_PREFIX = "checkpoint-"
 QUARANTINE_REASON_SUFFIX = ".json"
 
@@ -76,7 +79,6 @@ RESERVED_NAMES = frozenset({MANIFEST_NAME, MANIFEST_TMP_NAME, OWNER_NAME})
 
 MAX_NAME_LENGTH = 200
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")  # "=": Lightning's epoch=1-step=20.ckpt
-_STEP_RE = re.compile(r"checkpoint-(\d+)")
 # <UTC yyyymmddThhmmssffffff>Z-<host hash>-<pid>-<random>
 _SAVE_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}-\d+-[0-9a-f]{16}")
 _STAGING_RE = re.compile(rf"(?P<name>.+)\.(?P<save_id>{_SAVE_ID_RE.pattern})")
@@ -127,9 +129,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def step_from_name(name: str) -> int | None:
-    """The step of a ``checkpoint-<step>`` name, or None for any other name."""
-    match = _STEP_RE.fullmatch(name)
-    return int(match.group(1)) if match else None
+    """The step of a ``checkpoint-<step>`` name (ASCII digits only), or None otherwise."""
+    return HF_NAMING.step(name)
 
 
 @dataclass(frozen=True)

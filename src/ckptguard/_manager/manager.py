@@ -20,11 +20,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from ckptguard._coordination.base import (
-    Coordinator,
-    default_coordinator,
-)
-from ckptguard._errors import NoValidCheckpoint, SaveAborted, UnsupportedRoot
+from ckptguard._coordination.base import Coordinator, default_coordinator, gather_failures
+from ckptguard._errors import CheckpointNotFound, NoValidCheckpoint, RankFailure, UnsupportedRoot
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
@@ -174,15 +171,13 @@ class CheckpointManager:
             if coord.world_size == 1:
                 raise
             error = f"{type(exc).__name__}: {exc}"
-        if coord.world_size > 1:
-            failures = {r: str(e) for r, e in enumerate(coord.all_gather(error)) if e}
-            if failures:
-                raise SaveAborted(
-                    f"starting the checkpoint manager on {self.root} failed on rank(s) "
-                    f"{sorted(failures)}",
-                    path=self.root,
-                    failures=failures,
-                )
+        if coord.world_size > 1 and (failures := gather_failures(coord, error)):
+            raise RankFailure(
+                f"starting the checkpoint manager on {self.root} failed on rank(s) "
+                f"{sorted(failures)}",
+                path=self.root,
+                failures=failures,
+            )
 
     @property
     def in_flight(self) -> PendingSave | None:
@@ -376,8 +371,6 @@ class CheckpointManager:
             return self.catalog.check(committed[0][1])
         path = self.backend.join(self.naming.name(step))
         if not self.backend.exists(path):
-            from ckptguard._errors import CheckpointNotFound  # noqa: PLC0415
-
             raise CheckpointNotFound(f"no checkpoint for step {step}", path=path)
         return self.catalog.check(path)
 

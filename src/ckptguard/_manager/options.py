@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from ckptguard._storage.retry import RetryPolicy
 
 __all__ = [
-    "PINS_DIR",
     "RESERVED_METADATA",
     "SaveOptions",
     "clean_metrics",
@@ -40,7 +39,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("ckptguard.manager")
-PINS_DIR = "pins"  # ROOT/.ckptguard/pins/<name>: pinned after the save (see layout.py)
 RESERVED_METADATA = "ckptguard"
 
 

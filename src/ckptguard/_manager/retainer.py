@@ -12,10 +12,11 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from ckptguard._coordination.base import gather_failures
 from ckptguard._errors import CorruptCheckpoint, StorageError, storage_error_from_os
-from ckptguard._format.layout import META_DIR
+from ckptguard._format.layout import META_DIR, PINS_DIR
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.options import PINS_DIR, pinned_in
+from ckptguard._manager.options import pinned_in
 from ckptguard._manager.retention import Candidate, RetentionPolicy, metric_value, select_deletions
 
 if TYPE_CHECKING:
@@ -105,9 +106,8 @@ class Retainer:
                     raise
                 error = f"{type(exc).__name__}: {exc}"
         if coord.world_size > 1:
-            for rank, err in enumerate(coord.all_gather(error)):
-                if err is not None:
-                    _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
+            for rank, err in gather_failures(coord, error).items():
+                _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
         if report is None:
             report = catalog.check(path, checksums=False)
         return CheckpointInfo.from_report(step, report, pinned=pin or self.pin_file(step))

@@ -40,7 +40,6 @@ import logging
 import os
 import shutil
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._errors import (
@@ -81,6 +80,7 @@ from ckptguard._storage.local import PARALLEL_FSYNC_MIN, LocalStorage, tree_size
 from ckptguard._storage.retry import (
     DEFAULT_RETRY,
     NFS_LAG_ERRNOS,
+    BackgroundFsyncs,
     RetryPolicy,
     call_fsync,
     call_with_retry,
@@ -303,22 +303,15 @@ def _hash_and_fsync(storage: Storage, root: str, rels: list[str]) -> dict[str, F
     digests: dict[str, FileDigest] = {}
     sizes = {rel: _size(os.path.join(root, rel)) for rel in rels}
     large = [rel for rel in rels if sizes[rel] >= PARALLEL_FSYNC_MIN]
-    workers = max(1, min(_FSYNC_THREADS, len(large)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="ckptguard-fsync") as pool:
-        syncs = [(rel, pool.submit(storage.fsync_file, os.path.join(root, rel))) for rel in large]
-        try:
-            for rel in rels:
-                file_path = os.path.join(root, rel)
-                run = functools.partial(
-                    _hash_into, storage, file_path, digests, rel, sizes[rel] < PARALLEL_FSYNC_MIN
-                )
-                call_fsync(run, what="read and fsync file", path=file_path)
-        except BaseException:
-            for _, future in syncs:
-                future.cancel()
-            raise
-        for rel, future in syncs:
-            call_fsync(future.result, what="fsync file", path=os.path.join(root, rel))
+    with BackgroundFsyncs(storage, workers=min(_FSYNC_THREADS, len(large))) as syncs:
+        for rel in large:
+            syncs.submit(os.path.join(root, rel))
+        for rel in rels:
+            file_path = os.path.join(root, rel)
+            run = functools.partial(
+                _hash_into, storage, file_path, digests, rel, sizes[rel] < PARALLEL_FSYNC_MIN
+            )
+            call_fsync(run, what="read and fsync file", path=file_path)
     return digests
 
 

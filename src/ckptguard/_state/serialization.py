@@ -35,7 +35,6 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +55,7 @@ from ckptguard._storage.local import (
     LocalSource,
     open_checkpoint_file,
 )
-from ckptguard._storage.retry import call_fsync
+from ckptguard._storage.retry import BackgroundFsyncs, call_fsync
 
 if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
@@ -322,24 +321,16 @@ def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> di
     digests: dict[str, FileDigest] = {}
     # A large file is fsynced by another thread as soon as it is written, while the next
     # one is written: its writeback overlaps the next file's writes.
-    with ThreadPoolExecutor(2, thread_name_prefix="ckptguard-fsync") as pool:
-        syncs: list[tuple[str, Future[None]]] = []
-        try:
-            for group in encoded.groups:
-                path = os.path.join(directory, group.file)
-                digest = digests[group.file] = _write_group(path, group, storage)
-                if digest.size >= PARALLEL_FSYNC_MIN:
-                    syncs.append((path, pool.submit(storage.fsync_file, path)))
-                else:  # small: inline (see commit.PARALLEL_FSYNC_MIN)
-                    call_fsync(
-                        functools.partial(storage.fsync_file, path), what="fsync file", path=path
-                    )
-        except BaseException:
-            for _, future in syncs:
-                future.cancel()
-            raise
-        for path, future in syncs:
-            call_fsync(future.result, what="fsync file", path=path)
+    with BackgroundFsyncs(storage, workers=2) as syncs:
+        for group in encoded.groups:
+            path = os.path.join(directory, group.file)
+            digest = digests[group.file] = _write_group(path, group, storage)
+            if digest.size >= PARALLEL_FSYNC_MIN:
+                syncs.submit(path)
+            else:  # small: inline (see PARALLEL_FSYNC_MIN)
+                call_fsync(
+                    functools.partial(storage.fsync_file, path), what="fsync file", path=path
+                )
     doc = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,

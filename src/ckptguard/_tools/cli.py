@@ -119,8 +119,10 @@ def _backend(root: str, *, as_json: bool) -> Backend:
 
 
 def _fail_for(exc: BaseException, *, as_json: bool) -> NoReturn:
-    """Exit 1 for a checkpoint that is there but corrupt; 2 for anything else (a path,
-    bucket or prefix that is not there or cannot be reached, an unusable root).
+    """Exit 1 for a checkpoint that is there but corrupt, 2 for anything else.
+
+    Anything else: a path, bucket or prefix that is not there or cannot be reached, bad
+    credentials, an unusable root.
     """
     _fail(str(exc), as_json=as_json, code=1 if isinstance(exc, CorruptCheckpoint) else 2)
 

@@ -12,11 +12,12 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from ckptguard._coordination.base import gather_failures
 from ckptguard._errors import (
     CheckpointError,
     CorruptCheckpoint,
     NoValidCheckpoint,
-    SaveAborted,
+    RankFailure,
     UnsupportedRoot,
 )
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR
@@ -75,10 +76,8 @@ def _leader(coord: Coordinator) -> bool:
 def _gather_errors(coord: Coordinator, error: str | None, what: str, path: str) -> None:
     if coord.world_size == 1:
         return
-    errors = coord.all_gather(error)
-    failures = {r: str(e) for r, e in enumerate(errors) if e is not None}
-    if failures:
-        raise SaveAborted(
+    if failures := gather_failures(coord, error):
+        raise RankFailure(
             f"{what} failed on rank(s) {sorted(failures)}",
             path=path,
             failures=failures,
@@ -110,7 +109,7 @@ def agreed_latest(manager: CheckpointManager) -> str | None:
     proposals = coord.all_gather({"step": newest, "error": error, "leader": _leader(coord)})
     failures = {r: str(p["error"]) for r, p in enumerate(proposals) if p["error"] is not None}
     if failures:
-        raise SaveAborted(
+        raise RankFailure(
             f"choosing the checkpoint to resume from in {manager.root} failed on rank(s) "
             f"{sorted(failures)}",
             path=manager.root,
