@@ -86,7 +86,7 @@ class CheckpointTree(Protocol):
         """Every regular file whose relative path starts with ``under``: path -> size.
 
         Anything else found there (a link, a device, a too-deep tree) goes to ``problem``.
-        The manifest itself is not an entry.
+        The manifest is an entry like any other file (verify sets it apart).
         """
 
     def digest(self, rel: str, progress: Callable[[int], None] | None = None) -> FileDigest:
@@ -106,10 +106,16 @@ class Storage(Protocol):
         """Create one directory with ``mode`` exactly (no-op on object stores)."""
 
     def open_write(self, path: str, *, fsync: bool = True) -> FileWriter:
-        """Create a new file (never an existing one); its digest is computed while writing."""
+        """Create a file; its digest is computed while writing.
+
+        On a filesystem never over an existing one (FileExistsError). An object store
+        replaces an object of that name: where that matters (the commit marker) the
+        strategy writes with a create-only conditional write instead; every other object
+        of a save lies under the save's own fresh prefix.
+        """
 
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> FileDigest:
-        """Create a new file holding ``data``."""
+        """Create a file holding ``data`` (an existing one: as for ``open_write``)."""
 
     def read_bytes(self, path: str, *, limit: int) -> bytes:
         """Read a regular file of at most ``limit`` bytes (never through a symlink)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import posixpath
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -217,6 +216,7 @@ class _UploadWriter:
     """Streams to an object (multipart for large ones), hashing every byte as it goes."""
 
     def __init__(self, storage: FsspecStorage, path: str) -> None:
+        self._storage = storage
         self._path = path
         self._file: Any = storage.fs.open(storage.key(path), "wb", block_size=UPLOAD_BLOCK)
         self._hasher = xxhash.xxh3_128()
@@ -246,8 +246,15 @@ class _UploadWriter:
             discard = getattr(self._file, "discard", None)  # s3fs: abort the multipart upload
             if callable(discard):
                 discard()
+                # discard() leaves the file open: its finaliser would close() it and fail
+                # on the dropped buffer ("'NoneType' object has no attribute 'tell'").
+                self._file.closed = True
             else:
                 self._file.close()
+        # A store that made the object visible at open (fsspec's memory://, whose discard
+        # does nothing) keeps a partial object: remove it.
+        with contextlib.suppress(Exception):
+            self._storage.remove_file(self._path)
 
     def __enter__(self) -> _UploadWriter:
         return self
@@ -375,21 +382,29 @@ class FsspecStorage:
         return data
 
     def exists(self, path: str) -> bool:
+        """An object of that name, or a prefix with objects under it.
+
+        Not ``fs.exists``: a store may keep listing a prefix whose objects are all gone
+        (SeaweedFS does), which would make a retired checkpoint look present.
+        """
         key = self.key(path)
-        return bool(self._retry(lambda: self.fs.exists(key), what="look up", path=path))
+
+        def is_object() -> bool:
+            try:
+                info = self.fs.info(key, refresh=True)
+            except FileNotFoundError:
+                return False
+            return bool(info.get("type") != "directory")
+
+        if self._retry(is_object, what="look up", path=path):
+            return True
+        return bool(self.find(path))
 
     def list_dir(self, path: str) -> list[str]:
-        """Names directly under a prefix, sorted; [] if there is none."""
-        key = self.key(path)
-
-        def ls() -> list[str]:
-            try:
-                entries = self.fs.ls(key, detail=False, refresh=True)
-            except FileNotFoundError:
-                return []
-            return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries} - {""})
-
-        return self._retry(ls, what="list", path=path)
+        """Names directly under a prefix that hold objects, sorted; [] if there is none."""
+        base = self.key(path)
+        names = {k.removeprefix(base + "/").split("/", 1)[0] for k in self.find(path)}
+        return sorted(names - {""})
 
     def find(self, path: str) -> dict[str, dict[str, Any]]:
         """Every object under a prefix: key -> info (size, last modified)."""

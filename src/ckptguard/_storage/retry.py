@@ -73,7 +73,7 @@ class RetryPolicy:
     deadline: float = 30.0
     initial_wait: float = 0.02
     max_wait: float = 2.0
-    connect_budget: float = 10.0
+    connect_budget: float = 5.0
 
 
 DEFAULT_RETRY = RetryPolicy()
