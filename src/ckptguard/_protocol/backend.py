@@ -100,7 +100,12 @@ class Backend:
         )
 
     def read_manifest(self, path: str) -> Manifest:
-        tree = self.storage.open_tree(path)
+        try:
+            tree = self.storage.open_tree(path)
+        except CheckpointNotFound:
+            raise
+        except FileNotFoundError:
+            raise CheckpointNotFound(f"{path} does not exist", path=path) from None
         try:
             return read_manifest_from(tree)
         finally:

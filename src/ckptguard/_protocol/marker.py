@@ -93,7 +93,9 @@ class MarkerCommit:
     shared = True  # one copy that every process sees
 
     def prepare_root(self, layout: RootLayout, storage: Storage, *, retry: RetryPolicy) -> None:
-        del layout, storage, retry  # prefixes need no creation
+        """Prefixes need no creation; the bucket must exist (a typo is not a new run)."""
+        del layout, retry
+        _store(storage).require_root()
 
     # -- 1. stage ------------------------------------------------------------------------
     def stage(

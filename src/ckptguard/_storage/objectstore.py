@@ -289,6 +289,9 @@ class FsspecStorage:
             # a listing cached by another user of this filesystem object must never decide
             # whether a manifest exists
             options.setdefault("use_listings_cache", False)
+            # fsspec caches one filesystem per set of options, made with the environment
+            # of its time (AWS_ENDPOINT_URL, keys): a later change would go unseen.
+            options.setdefault("skip_instance_cache", True)
             # The retry policy decides (one clear error within connect_budget), not
             # botocore's and s3fs's own retry loops (about 65 s on a dead endpoint).
             config = dict(options.get("config_kwargs") or {})
@@ -555,7 +558,7 @@ class ObjectTree:
         self._base = storage.key(self.path)
         found = storage.find(self.path)
         if not found:
-            raise FileNotFoundError(errno.ENOENT, "no objects under this prefix", self.path)
+            raise CheckpointNotFound(f"{self.path} does not exist (no objects)", path=self.path)
         self._sizes = {
             key.removeprefix(self._base + "/"): int(info.get("size", -1))
             for key, info in found.items()

@@ -309,10 +309,11 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
             ]  # fmt: skip
         finally:
             close()
+    except CheckpointNotFound as exc:
+        _fail(str(exc), as_json=as_json, code=2)
     except FileNotFoundError as exc:
         missing = exc.filename or exc
-        code = 2 if isinstance(exc, CheckpointNotFound) else 1
-        _fail(f"{path} is not a valid checkpoint: {missing} is missing", as_json=as_json, code=code)
+        _fail(f"{path} is not a valid checkpoint: {missing} is missing", as_json=as_json, code=1)
     except (CheckpointError, OSError) as exc:
         _fail_for(exc, as_json=as_json)
     if as_json:

@@ -557,7 +557,10 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> l
     }
     try:
         backend = backend_for(url, storage_options, what="doctor")
-        backend.require_root()
+        store: Any = backend.storage
+        while hasattr(store, "inner"):
+            store = store.inner
+        store.require_root()  # reachable, credentials accepted, the bucket there
     except (CheckpointError, OSError, ImportError) as exc:
         hint = next((a for cls, a in advice.items() if isinstance(exc, cls)), "")
         return [Check("root.store", "fail", str(exc), hint)]
@@ -575,9 +578,6 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> l
         else:
             names = backend.names()
             checks.append(Check("root.prefix", "ok", f"{len(names)} checkpoint(s) committed"))
-        store: Any = backend.storage
-        while hasattr(store, "inner"):
-            store = store.inner
         if store.supports_create_only():
             checks.append(Check("root.create_only", "ok", "create-only writes are honoured"))
         else:

@@ -45,7 +45,9 @@ def local_dir(path: str | os.PathLike[str], *, who: str, framework: str) -> str:
     if is_url(text):
         raise UnsupportedRoot(
             f"{who}: {text} is an object-store URL, but {framework} writes and reads its "
-            "checkpoints through local files; nothing was written",
+            "checkpoints through local files; ckptguard wrote nothing (if the framework "
+            f"already made a local folder named '{text.split('://', 1)[0]}:' in the "
+            "working directory, remove it)",
             path=text,
             hint="give a local or shared-filesystem directory; for an off-node copy of "
             "each checkpoint use CheckpointManager(local_dir, mirror=URL), and for files "

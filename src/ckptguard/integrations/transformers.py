@@ -457,6 +457,12 @@ def install() -> None:
 
         @functools.wraps(original)
         def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            # Before the Trainer's own constructor, which creates output_dir: a URL there
+            # would become a local folder named "s3:".
+            training_args = args[1] if len(args) > 1 else kwargs.get("args")
+            output_dir = getattr(training_args, "output_dir", None)
+            if output_dir:
+                local_dir(output_dir, who="a Trainer under install()", framework="the Trainer")
             original(self, *args, **kwargs)
             protect(self)
 
