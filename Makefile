@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # The lowest transformers the `hf` extra declares, as an overlay in front of the venv
-# (tests/test_integration_transformers_lowest.py puts it on PYTHONPATH).
+# (tests/integrations/test_integration_transformers_lowest.py puts it on PYTHONPATH).
 $(VENV)/hf-lowest/.installed: constraints-hf-lowest.txt $(VENV)/.installed
 	rm -rf $(VENV)/hf-lowest
 	$(PIP) install --no-deps --target $(VENV)/hf-lowest -r constraints-hf-lowest.txt
@@ -50,7 +50,7 @@ CHAOS_POINTS ?= 24
 chaos: install
 	$(PY) tests/run_gauntlet.py --full --json benchmarks/results/gauntlet-latest.json
 	CKPTGUARD_CHAOS_POINTS=$(CHAOS_POINTS) CKPTGUARD_CHAOS_MODES=before,torn,unsynced \
-		$(PY) -m pytest -q tests/test_chaos_gate.py
+		$(PY) -m pytest -q tests/integrations/test_chaos_gate.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,7 +21,7 @@ import pytest
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 
-CHILD = Path(__file__).with_name("dist_child.py")
+CHILD = Path(__file__).parents[1] / "dist_child.py"
 
 
 def _free_port() -> int:

@@ -1,7 +1,7 @@
 """A tiny Hugging Face training run protected by ckptguard (Trainer or TRL's SFTTrainer).
 
-    python tests/hf_driver.py OUT [--trainer trainer|sft] [--steps 30] [--save-steps 10]
-        [--limit N] [--save-on-each-node] [--kill-at POINT:N] [--unprotected]
+    python tests/integrations/hf_driver.py OUT [--trainer trainer|sft] [--steps 30]
+        [--save-steps 10] [--limit N] [--save-on-each-node] [--kill-at POINT:N] [--unprotected]
         [--best min|max] [--show-limit]
 
 Resumes by itself from the newest checkpoint that verifies (prints ``resumed from step N``)
@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402 - after the environment above
+from driver_faults import kill_at  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -48,7 +49,6 @@ from ckptguard.integrations.transformers import (  # noqa: E402
     last_valid_checkpoint,
     protect,
 )
-from driver_faults import kill_at  # noqa: E402
 
 VOCAB = 97
 SEQ = 16

@@ -1,6 +1,7 @@
 """A tiny Lightning training run whose checkpoints go through ckptguard's CheckpointIO.
 
-    python tests/lightning_driver.py OUT [--steps 30] [--kill-at POINT:N] [--unprotected]
+    python tests/integrations/lightning_driver.py OUT [--steps 30] [--kill-at POINT:N]
+        [--unprotected]
         [--top-k K]
 
 Ten steps an epoch; ModelCheckpoint saves at each epoch's end and keeps every checkpoint
@@ -31,13 +32,13 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 import lightning as L  # noqa: E402, N812 - Lightning's own convention
+from driver_faults import kill_at  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from ckptguard.integrations.lightning import (  # noqa: E402
     AtomicCheckpointIO,
     last_valid_checkpoint,
 )
-from driver_faults import kill_at  # noqa: E402
 
 
 class Tiny(L.LightningModule):

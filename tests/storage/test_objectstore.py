@@ -448,7 +448,7 @@ def test_checkpoint_manager_under_torchrun_on_s3(
         "CKPT_ROOT_URL": url,
         "CKPT_STORAGE_OPTIONS": json.dumps(server.storage_options),
     }
-    child = Path(__file__).with_name("dist_child.py")
+    child = Path(__file__).parents[1] / "dist_child.py"
     from s3_servers import free_port
 
     cmd = [

@@ -1,6 +1,6 @@
 """The Hugging Face integration with real training runs: Trainer, TRL's SFTTrainer, torchrun.
 
-Every run is a child process (``tests/hf_driver.py``, a tiny GPT-2 run that resumes by
+Every run is a child process (``tests/integrations/hf_driver.py``, a tiny GPT-2 run that resumes by
 itself from the newest checkpoint that verifies and writes ``OUT/final.json``: the final
 step and a digest of every weight). A run killed inside ckptguard's commit protocol and
 resumed must end with a ``final.json`` byte-identical to an uninterrupted run's.

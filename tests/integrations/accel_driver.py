@@ -1,6 +1,6 @@
 """A tiny Accelerate training loop protected by ckptguard.
 
-    python tests/accel_driver.py OUT [--steps 30] [--save-every 10] [--limit N]
+    python tests/integrations/accel_driver.py OUT [--steps 30] [--save-every 10] [--limit N]
         [--kill-at POINT:N] [--unprotected]
 
 Saves with ``save_state()`` (automatic checkpoint naming: ``OUT/checkpoints/checkpoint_<i>``),
@@ -22,10 +22,10 @@ import torch
 import xxhash
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from driver_faults import kill_at
 
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard.integrations.accelerate import protect
-from driver_faults import kill_at
 
 warnings.filterwarnings("ignore")
 

@@ -19,7 +19,7 @@ from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.rename import commit, seal, stage
 from ckptguard._storage.faults import set_fault_hook
 
-CHILD = Path(__file__).with_name("crash_child.py")
+CHILD = Path(__file__).parents[1] / "crash_child.py"
 POINT = "commit.moved_to_trash"
 
 

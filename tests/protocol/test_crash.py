@@ -21,7 +21,7 @@ from ckptguard import EntryKind
 from ckptguard._format.layout import RootLayout
 from ckptguard._storage.faults import FAULT_POINTS, REMOTE_FAULT_POINTS
 
-CHILD = Path(__file__).with_name("crash_child.py")
+CHILD = Path(__file__).parents[1] / "crash_child.py"
 SRC = Path(ckptguard.__file__).parent
 
 # Points after which the new save is committed (the final rename has happened).
