@@ -10,11 +10,17 @@ off and must fail, which shows that the check can fail.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from pathlib import Path
+# Scenarios reuse helpers of the layer tests they extend (test_crash, test_race in
+# tests/protocol, test_manifest in tests/format): importable wherever the gauntlet runs.
+_TESTS = Path(__file__).resolve().parents[1]
+for _layer in ("protocol", "format"):
+    if str(_TESTS / _layer) not in sys.path:
+        sys.path.append(str(_TESTS / _layer))
 
 __all__ = ["SCENARIOS", "Row", "run_scenario", "same"]
 
@@ -28,6 +34,7 @@ SCENARIOS: tuple[str, ...] = (
     "corruption",
     "malicious",
     "permissions",
+    "objectstore",
 )
 
 MAX_EXAMPLES = 5

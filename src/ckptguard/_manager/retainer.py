@@ -110,7 +110,15 @@ class Retainer:
                 _log.warning("after committing %s, rank %d failed: %s", path, rank, err)
         if report is None:
             report = catalog.check(path, checksums=False)
-        return CheckpointInfo.from_report(step, report, pinned=pin or self.pin_file(step))
+        try:
+            pinned = pin or self.pin_file(step)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            typed = storage_error_from_os(exc, "looking up the checkpoint's pin", path)
+            typed.message += f"; {path} is committed"
+            raise typed from exc
+        return CheckpointInfo.from_report(step, report, pinned=pinned)
 
     def _verify_new(self, catalog: Catalog, path: str, *, checksums: bool) -> VerifyReport:
         """Check a checkpoint just committed; raise if it does not verify.
@@ -130,6 +138,20 @@ class Retainer:
                 report = catalog.check(path, checksums=True)
             if report.ok:
                 _log.info("%s was replaced by a newer save of another process", path)
+        error = report.extra.get("error")
+        if not report.ok and isinstance(error, OSError):
+            # Reading back failed (EIO, a store's 5xx...): that is no sign of damage.
+            err = (
+                error
+                if isinstance(error, StorageError)
+                else storage_error_from_os(error, "reading back the checkpoint just committed")
+            )
+            raise type(err)(  # the same class: ReadOnlyStorage, StorageFull, ...
+                f"{path} is committed, but reading it back to check it failed: {err.message}",
+                path=path,
+                errno=err.errno,
+                hint="check the storage; retention did not run, and the next save retries it",
+            ) from error
         if not report.ok or report.manifest is None:
             raise CorruptCheckpoint(
                 f"{path} failed verification right after its commit",

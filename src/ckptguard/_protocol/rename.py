@@ -620,7 +620,14 @@ class RenameCommit:
     shared = False  # node-local roots exist: the transaction probes who sees what
 
     def prepare_root(self, layout: RootLayout, storage: Storage, *, retry: RetryPolicy) -> None:
-        ensure_root(layout, storage, retry)
+        """The root itself (like mkdir -p); its meta dirs come with the first save."""
+        del storage
+        call_with_retry(
+            functools.partial(os.makedirs, layout.root, exist_ok=True),
+            what="create checkpoint root",
+            path=layout.root,
+            policy=retry,
+        )
 
     def stage(
         self,

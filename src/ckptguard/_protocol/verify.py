@@ -117,19 +117,18 @@ def verify_checkpoint(
     except UnsupportedFile as exc:
         return VerifyReport(path, ok=False, problems=[exc.message])
     except CheckpointError as exc:
-        return VerifyReport(path, ok=False, problems=[f"cannot read {path}: {exc.message}"])
+        return _unreadable(path, f"cannot read {path}: {exc.message}", exc)
     except OSError as exc:
-        return VerifyReport(path, ok=False, problems=[f"{path}: {exc.strerror or exc}"])
+        return _unreadable(path, f"{path}: {exc.strerror or exc}", exc)
     try:
         try:
             manifest = read_manifest_from(tree)
         except UnsafeManifest as exc:
             return VerifyReport(path, ok=False, problems=[exc.message])
         except CheckpointError as exc:
-            return VerifyReport(path, ok=False, problems=[f"cannot read {MANIFEST_NAME}: {exc}"])
+            return _unreadable(path, f"cannot read {MANIFEST_NAME}: {exc}", exc)
         except OSError as exc:
-            why = f"cannot read {MANIFEST_NAME} ({exc.strerror or exc})"
-            return VerifyReport(path, ok=False, problems=[why])
+            return _unreadable(path, f"cannot read {MANIFEST_NAME} ({exc.strerror or exc})", exc)
         # Resume goes by the name's step: an older checkpoint copied in under a newer name
         # would be taken for that step.
         expected = _expected_name(path, expect_name)
@@ -143,9 +142,10 @@ def verify_checkpoint(
         try:
             found = tree.entries(under, problems.add)
         except (CheckpointError, OSError) as exc:
-            return VerifyReport(path, ok=False, problems=[f"cannot list {path}: {exc}"])
+            return _unreadable(path, f"cannot list {path}: {exc}", exc)
         found.pop(MANIFEST_NAME, None)
         files = bytes_checked = 0
+        read_error: BaseException | None = None
         for entry in manifest.files:
             size = found.get(entry.path)
             if size is None:
@@ -162,6 +162,7 @@ def verify_checkpoint(
                     continue
                 except (CheckpointError, OSError) as exc:
                     problems.add(f"{entry.path}: read error ({getattr(exc, 'strerror', exc)})")
+                    read_error = read_error or exc
                     continue
                 bytes_checked += digest.size
                 if digest.size != entry.size or digest.checksum != entry.checksum:
@@ -181,7 +182,17 @@ def verify_checkpoint(
         files_checked=files,
         bytes_checked=bytes_checked,
         checksums=checksums,
+        extra={} if read_error is None else {"error": read_error},
     )
+
+
+def _unreadable(path: str, problem: str, exc: BaseException) -> VerifyReport:
+    """A report of a checkpoint that could not be read: ``extra["error"]`` keeps why.
+
+    Callers that must tell an I/O failure from damage (the check right after a commit)
+    look there; ``problems`` reads the same either way.
+    """
+    return VerifyReport(path, ok=False, problems=[problem], extra={"error": exc})
 
 
 def _why_missing(tree: CheckpointTree, rel: str) -> str:
