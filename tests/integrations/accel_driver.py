@@ -22,10 +22,10 @@ import torch
 import xxhash
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from driver_faults import kill_at
 
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard.integrations.accelerate import protect
+from driver_faults import kill_at
 
 warnings.filterwarnings("ignore")
 

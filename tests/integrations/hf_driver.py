@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402 - after the environment above
-from driver_faults import kill_at  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
@@ -49,6 +48,7 @@ from ckptguard.integrations.transformers import (  # noqa: E402
     last_valid_checkpoint,
     protect,
 )
+from driver_faults import kill_at  # noqa: E402
 
 VOCAB = 97
 SEQ = 16

@@ -32,13 +32,13 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 import lightning as L  # noqa: E402, N812 - Lightning's own convention
-from driver_faults import kill_at  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from ckptguard.integrations.lightning import (  # noqa: E402
     AtomicCheckpointIO,
     last_valid_checkpoint,
 )
+from driver_faults import kill_at  # noqa: E402
 
 
 class Tiny(L.LightningModule):

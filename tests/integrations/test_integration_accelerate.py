@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import driver_jobs
 import pytest
-from driver_jobs import CHILD_ENV, RUN_TIMEOUT, Done, assert_killed
 
 import ckptguard
+import driver_jobs
 from ckptguard._errors import CheckpointError
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
+from driver_jobs import CHILD_ENV, RUN_TIMEOUT, Done, assert_killed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import driver_jobs
 import pytest
 import torch
-from driver_jobs import Done, assert_killed
 
 import ckptguard
+import driver_jobs
 from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
 from ckptguard.integrations.lightning import (
@@ -32,6 +31,7 @@ from ckptguard.integrations.lightning import (
     checkpoint_file,
     last_valid_checkpoint,
 )
+from driver_jobs import Done, assert_killed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
