@@ -351,6 +351,70 @@ def test_sigterm_finishes_the_in_flight_save_then_dies_of_sigterm(tmp_path: Path
     assert ckptguard.verify(tmp_path / "run" / "checkpoint-2").ok
 
 
+_SIGTERM_IN_WAIT_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    import torch
+    import ckptguard
+    from ckptguard._storage import faults as _faults
+
+    def slow(name):  # the save takes a while: the main thread waits in result()
+        if name == "stage.created":
+            time.sleep(1.0)
+    _faults.set_fault_hook(slow)
+    mgr = ckptguard.CheckpointManager(sys.argv[1], async_save=True, exit_timeout=60)
+    job = mgr.save(1, {"w": torch.full((1000,), 1.0), "step": 1})
+    wait_code = threading.Event.wait.__code__
+    sent = []
+
+    def trace(frame, event, arg):
+        # SIGTERM exactly while this thread holds the Event's Condition lock, at the line
+        # "signaled = self._flag" inside "with self._cond:": the issue's deadlock.
+        if frame.f_code is wait_code and event == "line" and not sent:
+            line = frame.f_code.co_filename and __import__("linecache").getline(
+                frame.f_code.co_filename, frame.f_lineno)
+            if "signaled = self._flag" in line:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+        return trace
+
+    print("waiting", flush=True)
+    sys.settrace(trace)
+    job.result()
+    sys.settrace(None)
+    time.sleep(60)  # the watcher ends the process with SIGTERM well before this
+    print("survived", flush=True)
+    """
+)
+
+
+def test_sigterm_while_waiting_on_an_async_save_never_deadlocks(tmp_path: Path) -> None:
+    """SIGTERM delivered while the main thread holds the lock of the Event it waits on.
+
+    The handler once waited on that same Event and deadlocked (issue 15): the process hung
+    until SIGKILL. Now it ends with SIGTERM once the save is committed.
+    """
+    script = tmp_path / "child.py"
+    script.write_text(_SIGTERM_IN_WAIT_CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        env=CHILD_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the process hung after SIGTERM (deadlock): {err[-2000:]}")
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    assert "waiting" in out
+    assert "survived" not in out
+    assert ckptguard.verify(tmp_path / "run" / "checkpoint-1").ok
+
+
 def test_control_exit_timeout_gives_up_and_nothing_half_written_is_visible(
     tmp_path: Path,
 ) -> None:

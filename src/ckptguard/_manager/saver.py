@@ -130,12 +130,57 @@ def _at_exit() -> None:
     _finish_in_flight("process exit")
 
 
+# -- SIGTERM --------------------------------------------------------------------------------
+# Which waits a signal can interrupt, and why each is safe:
+# - Any wait of the main thread (PendingSave.result, save, wait, close: Event.wait and
+#   Thread.join) can be interrupted by SIGTERM, at any bytecode, even while it holds the
+#   lock of the Event's Condition (between "with self._cond" and "self._cond.wait()").
+#   So the handler waits on nothing: it only writes a byte to a pipe (os.write: no Python
+#   lock) and returns, and the interrupted wait goes on as before. A handler that waited on
+#   the same Event deadlocked: it blocked on the Condition lock its own thread held, and
+#   the save's thread then blocked in Event.set (issue 15).
+# - The watcher thread, blocked in os.read on that pipe, does the waiting, in a thread
+#   of its own: each in-flight save up to its manager's exit_timeout, then the mirror
+#   uploads up to the same; then it re-sends SIGTERM, whose default action ends the
+#   process as the scheduler expects. The handler restored that default action first,
+#   so a second SIGTERM ends the process at once (a save cut there stays invisible).
+# - atexit and threading's shutdown hooks run in the main thread outside any handler:
+#   their waits are bounded by exit_timeout and hold no lock a save needs.
+_wake_write = -1
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Finish in-flight async saves, then die of SIGTERM as the default action would."""
+    """Wake the watcher (it finishes in-flight saves, then re-sends SIGTERM); never wait."""
     del frame
-    _finish_in_flight("SIGTERM")
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM: the default action
+    with contextlib.suppress(OSError):  # a full pipe: the watcher is awake already
+        os.write(_wake_write, bytes([signum]))
+
+
+def _watch_sigterm(wake_read: int) -> None:
+    """The watcher thread: on SIGTERM, finish in-flight saves, then die of SIGTERM."""
+    while True:
+        try:
+            data = os.read(wake_read, 1)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries read(2) itself
+            continue
+        if not data:  # pragma: no cover - the write end is never closed
+            return
+        try:
+            _finish_in_flight("SIGTERM")
+        finally:
+            os.kill(os.getpid(), data[0])
+
+
+def _install_sigterm() -> None:
+    """The handler and its watcher; the caller holds _EXIT_LOCK in the main thread."""
+    global _wake_write
+    wake_read, _wake_write = os.pipe()
+    os.set_blocking(_wake_write, False)
+    threading.Thread(
+        target=_watch_sigterm, args=(wake_read,), name="ckptguard-sigterm", daemon=True
+    ).start()
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def watch_exit(mgr: Any) -> None:
@@ -151,7 +196,7 @@ def watch_exit(mgr: Any) -> None:
         if _sigterm_installed or threading.current_thread() is not threading.main_thread():
             return
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            _install_sigterm()
             _sigterm_installed = True
 
 
