@@ -17,11 +17,12 @@ from ckptguard._errors import (
     CorruptCheckpoint,
     NoValidCheckpoint,
     StorageError,
+    storage_error_from_os,
 )
 from ckptguard._manager.options import kind_of
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, MutableSequence
 
     from ckptguard._format.layout import Naming
     from ckptguard._format.manifest import Manifest
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["Catalog", "CheckpointInfo"]
 
 _log = logging.getLogger("ckptguard.manager")
+_RELIST = 3  # listings of a root whose checkpoints vanish while read (see _newest_valid)
+_NOTHING = object()  # no checkpoint could be read (None is a state like any other)
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,25 @@ class Catalog:
         ]
 
     def _newest_valid(self, backend: Backend) -> CheckpointInfo | None:
-        for step, path in self.committed(backend):
-            report = self.check(path, backend=backend)
-            if report.ok:
-                return self.info(step, report)
-            _log.warning("skipping %s: %s", path, "; ".join(report.problems))
+        """The newest that verifies; listed again if some vanished while they were checked.
+
+        Another process's retention may retire what this listing saw (a saver with
+        keep_last=1 beside an evaluator): a vanished checkpoint is no reason to answer
+        None while a newer one exists.
+        """
+        for _round in range(_RELIST):
+            vanished = False
+            for step, path in self.committed(backend):
+                report = self.check(path, backend=backend)
+                if report.ok:
+                    return self.info(step, report)
+                if not backend.exists(path):
+                    vanished = True
+                    _log.info("skipping %s: removed while it was checked", path)
+                    continue
+                _log.warning("skipping %s: %s", path, "; ".join(report.problems))
+            if not vanished:
+                break
         return None
 
     def latest(self) -> CheckpointInfo | None:
@@ -151,7 +168,22 @@ class Catalog:
             if self.mirror is not None and not self.backend.exists(path):
                 return self.read(self.mirror, self.mirror.join(self.naming.name(step)), target)
             return self.read(self.backend, path, target)
-        skipped = []
+        skipped: list[str] = []
+        for _round in range(_RELIST):  # again if some vanished (see _newest_valid)
+            state, vanished = self._restore_newest(target, skipped)
+            if state is not _NOTHING:
+                return state
+            if not vanished:
+                break
+        raise NoValidCheckpoint(
+            f"no checkpoint in {self.backend.root} verifies"
+            + (f" (rejected: {'; '.join(skipped)})" if skipped else ""),
+            path=self.backend.root,
+        )
+
+    def _restore_newest(self, target: Any, skipped: MutableSequence[str]) -> tuple[Any, bool]:
+        """(state of the newest that reads, or _NOTHING; whether some vanished meanwhile)."""
+        vanished = False
         candidates = [(s, 1, p, self.backend) for s, p in self.committed()]
         if self.mirror is not None:
             try:
@@ -161,6 +193,12 @@ class Catalog:
         for _step, _local, path, backend in sorted(candidates, key=lambda c: c[:3], reverse=True):
             try:
                 state = self.read(backend, path, target)
+            except CheckpointNotFound:
+                # Retired (another process's retention) between the listing and the read:
+                # skipped like a corrupt one, and the next newest is taken.
+                _log.info("skipping %s: removed while it was being read", path)
+                vanished = True
+                continue
             except StorageError as exc:
                 if backend is self.backend:
                     raise
@@ -175,12 +213,8 @@ class Catalog:
                 path,
                 f" (skipped {len(skipped)} newer: invalid)" if skipped else "",
             )
-            return state
-        raise NoValidCheckpoint(
-            f"no checkpoint in {self.backend.root} verifies"
-            + (f" (rejected: {'; '.join(skipped)})" if skipped else ""),
-            path=self.backend.root,
-        )
+            return state, vanished
+        return _NOTHING, vanished
 
     def read(self, backend: Backend, path: str, target: Any) -> Any:
         """Verify the structure, then read every byte checked against the manifest."""
@@ -207,8 +241,21 @@ class Catalog:
             from ckptguard._state.sharded import restore_sharded  # noqa: PLC0415 - torch
 
             return restore_sharded(path, target)
-        manifest, opener, close = backend.open_files(path, report.manifest)
         try:
-            return read_state(path, manifest, target=target, opener=opener)  # every checksum
-        finally:
-            close()
+            manifest, opener, close = backend.open_files(path, report.manifest)
+            try:
+                return read_state(path, manifest, target=target, opener=opener)  # checksums
+            finally:
+                close()
+        except CheckpointError:
+            raise
+        except FileNotFoundError as exc:
+            if not backend.exists(path):  # deleted under us (another process's retention)
+                raise CheckpointNotFound(
+                    f"{path} was removed while it was read", path=path
+                ) from exc
+            raise CorruptCheckpoint(
+                f"{path}: a file it lists is missing ({exc.filename})", path=path
+            ) from exc
+        except OSError as exc:  # EIO and the like: the storage's failure, typed
+            raise storage_error_from_os(exc, "reading the checkpoint", path) from exc

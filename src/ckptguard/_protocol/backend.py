@@ -123,7 +123,12 @@ class Backend:
             for f in manifest.files
             if f.path.startswith(under)
         )
-        tree = self.storage.open_tree(path)
+        try:
+            tree = self.storage.open_tree(path)
+        except FileNotFoundError as exc:
+            if isinstance(exc, CheckpointNotFound):
+                raise
+            raise CheckpointNotFound(f"{path} does not exist", path=path) from None
 
         def opener(rel: str) -> Source:
             return tree.open(under + rel)
