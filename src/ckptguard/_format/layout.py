@@ -77,7 +77,13 @@ QUARANTINE_REASON_SUFFIX = ".json"
 # Names inside a checkpoint that belong to ckptguard, never to user data.
 RESERVED_NAMES = frozenset({MANIFEST_NAME, MANIFEST_TMP_NAME, OWNER_NAME})
 
-MAX_NAME_LENGTH = 200
+# The longest name whose every derived name still fits NAME_MAX (255 bytes): staging,
+# trash and quarantine entries are "<name>.<save id>" (a save id is at most 56 bytes:
+# 22 of time, 8 of host hash, a pid of up to 7 digits, 16 random, 3 dashes), plus
+# ".retired" (8) or a quarantine note's ".json" (5). A longer name was accepted and then
+# could not be quarantined (ENAMETOOLONG, issue 15).
+MAX_SAVE_ID_LENGTH = 56
+MAX_NAME_LENGTH = 255 - 1 - MAX_SAVE_ID_LENGTH - len(RETIRED_SUFFIX)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")  # "=": Lightning's epoch=1-step=20.ckpt
 # <UTC yyyymmddThhmmssffffff>Z-<host hash>-<pid>-<random>
 _SAVE_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}-\d+-[0-9a-f]{16}")
@@ -117,6 +123,12 @@ def validate_name(name: str) -> str:
         or name in RESERVED_NAMES
         or name in {".", ".."}
     ):
+        if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+            raise InvalidCheckpointName(
+                f"checkpoint name of {len(name)} characters: at most {MAX_NAME_LENGTH} "
+                "(the names ckptguard derives from it must fit the filesystem's 255)",
+                path=name,
+            )
         raise InvalidCheckpointName(f"invalid checkpoint name {name!r}", path=str(name))
     return name
 

@@ -2,8 +2,10 @@
 
 A staging directory records its owner (host, pid, the pid's start time, the boot id and
 the pid namespace). Cleanup removes a staging dir only when its owner is provably dead:
-- same machine (hostname, boot id and pid namespace all equal) and the pid is gone or
-  now belongs to a process that started at another time (pid reuse);
+- same kernel and pid namespace (boot id and pid namespace equal; the hostname is not
+  evidence: it can change under a running machine or differ between containers that
+  share one kernel) and the pid is gone or now belongs to a process that started at
+  another time (pid reuse);
 - or, when the owner is on another machine or cannot be identified, the staging dir has
   not changed for longer than a grace period (partial: a writer on another host that
   stalls longer than the grace period can lose its staging; the grace period is a
@@ -97,9 +99,11 @@ def current_writer(ranks: tuple[int, ...] = (0,), world_size: int = 1) -> Writer
 def is_alive_here(writer: WriterInfo) -> bool | None:
     """True/False if ``writer`` ran on this machine and is alive/dead; None if we cannot tell."""
     here_boot, here_ns = _boot_id(), _pid_namespace()
+    # A boot id is a random 128-bit id of this kernel's boot: equal boot ids and pid
+    # namespaces mean the same pid numbers, whatever the hostname says (issue 15: after a
+    # hostname change a dead writer's staging was kept for stale_after).
     if (
-        writer.host != socket.gethostname()
-        or here_boot is None
+        here_boot is None
         or writer.boot_id is None
         or here_ns is None
         or writer.pid_namespace != here_ns

@@ -221,7 +221,9 @@ def staging_state(
             path, name, save_id, live=False, reason=f"owner pid {owner.pid} has exited", owner=owner
         )
     try:
-        age = time.time() - _last_change(path)
+        # A change time in the future (a clock set back, another host's clock) counts as
+        # now: the dir is kept until it has been unchanged for stale_after from here.
+        age = max(0.0, time.time() - _last_change(path))
     except FileNotFoundError:
         return StagingState(path, name, save_id, live=False, reason="vanished", owner=owner)
     if owner is None and age >= OWNERLESS_GRACE and (pid := _killed_at_birth(path, save_id)):

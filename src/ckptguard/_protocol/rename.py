@@ -224,7 +224,10 @@ def seal(
             validate_relpath(rel)
         except UnsafeManifest as exc:
             raise UnsupportedFile(
-                f"{os.path.join(path, rel)}: {exc.message}", path=os.path.join(path, rel)
+                f"{os.path.join(path, rel)}: {exc.message}",
+                path=os.path.join(path, rel),
+                hint="rename the file: names in a checkpoint are relative paths of valid "
+                "UTF-8 without control characters (a manifest must be able to list them)",
             ) from None
         if rel not in known:
             unknown.append(rel)
@@ -273,9 +276,20 @@ def _remove_others_write(storage: Storage, root: str, rels: list[str]) -> None:
     for rel in rels:
         sub = os.path.join(root, rel)
         try:
-            mode = stat.S_IMODE(os.stat(sub, follow_symlinks=False).st_mode)
+            st = os.stat(sub, follow_symlinks=False)
         except OSError as exc:
             raise storage_error_from_os(exc, "read the mode of", sub) from exc
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & _OTHERS_WRITE and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            # A hard link to a file outside the checkpoint: a chmod would change the
+            # other name's file too (issue 15). Left as it is, and said.
+            _log.warning(
+                "%s is hard-linked from elsewhere (%d links) and writable by group or "
+                "others: its mode is left as it is; copy the file into the checkpoint "
+                "instead of linking it",
+                sub, st.st_nlink,
+            )  # fmt: skip
+            continue
         if mode & _OTHERS_WRITE:
             call_with_retry(
                 functools.partial(storage.set_mode, sub, mode & ~_OTHERS_WRITE),

@@ -15,6 +15,7 @@ place) and ``marker.py`` (object stores: the manifest, written last, is the comm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._coordination.base import Coordinator, SingleProcess, default_coordinator
-from ckptguard._errors import CheckpointError, SaveAborted
+from ckptguard._errors import CheckpointError, SaveAborted, StorageError
 from ckptguard._format.layout import new_save_id, validate_name
 from ckptguard._format.manifest import Manifest
 from ckptguard._format.owner import current_writer
@@ -43,6 +44,16 @@ __all__ = ["AtomicCheckpoint", "atomic_checkpoint"]
 
 _log = logging.getLogger("ckptguard.commit")
 _OTHERS_WRITE = 0o022  # group and world write bits
+
+
+def _staging_removed(exc: BaseException, staging: Staging) -> bool:
+    """Whether a write failed because its (local) staging dir was removed under it."""
+    return (
+        isinstance(exc, FileNotFoundError)
+        and not isinstance(exc, CheckpointError)
+        and staging.spool is None
+        and not os.path.lexists(staging.path)
+    )
 
 
 def _drop_spool(staging: Staging) -> None:
@@ -169,6 +180,17 @@ class AtomicCheckpoint:
                 and exc.errno in PERMANENT_ERRNOS
                 else None
             )
+            if typed is None and _staging_removed(exc, staging):
+                typed = StorageError(
+                    f"the staging dir {staging.path} of {self.final} was removed while "
+                    "this save wrote into it (another process judged it stale); nothing "
+                    "was committed",
+                    path=staging.path,
+                    errno=errno.ENOENT,
+                    hint="a cleanup that cannot see this process (another host, `ckptguard "
+                    "clean --stale-after` too short) removed it: raise stale_after, and "
+                    "save again",
+                )
             self.strategy.abort(staging)
             if typed is not None:
                 raise typed from exc
