@@ -17,7 +17,10 @@ is sealed and all K commit at once. Rows:
   and the processes' results may name different saves (figures count both);
 - control: the naive protocol of the incident (own temp dir, then ``os.rename``;
   ``test_race._naive_worker``) must fail the same check, which shows that the processes
-  really race.
+  really race;
+- an evaluator restoring in a loop beside a ``keep_last=1`` saver in another process:
+  every ``restore()`` returns a valid state and nothing outside the CheckpointError tree
+  escapes (issue 15: retention removing a checkpoint under a reader).
 """
 
 from __future__ import annotations
@@ -292,6 +295,73 @@ def _control_row(full: bool, work: Path) -> Row:
     return row
 
 
+_EVALUATED_SAVER = """
+import sys, numpy as np, ckptguard
+root, last = sys.argv[1], int(sys.argv[2])
+mgr = ckptguard.CheckpointManager(root, keep_last=1, check_environment=False)
+for step in range(1, last + 1):
+    mgr.save(step, {"w": np.full(4096, step, dtype=np.int64), "step": step})
+"""
+
+
+def _evaluator_row(full: bool, work: Path) -> Row:
+    """An evaluator restoring in a loop beside a keep_last=1 saver (another process).
+
+    Every restore() must return a valid state (a newer valid checkpoint always exists);
+    latest() then restore(step) may find the step retired: CheckpointNotFound, counted.
+    Nothing outside the CheckpointError tree may escape (issue 15).
+    """
+    import subprocess
+    import sys
+
+    root = work / "evaluator"
+    first = ckptguard.CheckpointManager(root, keep_last=1, check_environment=False)
+    first.save(0, {"w": np.zeros(4096, dtype=np.int64), "step": 0})
+    saves = 3000 if full else 300
+    saver = subprocess.Popen(
+        [sys.executable, "-c", _EVALUATED_SAVER, str(root), str(saves)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CKPTGUARD_DOCTOR": "0"},
+    )
+    row = Row(
+        SCENARIO,
+        "evaluator restoring in a loop beside a keep_last=1 saver: every restore() returns "
+        "a valid state; no builtin error escapes",
+    )
+    reader = ckptguard.CheckpointManager(root, keep_last=None, check_environment=False)
+    gone = explicit = 0
+    steps: set[int] = set()
+    try:
+        while saver.poll() is None:
+            try:
+                state = reader.restore()
+                ok = bool((state["w"] == state["step"]).all())
+                steps.add(int(state["step"]))
+                row.trial(None if ok else f"restore() gave an inconsistent state {state['step']}")
+            except Exception as exc:
+                row.trial(f"restore(): {type(exc).__name__}: {exc}")
+            try:
+                info = reader.latest()
+                if info is not None:
+                    reader.restore(info.step)
+                    explicit += 1
+            except ckptguard.CheckpointNotFound:
+                gone += 1
+            except Exception as exc:
+                row.trial(f"latest()+restore(step): {type(exc).__name__}: {exc}")
+    finally:
+        saver.wait(600)
+    if saver.returncode != 0:
+        row.trial(f"the saver failed ({saver.returncode})")
+    row.figures = {
+        "saves": saves,
+        "restores": row.trials,
+        "distinct_steps_read": len(steps),
+        "explicit_restores": explicit,
+        "explicit_retired_meanwhile": gone,
+    }
+    return row
+
+
 def run(full: bool, work: Path) -> list[Row]:
     """Every row (see the module docstring)."""
-    return [*_committers_rows(full, work), _control_row(full, work)]
+    return [*_committers_rows(full, work), _control_row(full, work), _evaluator_row(full, work)]

@@ -18,7 +18,12 @@ Rows:
   dead pid in its save id decides; ``_leftovers``): such young dirs are counted apart
   (figure ``ownerless_staging_kept``), anything else left fails.
 
-Children run as ``python -m gauntlet.kills fault|loop ...``.
+- the same loop with async saves (``async_save=True``), ended by SIGKILL or SIGTERM at
+  random: after a SIGTERM the process must end by SIGTERM within its exit_timeout (the
+  handler once deadlocked inside a wait on the save, issue 15), having finished the save in
+  flight; the checks after each end are those of the loop above.
+
+Children run as ``python -m gauntlet.kills fault|loop|aloop ...``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ NEW_SIZE = 256 * 1024  # crash_child.py's new weights.bin
 OLD_BYTES = {1: b"one", 2: b"two"}  # test_crash._save's content of the first checkpoints
 LOOP_KEEP = 3
 LOOP_ROOTS = 2
+ASYNC_EXIT_TIMEOUT = 30.0
 
 
 def _env() -> dict[str, str]:
@@ -220,18 +226,34 @@ def _fault_row(full: bool, work: Path) -> Row:
 
 
 # -- row 2: random kills of a save loop -------------------------------------------------------
-def _loop_child(root: str) -> None:
-    """Resume from the newest valid checkpoint, then save forever; report each commit."""
-    mgr = ckptguard.CheckpointManager(root, keep_last=LOOP_KEEP, check_environment=False)
+def _loop_child(root: str, *, asynchronous: bool = False) -> None:
+    """Resume from the newest valid checkpoint, then save forever; report each commit.
+
+    Async: each save returns at once; "committed N" is printed once the next save has
+    waited for N (a save waits for the one in flight, and raises its error).
+    """
+    mgr = ckptguard.CheckpointManager(
+        root,
+        keep_last=LOOP_KEEP,
+        check_environment=False,
+        async_save=asynchronous,
+        exit_timeout=ASYNC_EXIT_TIMEOUT,
+    )
     info = mgr.latest()
     if info is not None and not same(mgr.restore(), _loop_state(info.step)):
         print(f"bad-resume {info.step}", flush=True)
         sys.exit(2)
     print("fresh" if info is None else f"resumed {info.step}", flush=True)
     step = 0 if info is None else info.step + 1
+    in_flight: int | None = None
     while True:
         mgr.save(step, _loop_state(step))
-        print(f"committed {step}", flush=True)
+        if asynchronous:
+            if in_flight is not None:
+                print(f"committed {in_flight}", flush=True)
+            in_flight = step
+        else:
+            print(f"committed {step}", flush=True)
         step += 1
 
 
@@ -243,6 +265,7 @@ class _LoopStats:
     reported: set[int] = field(default_factory=set)  # steps reported committed
     ownerless: set[str] = field(default_factory=set)  # see _leftovers
     commits: int = 0
+    sigterms: int = 0  # ends by SIGTERM (the async loop), the rest by SIGKILL
     startup_kills: int = 0  # before the child had resumed
     staging_kills: int = 0  # a new staging dir existed at the kill: mid-save
     max_step: int = -1
@@ -303,20 +326,29 @@ def _check_after_kill(root: Path, lines: list[str], prev: int | None, st: _LoopS
     return latest.step
 
 
-def _kill_loop(root: Path, kills: int, seed: int) -> _LoopStats:
+def _kill_loop(root: Path, kills: int, seed: int, *, asynchronous: bool = False) -> _LoopStats:
     rng = random.Random(seed)  # noqa: S311 - reproducible delays, not secrets
     st = _LoopStats()
     prev: int | None = None
-    args = [sys.executable, "-m", "gauntlet.kills", "loop", str(root)]
+    args = [sys.executable, "-m", "gauntlet.kills", "aloop" if asynchronous else "loop", str(root)]
     for k in range(kills):
         # 1 in 5: the first 0.35 s (interpreter start, startup recovery, resume); else later.
         delay = rng.uniform(0.0, 0.35) if rng.random() < 0.2 else rng.uniform(0.35, 0.9)
         out, err = root.with_name(f"{root.name}.out"), root.with_name(f"{root.name}.err")
         with out.open("wb") as sink, err.open("wb") as errors:
             proc = subprocess.Popen(args, stdout=sink, stderr=errors, env=_env())
+            term = asynchronous and rng.random() < 0.5
+            hung = False
             try:
                 time.sleep(delay)
                 early = proc.poll()
+                if term and early is None:
+                    st.sigterms += 1
+                    proc.send_signal(signal.SIGTERM)
+                    try:  # it finishes the save in flight, then dies of SIGTERM
+                        proc.wait(ASYNC_EXIT_TIMEOUT + 30)
+                    except subprocess.TimeoutExpired:
+                        hung = True
             finally:
                 proc.kill()
                 proc.wait(30)
@@ -324,6 +356,10 @@ def _kill_loop(root: Path, kills: int, seed: int) -> _LoopStats:
         text = out.read_text(errors="replace")
         lines = [line.strip() for line in text.splitlines(keepends=True) if line.endswith("\n")]
         st.problems = []
+        if hung:
+            st.problems.append("the process hung after SIGTERM (a deadlock on exit)")
+        elif term and early is None and proc.returncode != -signal.SIGTERM:
+            st.problems.append(f"after SIGTERM it ended with {proc.returncode}, not -SIGTERM")
         if early is not None:
             st.problems.append(f"the child exited by itself ({early}): {err.read_text()[-300:]}")
         else:
@@ -373,13 +409,45 @@ def _loop_row(full: bool, work: Path) -> Row:
     return row
 
 
+def _async_loop_row(full: bool, work: Path) -> Row:
+    kills = (500 if full else 8) // LOOP_ROOTS
+    roots = [work / "aloop" / f"root-{i}" for i in range(LOOP_ROOTS)]
+    for root in roots:
+        root.mkdir(parents=True)
+    with ThreadPoolExecutor(LOOP_ROOTS) as pool:
+        stats = list(
+            pool.map(
+                lambda r, s: _kill_loop(r, kills, 100 + s, asynchronous=True),
+                roots,
+                range(len(roots)),
+            )
+        )
+    row = Row(
+        SCENARIO,
+        "random SIGKILL/SIGTERM of an async save loop (keep 3): SIGTERM ends the process by "
+        "SIGTERM within exit_timeout (no deadlock); reported-committed checkpoints lost or "
+        "corrupt = 0; resume always takes the newest valid",
+    )
+    for st in stats:
+        for problem in st.results:
+            row.trial(problem)
+    row.figures = {
+        "ends": kills * LOOP_ROOTS,
+        "by_sigterm": sum(st.sigterms for st in stats),
+        "saves_committed": sum(st.commits for st in stats),
+        "kills_at_startup": sum(st.startup_kills for st in stats),
+        "ends_mid_save": sum(st.staging_kills for st in stats),
+    }
+    return row
+
+
 def run(full: bool, work: Path) -> list[Row]:
-    """Both rows (see the module docstring)."""
-    return [_fault_row(full, work), _loop_row(full, work)]
+    """The three rows (see the module docstring)."""
+    return [_fault_row(full, work), _loop_row(full, work), _async_loop_row(full, work)]
 
 
 if __name__ == "__main__":  # the children: fault ROOT STEP POINT MARKER, or loop ROOT
     if sys.argv[1] == "fault":
         _fault_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
-        _loop_child(sys.argv[2])
+        _loop_child(sys.argv[2], asynchronous=sys.argv[1] == "aloop")
