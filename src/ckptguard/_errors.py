@@ -14,6 +14,7 @@
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
     ├── LockTimeout(TimeoutError)                    another process held the root's lock too long
+    ├── ForeignRun                                   checkpoints (or a live job) of another run
     ├── RankFailure                                  several ranks' step failed on some rank
     │   └── SaveAborted                              a save of several ranks failed on some rank
     └── StorageError(OSError)                        a filesystem operation failed for good
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointNotFound",
     "CommitConflict",
     "CorruptCheckpoint",
+    "ForeignRun",
     "InvalidCheckpointName",
     "LockTimeout",
     "NoValidCheckpoint",
@@ -189,6 +191,15 @@ class LockTimeout(CheckpointError, TimeoutError):
     default_hint = (
         "another process is committing into the same root; wait, raise lock_timeout, "
         "or check for a hung process holding ROOT/.ckptguard/lock"
+    )
+
+
+class ForeignRun(CheckpointError):
+    """The checkpoints in question belong to another training run."""
+
+    default_hint = (
+        "resume that run (stop the job that runs it first), give this run another root, "
+        "or pass new_lineage=True to start a new run beside it"
     )
 
 

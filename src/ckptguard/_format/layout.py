@@ -14,6 +14,7 @@
         quarantine/<name>.<save_id>/       anything that stood in a checkpoint's way
         quarantine/<name>.<save_id>.json   why it was moved there
         pins/<name>                        kept whatever the retention policy says
+        runs/<run>/<host>-<pid>            a live run's process (flock held while open)
 
 A save id is unique across processes, hosts and runs: UTC time, a short hash of the
 host, the pid and 64 random bits. It sorts by creation time.
@@ -44,6 +45,7 @@ __all__ = [
     "QUARANTINE_DIR",
     "RESERVED_NAMES",
     "RETIRED_SUFFIX",
+    "RUNS_DIR",
     "STAGING_DIR",
     "STATE_NAME",
     "TRASH_DIR",
@@ -70,6 +72,7 @@ STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 QUARANTINE_DIR = "quarantine"
 LOCK_NAME = "lock"
+RUNS_DIR = "runs"  # ROOT/.ckptguard/runs/<run>/<host>-<pid>: a live run's processes
 PINS_DIR = "pins"  # ROOT/.ckptguard/pins/<name>: pinned after its save (CheckpointManager.pin)
 CHECKPOINT_PREFIX = "checkpoint-"
 QUARANTINE_REASON_SUFFIX = ".json"

@@ -42,6 +42,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "library_versions",
+    "run_of",
     "too_dense",
     "validate_relpath",
 ]
@@ -93,6 +94,16 @@ def _library_versions() -> dict[str, str]:
         except _metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def run_of(manifest: Manifest | None) -> str | None:
+    """The training run a checkpoint belongs to (``metadata["ckptguard"]["run"]``).
+
+    None for checkpoints written before run ids, and for ``atomic_checkpoint`` saves.
+    """
+    flags = manifest.metadata.get("ckptguard", {}) if manifest else {}
+    run = flags.get("run") if isinstance(flags, dict) else None
+    return run if isinstance(run, str) else None
 
 
 def validate_relpath(path: object) -> str:

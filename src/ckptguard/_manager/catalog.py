@@ -15,10 +15,12 @@ from ckptguard._errors import (
     CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
+    ForeignRun,
     NoValidCheckpoint,
     StorageError,
     storage_error_from_os,
 )
+from ckptguard._format.manifest import run_of
 from ckptguard._manager.options import kind_of
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ class CheckpointInfo:
     checksums_verified: bool = False
     problems: list[str] = field(default_factory=list)
     save_id: str | None = None
+    run: str | None = None  # the training run that wrote it (see lineage.py)
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
         """This info, at once: ``save(...).result()`` reads the same for blocking and async.
@@ -81,6 +84,7 @@ class CheckpointInfo:
             checksums_verified=report.checksums and report.ok,
             problems=list(report.problems),
             save_id=m.save_id if m else None,
+            run=run_of(m),
         )
 
 
@@ -97,6 +101,8 @@ class Catalog:
     ) -> None:
         self.backend, self.naming, self.mirror = backend, naming, mirror
         self._pinned = pinned
+        # Which checkpoints are this manager's run's (set once its run is chosen).
+        self.owns: Callable[[Manifest | None], bool] = lambda _manifest: True
 
     def committed(self, backend: Backend | None = None) -> list[tuple[int, str]]:
         """(step, path) of every step-named entry, newest first."""
@@ -137,6 +143,9 @@ class Catalog:
             vanished = False
             for step, path in self.committed(backend):
                 report = self.check(path, backend=backend)
+                if report.ok and not self.owns(report.manifest):
+                    _log.debug("skipping %s: another run's (%s)", path, run_of(report.manifest))
+                    continue
                 if report.ok:
                     return self.info(step, report)
                 if not backend.exists(path):
@@ -161,13 +170,14 @@ class Catalog:
                 return remote
         return local
 
-    def restore(self, step: int | None, target: Any) -> Any:
+    def restore(self, step: int | None, target: Any, *, any_run: bool = False) -> Any:
         """Load a checkpoint (default: the newest that verifies), into ``target`` if given."""
         if step is not None:
             path = self.backend.join(self.naming.name(step))
             if self.mirror is not None and not self.backend.exists(path):
-                return self.read(self.mirror, self.mirror.join(self.naming.name(step)), target)
-            return self.read(self.backend, path, target)
+                mirrored = self.mirror.join(self.naming.name(step))
+                return self.read(self.mirror, mirrored, target, any_run=any_run)
+            return self.read(self.backend, path, target, any_run=any_run)
         skipped: list[str] = []
         for _round in range(_RELIST):  # again if some vanished (see _newest_valid)
             state, vanished = self._restore_newest(target, skipped)
@@ -193,6 +203,8 @@ class Catalog:
         for _step, _local, path, backend in sorted(candidates, key=lambda c: c[:3], reverse=True):
             try:
                 state = self.read(backend, path, target)
+            except ForeignRun:
+                continue  # another run's: never this run's resume
             except CheckpointNotFound:
                 # Retired (another process's retention) between the listing and the read:
                 # skipped like a corrupt one, and the next newest is taken.
@@ -216,7 +228,7 @@ class Catalog:
             return state, vanished
         return _NOTHING, vanished
 
-    def read(self, backend: Backend, path: str, target: Any) -> Any:
+    def read(self, backend: Backend, path: str, target: Any, *, any_run: bool = False) -> Any:
         """Verify the structure, then read every byte checked against the manifest."""
         from ckptguard._state.serialization import read_state  # noqa: PLC0415 - numpy, torch
 
@@ -228,6 +240,12 @@ class Catalog:
                 f"{path} does not verify: {'; '.join(report.problems)}",
                 path=path,
                 problems=report.problems,
+            )
+        if not any_run and not self.owns(report.manifest):
+            raise ForeignRun(
+                f"{path} belongs to run {run_of(report.manifest)}, not to this manager's",
+                path=path,
+                hint="restore(step, any_run=True) reads it anyway",
             )
         kind = kind_of(report.manifest)
         if kind == "files":

@@ -21,9 +21,16 @@ import logging
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ckptguard._coordination.base import Coordinator, default_coordinator, gather_failures
-from ckptguard._errors import CheckpointNotFound, NoValidCheckpoint, RankFailure, UnsupportedRoot
+from ckptguard._errors import (
+    CheckpointNotFound,
+    ForeignRun,
+    NoValidCheckpoint,
+    RankFailure,
+    UnsupportedRoot,
+)
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
+from ckptguard._manager.lineage import Lineage, RunHold, choose_and_hold
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
@@ -75,6 +82,8 @@ class CheckpointManager:
         verify_after_save: bool = False,
         mirror: str | None = None,
         check_environment: bool = True,
+        run_id: str | None = None,
+        new_lineage: bool = False,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -101,6 +110,11 @@ class CheckpointManager:
         ``check_environment``: run the fast part of :func:`ckptguard.doctor` at start
         (library versions, the root's contents) and log what it finds as warnings; also
         off with the environment variable ``CKPTGUARD_DOCTOR=0``.
+
+        Runs (see ``lineage.py``): the manager continues the run of the newest checkpoint
+        (or ``run_id``/``CKPTGUARD_RUN_ID``), keeps and restores only that run's
+        checkpoints, and refuses with :class:`ForeignRun` a root whose newest run is live
+        in another job, unless ``new_lineage=True`` starts a new run beside it.
         """
         self.backend = backend_for(
             root,
@@ -146,15 +160,23 @@ class CheckpointManager:
         )
         self.coordinator = coordinator or default_coordinator()
         self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
-        self._start(check_environment=check_environment)
+        self._hold: RunHold | None = None
+        self.lineage = self._start(
+            check_environment=check_environment, run_id=run_id, new_lineage=new_lineage
+        )
+        self.catalog.owns = self.lineage.owns
+        if self._hold is None:  # ranks other than 0 follow its choice
+            self._hold = RunHold(self.backend, self.lineage.run)
 
-    def _start(self, *, check_environment: bool) -> None:
-        """Repair what a crash left (one process per node, or one for a store), then warn.
+    def _start(self, *, check_environment: bool, run_id: str | None, new_lineage: bool) -> Lineage:
+        """Repair what a crash left, warn, and choose the run (rank 0, for every rank).
 
-        Every rank hears of any failure, so that no rank is left alone in a collective.
+        Repairs: one process per node (one for a store). Every rank hears of any failure,
+        so that no rank is left alone in a collective.
         """
         coord = self.coordinator
         error: str | None = None
+        chosen: dict[str, Any] | None = None
         try:
             repairs = coord.rank == 0 if self.backend.strategy.shared else coord.local_rank == 0
             if repairs:
@@ -167,17 +189,35 @@ class CheckpointManager:
                 from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415 - packaging
 
                 warn_at_start(self.root, log=_log)
+            if coord.rank == 0:
+                lineage, self._hold = choose_and_hold(
+                    self.backend,
+                    self.catalog,
+                    run_id=run_id,
+                    new_lineage=new_lineage,
+                    lock_timeout=self.lock_timeout,
+                )
+                chosen = {"run": lineage.run, "legacy": lineage.legacy}
+        except ForeignRun as exc:
+            if coord.world_size == 1:
+                raise
+            chosen = {"foreign": exc.message}
         except Exception as exc:
             if coord.world_size == 1:
                 raise
             error = f"{type(exc).__name__}: {exc}"
-        if coord.world_size > 1 and (failures := gather_failures(coord, error)):
-            raise RankFailure(
-                f"starting the checkpoint manager on {self.root} failed on rank(s) "
-                f"{sorted(failures)}",
-                path=self.root,
-                failures=failures,
-            )
+        if coord.world_size > 1:
+            if failures := gather_failures(coord, error):
+                raise RankFailure(
+                    f"starting the checkpoint manager on {self.root} failed on rank(s) "
+                    f"{sorted(failures)}",
+                    path=self.root,
+                    failures=failures,
+                )
+            chosen = coord.broadcast(chosen)
+        if chosen is None or "foreign" in chosen:
+            raise ForeignRun(str((chosen or {}).get("foreign")), path=self.root)
+        return Lineage(str(chosen["run"]), legacy=bool(chosen["legacy"]))
 
     @property
     def in_flight(self) -> PendingSave | None:
@@ -262,9 +302,12 @@ class CheckpointManager:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if not blocking:
             path = self.backend.join(self.naming.name(step))
-            clean, flags = clean_metrics(metrics), flagged(metadata, kind="state", pin=pin)
+            clean, flags = (
+                clean_metrics(metrics),
+                flagged(metadata, kind="state", pin=pin, run=self.lineage.run),
+            )
             return self.saver.start(step, path, state, clean, flags, pin=pin)
-        flags = flagged(metadata, kind="state", pin=pin)
+        flags = flagged(metadata, kind="state", pin=pin, run=self.lineage.run)
         return self._commit_state(
             step, None, state, metrics, flags, pin=pin, coord=self.coordinator
         )
@@ -311,7 +354,7 @@ class CheckpointManager:
                 "mirror='s3://...' for an off-node copy",
             )
         coord = self.coordinator
-        flags = flagged(metadata, kind=KIND, pin=pin)
+        flags = flagged(metadata, kind=KIND, pin=pin, run=self.lineage.run)
         tx = self.options.transaction(step, metrics, flags, coord)
         with tx as staging:
             write_shards(tx, staging, state)
@@ -374,14 +417,16 @@ class CheckpointManager:
             raise CheckpointNotFound(f"no checkpoint for step {step}", path=path)
         return self.catalog.check(path)
 
-    def restore(self, step: int | None = None, target: Any = None) -> Any:
+    def restore(self, step: int | None = None, target: Any = None, *, any_run: bool = False) -> Any:
         """Load a checkpoint (default: the newest that verifies), into ``target`` if given.
 
         Every byte is checked against the manifest before anything is loaded into the
         target. With ``step=None`` a corrupt checkpoint is skipped (and logged) in favour of
-        the next older one; an explicit ``step`` that does not verify raises.
+        the next older one; an explicit ``step`` that does not verify raises. Only this
+        run's checkpoints: an explicit ``step`` of another run raises :class:`ForeignRun`
+        unless ``any_run=True``.
         """
-        return self.catalog.restore(step, target)
+        return self.catalog.restore(step, target, any_run=any_run)
 
     # -- retention -------------------------------------------------------------------------
     def pin(self, step: int) -> None:
@@ -414,6 +459,8 @@ class CheckpointManager:
             if self.mirror is not None:
                 self.mirror.close()
             self.saver.release()
+            if self._hold is not None:
+                self._hold.release()
             forget(self)
 
     def __enter__(self) -> CheckpointManager:
@@ -455,7 +502,7 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.saver.wait()
-        flags = flagged(metadata, kind="files", pin=False)
+        flags = flagged(metadata, kind="files", pin=False, run=self.lineage.run)
         tx = self.options.transaction(step, metrics, flags, self.coordinator)
         tx.prepare = prepare
         tx.supersedes = supersedes

@@ -42,12 +42,17 @@ _log = logging.getLogger("ckptguard.manager")
 RESERVED_METADATA = "ckptguard"
 
 
-def flagged(metadata: Mapping[str, Any] | None, *, kind: str, pin: bool) -> dict[str, Any]:
-    """The user's metadata plus ckptguard's own flags (how to restore it, whether pinned)."""
+def flagged(
+    metadata: Mapping[str, Any] | None, *, kind: str, pin: bool, run: str | None = None
+) -> dict[str, Any]:
+    """The user's metadata plus ckptguard's flags: how to restore, pinned, which run."""
     out = dict(metadata or {})
     if RESERVED_METADATA in out:
         raise ValueError(f"metadata key {RESERVED_METADATA!r} is reserved")
-    out[RESERVED_METADATA] = {"kind": kind, "pinned": pin}
+    flags: dict[str, Any] = {"kind": kind, "pinned": pin}
+    if run is not None:
+        flags["run"] = run
+    out[RESERVED_METADATA] = flags
     return out
 
 

@@ -194,6 +194,8 @@ class Retainer:
             save_ids: dict[str, str] = {}
             for step, path in catalog.committed():
                 report = catalog.check(path, checksums=False)
+                if report.manifest is not None and not catalog.owns(report.manifest):
+                    continue  # another run's: never deleted, never counted
                 name = path.rstrip("/").rsplit("/", 1)[-1]
                 metric = None
                 if report.manifest is not None:

@@ -41,7 +41,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ckptguard._errors import CommitConflict, StorageError, UnsafeManifest
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR, new_save_id, validate_name
-from ckptguard._format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, validate_relpath
+from ckptguard._format.manifest import (
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    run_of,
+    validate_relpath,
+)
 from ckptguard._protocol.strategy import CommitResult, IfExists, Outcome, Staging
 from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import LocalStorage
@@ -196,6 +202,19 @@ class MarkerCommit:
         replace = if_exists == "replace" or (
             supersedes is not None and old is not None and old.save_id == supersedes
         )
+        if (
+            replace
+            and old is not None
+            and None not in (run_of(old), run_of(manifest))
+            and (run_of(old) != run_of(manifest))
+        ):
+            self.abort(staging)
+            raise CommitConflict(
+                f"{final} holds a checkpoint of run {run_of(old)}; this save of run "
+                f"{run_of(manifest)} does not replace it",
+                path=final,
+                hint="give each run its own root, or its own step numbers",
+            )
         if replace:
             if old is not None and old.created_at > manifest.created_at:
                 _log.warning("%s holds a newer save; kept it and discarded this one", final)

@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
-from ckptguard._errors import StorageError, TransientStorageError, storage_error_from_os
+from ckptguard._errors import (
+    CheckpointError,
+    StorageError,
+    TransientStorageError,
+    storage_error_from_os,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -294,7 +299,7 @@ def call_save_with_retry(fn: Callable[[], T], *, final: str, policy: RetryPolicy
 
     try:
         return _retrying(redo, policy, log_retry)(fn)
-    except StorageError:
+    except CheckpointError:  # typed already (a CommitConflict is an OSError too)
         raise
     except OSError as exc:
         raise storage_error_from_os(exc, "save", final, transient=redo(exc)) from exc
