@@ -175,3 +175,59 @@ def test_restoring_another_runs_step_needs_any_run(tmp_path: Path) -> None:
     assert torch.equal(other.restore(7, any_run=True)["w"], torch.ones(2))
     assert [i.run for i in other.list()] == ["run-a"]
     other.close()
+
+
+_TRAINER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    import ckptguard
+    from ckptguard.integrations.transformers import protect
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+        def __getitem__(self, i):
+            ids = torch.arange(8) % 97
+            return {"input_ids": ids, "labels": ids}
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1,
+                                       n_head=2))
+    args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to=[], max_steps=2,
+                             save_steps=1, per_device_train_batch_size=2)
+    trainer = protect(Trainer(model=model, args=args, train_dataset=Data()))
+    try:
+        trainer.train(resume_from_checkpoint=True)
+        print(json.dumps({"trained": True}))
+    except ckptguard.ForeignRun as exc:
+        print(json.dumps({"foreign": str(exc)}))
+    """
+)
+
+
+def test_a_trainer_pointed_at_another_live_runs_output_dir_is_refused(
+    script: Path, tmp_path: Path
+) -> None:
+    """The integrations go through CheckpointManager, so they follow the same rule."""
+    root = tmp_path / "out"
+    a = Job(script, root, "A")
+    try:
+        assert a.ask("save 1000") == {"saved": 1000}
+        trainer = tmp_path / "trainer.py"
+        trainer.write_text(_TRAINER)
+        proc = subprocess.run(
+            [sys.executable, str(trainer), str(root)],
+            capture_output=True,
+            text=True,
+            env=CHILD_ENV,
+            timeout=300,
+            check=False,
+            start_new_session=True,  # another job
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert "foreign" in result, result
+        assert a.hello["run"] in result["foreign"]
+        assert a.ask("restore") == {"step": 1000, "tag": "A"}  # untouched
+    finally:
+        a.stop()
