@@ -381,21 +381,36 @@ def _kill_loop(root: Path, kills: int, seed: int, *, asynchronous: bool = False)
     return st
 
 
-def _loop_row(full: bool, work: Path) -> Row:
-    kills = (1000 if full else 16) // LOOP_ROOTS
-    roots = [work / "loop" / f"root-{i}" for i in range(LOOP_ROOTS)]
+def _run_loops(work: Path, kills: int, *, asynchronous: bool) -> tuple[Row, list[_LoopStats]]:
+    """LOOP_ROOTS kill loops side by side; a row with one trial per kill."""
+    name = "aloop" if asynchronous else "loop"
+    roots = [work / name / f"root-{i}" for i in range(LOOP_ROOTS)]
     for root in roots:
         root.mkdir(parents=True)
+    seeds = [(100 if asynchronous else 0) + i for i in range(LOOP_ROOTS)]
     with ThreadPoolExecutor(LOOP_ROOTS) as pool:
-        stats = list(pool.map(_kill_loop, roots, [kills] * len(roots), range(len(roots))))
-    row = Row(
-        SCENARIO,
-        "random-kill loop (SIGKILL at a random moment of a CheckpointManager save loop, keep 3): "
-        "reported-committed checkpoints lost or corrupt = 0; resume always takes the newest valid",
+        stats = list(
+            pool.map(lambda r, s: _kill_loop(r, kills, s, asynchronous=asynchronous), roots, seeds)
+        )
+    claim = (
+        "random SIGKILL/SIGTERM of an async save loop (keep 3): SIGTERM ends the process by "
+        "SIGTERM within exit_timeout (no deadlock); reported-committed checkpoints lost or "
+        "corrupt = 0; resume always takes the newest valid"
+        if asynchronous
+        else "random-kill loop (SIGKILL at a random moment of a CheckpointManager save loop, "
+        "keep 3): reported-committed checkpoints lost or corrupt = 0; resume always takes the "
+        "newest valid"
     )
+    row = Row(SCENARIO, claim)
     for st in stats:
         for problem in st.results:
             row.trial(problem)
+    return row, stats
+
+
+def _loop_row(full: bool, work: Path) -> Row:
+    kills = (1000 if full else 16) // LOOP_ROOTS
+    row, stats = _run_loops(work, kills, asynchronous=False)
     row.figures = {
         "kills": kills * LOOP_ROOTS,
         "roots": LOOP_ROOTS,
@@ -411,26 +426,7 @@ def _loop_row(full: bool, work: Path) -> Row:
 
 def _async_loop_row(full: bool, work: Path) -> Row:
     kills = (500 if full else 8) // LOOP_ROOTS
-    roots = [work / "aloop" / f"root-{i}" for i in range(LOOP_ROOTS)]
-    for root in roots:
-        root.mkdir(parents=True)
-    with ThreadPoolExecutor(LOOP_ROOTS) as pool:
-        stats = list(
-            pool.map(
-                lambda r, s: _kill_loop(r, kills, 100 + s, asynchronous=True),
-                roots,
-                range(len(roots)),
-            )
-        )
-    row = Row(
-        SCENARIO,
-        "random SIGKILL/SIGTERM of an async save loop (keep 3): SIGTERM ends the process by "
-        "SIGTERM within exit_timeout (no deadlock); reported-committed checkpoints lost or "
-        "corrupt = 0; resume always takes the newest valid",
-    )
-    for st in stats:
-        for problem in st.results:
-            row.trial(problem)
+    row, stats = _run_loops(work, kills, asynchronous=True)
     row.figures = {
         "ends": kills * LOOP_ROOTS,
         "by_sigterm": sum(st.sigterms for st in stats),
