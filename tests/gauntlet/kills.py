@@ -326,6 +326,15 @@ def _check_after_kill(root: Path, lines: list[str], prev: int | None, st: _LoopS
     return latest.step
 
 
+def _wait_for_output(out: Path, proc: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Until the child wrote its first line (or exited, or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if b"\n" in out.read_bytes():
+            return
+        time.sleep(0.01)
+
+
 def _kill_loop(root: Path, kills: int, seed: int, *, asynchronous: bool = False) -> _LoopStats:
     rng = random.Random(seed)  # noqa: S311 - reproducible delays, not secrets
     st = _LoopStats()
@@ -340,6 +349,11 @@ def _kill_loop(root: Path, kills: int, seed: int, *, asynchronous: bool = False)
             term = asynchronous and rng.random() < 0.5
             hung = False
             try:
+                if asynchronous and delay >= 0.35:
+                    # The async loop's ends belong in its save loop, not in the interpreter's
+                    # start (about a second here): wait for its first line, then the delay.
+                    _wait_for_output(out, proc, timeout=60)
+                    delay -= 0.35
                 time.sleep(delay)
                 early = proc.poll()
                 if term and early is None:
