@@ -24,7 +24,7 @@ from ckptguard._protocol.verify import (
     read_manifest_from,
     verify_checkpoint,
 )
-from ckptguard._storage.base import is_url
+from ckptguard._storage.base import innermost, is_url
 from ckptguard._storage.local import LocalStorage
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, with_retries
 
@@ -72,7 +72,7 @@ class Backend:
 
     def require_root(self) -> None:
         """Raise CheckpointNotFound unless the root exists (a bucket, a prefix, a dir)."""
-        checker = getattr(_unwrap(self.storage), "require_root", None)
+        checker = getattr(innermost(self.storage), "require_root", None)
         if callable(checker):
             checker()  # a missing bucket, refused credentials, an unreachable endpoint
         if not self.exists():
@@ -153,12 +153,6 @@ class Backend:
         return read_marker(self.storage, path)
 
 
-def _unwrap(storage: Any) -> Any:
-    while hasattr(storage, "inner"):
-        storage = storage.inner
-    return storage
-
-
 def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """``CKPTGUARD_STORAGE_OPTIONS`` (JSON), or None; a malformed value is refused typed."""
     raw = (os.environ if env is None else env).get(OPTIONS_ENV, "").strip()
@@ -216,7 +210,7 @@ def backend_for(
                 storage_options if storage_options is not None else (storage_options_from_env())
             )
             storage = FsspecStorage(text, options, retry=retry)
-        url = _unwrap(storage).url
+        url = innermost(storage).url
         return Backend(url, with_retries(storage, retry), MarkerCommit(), retry)
     if storage_options:
         raise UnsupportedRoot(

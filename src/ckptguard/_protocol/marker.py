@@ -45,10 +45,16 @@ from ckptguard._format.manifest import (
     MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
-    run_of,
     validate_relpath,
 )
-from ckptguard._protocol.strategy import CommitResult, IfExists, Outcome, Staging
+from ckptguard._protocol.strategy import (
+    CommitResult,
+    IfExists,
+    Outcome,
+    Staging,
+    cross_run_conflict,
+)
+from ckptguard._storage.base import innermost
 from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import LocalStorage
 
@@ -86,10 +92,7 @@ def _read_marker_quiet(storage: Storage, path: str) -> Manifest | None:
 
 def _store(storage: Storage) -> FsspecStorage:
     """The fsspec storage under any wrapper (retries, fault injection)."""
-    inner: Any = storage
-    while not hasattr(inner, "create_only") and hasattr(inner, "inner"):
-        inner = inner.inner
-    return cast("FsspecStorage", inner)
+    return cast("FsspecStorage", innermost(storage))
 
 
 class MarkerCommit:
@@ -202,19 +205,9 @@ class MarkerCommit:
         replace = if_exists == "replace" or (
             supersedes is not None and old is not None and old.save_id == supersedes
         )
-        if (
-            replace
-            and old is not None
-            and None not in (run_of(old), run_of(manifest))
-            and (run_of(old) != run_of(manifest))
-        ):
+        if replace and old is not None and (conflict := cross_run_conflict(final, old, manifest)):
             self.abort(staging)
-            raise CommitConflict(
-                f"{final} holds a checkpoint of run {run_of(old)}; this save of run "
-                f"{run_of(manifest)} does not replace it",
-                path=final,
-                hint="give each run its own root, or its own step numbers",
-            )
+            raise conflict
         if replace:
             if old is not None and old.created_at > manifest.created_at:
                 _log.warning("%s holds a newer save; kept it and discarded this one", final)

@@ -61,7 +61,7 @@ from ckptguard._format.layout import (
     step_from_name,
     validate_name,
 )
-from ckptguard._format.manifest import FileEntry, Manifest, run_of, validate_relpath
+from ckptguard._format.manifest import FileEntry, Manifest, validate_relpath
 from ckptguard._format.owner import WriterInfo, current_writer
 from ckptguard._protocol.cleanup import (
     DEFAULT_STALE_AFTER,
@@ -73,7 +73,14 @@ from ckptguard._protocol.cleanup import (
     write_owner,
 )
 from ckptguard._protocol.locking import root_lock
-from ckptguard._protocol.strategy import IF_EXISTS, CommitResult, IfExists, Outcome, Staging
+from ckptguard._protocol.strategy import (
+    IF_EXISTS,
+    CommitResult,
+    IfExists,
+    Outcome,
+    Staging,
+    cross_run_conflict,
+)
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import PARALLEL_FSYNC_MIN, LocalStorage, tree_size
@@ -457,19 +464,9 @@ def _resolve_conflict(
 ) -> CommitResult:
     """The final name holds another valid save: keep it, replace it, or report it."""
     final = staging.final
-    if (
-        if_exists == "replace"
-        and None not in (run_of(theirs), run_of(ours))
-        and (run_of(theirs) != run_of(ours))
-    ):
-        # Two jobs on one root: one run's save never replaces another run's checkpoint.
+    if if_exists == "replace" and (conflict := cross_run_conflict(final, theirs, ours)):
         abort(staging)
-        raise CommitConflict(
-            f"{final} holds a checkpoint of run {run_of(theirs)}; this save of run "
-            f"{run_of(ours)} does not replace it",
-            path=final,
-            hint="give each run its own root, or its own step numbers",
-        )
+        raise conflict
     newer = theirs.created_at > ours.created_at  # never replace a newer save by an older
     if if_exists == "keep" or (if_exists == "replace" and newer):
         log = _log.warning if newer and if_exists == "replace" else _log.info

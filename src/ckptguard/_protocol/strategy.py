@@ -25,6 +25,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ckptguard._errors import CommitConflict
+from ckptguard._format.manifest import run_of
 from ckptguard._format.owner import WriterInfo, current_writer
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
@@ -36,7 +38,14 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._storage.base import FileDigest, Storage
 
-__all__ = ["CommitResult", "CommitStrategy", "IfExists", "Outcome", "Staging"]
+__all__ = [
+    "CommitResult",
+    "CommitStrategy",
+    "IfExists",
+    "Outcome",
+    "Staging",
+    "cross_run_conflict",
+]
 
 IfExists = Literal["keep", "replace", "error"]
 IF_EXISTS = ("keep", "replace", "error")
@@ -82,6 +91,22 @@ class CommitResult:
     manifest: Manifest
     replaced: str | None = None  # where the checkpoint we replaced went (POSIX trash)
     quarantined: str | None = None  # where a foreign entry in the way was moved
+
+
+def cross_run_conflict(final: str, theirs: Manifest, ours: Manifest) -> CommitConflict | None:
+    """The error for a save that would replace another training run's checkpoint, if so.
+
+    Two jobs on one root: one run's save never replaces another run's checkpoint (both
+    strategies check this before a replace; a checkpoint without a run is anyone's).
+    """
+    if None in (run_of(theirs), run_of(ours)) or run_of(theirs) == run_of(ours):
+        return None
+    return CommitConflict(
+        f"{final} holds a checkpoint of run {run_of(theirs)}; this save of run "
+        f"{run_of(ours)} does not replace it",
+        path=final,
+        hint="give each run its own root, or its own step numbers",
+    )
 
 
 class CommitStrategy(Protocol):

@@ -22,14 +22,29 @@ which never follows a link. Paths are absolute, '/'-separated paths or URLs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["CheckpointTree", "FileDigest", "FileWriter", "Source", "Storage", "is_url"]
+__all__ = [
+    "CheckpointTree",
+    "FileDigest",
+    "FileWriter",
+    "Source",
+    "Storage",
+    "innermost",
+    "is_url",
+]
 
 READ_CHUNK = 8 * 1024 * 1024
+
+
+def innermost(storage: Any) -> Any:
+    """The storage under any wrappers (retries, fault injection): each keeps it as ``inner``."""
+    while hasattr(storage, "inner"):
+        storage = storage.inner
+    return storage
 
 
 def is_url(root: str) -> bool:

@@ -44,7 +44,7 @@ from ckptguard._errors import (
 )
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR, RootLayout, step_from_name
 from ckptguard._protocol.backend import backend_for
-from ckptguard._storage.base import is_url
+from ckptguard._storage.base import innermost, is_url
 from ckptguard._storage.local import tree_size
 
 if TYPE_CHECKING:
@@ -557,9 +557,7 @@ def check_store(url: str, storage_options: Mapping[str, Any] | None = None) -> l
     }
     try:
         backend = backend_for(url, storage_options, what="doctor")
-        store: Any = backend.storage
-        while hasattr(store, "inner"):
-            store = store.inner
+        store: Any = innermost(backend.storage)
         store.require_root()  # reachable, credentials accepted, the bucket there
     except (CheckpointError, OSError, ImportError) as exc:
         hint = next((a for cls, a in advice.items() if isinstance(exc, cls)), "")
