@@ -15,8 +15,10 @@ from ckptguard._errors import (
     InvalidCheckpointName,
     LockTimeout,
     NoValidCheckpoint,
+    ProtectedCheckpoint,
     RankFailure,
     ReadOnlyStorage,
+    RootNotADirectory,
     SaveAborted,
     StateFormatError,
     StorageError,
@@ -31,6 +33,7 @@ from ckptguard._errors import (
 )
 from ckptguard._format.layout import Naming
 from ckptguard._format.manifest import FileEntry, Manifest
+from ckptguard._manager.load import load
 from ckptguard._manager.manager import CheckpointInfo, CheckpointManager, PendingSave
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.api import read_manifest, verify
@@ -70,12 +73,14 @@ __all__ = [
     "NoValidCheckpoint",
     "Outcome",
     "PendingSave",
+    "ProtectedCheckpoint",
     "RankFailure",
     "ReadOnlyStorage",
     "RecoveryReport",
     "RetentionPolicy",
     "RetryPolicy",
     "RootEntry",
+    "RootNotADirectory",
     "SaveAborted",
     "SingleProcess",
     "StateFormatError",
@@ -94,6 +99,7 @@ __all__ = [
     "atomic_checkpoint",
     "capture_rng_state",
     "doctor",
+    "load",
     "load_legacy_pt",
     "read_manifest",
     "recover",

@@ -11,6 +11,7 @@
     ├── TargetMismatch(ValueError)                   a valid checkpoint not fitting the target
     ├── InvalidCheckpointName(ValueError)            a name that is not a safe single path component
     ├── UnsupportedRoot(ValueError)                  a root or option that cannot be served as given
+    │   └── RootNotADirectory(NotADirectoryError)    a local root that is a file or lies under one
     ├── CheckpointNotFound(FileNotFoundError)        no checkpoint at that path
     ├── NoValidCheckpoint(FileNotFoundError)         a root holds no checkpoint that verifies
     ├── LockTimeout(TimeoutError)                    another process held the root's lock too long
@@ -44,8 +45,10 @@ __all__ = [
     "InvalidCheckpointName",
     "LockTimeout",
     "NoValidCheckpoint",
+    "ProtectedCheckpoint",
     "RankFailure",
     "ReadOnlyStorage",
+    "RootNotADirectory",
     "SaveAborted",
     "StateFormatError",
     "StorageError",
@@ -171,6 +174,14 @@ class UnsupportedRoot(CheckpointError, ValueError):
     default_hint = "pass a local directory, or use the entry point the message names"
 
 
+class RootNotADirectory(UnsupportedRoot, NotADirectoryError):
+    """A local root that is a regular file, or a path under one (refused before any write)."""
+
+    default_hint = (
+        "a root is a directory (created if missing): choose another path, or move the file away"
+    )
+
+
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """No checkpoint exists at the given path."""
 
@@ -201,6 +212,12 @@ class ForeignRun(CheckpointError):
         "resume that run (stop the job that runs it first), give this run another root, "
         "or pass new_lineage=True to start a new run beside it"
     )
+
+
+class ProtectedCheckpoint(CheckpointError):
+    """A deletion refused: the checkpoint is the newest valid one, the best, or pinned."""
+
+    default_hint = "pass force=True (CLI: --force) if you really mean to delete it"
 
 
 class RankFailure(CheckpointError):

@@ -372,6 +372,8 @@ class CheckpointRootMachine(RuleBasedStateMachine):
         assert result.outcome == ckptguard.Outcome.COMMITTED
         assert {f.path for f in manifest.files} == set(files)
         self.names.setdefault(staging.name, _Name()).commit(files, staging.save_id)
+        # publish also repairs what earlier cut replaces left in trash (of any save)
+        self._repair_trash()
         self._stale_staging_removed()
 
     @precondition(lambda self: any(e.valid for e in self.names.values()))

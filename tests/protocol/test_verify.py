@@ -51,11 +51,46 @@ def test_truncation_missing_and_extra(ckpt: Path) -> None:
     (ckpt / "sub" / "new.bin").write_bytes(b"x")
     report = ckptguard.verify(ckpt, checksums=False)
     assert not report.ok
-    assert sorted(report.problems) == [
-        "a.bin: size 100, manifest says 10000",
-        "sub/b.bin: missing",
-        "sub/new.bin: extra file not in the manifest",
+    problems = sorted(report.problems)
+    assert problems[:2] == ["a.bin: size 100, manifest says 10000", "sub/b.bin: missing"]
+    assert len(problems) == 3
+    # Not a manager's state: a framework may load it by name, so it is an error with the
+    # way to remove it.
+    assert problems[2].startswith("sub/new.bin: extra file not in the manifest (1 bytes)")
+    assert f"rm {ckpt / 'sub' / 'new.bin'}" in problems[2]
+    assert report.warnings == []
+
+
+def test_a_stray_file_beside_a_state_is_a_warning(tmp_path: Path) -> None:
+    """A manager state is restored from listed files only: a stray changes nothing read."""
+    mgr = ckptguard.CheckpointManager(tmp_path / "run", check_environment=False)
+    info = mgr.save(1, {"w": [1.0, 2.0]})
+    mgr.close()
+    (Path(info.path) / "notes.txt").write_text("lr looked high here\n")
+    report = ckptguard.verify(info.path)
+    assert report.ok, report.problems
+    assert report.warnings == [
+        "notes.txt: extra file not in the manifest (20 bytes); restore ignores it"
     ]
+    again = ckptguard.CheckpointManager(tmp_path / "run", check_environment=False)
+    latest = again.latest()  # not skipped as corrupt
+    assert latest is not None
+    assert latest.step == 1
+    assert again.restore() == {"w": [1.0, 2.0]}
+    again.close()
+
+
+def test_a_stray_file_in_framework_files_stays_an_error(tmp_path: Path) -> None:
+    """Files a framework loads by name (a Trainer's): a stray is an error, with the fix."""
+    mgr = ckptguard.CheckpointManager(tmp_path / "run", check_environment=False)
+    info = mgr.save_files(3, lambda tx: (tx.staging_dir / "model.safetensors").write_bytes(b"m"))
+    mgr.close()
+    (Path(info.path) / "notes.txt").write_text("x")
+    report = ckptguard.verify(info.path)
+    assert not report.ok
+    (problem,) = report.problems
+    assert problem.startswith("notes.txt: extra file not in the manifest (1 bytes)")
+    assert f"remove it (rm {Path(info.path) / 'notes.txt'})" in problem
 
 
 def test_symlinks_are_reported_not_followed(ckpt: Path, tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ class CheckpointInfo:
     problems: list[str] = field(default_factory=list)
     save_id: str | None = None
     run: str | None = None  # the training run that wrote it (see lineage.py)
+    best: bool = False  # the best by ``ranked_by`` (set by listings that rank: mgr.list)
+    ranked_by: tuple[str, str] | None = None  # (metric, "min"|"max"), where one is known
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:
         """This info, at once: ``save(...).result()`` reads the same for blocking and async.

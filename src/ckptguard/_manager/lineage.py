@@ -47,7 +47,15 @@ if TYPE_CHECKING:
     from ckptguard._manager.catalog import Catalog
     from ckptguard._protocol.backend import Backend
 
-__all__ = ["RUN_ENV", "Lineage", "RunHold", "choose_run", "foreign_holders", "new_run_id"]
+__all__ = [
+    "RUN_ENV",
+    "Lineage",
+    "RunHold",
+    "choose_run",
+    "foreign_holders",
+    "new_run_id",
+    "reading_run",
+]
 
 _log = logging.getLogger("ckptguard.manager")
 RUN_ENV = "CKPTGUARD_RUN_ID"
@@ -66,7 +74,9 @@ class Lineage:
     legacy: bool = False
 
     def owns(self, manifest: Manifest | None) -> bool:
-        run = run_of(manifest)
+        return self.owns_run(run_of(manifest))
+
+    def owns_run(self, run: str | None) -> bool:
         return run == self.run or (run is None and self.legacy)
 
 
@@ -99,6 +109,19 @@ def choose_run(
         )
     _log.info("resuming run %s (its newest checkpoint: %s)", newest, name)
     return Lineage(newest, legacy=True)
+
+
+def reading_run(catalog: Catalog, *, run_id: str | None) -> Lineage:
+    """A read-only manager's run: the newest (or ``run_id``), never refused, never held.
+
+    Reading a run that is live in another job is safe (an evaluation job beside the
+    training): a reader neither deletes nor replaces anything.
+    """
+    explicit = run_id or os.environ.get(RUN_ENV) or None
+    if explicit is not None:
+        return Lineage(explicit, legacy=True)
+    newest, _name = _newest_run(catalog)
+    return Lineage(newest or new_run_id(), legacy=True)
 
 
 def _newest_run(catalog: Catalog) -> tuple[str | None, str]:

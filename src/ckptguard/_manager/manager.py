@@ -26,11 +26,13 @@ from ckptguard._errors import (
     ForeignRun,
     NoValidCheckpoint,
     RankFailure,
+    ReadOnlyStorage,
     UnsupportedRoot,
 )
 from ckptguard._format.layout import HF_NAMING, Naming
+from ckptguard._manager.admin import Admin
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.lineage import Lineage, RunHold, choose_and_hold
+from ckptguard._manager.lineage import Lineage, RunHold, choose_and_hold, reading_run
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
@@ -84,6 +86,7 @@ class CheckpointManager:
         check_environment: bool = True,
         run_id: str | None = None,
         new_lineage: bool = False,
+        read_only: bool | None = None,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -115,6 +118,12 @@ class CheckpointManager:
         (or ``run_id``/``CKPTGUARD_RUN_ID``), keeps and restores only that run's
         checkpoints, and refuses with :class:`ForeignRun` a root whose newest run is live
         in another job, unless ``new_lineage=True`` starts a new run beside it.
+
+        ``read_only`` (default: a local root this process cannot write, such as a
+        read-only mount, is opened read-only): list, verify and restore with no lock, no
+        start-up recovery and no write at all, and never refused for a run that is live
+        elsewhere (an evaluation job beside the training); ``save``, ``pin`` and
+        ``delete`` raise :class:`ReadOnlyStorage`.
         """
         self.backend = backend_for(
             root,
@@ -138,6 +147,9 @@ class CheckpointManager:
             self.mirror = Mirror(mirror, storage_options)
             mirror_backend = self.mirror.backend
             watch_exit(self)  # exit waits for queued uploads too
+        reason = self.backend.read_only_reason() if read_only is None else None
+        self.read_only = bool(read_only) or reason is not None
+        self._read_only_why = reason or "it was opened with read_only=True"
         self.async_save = bool(async_save)
         self.verify_after_save = verify_after_save
         self.exit_timeout = exit_timeout
@@ -151,12 +163,17 @@ class CheckpointManager:
         self.options = SaveOptions(
             self.backend, naming, if_exists, retry, lock_timeout, stale_after
         )
+        best = (best_metric, best_mode) if best_metric is not None else None
+        self.admin = Admin(
+            self.backend, naming, best=best, lock_timeout=lock_timeout,
+            on_retire=self._retire_mirror_copy,
+        )  # fmt: skip
         self.retainer = Retainer(
-            self.backend, self.policy, naming, lock_timeout=lock_timeout,
+            self.backend, self.policy, naming, lock_timeout=lock_timeout, pins=self.admin,
             on_retire=self._retire_mirror_copy,
         )  # fmt: skip
         self.catalog = Catalog(
-            self.backend, naming, pinned=self.retainer.pinned, mirror=mirror_backend
+            self.backend, naming, pinned=self.admin.pinned, mirror=mirror_backend
         )
         self.coordinator = coordinator or default_coordinator()
         self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
@@ -165,7 +182,8 @@ class CheckpointManager:
             check_environment=check_environment, run_id=run_id, new_lineage=new_lineage
         )
         self.catalog.owns = self.lineage.owns
-        if self._hold is None:  # ranks other than 0 follow its choice
+        self.admin.owns_run = self.lineage.owns_run
+        if self._hold is None and not self.read_only:  # ranks but 0 follow its choice
             self._hold = RunHold(self.backend, self.lineage.run)
 
     def _start(self, *, check_environment: bool, run_id: str | None, new_lineage: bool) -> Lineage:
@@ -179,7 +197,11 @@ class CheckpointManager:
         chosen: dict[str, Any] | None = None
         try:
             repairs = coord.rank == 0 if self.backend.strategy.shared else coord.local_rank == 0
-            if repairs:
+            if self.read_only and coord.rank == 0:
+                _log.info(
+                    "%s is read-only (%s): no start-up recovery", self.root, self._read_only_why
+                )
+            elif repairs:
                 self.backend.prepare_root()
                 for action in self.backend.repair(
                     stale_after=self.stale_after, lock_timeout=self.lock_timeout
@@ -189,7 +211,10 @@ class CheckpointManager:
                 from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415 - packaging
 
                 warn_at_start(self.root, log=_log)
-            if coord.rank == 0:
+            if coord.rank == 0 and self.read_only:
+                lineage = reading_run(self.catalog, run_id=run_id)
+                chosen = {"run": lineage.run, "legacy": lineage.legacy}
+            elif coord.rank == 0:
                 lineage, self._hold = choose_and_hold(
                     self.backend,
                     self.catalog,
@@ -290,6 +315,7 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._writable("save")
         if blocking is None:
             blocking = not self.async_save or sharded
         elif not blocking and sharded:
@@ -302,12 +328,9 @@ class CheckpointManager:
             return self._save_sharded(step, state, metrics, metadata, pin=pin)
         if not blocking:
             path = self.backend.join(self.naming.name(step))
-            clean, flags = (
-                clean_metrics(metrics),
-                flagged(metadata, kind="state", pin=pin, run=self.lineage.run),
-            )
-            return self.saver.start(step, path, state, clean, flags, pin=pin)
-        flags = flagged(metadata, kind="state", pin=pin, run=self.lineage.run)
+            flags = self._flags(metadata, "state", pin=pin)
+            return self.saver.start(step, path, state, clean_metrics(metrics), flags, pin=pin)
+        flags = self._flags(metadata, "state", pin=pin)
         return self._commit_state(
             step, None, state, metrics, flags, pin=pin, coord=self.coordinator
         )
@@ -354,12 +377,25 @@ class CheckpointManager:
                 "mirror='s3://...' for an off-node copy",
             )
         coord = self.coordinator
-        flags = flagged(metadata, kind=KIND, pin=pin, run=self.lineage.run)
+        flags = self._flags(metadata, KIND, pin=pin)
         tx = self.options.transaction(step, metrics, flags, coord)
         with tx as staging:
             write_shards(tx, staging, state)
         path = result_of(tx).path
         return self._after_commit(step, path, committer=coord.rank == 0, pin=pin, coord=coord)
+
+    def _flags(self, metadata: Mapping[str, Any] | None, kind: str, *, pin: bool) -> dict[str, Any]:
+        best = self.admin.ranked_by
+        return flagged(metadata, kind=kind, pin=pin, run=self.lineage.run, best=best)
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyStorage(
+                f"cannot {what}: {self.root} is open read-only ({self._read_only_why})",
+                path=self.root,
+                hint="list, verify and restore work; to save, open a writable root (or "
+                "remount it read-write)",
+            )
 
     # -- after a commit ----------------------------------------------------------------------
     def _after_commit(
@@ -392,11 +428,11 @@ class CheckpointManager:
 
     # -- reading ---------------------------------------------------------------------------
     def list(self, *, checksums: bool = False) -> list[CheckpointInfo]:
-        """Every ``checkpoint-<step>`` of the root, oldest first.
+        """Every ``checkpoint-<step>`` of the root, oldest first (``best`` marks the best).
 
         Sizes and structure are checked; checksums too with ``checksums=True``.
         """
-        return self.catalog.list(checksums=checksums)
+        return self.admin.list(checksums=checksums)
 
     def latest(self) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (checksums included); logs each one skipped.
@@ -431,11 +467,32 @@ class CheckpointManager:
     # -- retention -------------------------------------------------------------------------
     def pin(self, step: int) -> None:
         """Keep ``checkpoint-<step>`` whatever the retention policy says."""
-        self.retainer.pin(step)
+        self._writable("pin a checkpoint")
+        self.admin.pin(step)
 
     def unpin(self, step: int) -> None:
         """Undo :meth:`pin` (a checkpoint saved with ``pin=True`` stays pinned)."""
-        self.retainer.unpin(step)
+        self._writable("unpin a checkpoint")
+        self.admin.unpin(step)
+
+    def best(self) -> CheckpointInfo | None:
+        """This run's valid checkpoint with the best ``best_metric`` (None without one).
+
+        Ties go to the newer checkpoint; sizes and structure are checked, not checksums.
+        """
+        return self.admin.best()
+
+    def delete(self, step: int, *, force: bool = False) -> str:
+        """Delete ``checkpoint-<step>`` now (and its mirror copy); returns its path.
+
+        Refuses with :class:`ProtectedCheckpoint`, unless ``force=True``, the newest valid
+        checkpoint (resume needs it), the best one and a pinned one. Like retention, it
+        moves the checkpoint into trash under the root's lock before removing it, and
+        never while a reader is reading it.
+        """
+        self._writable("delete a checkpoint")
+        self.wait()
+        return self.admin.delete(step, force=force)
 
     # -- waiting and closing ------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
@@ -501,8 +558,9 @@ class CheckpointManager:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self._writable("save")
         self.saver.wait()
-        flags = flagged(metadata, kind="files", pin=False, run=self.lineage.run)
+        flags = self._flags(metadata, "files", pin=False)
         tx = self.options.transaction(step, metrics, flags, self.coordinator)
         tx.prepare = prepare
         tx.supersedes = supersedes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.retry import call_save_with_retry
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESERVED_METADATA",
+    "BestSpec",
     "SaveOptions",
+    "best_in",
     "clean_metrics",
     "commit_state",
     "flagged",
@@ -42,16 +44,30 @@ _log = logging.getLogger("ckptguard.manager")
 RESERVED_METADATA = "ckptguard"
 
 
+BestSpec = tuple[str, Literal["min", "max"]]  # (metric, mode) that ranks "best"
+
+
 def flagged(
-    metadata: Mapping[str, Any] | None, *, kind: str, pin: bool, run: str | None = None
+    metadata: Mapping[str, Any] | None,
+    *,
+    kind: str,
+    pin: bool,
+    run: str | None = None,
+    best: BestSpec | None = None,
 ) -> dict[str, Any]:
-    """The user's metadata plus ckptguard's flags: how to restore, pinned, which run."""
+    """The user's metadata plus ckptguard's flags: how to restore, pinned, which run.
+
+    ``best``: the manager's best_metric and best_mode, so that tools without the
+    manager's arguments (``ckptguard list``) rank "best" the same way.
+    """
     out = dict(metadata or {})
     if RESERVED_METADATA in out:
         raise ValueError(f"metadata key {RESERVED_METADATA!r} is reserved")
     flags: dict[str, Any] = {"kind": kind, "pinned": pin}
     if run is not None:
         flags["run"] = run
+    if best is not None:
+        flags["best"] = {"metric": best[0], "mode": best[1]}
     out[RESERVED_METADATA] = flags
     return out
 
@@ -65,6 +81,17 @@ def kind_of(manifest: Manifest | None) -> str | None:
     """What wrote the checkpoint: "state", "files" or "dcp" (None: not a manager's)."""
     kind = _flags(manifest).get("kind")
     return kind if isinstance(kind, str) else None
+
+
+def best_in(manifest: Manifest | None) -> BestSpec | None:
+    """The (metric, mode) a manager ranked "best" by when it saved this (None: none)."""
+    best = _flags(manifest).get("best")
+    if not isinstance(best, dict):
+        return None
+    metric, mode = best.get("metric"), best.get("mode")
+    if not isinstance(metric, str) or mode not in {"min", "max"}:
+        return None
+    return (metric, "min" if mode == "min" else "max")
 
 
 def pinned_in(manifest: Manifest | None) -> bool:

@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING
 
 from ckptguard._coordination.base import gather_failures
 from ckptguard._errors import CorruptCheckpoint, StorageError, storage_error_from_os
-from ckptguard._format.layout import META_DIR, PINS_DIR
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.options import pinned_in
 from ckptguard._manager.retention import Candidate, RetentionPolicy, metric_value, select_deletions
 
 if TYPE_CHECKING:
@@ -25,6 +23,7 @@ if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator
     from ckptguard._format.layout import Naming
     from ckptguard._format.manifest import Manifest
+    from ckptguard._manager.admin import Admin
     from ckptguard._protocol.backend import Backend
     from ckptguard._protocol.verify import VerifyReport
 
@@ -43,35 +42,18 @@ class Retainer:
         naming: Naming,
         *,
         lock_timeout: float,
+        pins: Admin,
         on_retire: Callable[[str], None] | None = None,
     ) -> None:
         self.backend, self.policy, self.naming = backend, policy, naming
+        self.pins = pins
         self.lock_timeout = lock_timeout
         self.on_retire = on_retire  # e.g. the mirror deletes its copy too
         self.verified: dict[str, str] = {}  # path -> save id checksum-verified by us
 
-    # -- pins -------------------------------------------------------------------------------
-    def _pin_path(self, step: int) -> str:
-        return self.backend.join(f"{META_DIR}/{PINS_DIR}/{self.naming.name(step)}")
-
-    def pin(self, step: int) -> None:
-        pins = self.backend.join(f"{META_DIR}/{PINS_DIR}")
-        storage = self.backend.storage
-        storage.make_dir(self.backend.join(META_DIR), mode=0o700, exist_ok=True)
-        storage.make_dir(pins, mode=0o700, exist_ok=True)
-        path = self._pin_path(step)
-        if not storage.exists(path):
-            storage.write_bytes(path, b"", fsync=True)
-            storage.fsync_dir(pins)
-
-    def unpin(self, step: int) -> None:
-        self.backend.storage.remove_file(self._pin_path(step))
-
-    def pin_file(self, step: int) -> bool:
-        return self.backend.storage.exists(self._pin_path(step))
-
+    # -- pins (kept by admin.py) ------------------------------------------------------------
     def pinned(self, step: int, manifest: Manifest | None) -> bool:
-        return pinned_in(manifest) or self.pin_file(step)
+        return self.pins.pinned(step, manifest)
 
     # -- after a save -------------------------------------------------------------------------
     def after_save(
@@ -111,7 +93,7 @@ class Retainer:
         if report is None:
             report = catalog.check(path, checksums=False)
         try:
-            pinned = pin or self.pin_file(step)
+            pinned = pin or self.pins.pin_file(step)
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise

@@ -9,13 +9,15 @@ backend, never which kind it is.
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptguard._errors import CheckpointNotFound, UnsupportedRoot
+from ckptguard._errors import CheckpointNotFound, RootNotADirectory, UnsupportedRoot
 from ckptguard._format.layout import RootLayout
 from ckptguard._protocol.marker import MarkerCommit, read_marker
 from ckptguard._protocol.rename import RenameCommit
@@ -25,7 +27,7 @@ from ckptguard._protocol.verify import (
     verify_checkpoint,
 )
 from ckptguard._storage.base import innermost, is_url
-from ckptguard._storage.local import LocalStorage
+from ckptguard._storage.local import LocalStorage, read_only_reason
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, with_retries
 
 if TYPE_CHECKING:
@@ -135,6 +137,14 @@ class Backend:
 
         return dataclasses.replace(manifest, files=files), opener, tree.close
 
+    def read_only_reason(self) -> str | None:
+        """Why this root cannot be written (a read-only mount, no permission), or None.
+
+        Only a filesystem tells in advance; on an object store a refused write is typed
+        when it happens (``StoragePermissionError``).
+        """
+        return None if self.strategy.shared else read_only_reason(self.root)
+
     def prepare_root(self) -> None:
         self.strategy.prepare_root(self.layout, self.storage, retry=self.retry)
 
@@ -197,10 +207,20 @@ def backend_for(
     """
     text = os.fspath(root)
     if not isinstance(text, str) or not text.strip():
+        # "" would silently be the current directory (os.path.abspath("") is the cwd).
         raise UnsupportedRoot(
-            f"{what}: an empty root ({text!r})",
+            f"{what}: an empty root ({text!r})"
+            if isinstance(text, str)
+            else f"{what}: a root must be a str or a path, got {type(text).__name__}",
             path=str(text),
             hint="pass a directory such as 'runs/exp1' or a URL such as 's3://bucket/run'",
+        )
+    if storage_options is not None and not isinstance(storage_options, collections.abc.Mapping):
+        raise UnsupportedRoot(
+            f"{what}: storage_options must be a dict of fsspec options, "
+            f"got {type(storage_options).__name__}",
+            path=text,
+            hint="pass e.g. storage_options={'client_kwargs': {'endpoint_url': ...}}",
         )
     if is_url(text):
         from ckptguard._storage.objectstore import FsspecStorage  # noqa: PLC0415 - fsspec
@@ -219,7 +239,39 @@ def backend_for(
             hint="storage_options are for URL roots (s3://bucket/prefix); drop them",
         )
     local = os.path.abspath(text.removeprefix("file://"))
+    _refuse_a_file(local, what)
     return Backend(local, with_retries(storage or LocalStorage(), retry), RenameCommit(), retry)
+
+
+def _refuse_a_file(root: str, what: str) -> None:
+    """Raise RootNotADirectory if ``root`` is a file or lies under one.
+
+    Checked here, before anything is written, because the write that would find it says
+    only EEXIST or ENOTDIR. A root that does not exist yet is fine (a manager creates it),
+    and so is one this process may not read or write: the step that needs access reports
+    that, typed (a read-only root is fine for reading).
+    """
+    probe = root
+    while True:
+        try:
+            mode = os.stat(probe).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                return
+            probe = parent
+            continue
+        except (OSError, ValueError):  # EACCES, ELOOP, a NUL byte: not ours to judge here
+            return
+        if stat.S_ISDIR(mode):
+            return
+        kind = "a file" if stat.S_ISREG(mode) else "not a directory"
+        message = (
+            f"{what}: the root {root} is {kind}, not a directory"
+            if probe == root
+            else f"{what}: the root {root} lies under {probe}, which is {kind}"
+        )
+        raise RootNotADirectory(message, path=root)
 
 
 def checkpoint_backend(

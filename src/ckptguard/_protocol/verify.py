@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,8 @@ class VerifyReport:
     bytes_checked: int = 0
     checksums: bool = True
     extra: dict[str, object] = field(default_factory=dict)
+    # What does not make it invalid but deserves a look (a stray file beside a state).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def step(self) -> int | None:
@@ -169,9 +172,9 @@ def verify_checkpoint(
                     problems.add(f"{entry.path}: checksum mismatch (content altered)")
                     continue
             files += 1
-        listed = {f.path for f in manifest.files}
-        for rel in sorted(set(found) - listed):
-            problems.add(f"{rel}: extra file not in the manifest")
+        warnings = _strays(
+            path, manifest, {r: found[r] for r in set(found) - listed_of(manifest)}, problems
+        )
     finally:
         tree.close()
     return VerifyReport(
@@ -183,7 +186,41 @@ def verify_checkpoint(
         bytes_checked=bytes_checked,
         checksums=checksums,
         extra={} if read_error is None else {"error": read_error},
+        warnings=warnings,
     )
+
+
+def listed_of(manifest: Manifest) -> set[str]:
+    return {f.path for f in manifest.files}
+
+
+def _strays(
+    path: str, manifest: Manifest, strays: dict[str, int], problems: _Problems
+) -> list[str]:
+    """Files the manifest does not list: warnings beside a state, problems elsewhere.
+
+    A state saved by ``CheckpointManager.save`` is read back file by file as its manifest
+    lists them, so a stray (``notes.txt`` dropped in by hand) changes nothing that is
+    restored. A framework loads its own files by name and may pick one up, so there it
+    stays an error that says how to remove it.
+    """
+    warnings = []
+    flags = manifest.metadata.get("ckptguard")
+    state = isinstance(flags, dict) and flags.get("kind") == "state"
+    for rel in sorted(strays):
+        size = strays[rel]
+        if state:
+            warnings.append(
+                f"{rel}: extra file not in the manifest ({size} bytes); restore ignores it"
+            )
+        else:
+            where = f"{path.rstrip('/')}/{rel}"
+            problems.add(
+                f"{rel}: extra file not in the manifest ({size} bytes): the framework that "
+                f"loads this checkpoint may read it; if it is not part of the checkpoint, "
+                f"remove it (rm {shlex.quote(where)}) and verify again"
+            )
+    return warnings
 
 
 def _unreadable(path: str, problem: str, exc: BaseException) -> VerifyReport:

@@ -42,6 +42,7 @@ __all__ = [
     "LocalStorage",
     "LocalTree",
     "digest_fd",
+    "read_only_reason",
     "renameat2_available",
     "tree_size",
 ]
@@ -580,3 +581,27 @@ def tree_size(path: str, *, skip: str | None = None) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
+
+
+def read_only_reason(path: str) -> str | None:
+    """Why this process cannot write ``path`` (a read-only mount, no permission), or None.
+
+    While ``path`` does not exist, its nearest existing parent is asked. Asked once when
+    a root is opened, so that reading it never needs write access.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
+    if not os.path.isdir(probe):
+        return None  # not a directory: the resolver refuses it with its own message
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            return f"{probe} is on a read-only mount"
+    except OSError:
+        return None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"this process (uid {os.geteuid()}) may not write to {probe}"
+    return None
