@@ -258,6 +258,13 @@ def _unprotected_crash(out: Path) -> Job:
     return Job(out, [first, *_solo(out, "--unprotected")])
 
 
+def _adopted(out: Path) -> Job:
+    """A run written without ckptguard, its save of 20 cut, then resumed with protect()."""
+    (first,) = _solo(out, "--unprotected")
+    _crash_during_save_of_20(out)
+    return Job(out, [first, *_solo(out)], [_snapshot(out)])
+
+
 def _copy_of(reference: Future[Job], out: Path) -> None:
     """Copy the finished reference run's dir to ``out``, without its result files."""
     shutil.copytree(reference.result().out, out)
@@ -395,6 +402,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[
         name = f"kill-{trainer}-{kill_at}"
         submit(name, _kill_then_resume, _solo, base / name, kill_at, "--trainer", trainer)
     submit("unprotected-crash", _unprotected_crash, base / "unprotected")
+    submit("adopted", _adopted, base / "adopted")
     submit("limit", _uninterrupted, _solo, base / "limit", "--limit", "2", "--show-limit")
     submit("best", _uninterrupted, _solo, base / "best", "--limit", "1", "--best", "max")
     submit("probe", _probe, base / "probe")
@@ -558,6 +566,28 @@ def test_a_corrupt_newest_checkpoint_is_skipped_on_resume(jobs: dict[str, Future
     done = _snapshot(job.out)
     assert done.checkpoints == _all_valid(*CHECKPOINTS, "checkpoint-40")
     assert _quarantined(done) == ["checkpoint-30"]  # set aside when the new one took its name
+
+
+@pytest.mark.slow
+def test_a_run_started_without_ckptguard_resumes_from_its_newest_complete_checkpoint(
+    jobs: dict[str, Future[Job]],
+) -> None:
+    """Adoption: no manifests to check, so a structural check picks what to resume from.
+
+    checkpoint-20 is cut in half (its safetensors header points past the end): skipped;
+    checkpoint-10 looks complete: resumed from, with a warning that it was not checksummed,
+    and the run ends bit-identical to the uninterrupted one.
+    """
+    job = _done(jobs, "adopted")
+    (before,) = job.before_last
+    assert before.checkpoints == {"checkpoint-10": False, "checkpoint-20": False}
+    _, resumed = job.runs
+    resumed.ok()
+    assert resumed.resumed_from == 10
+    assert "checkpoint-20 (written without ckptguard)" in resumed.stderr
+    assert "checkpoint-10 was written without ckptguard (no manifest)" in resumed.stderr
+    assert "NOT checksummed" in resumed.stderr
+    _same_result(job.out, _done(jobs, "reference-trainer").out)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from ckptguard._errors import (
     UnsupportedRoot,
 )
 from ckptguard._format.layout import MANIFEST_NAME, META_DIR
+from ckptguard._manager.adoption import newest_adoptable, structural_problems
 from ckptguard._protocol.recovery import recover
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
@@ -102,6 +103,10 @@ def agreed_latest(manager: CheckpointManager) -> str | None:
         try:
             info = manager.latest()  # verifies newest first, logs each one it skips
             newest = None if info is None else info.step
+            # A checkpoint written before ckptguard (no manifest) that is newer and looks
+            # complete: resumed with a warning rather than the run thrown away.
+            older = newest_adoptable(manager.root, manager.naming, newer_than=newest)
+            newest = older.step if older is not None else newest
         except Exception as exc:  # every rank must hear of it, or the others hang
             error = f"{type(exc).__name__}: {exc}"
     if coord.world_size == 1:
@@ -155,9 +160,19 @@ def _check_one(path: str) -> None:
             hint="check the path; `ckptguard list ROOT` shows the checkpoints that verify",
         )
     if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+        if problems := structural_problems(path):
+            raise CorruptCheckpoint(
+                f"refusing to resume from {path} (written without ckptguard, no manifest): "
+                f"{'; '.join(problems)}",
+                path=path,
+                problems=problems,
+                hint="it looks incomplete (a crash or a partial copy); resume from an "
+                "earlier checkpoint",
+            )
         _log.warning(
             "%s has no ckptguard manifest (written without ckptguard?): resuming from it "
-            "unverified",
+            "after a structural check only, its bytes NOT checksummed; `ckptguard adopt "
+            "ROOT --yes` seals it",
             path,
         )
         return

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard._coordination.base import default_coordinator
 from ckptguard._errors import CheckpointError, NoValidCheckpoint
-from ckptguard._format.layout import HF_NAMING, RESERVED_NAMES
+from ckptguard._format.layout import HF_NAMING, MANIFEST_NAME, RESERVED_NAMES
+from ckptguard._manager.adoption import newest_adoptable
 from ckptguard._manager.manager import CheckpointManager
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.verify import verify_local as verify
@@ -77,25 +78,33 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     """The newest ``checkpoint-<step>`` under ``output_dir`` that verifies, or None.
 
     The safe replacement for ``transformers.trainer_utils.get_last_checkpoint``: every file
-    is checked against the checkpoint's manifest; half-written, corrupt and foreign folders
-    (no manifest) are skipped and logged. What a crash left is repaired first (a replace
-    cut between its renames is rolled back); nothing else is changed.
+    is checked against the checkpoint's manifest; half-written and corrupt folders are
+    skipped and logged. A folder written before ckptguard (no manifest) that is newer than
+    every one that verifies is returned if it passes a structural check (see
+    ``adoption.py``), with a warning that it was not checksummed. What a crash left is
+    repaired first (a replace cut between its renames is rolled back); nothing else is
+    changed.
     """
     root = local_dir(output_dir, who="last_valid_checkpoint", framework="the Trainer")
     if not os.path.isdir(root):
         return None
     repair_root(root)
+    found: tuple[int, str] | None = None
     for name in sorted(
         (n for n in os.listdir(root) if HF_NAMING.step(n) is not None),
         key=lambda n: HF_NAMING.step(n) or 0,
         reverse=True,
     ):
         path = os.path.join(root, name)
+        if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+            continue  # written without ckptguard: adopted below if nothing newer verifies
         report = verify(path)
         if report.ok:
-            return path
+            found = (HF_NAMING.step(name) or 0, path)
+            break
         _log.warning("skipping %s: %s", path, "; ".join(report.problems))
-    return None
+    older = newest_adoptable(root, HF_NAMING, newer_than=None if found is None else found[0])
+    return older.path if older is not None else (None if found is None else found[1])
 
 
 @dataclass
