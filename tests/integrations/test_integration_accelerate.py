@@ -207,12 +207,21 @@ def test_control_a_torn_checkpoint_breaks_unprotected_resume_only(
         _truncate_half(_checkpoints(out) / "checkpoint_2" / "model.safetensors")
         (out / "final.json").unlink()
 
+    # Adoption: the same torn run, written without ckptguard, resumed with protect().
+    adopted = tmp_path / "adopted"
+    shutil.copytree(bare.out, adopted)
+
     bare_job, guarded_job = Job(bare.out, "--unprotected"), Job(guarded)
     try:
         bare_again, guarded_again = bare_job.wait(), guarded_job.wait()
     finally:
         bare_job.stop()
         guarded_job.stop()
+    adopted_again = _run(adopted).ok()
+    assert adopted_again.resumed_from == "1"  # checkpoint_2 fails the structural check
+    assert adopted_again.final == ref.final
+    assert "checkpoint_2 (written without ckptguard)" in adopted_again.stderr
+    assert "checkpoint_1 was written without ckptguard" in adopted_again.stderr
     # Upstream loads the highest-numbered folder, torn or not.
     final = bare.out / "final.json"
     assert bare_again.returncode != 0 or final.read_bytes() != ref.final, bare_again.stdout
