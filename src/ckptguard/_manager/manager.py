@@ -20,23 +20,21 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from ckptguard._coordination.base import Coordinator, default_coordinator, gather_failures
+from ckptguard._coordination.base import Coordinator, default_coordinator
 from ckptguard._errors import (
     CheckpointNotFound,
-    ForeignRun,
     NoValidCheckpoint,
-    RankFailure,
     ReadOnlyStorage,
     UnsupportedRoot,
 )
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.admin import Admin
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.lineage import Lineage, RunHold, choose_and_hold, reading_run
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._manager.saver import AsyncSaver, PendingSave, forget, watch_exit
+from ckptguard._manager.startup import start
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER
 from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT
@@ -177,72 +175,19 @@ class CheckpointManager:
         )
         self.coordinator = coordinator or default_coordinator()
         self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
-        self._hold: RunHold | None = None
-        self.lineage = self._start(
-            check_environment=check_environment, run_id=run_id, new_lineage=new_lineage
+        self.lineage, self._hold = start(
+            self.backend,
+            self.catalog,
+            self.coordinator,
+            read_only=self._read_only_why if self.read_only else None,
+            check_environment=check_environment,
+            run_id=run_id,
+            new_lineage=new_lineage,
+            stale_after=stale_after,
+            lock_timeout=lock_timeout,
         )
         self.catalog.owns = self.lineage.owns
         self.admin.owns_run = self.lineage.owns_run
-        if self._hold is None and not self.read_only:  # ranks but 0 follow its choice
-            self._hold = RunHold(self.backend, self.lineage.run)
-
-    def _start(self, *, check_environment: bool, run_id: str | None, new_lineage: bool) -> Lineage:
-        """Repair what a crash left, warn, and choose the run (rank 0, for every rank).
-
-        Repairs: one process per node (one for a store). Every rank hears of any failure,
-        so that no rank is left alone in a collective.
-        """
-        coord = self.coordinator
-        error: str | None = None
-        chosen: dict[str, Any] | None = None
-        try:
-            repairs = coord.rank == 0 if self.backend.strategy.shared else coord.local_rank == 0
-            if self.read_only and coord.rank == 0:
-                _log.info(
-                    "%s is read-only (%s): no start-up recovery", self.root, self._read_only_why
-                )
-            elif repairs:
-                self.backend.prepare_root()
-                for action in self.backend.repair(
-                    stale_after=self.stale_after, lock_timeout=self.lock_timeout
-                ):
-                    _log.info("startup recovery: %s", action)
-            if check_environment and coord.rank == 0:
-                from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415 - packaging
-
-                warn_at_start(self.root, log=_log)
-            if coord.rank == 0 and self.read_only:
-                lineage = reading_run(self.catalog, run_id=run_id)
-                chosen = {"run": lineage.run, "legacy": lineage.legacy}
-            elif coord.rank == 0:
-                lineage, self._hold = choose_and_hold(
-                    self.backend,
-                    self.catalog,
-                    run_id=run_id,
-                    new_lineage=new_lineage,
-                    lock_timeout=self.lock_timeout,
-                )
-                chosen = {"run": lineage.run, "legacy": lineage.legacy}
-        except ForeignRun as exc:
-            if coord.world_size == 1:
-                raise
-            chosen = {"foreign": exc.message}
-        except Exception as exc:
-            if coord.world_size == 1:
-                raise
-            error = f"{type(exc).__name__}: {exc}"
-        if coord.world_size > 1:
-            if failures := gather_failures(coord, error):
-                raise RankFailure(
-                    f"starting the checkpoint manager on {self.root} failed on rank(s) "
-                    f"{sorted(failures)}",
-                    path=self.root,
-                    failures=failures,
-                )
-            chosen = coord.broadcast(chosen)
-        if chosen is None or "foreign" in chosen:
-            raise ForeignRun(str((chosen or {}).get("foreign")), path=self.root)
-        return Lineage(str(chosen["run"]), legacy=bool(chosen["legacy"]))
 
     @property
     def in_flight(self) -> PendingSave | None:
