@@ -7,45 +7,72 @@
     trainer.fit(model, ckpt_path=last_valid_checkpoint("checkpoints/"))
 
 Each checkpoint Lightning saves (``ModelCheckpoint``'s top-k, ``last.ckpt``,
-``trainer.save_checkpoint``) becomes a ckptguard checkpoint *directory* under the path
-Lightning chose (``epoch=1-step=20.ckpt/``): the ``torch.save`` file
-(:data:`CHECKPOINT_FILE`) and the manifest, staged, sealed and committed in one rename; an
-existing checkpoint of that name (``last.ckpt``) is replaced atomically. Loading through
-the plugin (``fit(ckpt_path=...)``) checks every byte against the manifest first; a plain
-``.ckpt`` file (written without ckptguard) still loads, with a warning. Deleting (top-k
-rotation) renames the directory into trash first, so that a crash never leaves a
-half-deleted checkpoint. To load one outside a Trainer, use :func:`load` or pass
-:func:`checkpoint_file` to ``LightningModule.load_from_checkpoint``.
+``trainer.save_checkpoint``) stays the plain ``torch.save`` file Lightning names
+(``epoch=1-step=20.ckpt``): ``Model.load_from_checkpoint(path)``, ``torch.load(path)`` and
+a Trainer without the plugin read it as always. The plugin commits it atomically (a temp
+file in the same directory, fsynced, renamed into place, the directory fsynced; an
+existing ``last.ckpt`` is replaced in one rename) with a hidden checksum sidecar
+(``.epoch=1-step=20.ckpt.ckptguard.json``) written before the rename: a crash leaves the
+old file or the new one, and either verifies. The format and the crash argument are in
+:mod:`ckptguard._format.sidecar`.
+
+Loading through the plugin (``fit(ckpt_path=...)``) or :func:`load` checks every byte
+against the sidecar first and raises :class:`~ckptguard.CorruptCheckpoint` on a mismatch.
+A ``.ckpt`` file without a sidecar (written without ckptguard) loads with a warning after
+a structural check (a complete zip archive: a truncated file fails it). Deleting (top-k
+rotation) removes the file, then its sidecar. ``save_last="link"`` works: a ``last.ckpt``
+symlink is followed to a checkpoint in its own directory, never outside it.
+
+Checkpoints saved by earlier releases, directories named like the file (``epoch=1-step=20.ckpt/``
+holding :data:`CHECKPOINT_FILE` and a manifest), still load, verify and rotate; saving
+over one replaces it with a file (the directory goes to the root's trash first, restored
+by recovery if the save is cut). :func:`checkpoint_file` gives the loadable file of either
+form.
 
 Lightning saves from global rank 0 only (the other ranks never call the plugin), so each
 save commits from that one process.
 
-Not supported: strategies that load checkpoints without the plugin (``FSDPStrategy`` and
-``ModelParallelStrategy`` with full state dicts expect a file), and loggers that upload
-checkpoint files (``log_model=True``) see a directory.
+Not supported: strategies that save sharded checkpoints as directories of their own
+(``FSDPStrategy`` and ``ModelParallelStrategy`` with sharded state dicts) bypass the plugin.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import datetime as _dt
 import logging
 import os
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 
-from ckptguard._coordination.base import SingleProcess
-from ckptguard._errors import CorruptCheckpoint, NoValidCheckpoint
-from ckptguard._format.layout import MANIFEST_NAME, RootLayout
-from ckptguard._protocol.cleanup import retire_checkpoint
-from ckptguard._protocol.transaction import AtomicCheckpoint
+from ckptguard._errors import CheckpointError, CommitConflict, CorruptCheckpoint, NoValidCheckpoint
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard._format.sidecar import (
+    commit_file,
+    open_verified,
+    read_sidecar,
+    remove_file,
+    sidecar_path,
+    verify_file,
+)
+from ckptguard._protocol.cleanup import remove_retrying, retire_checkpoint
+from ckptguard._protocol.locking import root_lock
+from ckptguard._protocol.verify import read_manifest_local
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.local import LocalStorage
 from ckptguard.integrations._resume import local_dir, repair_root
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
+    from typing import BinaryIO
+
+    from ckptguard._format.manifest import Manifest
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -56,7 +83,10 @@ __all__ = [
 ]
 
 _log = logging.getLogger("ckptguard.integrations.lightning")
-CHECKPOINT_FILE = "checkpoint.ckpt"  # the torch.save file inside a checkpoint directory
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the torch.save file inside an earlier release's directory
+CKPT_SUFFIX = ".ckpt"  # ModelCheckpoint.FILE_EXTENSION: plain files are adopted by it
+# Lightning's default names hold the global step: "epoch=1-step=20.ckpt", "step=20.ckpt".
+_STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])step=([0-9]+)")
 
 
 def _follow_link(path: str) -> str:
@@ -74,18 +104,48 @@ def _follow_link(path: str) -> str:
 
 
 def _is_ours(path: str) -> bool:
+    """Whether ``path`` is a checkpoint directory of an earlier release (with a manifest)."""
     return os.path.isdir(path) and os.path.lexists(os.path.join(path, MANIFEST_NAME))
 
 
-def checkpoint_file(path: str | os.PathLike[str]) -> str:
-    """The ``torch.save`` file of a checkpoint, after checking every byte of it.
+@contextlib.contextmanager
+def _checked_file(path: str) -> Iterator[BinaryIO]:
+    """The file at ``path``, open, after its check: verified, or structurally sound.
 
-    For ``LightningModule.load_from_checkpoint(checkpoint_file(path))``. A plain file (not
-    a ckptguard checkpoint) is returned as it is.
+    A file with a sidecar must match it; one without (written without ckptguard) must be
+    a complete zip archive, and is let through with a warning.
+    """
+    if not os.path.lexists(path):
+        raise NoValidCheckpoint(f"no checkpoint at {path}", path=path)
+    with open_verified(path) as (report, f):
+        structure = report.extra.get("structure", "unchecked")
+        plain = report.extra.get("sidecar", "") is None and structure is None
+        if f is None or not (report.ok or plain):
+            raise CorruptCheckpoint(
+                f"{path} does not verify: {'; '.join(report.problems)}",
+                path=path,
+                problems=report.problems,
+            )
+        if plain:
+            _log.warning(
+                "%s was not saved by ckptguard (no checksum sidecar): it was not checksummed; "
+                "loading it after a structural check only",
+                path,
+            )
+        yield f
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> str:
+    """The loadable ``torch.save`` file of a checkpoint, after checking every byte of it.
+
+    For ``LightningModule.load_from_checkpoint(checkpoint_file(path))``: the file itself
+    (verified against its sidecar; a file without one, structurally checked), or the file
+    inside a checkpoint directory of an earlier release (verified against its manifest).
     """
     path = _follow_link(os.fspath(path))
     if not os.path.isdir(path):
-        return path
+        with _checked_file(path):
+            return path
     report = verify(path)
     if not report.ok:
         raise CorruptCheckpoint(
@@ -102,10 +162,10 @@ def load(
     *,
     weights_only: bool | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint saved through :class:`AtomicCheckpointIO` (verified first).
+    """Load a Lightning checkpoint, verified first (see :func:`checkpoint_file`).
 
     A symlink (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is followed to a
-    checkpoint in the same directory.
+    checkpoint in the same directory. What is loaded is the very file that was checked.
     """
     path = _follow_link(local_dir(path, who="load", framework="Lightning"))
     repair_root(os.path.dirname(os.path.abspath(path)))
@@ -115,43 +175,196 @@ def load(
             path=path,
             hint="a crash may have left it; `ckptguard verify` tells more",
         )
-    if not os.path.isdir(path):
-        _log.warning("%s was not saved by ckptguard: loading it unverified", path)
-    loaded = pl_load(checkpoint_file(path), map_location=map_location, weights_only=weights_only)
+    if os.path.isdir(path):
+        loaded = pl_load(
+            checkpoint_file(path), map_location=map_location, weights_only=weights_only
+        )
+    else:
+        with _checked_file(path) as f:
+            loaded = pl_load(f, map_location=map_location, weights_only=weights_only)
     if not isinstance(loaded, dict):
         raise CorruptCheckpoint(f"{path} does not hold a Lightning checkpoint", path=path)
     return loaded
 
 
-def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
-    """The newest checkpoint under ``dirpath`` that verifies (by step, then save time).
+# -- choosing the checkpoint to resume from ------------------------------------------------
+@dataclass(frozen=True)
+class _Candidate:
+    path: str
+    kind: str  # "file" (with a sidecar), "directory" (earlier release), "plain" (no sidecar)
+    step: int | None
+    time: float  # when it was saved: the manifest's created_at, or a plain file's mtime
+    final: bool  # step and time are checked (else: upper bounds, read before verifying)
 
-    For ``trainer.fit(model, ckpt_path=last_valid_checkpoint(dirpath))``: what a crash left
-    is repaired first (a ``last.ckpt`` replace cut between its renames is rolled back);
-    half-written, corrupt and foreign entries are skipped and logged. Symlinks
-    (``save_last="link"``) are skipped: their target is considered on its own.
+
+def _timestamp(manifest: Manifest) -> float:
+    return _dt.datetime.fromisoformat(manifest.created_at).timestamp()
+
+
+def _step_in_name(name: str) -> int | None:
+    match = _STEP_IN_NAME.search(name)
+    return None if match is None else int(match.group(1))
+
+
+def _candidate(path: str) -> _Candidate | None:
+    """What ``path`` claims to be (nothing read beyond a manifest or sidecar), or None."""
+    name = os.path.basename(path)
+    if os.path.isdir(path):
+        try:
+            manifest = read_manifest_local(path)
+        except (CheckpointError, OSError) as exc:
+            _log.warning("skipping %s: %s", path, exc)
+            return None
+        return _Candidate(path, "directory", manifest.step, _timestamp(manifest), final=False)
+    if not os.path.isfile(path):
+        return None
+    try:
+        sidecar = read_sidecar(path)
+    except (CheckpointError, OSError) as exc:
+        _log.warning("skipping %s: its sidecar cannot be read (%s)", path, exc)
+        return None
+    if sidecar is not None:
+        # Until the file is hashed, any entry may be the one it matches: the largest step
+        # and time are upper bounds.
+        steps = [e.step for e in sidecar.entries if e.step is not None]
+        step = max(steps) if steps else None
+        time = max(_timestamp(e) for e in sidecar.entries)
+        return _Candidate(path, "file", step, time, final=False)
+    if not name.endswith(CKPT_SUFFIX):
+        return None  # hparams.yaml, logs, ...: not a checkpoint
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return None
+    return _Candidate(path, "plain", _step_in_name(name), mtime, final=False)
+
+
+def _check(candidate: _Candidate) -> _Candidate | None:
+    """``candidate`` with its step and time checked, or None (logged) if it fails."""
+    if candidate.kind == "directory":
+        report = verify(candidate.path)
+    else:
+        report = verify_file(candidate.path)
+        if report.extra.get("sidecar", "") is None and report.extra.get("structure") is None:
+            return _Candidate(candidate.path, "plain", candidate.step, candidate.time, final=True)
+    if not report.ok or report.manifest is None:
+        _log.warning("skipping %s: %s", candidate.path, "; ".join(report.problems))
+        return None
+    kind = "directory" if candidate.kind == "directory" else "file"
+    step, time = report.manifest.step, _timestamp(report.manifest)
+    return _Candidate(candidate.path, kind, step, time, final=True)
+
+
+def _order_key(candidate: _Candidate, stepped: list[_Candidate]) -> tuple[Any, ...]:
+    """Newer sorts higher; see :func:`last_valid_checkpoint` for the rule."""
+    verified = 0 if candidate.kind == "plain" else 1
+    if candidate.step is not None:
+        return (candidate.step, 0, verified, candidate.time, candidate.path)
+    # No step known: just after the newest stepped candidate saved no later than it.
+    before = [c.step for c in stepped if c.step is not None and c.time <= candidate.time]
+    return (max(before, default=-1), 1, verified, candidate.time, candidate.path)
+
+
+def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
+    """The newest checkpoint under ``dirpath`` that verifies, or None.
+
+    For ``trainer.fit(model, ckpt_path=last_valid_checkpoint(dirpath))``. Candidates: files
+    with a sidecar (verified against it), checkpoint directories of earlier releases
+    (verified against their manifest), and ``.ckpt`` files written without ckptguard
+    (*adopted*: only checked to be a complete zip archive, and logged as not checksummed
+    when chosen). Corrupt, truncated and foreign entries are skipped and logged; symlinks
+    (``save_last="link"``) are skipped too, their target is considered on its own.
+
+    Newest means, explicitly:
+    1. the highest step: a sidecar's or manifest's step, or for a plain file the
+       ``step=N`` in its name (Lightning's default names);
+    2. a candidate without a known step (a plain ``last.ckpt``) is placed by its time
+       (modification time, or the time a save was made): just after the newest candidate
+       with a step that is no newer than it;
+    3. at the same place, a verified checkpoint wins over a plain file, then the later
+       time, then the name.
+    Candidates are checked newest first, and the first that passes is returned.
     """
     root = local_dir(dirpath, who="last_valid_checkpoint", framework="Lightning")
     if not os.path.isdir(root):
         return None
     repair_root(root)
-    best: tuple[int, str, str] | None = None
-    for name in os.listdir(root):
+    candidates = []
+    for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
+        if name.startswith(".") or os.path.islink(path):
             continue
-        report = verify(path)
-        if not report.ok or report.manifest is None:
-            _log.warning("skipping %s: %s", path, "; ".join(report.problems))
-            continue
-        key = (report.manifest.step or 0, report.manifest.created_at, path)
-        if best is None or key > best:
-            best = key
-    return None if best is None else best[2]
+        if (candidate := _candidate(path)) is not None:
+            candidates.append(candidate)
+    stepped = [c for c in candidates if c.step is not None]
+
+    def key(c: _Candidate) -> tuple[Any, ...]:
+        return _order_key(c, stepped)
+
+    pending = sorted(candidates, key=key)  # newest last
+    while pending:
+        candidate = pending.pop()
+        if candidate.final:
+            if candidate.kind == "plain":
+                _log.warning(
+                    "resuming from %s: written without ckptguard, it was not checksummed "
+                    "(only checked to be a complete zip archive)",
+                    candidate.path,
+                )
+            return candidate.path
+        if (checked := _check(candidate)) is not None:
+            # Its checked place is no higher than the bound it was taken at: put back, it
+            # comes out next unless another candidate lies between the two.
+            bisect.insort(pending, checked, key=key)
+    return None
+
+
+# -- the plugin ----------------------------------------------------------------------------
+def _replace_directory(
+    target: str,
+    write: Callable[[BinaryIO], None],
+    *,
+    step: int | None,
+    metadata: dict[str, Any],
+) -> None:
+    """Save ``target`` as a file where an earlier release saved a directory.
+
+    Under the root's lock, the directory moves to trash just before the file's rename:
+    a crash between the two leaves it there, and recovery (which every load runs first)
+    renames it back.
+    """
+    if not _is_ours(target):
+        raise CommitConflict(
+            f"{target} is a directory that ckptguard did not save: it was not replaced",
+            path=target,
+            hint="move it away, or save under another name",
+        )
+    layout = RootLayout(os.path.dirname(target))
+    storage = LocalStorage()
+    storage.make_dir(layout.meta, mode=0o700, exist_ok=True)
+    storage.make_dir(layout.trash, mode=0o700, exist_ok=True)
+    trash = os.path.join(layout.trash, f"{os.path.basename(target)}.{new_save_id()}")
+
+    def make_way(path: str) -> None:
+        storage.rename_noreplace(path, trash)
+        storage.fsync_dir(layout.trash)
+
+    with root_lock(layout):
+        try:
+            commit_file(target, write, step=step, metadata=metadata, make_way=make_way)
+        except BaseException:
+            if os.path.isdir(trash) and not os.path.lexists(target):
+                with contextlib.suppress(OSError):  # else recovery restores it
+                    storage.rename_noreplace(trash, target)
+            raise
+    try:
+        remove_retrying(storage, trash, what="remove the replaced checkpoint directory")
+    except (CheckpointError, OSError) as exc:
+        _log.warning("could not remove %s: %s", trash, exc)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO``: atomic, exactly-once, checksummed checkpoint directories."""
+    """Lightning ``CheckpointIO``: atomic, checksummed checkpoint files (plain ``.ckpt``)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -163,16 +376,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         target = os.path.abspath(local_dir(path, who="save_checkpoint", framework="Lightning"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        step = checkpoint.get("global_step")
-        tx = AtomicCheckpoint(
-            target,
-            step=step if isinstance(step, int) and step >= 0 else None,
-            metadata={"framework": "lightning", "epoch": checkpoint.get("epoch")},
-            if_exists="replace",
-            coordinator=SingleProcess(),  # only global rank 0 ever calls the plugin
-        )
-        with tx as staging:
-            torch.save(checkpoint, os.path.join(staging, CHECKPOINT_FILE))
+        global_step = checkpoint.get("global_step")
+        step = global_step if isinstance(global_step, int) and global_step >= 0 else None
+        metadata = {"framework": "lightning", "epoch": checkpoint.get("epoch")}
+
+        def write(f: BinaryIO) -> None:
+            torch.save(checkpoint, f)
+
+        if os.path.isdir(target) and not os.path.islink(target):
+            _replace_directory(target, write, step=step, metadata=metadata)
+        else:
+            commit_file(target, write, step=step, metadata=metadata)
 
     def load_checkpoint(
         self,
@@ -189,7 +403,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         path = os.path.abspath(local_dir(path, who="remove_checkpoint", framework="Lightning"))
         if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
+            remove_file(path)  # the file (or link) first, then its sidecar
             return
         if _is_ours(path):
             retire_checkpoint(
@@ -198,3 +412,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if os.path.lexists(path):
             _log.warning("not deleting %s: not a checkpoint saved by ckptguard", path)
+        elif os.path.lexists(sidecar_path(path)):
+            remove_file(path)  # the file went first (a crash, or someone else): its sidecar
