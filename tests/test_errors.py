@@ -40,6 +40,8 @@ def test_every_error_is_a_checkpoint_error() -> None:
         (ckptguard.TransientStorageError, OSError),
         (ckptguard.InvalidCheckpointName, ValueError),
         (ckptguard.UnsupportedFile, ValueError),
+        (ckptguard.RootNotADirectory, NotADirectoryError),
+        (ckptguard.RootNotADirectory, ckptguard.UnsupportedRoot),
     ],
 )
 def test_errors_inherit_the_builtin_they_resemble(cls: type, builtin: type) -> None:

@@ -494,14 +494,15 @@ def test_the_command_line_on_an_object_store(servers: dict[str, S3Server]) -> No
 
     listed = cli("list", url, "--json")
     assert listed.returncode == 0, listed.stderr
-    assert [r["step"] for r in json.loads(listed.stdout)] == [1, 2]
+    assert [r["step"] for r in json.loads(listed.stdout)["checkpoints"]] == [1, 2]
     assert cli("verify", url).returncode == 0
     _flip_byte(Root(url, server.storage_options, "moto"), 2)
     bad = cli("verify", f"{url}/checkpoint-2", "--json")
     assert bad.returncode == 1
     assert not json.loads(bad.stdout)["ok"]
     dry = cli("clean", url, "--stale-after", "0", "--json")
-    assert json.loads(dry.stdout)["planned"] == [f"{url}/checkpoint-7/20260101T000000000000Z-0-0-0"]
+    planned = [p["path"] for p in json.loads(dry.stdout)["planned"]]
+    assert planned == [f"{url}/checkpoint-7/20260101T000000000000Z-0-0-0"]
     assert storage.exists(orphan)
     done = cli("clean", url, "--stale-after", "0", "--yes")
     assert done.returncode == 0, done.stderr

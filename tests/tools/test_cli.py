@@ -49,6 +49,11 @@ def _json(proc: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(proc.stdout)
 
 
+def _texts(problems: list[dict[str, str]]) -> str:
+    """The problems of a --json report as one string (each is {path, problem, severity})."""
+    return "\n".join(p["problem"] for p in problems)
+
+
 def _state(step: int) -> dict[str, Any]:
     torch.manual_seed(step)
     return {
@@ -123,7 +128,7 @@ def test_list_table(root: Path) -> None:
 def test_list_json(root: Path) -> None:
     proc = _cli("list", "--json", root)
     assert proc.returncode == 0, proc.stderr
-    rows = _json(proc)
+    rows = _json(proc)["checkpoints"]
     assert [r["step"] for r in rows] == list(STEPS)
     infos = {c.step: c for c in ckptguard.CheckpointManager(root).list()}
     for row in rows:
@@ -133,7 +138,7 @@ def test_list_json(root: Path) -> None:
         assert row["size_bytes"] == infos[row["step"]].size_bytes > 0
         assert row["files"] == infos[row["step"]].files
         assert row["created_at"]
-        assert row["problems"] == ""
+        assert row["problems"] == []
 
 
 def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
@@ -145,22 +150,22 @@ def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
     (foreign / "model.safetensors").write_bytes(b"half")
     (root / "notes.txt").write_text("user file, not listed")
 
-    by_step = {r["step"]: r for r in _json(_cli("list", "--json", root))}
+    by_step = {r["step"]: r for r in _json(_cli("list", "--json", root))["checkpoints"]}
     assert set(by_step) == {1, 2, 3, 9}
     assert by_step[1]["status"] == "ok (sizes)"
     assert by_step[2]["status"] == "ok (sizes)"  # sizes only: the flipped byte is unseen
     assert by_step[3]["status"] == "corrupt"
-    assert "tensors.safetensors" in by_step[3]["problems"]
+    assert "tensors.safetensors" in _texts(by_step[3]["problems"])
     assert by_step[9]["status"] == "no manifest"
     assert by_step[9]["size_bytes"] is None
     assert by_step[9]["metrics"] == {}
 
     proc = _cli("list", "--checksums", "--json", root)
     assert proc.returncode == 0, proc.stderr
-    by_step = {r["step"]: r for r in _json(proc)}
+    by_step = {r["step"]: r for r in _json(proc)["checkpoints"]}
     assert by_step[1]["status"] == "ok"
     assert by_step[2]["status"] == "corrupt"
-    assert "checksum mismatch" in by_step[2]["problems"]
+    assert "checksum mismatch" in _texts(by_step[2]["problems"])
     assert by_step[3]["status"] == "corrupt"
     assert by_step[9]["status"] == "no manifest"
 
@@ -178,7 +183,7 @@ def test_list_missing_root(tmp_path: Path) -> None:
         assert proc.returncode == 2
         # --json: the error is a JSON document on stdout, as for every other outcome
         where = proc.stdout if "--json" in args else proc.stderr
-        assert "not a directory" in _text(where)
+        assert "does not exist" in _text(where)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def test_verify_corrupt(root: Path) -> None:
     assert report["ok"] is False
     by_step = {c["step"]: c for c in report["checkpoints"]}
     assert [by_step[s]["ok"] for s in STEPS] == [True, False, True]
-    assert any("checksum mismatch" in p for p in by_step[2]["problems"])
+    assert "checksum mismatch" in _texts(by_step[2]["problems"])
 
     assert _cli("verify", root / "checkpoint-1").returncode == 0
     single = _cli("verify", "--json", root / "checkpoint-2")
@@ -228,7 +233,7 @@ def test_verify_missing_path(tmp_path: Path) -> None:
         assert proc.returncode == 2
         # --json: the error is a JSON document on stdout, as for every other outcome
         where = proc.stdout if "--json" in args else proc.stderr
-        assert "not a directory" in _text(where)
+        assert "does not exist" in _text(where)
     (tmp_path / "file").write_text("x")
     assert _cli("verify", tmp_path / "file").returncode == 2
 
@@ -378,7 +383,15 @@ def test_clean_yes_json(root: Path) -> None:
     _assert_cleaned(root, mess)
 
     empty = _json(_cli("clean", "--json", root))
-    assert empty == {"dry_run": True, "planned": [], "recovery_actions": [], "removed": []}
+    assert empty == {
+        "ok": True,
+        "command": "clean",
+        "root": str(root),
+        "dry_run": True,
+        "planned": [],
+        "recovery_actions": [],
+        "removed": [],
+    }
 
 
 def test_clean_nothing_and_missing_root(root: Path, tmp_path: Path) -> None:
@@ -426,3 +439,141 @@ def test_piped_output_never_wraps_a_path(root: Path) -> None:
     mgr.save(1, _state(1))
     proc = _cli("verify", deep / "checkpoint-1")
     assert str(deep / "checkpoint-1") in proc.stdout  # whole, on one line
+
+
+# -- issue 16: a root or an empty dir where a checkpoint was expected --------------------------
+def test_inspect_and_verify_given_a_root_say_so_and_point_to_list(root: Path) -> None:
+    proc = _cli("inspect", root)
+    assert proc.returncode == 2
+    text = _text(proc.stderr)
+    assert f"{root} is a checkpoint root (3 checkpoints), not a checkpoint" in text
+    assert f"ckptguard list {root}" in text
+    assert "rejected" not in text
+    assert "do not load" not in text
+
+    proc = _cli("verify", root)  # a root: every checkpoint of it is verified
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok ") == len(STEPS)
+    assert f"{root} is a checkpoint root: 3 checkpoints verified, 0 corrupt" in _text(proc.stdout)
+    assert f"ckptguard list {root}" in _text(proc.stdout)
+
+
+def test_an_empty_directory_is_empty_not_corrupt(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for command in ("verify", "inspect"):
+        proc = _cli(command, empty)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        assert f"{empty} is empty: there is no checkpoint to {command}" in _text(proc.stderr)
+        assert "CORRUPT" not in proc.stdout + proc.stderr
+        assert "manifest" not in _text(proc.stderr)
+    proc = _cli("list", empty)
+    assert proc.returncode == 0, proc.stderr
+    assert f"no checkpoints in {empty}" in _text(proc.stdout)
+
+
+# -- issue 16: inspect shows the state besides tensors -----------------------------------------
+def test_inspect_shows_step_scheduler_and_optimizer_hyperparameters(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    mgr = ckptguard.CheckpointManager(tmp_path / "run")
+    info = mgr.save(
+        7, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 7}
+    ).result()
+
+    proc = _cli("inspect", info.path)
+    assert proc.returncode == 0, proc.stderr
+    out = _text(proc.stdout)
+    for line in (
+        "step = 7",
+        "optimizer.param_groups[0].lr = 0.01",
+        "optimizer.param_groups[0].betas = [0.8, 0.95]",
+        "optimizer.param_groups[0].weight_decay = 0.1",
+        "scheduler.step_size = 2",
+        "scheduler.gamma = 0.5",
+        "scheduler.last_epoch = 1",
+    ):
+        assert line in out, (line, proc.stdout)
+    assert "exp_avg" not in out.split("files")[0]  # tensors are in the tensor table, not here
+
+    state = _json(_cli("inspect", "--json", info.path))["state"]
+    assert state["step"] == 7
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.01, [0.8, 0.95], 0.1)
+    assert state["scheduler"]["gamma"] == 0.5
+    weight = state["model"]["weight"]["__tensor__"]
+    assert (weight["dtype"], weight["shape"]) == ("F32", [3, 4])
+    exp_avg = state["optimizer"]["state"]["0"]["exp_avg"]["__tensor__"]
+    assert exp_avg["shape"] in ([3, 4], [3])
+
+
+# -- issue 16: clean says why and how big ------------------------------------------------------
+def test_clean_shows_each_entry_size_and_the_quarantine_reason(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    in_the_way = root / "checkpoint-2"  # a Trainer's half-written save: no manifest
+    in_the_way.mkdir(parents=True)
+    (in_the_way / "model.safetensors").write_bytes(b"x" * 3000)
+    mgr = ckptguard.CheckpointManager(root, keep_last=None)
+    mgr.save(2, _state(2))  # moves the folder in the way to quarantine, with a note
+    (entry,) = [p for p in Path(RootLayout(str(root)).quarantine).iterdir() if p.is_dir()]
+
+    dry = _cli("clean", root)
+    assert dry.returncode == 0, dry.stderr
+    line = next(x for x in dry.stdout.splitlines() if "quarantine" in x)
+    assert "would remove quarantine" in line
+    assert str(entry) in line
+    assert "(2.9 KiB;" in line
+    assert f"quarantined because: no ckptguard.json in {in_the_way}" in line
+
+    (planned,) = _json(_cli("clean", "--json", root))["planned"]
+    assert planned["path"] == str(entry)
+    assert planned["size_bytes"] == 3000
+    assert planned["reason"] == f"no ckptguard.json in {in_the_way}"
+    assert planned["action"] == "remove"
+
+    done = _cli("clean", "--yes", root)
+    assert done.returncode == 0, done.stderr
+    assert "quarantined because" in done.stdout  # shown before it went
+    assert not entry.exists()
+
+
+def test_clean_without_a_note_says_no_reason_was_recorded(root: Path) -> None:
+    entry = Path(RootLayout(str(root)).quarantine) / f"checkpoint-8.{new_save_id()}"
+    entry.mkdir()
+    (entry / "w.bin").write_bytes(b"12345")
+    line = next(x for x in _cli("clean", root).stdout.splitlines() if "quarantine" in x)
+    assert "(5 B; no reason recorded)" in line
+    assert _json(_cli("clean", "--json", root))["planned"][0]["reason"] is None
+
+
+# -- issue 16: doctor's start-up hint ----------------------------------------------------------
+def test_doctor_start_up_warnings_never_nest_brackets(root: Path) -> None:
+    import logging
+
+    from ckptguard._tools.doctor import warn_at_start
+
+    (root / ".DS_Store").write_text("hidden")
+    stale = Path(RootLayout(str(root)).trash) / f"checkpoint-1.{new_save_id()}"
+    stale.mkdir()
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    log = logging.getLogger("ckptguard.test.doctor")
+    log.addHandler(Collect())
+    warn_at_start(str(root), log=log, env={})
+    hints = [r for r in records if "root.hidden" in r or "root.leftovers" in r]
+    assert len(hints) == 2, records
+    for message in hints:
+        depth = 0
+        for char in message:
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            assert depth <= 1, message
+        assert " — " in message  # the advice follows a dash

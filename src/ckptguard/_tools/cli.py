@@ -1,4 +1,4 @@
-"""The ``ckptguard`` command: list, verify, inspect and clean checkpoints.
+"""The ``ckptguard`` command: list, verify, inspect and clean checkpoints; doctor.
 
 Every ROOT or PATH may be a local path or an fsspec URL (s3://bucket/run); options for
 its filesystem (an endpoint, say) go in ``CKPTGUARD_STORAGE_OPTIONS`` as JSON, and the
@@ -6,43 +6,101 @@ standard AWS environment variables work as for any boto client. Each path is tur
 into a backend by the one resolver (``_protocol/backend.py``): a URL is never a local
 folder.
 
-Exit codes: 0 all good; 1 something is corrupt (verify, inspect); 2 bad usage, or a path,
-bucket or prefix that is not there or cannot be reached. Every command takes ``--json``
-for machine-readable output on stdout.
+Exit codes, every command but doctor:
+
+- 0: all good: listed, verified, inspected, cleaned (or planned, in a dry run);
+- 1: something is corrupt (verify, inspect), or the action was refused (another process
+  holds the root's lock, the checkpoints belong to a live run);
+- 2: bad usage, or a path that cannot be acted on: not there (a path, bucket or prefix),
+  not reachable, empty (nothing to verify or inspect), a root where one checkpoint was
+  expected (inspect), a file where a directory was expected, no permission, malformed
+  ``CKPTGUARD_STORAGE_OPTIONS``.
+
+``doctor`` keeps its own scale: 0 every check OK, 1 some warn, 2 any fails.
+
+``--json`` (every command): exactly one JSON object on stdout, whatever the outcome,
+errors and bad usage included; progress, logs and tracebacks go to stderr. Every object
+has ``"ok"`` (true exactly when the exit code is 0) and ``"command"``. On an error it
+holds nothing else but::
+
+    "error": {"type": "CheckpointNotFound", "message": "...", "path": "..." | null,
+              "hint": "what to do" | null}
+
+``type`` is the ckptguard error class (``UsageError`` for bad arguments). Wherever
+problems are listed, ``"problems"`` is a list of objects::
+
+    {"path": "...", "problem": "...", "severity": "error" | "warning"}
+
+``error``: do not load it (corrupt, no manifest, a failed check); ``warning``: usable,
+but look. The rest, by command:
+
+- list: ``root``, ``checkpoints``: [{name, path, step, created_at, size_bytes, files,
+  metrics, status, problems}];
+- verify: ``path``, ``kind`` ("checkpoint" or "root"), ``checkpoints``: [{path, name,
+  step, ok, files_checked, bytes_checked, problems}];
+- inspect: ``path``, name, step, save_id, created_at, size_bytes, metrics, metadata,
+  writer, versions, files, tensors, and ``state``: the saved state without its tensors
+  (each tensor a ``{"__tensor__": {file, name, dtype, shape}}``), or null;
+- clean: ``root``, ``dry_run``, ``planned``: [{kind, path, name, action, size_bytes,
+  detail, reason}], ``recovery_actions``, ``removed`` (paths);
+- doctor: ``root``, ``status``, ``exit_code``, ``checks``, ``problems``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
+import stat
 import sys
-from typing import Any, NoReturn
+import traceback
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ckptguard._errors import CheckpointError, CheckpointNotFound, CorruptCheckpoint
+from ckptguard._errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    ForeignRun,
+    LockTimeout,
+    RootNotADirectory,
+    StorageError,
+    storage_error_from_os,
+)
 from ckptguard._format.layout import (
     MANIFEST_NAME,
     META_DIR,
     RETIRED_SUFFIX,
+    STATE_NAME,
     RootLayout,
     step_from_name,
 )
+from ckptguard._format.quarantine import read_note
 from ckptguard._protocol.backend import Backend, backend_for, checkpoint_backend
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.marker import clean_store
 from ckptguard._protocol.recovery import EntryKind, RootEntry, recover, scan
 from ckptguard._protocol.verify import VerifyReport
 from ckptguard._protocol.verify import verify_local as verify
-from ckptguard._state.serialization import iter_tensor_infos
+from ckptguard._state.serialization import _read_state_json, iter_tensor_infos
 from ckptguard._storage.base import is_url
-from ckptguard._storage.local import LocalStorage
+from ckptguard._storage.local import LocalStorage, tree_size
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._storage.base import Source
 
 __all__ = ["main"]
+
+_P = ParamSpec("_P")
 
 
 def _console(*, stderr: bool) -> Console:
@@ -56,6 +114,9 @@ _out = _console(stderr=False)
 _err = _console(stderr=True)
 # Verify shows a progress bar above this many bytes.
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+# The non-tensor state inspect prints (the JSON has all of it).
+MAX_STATE_LINES = 60
+MAX_VALUE_CHARS = 100
 
 
 def _size(n: int) -> str:
@@ -76,55 +137,198 @@ def _when(created_at: str | None) -> str:
         return created_at
 
 
+# -- output: one JSON document, or text --------------------------------------------------------
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _fail(message: str, *, as_json: bool, code: int = 2) -> NoReturn:
-    """Report an error the way the caller asked for output, and exit."""
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    return (ctx.info_name if ctx is not None else None) or "ckptguard"
+
+
+def _emit(*, ok: bool, **fields: Any) -> None:
+    """The one JSON document of a command that ran (see the module docstring)."""
+    _emit_json({"ok": ok, "command": _command_name(), **fields})
+
+
+def _problems(path: str, problems: Sequence[str], severity: str = "error") -> list[dict[str, str]]:
+    return [{"path": path, "problem": p, "severity": severity} for p in problems]
+
+
+def _typed(exc: BaseException) -> BaseException:
+    """A builtin OSError as the ckptguard error of its errno (a permission error, say)."""
+    if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+        typed = storage_error_from_os(exc, f"ckptguard {_command_name()}")
+        if type(typed) is StorageError:  # its default hint is about an aborted save
+            typed.hint = "check the path and the filesystem"
+        return typed
+    return exc
+
+
+def _error_json(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, CheckpointError):
+        return {
+            "type": type(exc).__name__,
+            "message": exc.message,
+            "path": exc.path,
+            "hint": exc.hint or None,
+        }
+    if isinstance(exc, click.ClickException):
+        usage = isinstance(exc, click.UsageError)
+        return {
+            "type": "UsageError" if usage else type(exc).__name__,
+            "message": exc.format_message(),
+            "path": None,
+            "hint": "see `ckptguard COMMAND --help`" if usage else None,
+        }
+    return {"type": type(exc).__name__, "message": str(exc), "path": None, "hint": None}
+
+
+def _exit_code(exc: BaseException) -> int:
+    """1 for something corrupt or a refusal, 2 for anything else (see the docstring)."""
+    return 1 if isinstance(exc, (CorruptCheckpoint, LockTimeout, ForeignRun)) else 2
+
+
+def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
+    """Report an error the way the caller asked for output, and exit 1 or 2."""
+    exc = _typed(exc)
     if as_json:
-        _emit_json({"ok": False, "error": message})
+        _emit(ok=False, error=_error_json(exc))
     else:
-        _err.print(f"[red]error:[/] {message}")
-    sys.exit(code)
+        _err.print(f"[red]error:[/] {escape(str(exc))}")
+    sys.exit(_exit_code(exc))
 
 
-def _is_root(backend: Backend) -> bool:
-    """A checkpoint root: it has ckptguard's meta dir or holds checkpoints."""
-    if not backend.remote and os.path.isdir(os.path.join(backend.root, META_DIR)):
-        return True
-    try:
-        names = backend.names()
-    except (CheckpointError, OSError):
-        return False
-    return any(backend.exists(backend.join(f"{n}/{MANIFEST_NAME}")) for n in names)
+def _reports_errors(func: Callable[_P, None]) -> Callable[_P, None]:
+    """Run a command; report its errors as text or JSON (its ``as_json``) and exit 1 or 2.
+
+    With ``--json`` an unexpected error is a JSON document too (and a traceback on
+    stderr), so that a script always has one document to parse.
+    """
+
+    @functools.wraps(func)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            func(*args, **kwargs)
+        except (CheckpointError, OSError, ImportError) as exc:
+            _fail(exc, as_json=as_json)
+        except Exception as exc:
+            if not as_json:
+                raise
+            traceback.print_exc()
+            _fail(exc, as_json=True)
+
+    return run
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON document on stdout, whatever the outcome (see `ckptguard --help`).",
+)
+
+
+class _Group(click.Group):
+    """The command group; with ``--json`` a usage error is a JSON document too."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,  # noqa: FBT001, FBT002 - click's own signature
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv or not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            command = next((a for a in argv if a in self.commands), "ckptguard")
+            _emit_json({"ok": False, "command": command, "error": _error_json(exc)})
+            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        except click.Abort:
+            _err.print("Aborted!")
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptguard")
 def main() -> None:
-    """Crash-safe, exactly-once, verified checkpoints: inspect and maintain them."""
+    """Crash-safe, exactly-once, verified checkpoints: inspect and maintain them.
+
+    Exit codes: 0 all good; 1 something corrupt or refused; 2 bad usage, or a path
+    that is missing, unreachable, empty or of the wrong kind (doctor: 0 OK, 1 WARN,
+    2 FAIL). With --json every command prints exactly one JSON object on stdout:
+    {"ok": ..., "command": ..., ...}, or {"ok": false, "command": ..., "error":
+    {"type", "message", "path", "hint"}}; "problems" are lists of {"path", "problem",
+    "severity"}.
+    """
 
 
 # -- resolving a ROOT or PATH ------------------------------------------------------------------
-def _backend(root: str, *, as_json: bool) -> Backend:
-    """The backend of ROOT; exit 2 with the reason if it cannot be resolved or is not there."""
+def _root_backend(root: str) -> Backend:
+    """The backend of ROOT, which must be there (CheckpointNotFound if not)."""
+    backend = backend_for(root, what=f"ckptguard {_command_name()}")  # typed if unusable
+    if backend.remote:
+        backend.require_root()  # a missing bucket or prefix, an unreachable endpoint
+        return backend
     try:
-        backend = backend_for(root, what=f"ckptguard {click.get_current_context().info_name}")
-        if backend.remote:
-            backend.require_root()  # a missing bucket or prefix, an unreachable endpoint
-    except (CheckpointError, OSError, ImportError) as exc:
-        _fail_for(exc, as_json=as_json)
+        os.listdir(backend.root)  # not only there: readable (else "does not exist" misleads)
+    except FileNotFoundError:
+        raise CheckpointNotFound(
+            f"{root} does not exist", path=backend.root, hint="check the path"
+        ) from None
+    except OSError as exc:
+        error = storage_error_from_os(exc, f"ckptguard {_command_name()}: reading {root}")
+        error.hint = f"check the owner and mode (ls -ld {root}), or run as a user who may read it"
+        raise error from None
     return backend
 
 
-def _fail_for(exc: BaseException, *, as_json: bool) -> NoReturn:
-    """Exit 1 for a checkpoint that is there but corrupt, 2 for anything else.
+def _refuse_a_file(path: str) -> None:
+    """A checkpoint is a directory: refuse a local file with a message that says so."""
+    if not is_url(path) and os.path.lexists(path) and not os.path.isdir(path):
+        raise RootNotADirectory(
+            f"{path} is a file, not a checkpoint directory",
+            path=os.path.abspath(path),
+            hint="pass a checkpoint directory (ROOT/checkpoint-N) or a root that holds them",
+        )
 
-    Anything else: a path, bucket or prefix that is not there or cannot be reached, bad
-    credentials, an unusable root.
-    """
-    _fail(str(exc), as_json=as_json, code=1 if isinstance(exc, CorruptCheckpoint) else 2)
+
+def _checkpoint_names(backend: Backend) -> list[str]:
+    """The names under a root that are checkpoints: a manifest, or a checkpoint name."""
+    try:
+        names = backend.names()  # on a store: only names that hold a manifest
+    except FileNotFoundError:
+        return []
+
+    def is_checkpoint(name: str) -> bool:
+        if backend.remote or step_from_name(name) is not None:
+            return True
+        return backend.exists(backend.join(f"{name}/{MANIFEST_NAME}"))
+
+    def order(name: str) -> tuple[int, str]:
+        step = step_from_name(name)
+        return (-1 if step is None else step, name)
+
+    return sorted((n for n in names if is_checkpoint(n)), key=order)
+
+
+def _is_root(backend: Backend, checkpoints: Sequence[str]) -> bool:
+    """A checkpoint root: it has ckptguard's meta dir or holds checkpoints."""
+    if checkpoints:
+        return True
+    return not backend.remote and os.path.isdir(os.path.join(backend.root, META_DIR))
+
+
+def _is_empty(backend: Backend) -> bool:
+    """Nothing at all in it (a prefix on a store exists only while it holds something)."""
+    return not backend.remote and not os.listdir(backend.root)
 
 
 # -- list --------------------------------------------------------------------------------------
@@ -142,10 +346,13 @@ def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
         manifest = entry.report.manifest if entry.report else None
         if entry.kind == EntryKind.COMMITTED_VALID:
             status = "ok" if entry.report and entry.report.checksums else "ok (sizes)"
+            problems: list[str] = []
         elif entry.kind == EntryKind.COMMITTED_CORRUPT:
             status = "corrupt"
+            problems = list(entry.report.problems) if entry.report else [entry.detail]
         else:
             status = "no manifest"
+            problems = [f"no {MANIFEST_NAME}: not committed by ckptguard"]
         rows.append(
             {
                 "name": entry.name,
@@ -156,7 +363,7 @@ def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
                 "files": len(manifest.files) if manifest else None,
                 "metrics": dict(manifest.metrics) if manifest else {},
                 "status": status,
-                "problems": entry.detail,
+                "problems": _problems(entry.path, problems),
             }
         )
     rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
@@ -164,26 +371,25 @@ def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
 
 
 @main.command("list")
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root")
 @click.option("--checksums", is_flag=True, help="Verify checksums too (reads every byte).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_option
+@_reports_errors
 def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
     """List the checkpoints of ROOT: step, time, size, files, metrics, status.
 
     ROOT may be an fsspec URL (s3://bucket/run); options for its filesystem (an
     endpoint, say) go in the environment variable CKPTGUARD_STORAGE_OPTIONS as JSON.
     """
-    if not is_url(root) and not os.path.isdir(root):
-        _fail(f"{root} is not a directory", as_json=as_json)
-    backend = _backend(root, as_json=as_json)
-    try:
-        rows = _list_rows(list(scan(backend.root, checksums=checksums).entries))
-    except (CheckpointError, OSError) as exc:
-        _fail_for(exc, as_json=as_json)
+    backend = _root_backend(root)
+    rows = _list_rows(list(scan(backend.root, checksums=checksums).entries))
     if as_json:
-        _emit_json(rows)
+        _emit(ok=True, root=backend.root, checkpoints=rows)
         return
-    table = Table(title=f"checkpoints in {backend.root}")
+    if not rows:
+        _out.print(f"no checkpoints in {escape(backend.root)}")
+        return
+    table = Table(title=f"checkpoints in {escape(backend.root)}")
     for column in ("step", "time", "size", "files", "metrics", "status"):
         table.add_column(column, justify="right" if column in {"step", "size", "files"} else "left")
     for row in rows:
@@ -192,13 +398,13 @@ def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
         style = {"corrupt": "red", "no manifest": "yellow"}.get(row["status"], "green")
         status = f"[{style}]{row['status']}[/]"
         if row["problems"]:
-            status += f" ({row['problems'][:60]})"
+            status += f" ({escape(row['problems'][0]['problem'][:60])})"
         table.add_row(
             str(row["step"]) if row["step"] is not None else "-",
             _when(row["created_at"]),
             _size(row["size_bytes"]) if row["size_bytes"] is not None else "-",
             str(row["files"]) if row["files"] is not None else "-",
-            metrics or "-",
+            escape(metrics) or "-",
             status,
         )
     _out.print(table)
@@ -208,11 +414,12 @@ def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
 def _report_json(report: VerifyReport) -> dict[str, Any]:
     return {
         "path": report.path,
-        "ok": report.ok,
+        "name": report.path.rstrip("/").rsplit("/", 1)[-1],
         "step": report.step,
-        "problems": report.problems,
+        "ok": report.ok,
         "files_checked": report.files_checked,
         "bytes_checked": report.bytes_checked,
+        "problems": _problems(report.path, report.problems),
     }
 
 
@@ -234,146 +441,278 @@ def _verify_all(backend: Backend, paths: list[str], *, show_progress: bool) -> l
 
 
 @main.command("verify")
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("path")
+@_json_option
+@_reports_errors
 def verify_cmd(path: str, *, as_json: bool) -> None:
-    """Verify a checkpoint, or every checkpoint of a root. Exit 1 if any is corrupt."""
-    if not is_url(path) and not os.path.isdir(path):
-        _fail(f"{path} is not a directory", as_json=as_json)
-    backend = _backend(path, as_json=as_json)  # PATH taken as a root first
-    try:
-        if backend.exists(backend.join(MANIFEST_NAME)) or not _is_root(backend):
-            # A folder that is not a root is judged as a checkpoint: one without a manifest
-            # (a half-written Trainer save, say) fails verification instead of passing.
-            single, where = checkpoint_backend(path, what="ckptguard verify")
-            reports = _verify_all(single, [where], show_progress=_progress_wanted(as_json))
-        else:
-            entries = scan(backend.root, checksums=False).entries
-            paths = [
-                e.path
-                for e in entries
-                if e.kind in {EntryKind.COMMITTED_VALID, EntryKind.COMMITTED_CORRUPT}
-                # checkpoint-N folders without a manifest are not checkpoints: report them
-                or (e.kind == EntryKind.FOREIGN and step_from_name(e.name) is not None)
-            ]
-            paths.sort(key=lambda p: (step_from_name(p.rstrip("/").rsplit("/", 1)[-1]) or -1, p))
-            if not paths and not as_json:
-                _err.print(f"no checkpoints in {path}")
-            reports = _verify_all(backend, paths, show_progress=_progress_wanted(as_json))
-    except (CheckpointError, OSError) as exc:
-        _fail_for(exc, as_json=as_json)
-    _report_and_exit(reports, as_json=as_json)
+    """Verify a checkpoint, or every checkpoint of a root. Exit 1 if any is corrupt.
 
-
-def _progress_wanted(as_json: bool) -> bool:  # noqa: FBT001 - one flag, read as such
-    return not as_json and _err.is_terminal
-
-
-def _report_and_exit(reports: list[VerifyReport], *, as_json: bool) -> NoReturn:
-    """Print verify reports (a line each, or JSON); exit 1 if any is corrupt, else 0."""
+    An empty directory, or a root with no checkpoints, has nothing to verify: exit 2.
+    """
+    _refuse_a_file(path)
+    backend = _root_backend(path)  # PATH taken as a root first
+    show_progress = not as_json and _err.is_terminal
+    has_manifest = backend.exists(backend.join(MANIFEST_NAME))
+    checkpoints = [] if has_manifest else _checkpoint_names(backend)
+    is_root = not has_manifest and _is_root(backend, checkpoints)
+    if is_root:
+        if not checkpoints:
+            raise CheckpointNotFound(
+                f"{path} is a checkpoint root with no checkpoints: nothing to verify",
+                path=backend.root,
+                hint="a checkpoint appears there once a save has committed",
+            )
+        reports = _verify_all(
+            backend, [backend.join(n) for n in checkpoints], show_progress=show_progress
+        )
+    elif not has_manifest and _is_empty(backend):
+        raise CheckpointNotFound(
+            f"{path} is empty: there is no checkpoint to verify",
+            path=backend.root,
+            hint="pass a checkpoint (ROOT/checkpoint-N) or a root that holds checkpoints",
+        )
+    else:
+        # A folder that is not a root is judged as a checkpoint: one without a manifest
+        # (a half-written Trainer save, say) fails verification instead of passing.
+        single, where = checkpoint_backend(path, what="ckptguard verify")
+        reports = _verify_all(single, [where], show_progress=show_progress)
     bad = [r for r in reports if not r.ok]
     if as_json:
-        _emit_json({"ok": not bad, "checkpoints": [_report_json(r) for r in reports]})
-    else:
-        for r in reports:
-            if r.ok:
-                _out.print(f"[green]ok[/]       {r.path}  ({r.files_checked} files, "
-                           f"{_size(r.bytes_checked)} checked)")  # fmt: skip
-            else:
-                _out.print(f"[red]CORRUPT[/]  {r.path}")
-                for problem in r.problems:
-                    _out.print(f"           - {problem}")
+        _emit(
+            ok=not bad,
+            path=backend.root,
+            kind="root" if is_root else "checkpoint",
+            checkpoints=[_report_json(r) for r in reports],
+        )
+        sys.exit(1 if bad else 0)
+    for r in reports:
+        if r.ok:
+            _out.print(f"[green]ok[/]       {escape(r.path)}  ({r.files_checked} files, "
+                       f"{_size(r.bytes_checked)} checked)")  # fmt: skip
+        else:
+            _out.print(f"[red]CORRUPT[/]  {escape(r.path)}")
+            for problem in r.problems:
+                _out.print(f"           - {escape(problem)}")
+    if is_root:
+        _out.print(
+            f"{escape(backend.root)} is a checkpoint root: {len(reports)} checkpoints verified, "
+            f"{len(bad)} corrupt (`ckptguard list {escape(path)}` lists them)"
+        )
     sys.exit(1 if bad else 0)
 
 
 # -- inspect -----------------------------------------------------------------------------------
-@main.command("inspect")
-@click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(path: str, *, as_json: bool) -> None:
-    """Show a checkpoint's manifest, files and tensors (shapes and dtypes)."""
-    if not is_url(path) and not os.path.isdir(path):
-        why = "is not a directory" if os.path.lexists(path) else "does not exist"
-        _fail(f"{path} {why}", as_json=as_json)
+def _state_view(value: Any, tensors: dict[tuple[str, str], dict[str, Any]]) -> Any:
+    """state.json's tree as plain JSON data: tagged values decoded, tensors as references.
+
+    Data only (nothing is unpickled or imported); a value it does not know is shown as
+    its tag, never trusted.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_state_view(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return f"<{type(value).__name__}>"
+    tags = [k for k in value if k.startswith("__")]
+    if not tags:
+        return {k: _state_view(v, tensors) for k, v in value.items()}
+    tag, body = tags[0], value[tags[0]]
+    if len(value) != 1:
+        return f"<malformed {tag}>"
+    if tag in {"__tensor__", "__ndarray__"} and isinstance(body, dict):
+        ref = (str(body.get("file")), str(body.get("name")))
+        info = tensors.get(ref, {})
+        return {
+            tag: {"file": ref[0], "name": ref[1], "dtype": info.get("dtype"),
+                  "shape": info.get("shape")}
+        }  # fmt: skip
+    if tag == "__tuple__" and isinstance(body, list):
+        return [_state_view(v, tensors) for v in body]
+    if tag == "__dict__" and isinstance(body, list):
+        return {
+            str(_state_view(pair[0], tensors)): _state_view(pair[1], tensors)
+            for pair in body
+            if isinstance(pair, list) and len(pair) == 2
+        }
+    if tag == "__float__" and isinstance(body, str):
+        return body  # "nan", "inf", "-inf": not JSON numbers
+    if tag == "__bytes__" and isinstance(body, str):
+        return f"<{len(body) * 3 // 4} bytes>"
+    if tag == "__npscalar__" and isinstance(body, dict):
+        return _state_view(body.get("value"), tensors)
+    if tag == "__torch_dtype__" and isinstance(body, str):
+        return f"torch.{body}"
+    return f"<{tag}>"
+
+
+def _state_lines(value: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every non-tensor leaf; a list of scalars is one leaf."""
+    if isinstance(value, dict):
+        if len(value) == 1 and next(iter(value)) in {"__tensor__", "__ndarray__"}:
+            return
+        for k, v in value.items():
+            yield from _state_lines(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            yield from _state_lines(v, f"{where}[{i}]")
+    else:
+        yield where, value
+
+
+def _read_state(
+    where: str, listed: Manifest, opener: Callable[[str], Source], tensors: list[dict[str, Any]]
+) -> Any:
+    """The state of a CheckpointManager checkpoint without its tensors (None: not one)."""
+    if not any(f.path == STATE_NAME for f in listed.files):
+        return None
+    doc = _read_state_json(where, listed, opener)  # capped, checked against its checksum
+    by_ref = {(t["file"], t["name"]): t for t in tensors}
     try:
-        backend, where = checkpoint_backend(path, what="ckptguard inspect")
-        if backend.remote:
-            backend.require_root()
-        manifest = backend.read_manifest(where)
-        listed, opener, close = backend.open_files(where, manifest)
-        try:
-            tensors: list[dict[str, Any]] = [
-                {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-                 "bytes": t.nbytes}
-                for f, t in iter_tensor_infos(where, listed, opener)
-            ]  # fmt: skip
-        finally:
-            close()
-    except CheckpointNotFound as exc:
-        _fail(str(exc), as_json=as_json, code=2)
+        return _state_view(doc.get("tree"), by_ref)
+    except RecursionError:
+        raise CorruptCheckpoint(f"{where}/{STATE_NAME} is nested too deeply", path=where) from None
+
+
+def _print_state(state: Any) -> None:
+    lines = list(_state_lines(state))
+    if not lines:
+        return
+    _out.print("  state (without its tensors):")
+    for key, value in lines[:MAX_STATE_LINES]:
+        text = json.dumps(value, default=str)
+        if len(text) > MAX_VALUE_CHARS:
+            text = text[: MAX_VALUE_CHARS - 3] + "..."
+        _out.print(f"    {escape(key or '(the state)')} = {escape(text)}")
+    if len(lines) > MAX_STATE_LINES:
+        _out.print(f"    ... {len(lines) - MAX_STATE_LINES} more (--json shows all)")
+
+
+@main.command("inspect")
+@click.argument("path")
+@_json_option
+@_reports_errors
+def inspect_cmd(path: str, *, as_json: bool) -> None:
+    """Show a checkpoint's manifest, files, tensors (shapes and dtypes) and saved state.
+
+    The state is what a CheckpointManager saved besides tensors: the step, scheduler
+    state, optimizer hyper-parameters (lr, betas, weight decay), read as data.
+    """
+    _refuse_a_file(path)
+    backend = _root_backend(path)
+    if not backend.exists(backend.join(MANIFEST_NAME)):
+        checkpoints = _checkpoint_names(backend)
+        if _is_root(backend, checkpoints):
+            example = f": inspect one of them, e.g. {backend.join(checkpoints[-1])}"
+            raise CheckpointNotFound(
+                f"{path} is a checkpoint root ({len(checkpoints)} checkpoints), not a checkpoint",
+                path=backend.root,
+                hint=f"`ckptguard list {path}` shows its checkpoints"
+                + (example if checkpoints else ""),
+            )
+        if _is_empty(backend):
+            raise CheckpointNotFound(
+                f"{path} is empty: there is no checkpoint to inspect",
+                path=backend.root,
+                hint="pass a checkpoint directory (ROOT/checkpoint-N)",
+            )
+        raise CorruptCheckpoint(
+            f"{path} has no {MANIFEST_NAME}: it was never committed by ckptguard",
+            path=backend.root,
+            hint="do not load it as a checkpoint; `ckptguard verify` says more",
+        )
+    single, where = checkpoint_backend(path, what="ckptguard inspect")
+    try:
+        manifest = single.read_manifest(where)
+    except CorruptCheckpoint as exc:
+        exc.path = exc.path or where  # name the checkpoint whose manifest was rejected
+        raise
+    listed, opener, close = single.open_files(where, manifest)
+    try:
+        tensors: list[dict[str, Any]] = [
+            {"file": f, "name": t.name, "dtype": t.dtype, "shape": list(t.shape),
+             "bytes": t.nbytes}
+            for f, t in iter_tensor_infos(where, listed, opener)
+        ]  # fmt: skip
+        state = _read_state(where, listed, opener, tensors)
+    except CheckpointNotFound:
+        raise
     except FileNotFoundError as exc:
         missing = exc.filename or exc
-        _fail(f"{path} is not a valid checkpoint: {missing} is missing", as_json=as_json, code=1)
-    except (CheckpointError, OSError) as exc:
-        _fail_for(exc, as_json=as_json)
+        raise CorruptCheckpoint(
+            f"{path} is not a valid checkpoint: {missing} is missing", path=where
+        ) from None
+    finally:
+        close()
     if as_json:
-        _emit_json(
-            {
-                "path": where,
-                "name": manifest.name,
-                "step": manifest.step,
-                "save_id": manifest.save_id,
-                "created_at": manifest.created_at,
-                "size_bytes": manifest.total_size,
-                "metrics": dict(manifest.metrics),
-                "metadata": dict(manifest.metadata),
-                "writer": manifest.writer.to_dict(),
-                "versions": dict(manifest.versions),
-                "files": [f.to_dict() for f in manifest.files],
-                "tensors": tensors,
-            }
+        _emit(
+            ok=True,
+            path=where,
+            name=manifest.name,
+            step=manifest.step,
+            save_id=manifest.save_id,
+            created_at=manifest.created_at,
+            size_bytes=manifest.total_size,
+            metrics=dict(manifest.metrics),
+            metadata=dict(manifest.metadata),
+            writer=manifest.writer.to_dict(),
+            versions=dict(manifest.versions),
+            files=[f.to_dict() for f in manifest.files],
+            tensors=tensors,
+            state=state,
         )
         return
     w = manifest.writer
-    _out.print(f"[bold]{where}[/]")
-    _out.print(f"  step {manifest.step}, saved {_when(manifest.created_at)} by {w.host} pid {w.pid}"
-               f" (ranks {list(w.ranks)} of {w.world_size})")  # fmt: skip
+    _out.print(f"[bold]{escape(where)}[/]")
+    _out.print(f"  step {manifest.step}, saved {_when(manifest.created_at)} by {escape(w.host)} "
+               f"pid {w.pid} (ranks {list(w.ranks)} of {w.world_size})")  # fmt: skip
     _out.print(f"  save id {manifest.save_id}, {len(manifest.files)} files, "
                f"{_size(manifest.total_size)}")  # fmt: skip
     if manifest.metrics:
-        _out.print(f"  metrics: {json.dumps(dict(manifest.metrics))}")
+        _out.print(f"  metrics: {escape(json.dumps(dict(manifest.metrics)))}")
     versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if k != "platform")
-    _out.print(f"  versions: {versions}")
+    _out.print(f"  versions: {escape(versions)}")
+    _print_state(state)
     files = Table(title="files")
     for column in ("path", "size", "xxh3-128"):
         files.add_column(column, justify="right" if column == "size" else "left")
     for f in manifest.files:
-        files.add_row(f.path, _size(f.size), f.checksum)
+        files.add_row(escape(f.path), _size(f.size), f.checksum)
     _out.print(files)
     if tensors:
         table = Table(title="tensors")
         for column in ("file", "name", "dtype", "shape", "size"):
             table.add_column(column, justify="right" if column == "size" else "left")
         for t in tensors:
-            table.add_row(t["file"], t["name"], t["dtype"], str(tuple(t["shape"])),
-                          _size(t["bytes"]))  # fmt: skip
+            table.add_row(escape(t["file"]), escape(t["name"]), t["dtype"],
+                          str(tuple(t["shape"])), _size(t["bytes"]))  # fmt: skip
         _out.print(table)
 
 
 # -- clean -------------------------------------------------------------------------------------
 def _clean_store(backend: Backend, *, yes: bool, stale_after: float, as_json: bool) -> None:
     """On an object store: the uploads no manifest refers to."""
-    try:
-        gone = clean_store(backend.storage, backend.root, grace=stale_after, dry_run=not yes)
-    except (CheckpointError, OSError) as exc:
-        _fail_for(exc, as_json=as_json)
+    gone = clean_store(backend.storage, backend.root, grace=stale_after, dry_run=not yes)
     if as_json:
-        _emit_json({"dry_run": not yes, "removed" if yes else "planned": gone})
+        planned = [
+            {"kind": "upload", "path": p, "name": p.rstrip("/").rsplit("/", 2)[-2],
+             "action": "remove", "size_bytes": None,
+             "detail": "an upload no manifest refers to", "reason": None}
+            for p in gone
+        ]  # fmt: skip
+        _emit(
+            ok=True,
+            root=backend.root,
+            dry_run=not yes,
+            planned=planned,
+            recovery_actions=[],
+            removed=gone if yes else [],
+        )
         return
     for prefix in gone:
-        _out.print(f"{'removed' if yes else 'would remove'} {prefix}")
+        _out.print(f"{'removed' if yes else 'would remove'} {escape(prefix)}")
     if not gone:
-        _out.print(f"nothing to clean in {backend.root}")
+        _out.print(f"nothing to clean in {escape(backend.root)}")
     elif not yes:
         _out.print("dry run: nothing removed; run again with --yes to do this")
 
@@ -392,8 +731,46 @@ def _plan(root: str, entry: RootEntry) -> str:
     return "remove" if verify(final).ok else "keep"
 
 
+def _entry_size(path: str) -> int | None:
+    """Bytes under a staging, trash or quarantine entry (a link counts as itself)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def _planned_json(entry: RootEntry, action: str) -> dict[str, Any]:
+    note = read_note(entry.path) if entry.kind == EntryKind.QUARANTINE else None
+    return {
+        "kind": str(entry.kind),
+        "path": entry.path,
+        "name": entry.name,
+        "action": action,
+        "size_bytes": _entry_size(entry.path),
+        "detail": entry.detail or None,
+        # why it was quarantined, from the note the commit wrote (None: no note)
+        "reason": note.reason if note else None,
+    }
+
+
+def _planned_text(plan: dict[str, Any], *, yes: bool) -> str:
+    action = plan["action"]
+    verb = action if yes else f"would {action}"
+    why = [_size(plan["size_bytes"])] if plan["size_bytes"] is not None else []
+    if plan["detail"]:
+        why.append(plan["detail"])
+    if plan["kind"] == EntryKind.QUARANTINE:
+        why.append(
+            f"quarantined because: {plan['reason']}" if plan["reason"] else "no reason recorded"
+        )
+    if action == "keep":
+        why.append("the last good copy: its checkpoint does not verify")
+    return f"{verb} {plan['kind']:14} {plan['path']}" + (f"  ({'; '.join(why)})" if why else "")
+
+
 @main.command("clean")
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root")
 @click.option("--yes", is_flag=True, help="Really remove (default: only show what would go).")
 @click.option(
     "--stale-after",
@@ -402,62 +779,55 @@ def _plan(root: str, entry: RootEntry) -> str:
     show_default=True,
     help="Seconds without change after which a staging dir of an unknown owner is stale.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_option
+@_reports_errors
 def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> None:
     """Remove stale staging dirs, trash and quarantine of ROOT (dry run unless --yes).
 
-    On an object store (an fsspec URL): the uploads no manifest refers to.
+    Each entry is shown with its size, and a quarantined one with the reason it was
+    moved there. On an object store (an fsspec URL): the uploads no manifest refers to.
     """
-    if is_url(root):
-        _clean_store(_backend(root, as_json=as_json), yes=yes, stale_after=stale_after,
-                     as_json=as_json)  # fmt: skip
+    backend = _root_backend(root)
+    if backend.remote:
+        _clean_store(backend, yes=yes, stale_after=stale_after, as_json=as_json)
         return
-    if not os.path.isdir(root):
-        _fail(f"{root} is not a directory", as_json=as_json)
+    root = backend.root
     kinds = {EntryKind.STAGING_STALE, EntryKind.TRASH, EntryKind.QUARANTINE}
-    try:
-        entries = scan(root, checksums=False, stale_after=stale_after).entries
-        planned = [(e, _plan(root, e)) for e in entries if e.kind in kinds]
-        removed: list[str] = []
-        actions: list[str] = []
-        if yes and planned:
-            # recover() first: it rolls back an interrupted replace instead of deleting
-            # the only copy, and removes stale staging; then trash and quarantine go,
-            # except trash that is the last good copy of a checkpoint.
-            actions = list(recover(root, checksums=True, stale_after=stale_after).actions)
-            storage, layout = LocalStorage(), RootLayout(os.path.abspath(root))
-            with root_lock(layout):
-                for entry in scan(root, checksums=False, stale_after=stale_after).entries:
-                    if entry.kind == EntryKind.QUARANTINE or (
-                        entry.kind == EntryKind.TRASH and _plan(root, entry) == "remove"
-                    ):
-                        storage.remove_tree(entry.path)
-                        storage.remove_file(entry.path + ".json")  # a quarantine note
-                        removed.append(entry.path)
-    except (CheckpointError, OSError) as exc:
-        _fail(str(exc), as_json=as_json)
+    entries = scan(root, checksums=False, stale_after=stale_after).entries
+    planned = [_planned_json(e, _plan(root, e)) for e in entries if e.kind in kinds]
+    removed: list[str] = []
+    actions: list[str] = []
+    if yes and planned:
+        # recover() first: it rolls back an interrupted replace instead of deleting the
+        # only copy, and removes stale staging; then trash and quarantine go, except
+        # trash that is the last good copy of a checkpoint.
+        actions = list(recover(root, checksums=True, stale_after=stale_after).actions)
+        storage, layout = LocalStorage(), RootLayout(root)
+        with root_lock(layout):
+            for entry in scan(root, checksums=False, stale_after=stale_after).entries:
+                if entry.kind == EntryKind.QUARANTINE or (
+                    entry.kind == EntryKind.TRASH and _plan(root, entry) == "remove"
+                ):
+                    storage.remove_tree(entry.path)
+                    storage.remove_file(entry.path + ".json")  # a quarantine note
+                    removed.append(entry.path)
     if as_json:
-        _emit_json(
-            {
-                "dry_run": not yes,
-                "planned": [
-                    {"kind": str(e.kind), "path": e.path, "detail": e.detail, "action": action}
-                    for e, action in planned
-                ],
-                "recovery_actions": actions,
-                "removed": removed,
-            }
+        _emit(
+            ok=True,
+            root=root,
+            dry_run=not yes,
+            planned=planned,
+            recovery_actions=actions,
+            removed=removed,
         )
         return
     if not planned:
-        _out.print(f"nothing to clean in {root}")
+        _out.print(f"nothing to clean in {escape(root)}")
         return
-    for e, action in planned:
-        verb = action if yes else f"would {action}"
-        why = " (the last good copy: its checkpoint does not verify)" if action == "keep" else ""
-        _out.print(f"{verb} {e.kind:14} {e.path}" + (f"  ({e.detail})" if e.detail else "") + why)
+    for plan in planned:
+        _out.print(escape(_planned_text(plan, yes=yes)))
     for action_done in actions:
-        _out.print(f"recovered: {action_done}")
+        _out.print(f"recovered: {escape(action_done)}")
     if not yes:
         _out.print("dry run: nothing removed; run again with --yes to do this")
 
@@ -469,7 +839,8 @@ def clean_cmd(root: str, *, yes: bool, stale_after: float, as_json: bool) -> Non
               help="Checkpoints you keep (for the free-space check).")  # fmt: skip
 @click.option("--expect-empty", is_flag=True,
               help="ROOT must be empty (a new run's output dir): hidden files count.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_json_option
+@_reports_errors
 def doctor_cmd(root: str | None, *, keep: int, expect_empty: bool, as_json: bool) -> None:
     """Check versions, ROOT and its filesystem for what breaks checkpointing.
 
@@ -479,15 +850,30 @@ def doctor_cmd(root: str | None, *, keep: int, expect_empty: bool, as_json: bool
 
     report = doctor(root, keep=keep, expect_empty=expect_empty)
     if as_json:
-        _emit_json(report.to_json())
+        severity = {"warn": "warning", "fail": "error"}
+        problems = [
+            {"path": report.root or "", "problem": f"{c.name}: {c.message}",
+             "severity": severity[c.status]}
+            for c in report.problems()
+        ]  # fmt: skip
+        _emit(ok=report.exit_code == 0, **report.to_json(), problems=problems)
         sys.exit(report.exit_code)
-    table = Table(title="ckptguard doctor" + (f": {root}" if root else ""))
+    table = Table(title="ckptguard doctor" + (f": {escape(root)}" if root else ""))
     for column in ("check", "status", "finding", "what to do"):
         table.add_column(column)
     styles = {"ok": "green", "warn": "yellow", "fail": "red"}
     for check in report.checks:
         style = styles[check.status]
-        table.add_row(check.name, f"[{style}]{check.status.upper()}[/]", check.message,
-                      check.advice)  # fmt: skip
+        table.add_row(check.name, f"[{style}]{check.status.upper()}[/]", escape(check.message),
+                      escape(check.advice))  # fmt: skip
     _out.print(table)
     sys.exit(report.exit_code)
+
+
+def _register_adopt() -> None:
+    from ckptguard._tools.adopt import adopt_cmd  # noqa: PLC0415 - its own module
+
+    main.add_command(adopt_cmd)
+
+
+_register_adopt()

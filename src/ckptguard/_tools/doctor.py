@@ -646,13 +646,18 @@ def warn_at_start(
         return None
     checks = check_versions()
     if not is_url(root) and os.path.isdir(root):
-        checks.extend(_check_contents(root, expect_empty=False))
+        try:
+            checks.extend(_check_contents(root, expect_empty=False))
+        except OSError as exc:  # a root this process may not list: a hint must not crash
+            checks.append(Check("root.readable", "warn", f"cannot list {root}: {exc}"))
     report = DoctorReport(root, checks)
     for check in report.problems():
+        # The advice after a dash, as in every CheckpointError: advice that has brackets
+        # of its own read "(... (or glob checkpoint-*) ...)" when it was put in brackets.
         log.warning(
             "doctor: %s: %s%s",
             check.name,
             check.message,
-            f" ({check.advice})" if check.advice else "",
+            f" — {check.advice}" if check.advice else "",
         )
     return report
