@@ -10,6 +10,7 @@ it uses must exist in the code.
 from __future__ import annotations
 
 import ast
+import html
 import importlib
 import inspect
 import re
@@ -101,11 +102,11 @@ def test_site_builds_strictly_without_warnings(site: Site) -> None:
 
 def test_every_public_name_has_its_entry_in_the_api_reference(site: Site) -> None:
     for module, page in API_PAGES.items():
-        html = site.page(page)
-        assert "Traceback" not in html
+        content = site.page(page)
+        assert "Traceback" not in content
         names = [n for n in static_all(module) if not n.startswith("__")]
         assert names, module
-        missing = [n for n in names if f'id="{module}.{n}"' not in html]
+        missing = [n for n in names if f'id="{module}.{n}"' not in content]
         assert not missing, f"{page} does not document {missing}"
 
 
@@ -129,27 +130,27 @@ def test_api_reference_holds_the_main_entry_points(site: Site) -> None:
 
 def test_pages_hold_no_unrendered_directive_or_sphinx_role(site: Site) -> None:
     for html_file in site.path.rglob("*.html"):
-        html = html_file.read_text(encoding="utf-8")
+        content = html_file.read_text(encoding="utf-8")
         where = html_file.relative_to(site.path)
-        assert "::: ckptguard" not in html, where
-        assert "::: mkdocs-click" not in html, where
-        assert not re.search(r":(class|func|meth|data|mod|attr|exc):<code>", html), where
+        assert "::: ckptguard" not in content, where
+        assert "::: mkdocs-click" not in content, where
+        assert not re.search(r":(class|func|meth|data|mod|attr|exc):<code>", content), where
 
 
 def test_command_reference_lists_every_subcommand(site: Site) -> None:
-    html = site.page("api/cli/index.html")
+    text = html.unescape(site.page("api/cli/index.html"))
     assert cli_main.commands
     for name, command in cli_main.commands.items():
-        assert f"ckptguard {name}" in html, name
-        assert command.get_short_help_str(limit=40)[:20] in html, name
+        assert f"ckptguard {name}" in text, name
+        assert command.get_short_help_str(limit=40)[:20] in text, name
 
 
 def test_error_table_lists_every_error(site: Site) -> None:
-    html = site.page("troubleshooting/index.html")
+    content = site.page("troubleshooting/index.html")
     for name in ckptguard.__all__:
         obj = getattr(ckptguard, name)
         if inspect.isclass(obj) and issubclass(obj, ckptguard.CheckpointError):
-            assert f"<code>{name}</code>" in html, name
+            assert f"<code>{name}</code>" in content, name
 
 
 def test_site_needs_no_network(site: Site) -> None:
