@@ -28,7 +28,7 @@ import driver_jobs
 from ckptguard._coordination.base import SingleProcess
 from ckptguard._errors import CommitConflict, CorruptCheckpoint, NoValidCheckpoint
 from ckptguard._format.layout import RootLayout, save_id_writer
-from ckptguard._format.sidecar import (
+from ckptguard._protocol.filecommit import (
     parse_temp_name,
     read_sidecar,
     remove_stale_temps,

@@ -2,7 +2,7 @@
 
 Trainer tests fit a tiny model for a couple of 10-step epochs on CPU in this process and
 read what ``AtomicCheckpointIO`` saved the way users do: ``load_from_checkpoint``,
-``torch.load``, a Trainer without the plugin. The file commit (``_format/sidecar.py``) is
+``torch.load``, a Trainer without the plugin. The file commit (``_protocol/filecommit.py``) is
 crashed at each of its steps (in this process: a BaseException from the fault hook, which
 stops the save where a kill would, and once for real with SIGKILL); after each crash the
 name holds the old file or the new one, and it verifies.
@@ -27,9 +27,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import ckptguard
 from ckptguard._errors import CorruptCheckpoint, UnsafeManifest
 from ckptguard._format.layout import new_save_id
-from ckptguard._format.sidecar import (
+from ckptguard._protocol.filecommit import (
     FILE_FAULT_POINTS,
     commit_file,
     parse_temp_name,
@@ -510,7 +511,7 @@ def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Pa
 _TORCH_FREE = """
 import sys, zipfile
 sys.modules["torch"] = None  # any "import torch" now raises ImportError
-from ckptguard._format.sidecar import commit_file, verify_file
+from ckptguard._protocol.filecommit import commit_file, verify_file
 def write(f):
     with zipfile.ZipFile(f, "w") as archive:
         archive.writestr("archive/data.pkl", b"x")
@@ -530,3 +531,16 @@ def test_the_sidecar_module_needs_no_torch(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_public_verify_checks_a_file_against_its_sidecar(tmp_path: Path) -> None:
+    path = tmp_path / "epoch=0-step=5.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": {}}, str(path))
+    report = ckptguard.verify(path)
+    assert report.ok, report.problems
+    assert report.step == 5
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not ckptguard.verify(path).ok
+    assert ckptguard.verify(path, checksums=False).ok  # same size: only checksums tell

@@ -39,7 +39,7 @@ def _cut(path: Path, keep: float = 0.5) -> None:
     [
         (lambda p: _cut(p / "model.safetensors"), "invalid safetensors file"),
         (lambda p: _cut(p / "model.safetensors", 0.95), "outside the data"),
-        (lambda p: _cut(p / "optimizer.pt", 0.9), "not a complete torch.save file"),
+        (lambda p: _cut(p / "optimizer.pt", 0.9), "not a complete zip archive"),
         (lambda p: (p / "trainer_state.json").write_text('{"global_step": 1'), "not valid JSON"),
         (lambda p: (p / "trainer_state.json").write_text("{}"), "no global_step"),
         (lambda p: (p / "model.safetensors").write_bytes(b""), "empty"),

@@ -83,7 +83,11 @@ def test_a_stray_file_beside_a_state_is_a_warning(tmp_path: Path) -> None:
 def test_a_stray_file_in_framework_files_stays_an_error(tmp_path: Path) -> None:
     """Files a framework loads by name (a Trainer's): a stray is an error, with the fix."""
     mgr = ckptguard.CheckpointManager(tmp_path / "run", check_environment=False)
-    info = mgr.save_files(3, lambda tx: (tx.staging_dir / "model.safetensors").write_bytes(b"m"))
+
+    def write(tx: ckptguard.AtomicCheckpoint) -> None:
+        (tx.staging_dir / "model.safetensors").write_bytes(b"m")
+
+    info = mgr.save_files(3, write)
     mgr.close()
     (Path(info.path) / "notes.txt").write_text("x")
     report = ckptguard.verify(info.path)

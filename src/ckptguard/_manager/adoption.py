@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptguard._errors import CorruptCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME
 from ckptguard._format.safetensors import MAX_HEADER_BYTES, parse_header
+from ckptguard._protocol.filecommit import zip_problem
 
 if TYPE_CHECKING:
     from ckptguard._format.layout import Naming
@@ -74,12 +74,11 @@ def _check_safetensors(path: str, size: int) -> str | None:
 
 def _check_zip(path: str) -> str | None:
     try:
-        with zipfile.ZipFile(path) as archive:
-            if not archive.namelist():
-                return f"{path}: an empty archive"
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        return f"{path}: not a complete torch.save file ({exc})"
-    return None
+        with open(path, "rb") as f:
+            problem = zip_problem(f)
+    except OSError as exc:
+        return f"{path}: cannot read ({exc.strerror or exc})"
+    return None if problem is None else f"{path}: {problem}"
 
 
 def _check_json(path: str, size: int, present: set[str], rel: str) -> list[str]:

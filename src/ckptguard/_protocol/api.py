@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._protocol.backend import checkpoint_backend
+from ckptguard._protocol.filecommit import verify_file
+from ckptguard._storage.base import is_url
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Mapping
 
     from ckptguard._format.manifest import Manifest
@@ -26,10 +28,17 @@ def verify(
 ) -> VerifyReport:
     """Verify the checkpoint at ``path`` (a directory, or a URL such as s3://b/run/checkpoint-1).
 
+    A regular file (a Lightning ``.ckpt`` saved through ckptguard) is verified against
+    its checksum sidecar.
+
     ``checksums=False`` checks sizes only. ``expect_name``: the name it must have been
     committed under, because its name gives its step (default: its own name, when that
     is a step name such as ``checkpoint-N``).
     """
+    text = os.fspath(path)
+    if not is_url(text) and os.path.isfile(text) and not os.path.islink(text):
+        # A single-file checkpoint (Lightning's .ckpt), checked against its sidecar.
+        return verify_file(text, checksums=checksums)
     backend, where = checkpoint_backend(path, storage_options, what="verify")
     return backend.verify(where, checksums=checksums, progress=progress, expect_name=expect_name)
 

@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FAULT_POINTS", "REMOTE_FAULT_POINTS", "fault_point", "set_fault_hook"]
+__all__ = [
+    "FAULT_POINTS",
+    "FILE_FAULT_POINTS",
+    "REMOTE_FAULT_POINTS",
+    "fault_point",
+    "set_fault_hook",
+]
 
 FAULT_POINTS: tuple[str, ...] = (
     "stage.created",  # staging dir and owner file exist, nothing written yet
@@ -34,6 +40,17 @@ REMOTE_FAULT_POINTS: tuple[str, ...] = (
     "remote.uploading",  # after each chunk handed to an upload (mid multipart upload)
     "remote.data_uploaded",  # every data object uploaded, no manifest yet: invisible
     "remote.manifest_written",  # the manifest is in place: the save is committed
+)
+
+# Steps of a single-file commit (``_protocol/filecommit.py``, Lightning's ``.ckpt`` files), kept
+# apart too: tests/integrations/test_lightning_files.py reaches each of these.
+FILE_FAULT_POINTS: tuple[str, ...] = (
+    "file.written",  # temp file written and fsynced; the sidecar not yet rewritten
+    "file.sidecar_written",  # sidecar (new and current entries) durable; not yet renamed
+    "file.made_way",  # a directory in the way was moved aside (make_way); not yet renamed
+    "file.renamed",  # the name holds the new file; directory not yet fsynced
+    "file.committed",  # directory fsynced: durable; the sidecar not yet trimmed
+    "file.removed",  # removal: the file is gone (directory fsynced), its sidecar not yet
 )
 
 _hook: Callable[[str], None] | None = None

@@ -14,7 +14,7 @@ file in the same directory, fsynced, renamed into place, the directory fsynced; 
 existing ``last.ckpt`` is replaced in one rename) with a hidden checksum sidecar
 (``.epoch=1-step=20.ckpt.ckptguard.json``) written before the rename: a crash leaves the
 old file or the new one, and either verifies. The format and the crash argument are in
-:mod:`ckptguard._format.sidecar`.
+:mod:`ckptguard._protocol.filecommit`.
 
 Loading through the plugin (``fit(ckpt_path=...)``) or :func:`load` checks every byte
 against the sidecar first and raises :class:`~ckptguard.CorruptCheckpoint` on a mismatch.
@@ -53,7 +53,8 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 
 from ckptguard._errors import CheckpointError, CommitConflict, CorruptCheckpoint, NoValidCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
-from ckptguard._format.sidecar import (
+from ckptguard._protocol.cleanup import remove_retrying, retire_checkpoint
+from ckptguard._protocol.filecommit import (
     commit_file,
     open_verified,
     read_sidecar,
@@ -61,7 +62,6 @@ from ckptguard._format.sidecar import (
     sidecar_path,
     verify_file,
 )
-from ckptguard._protocol.cleanup import remove_retrying, retire_checkpoint
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.verify import read_manifest_local
 from ckptguard._protocol.verify import verify_local as verify

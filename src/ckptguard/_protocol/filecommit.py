@@ -85,8 +85,8 @@ from ckptguard._format.manifest import FileEntry, Manifest, no_duplicate_keys, t
 from ckptguard._format.owner import current_writer
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER, OWNERLESS_GRACE
 from ckptguard._protocol.verify import VerifyReport
-from ckptguard._storage import faults
 from ckptguard._storage.base import FileDigest
+from ckptguard._storage.faults import FILE_FAULT_POINTS, fault_point
 from ckptguard._storage.local import LocalStorage, digest_fd
 
 if TYPE_CHECKING:
@@ -129,24 +129,6 @@ SIDECAR_BYTES_PER_CONTAINER = 4
 WRITE_BUFFER = 1 << 20  # torch.save's many small header writes, coalesced
 _SIDECAR_KEYS = frozenset({"format", "schema_version", "file", "entries"})
 _TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<save_id>[^./]+)" + re.escape(TEMP_SUFFIX))
-
-# Steps of the file commit and removal. Kept apart from ``faults.FAULT_POINTS``, whose
-# crash tests drive directory saves through every point listed there; the file tests
-# (tests/integrations/test_lightning_files.py) reach each of these.
-FILE_FAULT_POINTS: tuple[str, ...] = (
-    "file.written",  # temp file written and fsynced; the sidecar not yet rewritten
-    "file.sidecar_written",  # sidecar (new and current entries) durable; not yet renamed
-    "file.made_way",  # a directory in the way was moved aside (make_way); not yet renamed
-    "file.renamed",  # the name holds the new file; directory not yet fsynced
-    "file.committed",  # directory fsynced: durable; the sidecar not yet trimmed
-    "file.removed",  # removal: the file is gone (directory fsynced), its sidecar not yet
-)
-
-
-def _reached(point: str) -> None:
-    if point not in FILE_FAULT_POINTS:
-        raise ValueError(f"unknown file fault point {point!r}")
-    faults.fault_point(point)
 
 
 # -- names ---------------------------------------------------------------------------------
@@ -403,19 +385,19 @@ def commit_file(
             finally:
                 sink.release()
             digest = writer.close()
-        _reached("file.written")
+        fault_point("file.written")
         entry = new_entry(name, digest, step=step, metadata=metadata, save_id=save_id)
         current = _current_entry(path)
         write_sidecar(path, Sidecar(name, (entry,) if current is None else (entry, current)))
-        _reached("file.sidecar_written")
+        fault_point("file.sidecar_written")
         _rename_into_place(storage, tmp, path, make_way)
     except Exception:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _reached("file.renamed")
+    fault_point("file.renamed")
     storage.fsync_dir(head)
-    _reached("file.committed")
+    fault_point("file.committed")
     if current is not None:
         try:
             write_sidecar(path, Sidecar(name, (entry,)), sync_dir=False)
@@ -469,7 +451,7 @@ def _rename_into_place(
                 hint="move the directory away, or save under another name",
             )
         make_way(path)
-        _reached("file.made_way")
+        fault_point("file.made_way")
         st = None
     if st is not None:
         os.replace(tmp, path)  # a file or a symlink: replaced in one atomic rename(2)
@@ -490,7 +472,7 @@ def remove_file(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     LocalStorage().fsync_dir(os.path.dirname(path))
-    _reached("file.removed")
+    fault_point("file.removed")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sidecar_path(path))
 
