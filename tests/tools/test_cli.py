@@ -117,9 +117,9 @@ def test_list_table(root: Path) -> None:
     proc = _cli("list", root)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    for step in STEPS:
-        assert any(re.match(rf"^\W*{step}\s", line) for line in lines), (step, proc.stdout)
-    for header in ("step", "time", "size", "files", "metrics", "status"):
+    for step in STEPS:  # one row per name, the name first
+        assert any(re.match(rf"^checkpoint-{step}\s", line) for line in lines), proc.stdout
+    for header in ("name", "time", "size", "files", "metrics", "flags", "status"):
         assert header in _text(proc.stdout)
     assert "loss=0.5" in _text(proc.stdout)
     assert proc.stdout.count("ok (sizes)") == len(STEPS)
@@ -171,10 +171,12 @@ def test_list_checksums_corrupt_and_foreign(root: Path) -> None:
 
     table = _cli("list", "--checksums", root)
     assert table.returncode == 0, table.stderr
-    rows = [line for line in table.stdout.splitlines() if line.startswith("│")]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("checkpoint-")]
     assert sum("corrupt" in line for line in rows) == 2
-    assert "no manifest" in _text(table.stdout)
-    assert any(re.match(r"^\W*9\s", line) for line in table.stdout.splitlines())
+    assert any(re.match(r"^checkpoint-9\s.*no manifest", line) for line in rows), rows
+    # each problem on a line of its own below the table, whole
+    assert "  checkpoint-2: model.safetensors: checksum mismatch" in table.stdout
+    assert f"  checkpoint-9: no ckptguard.json in {root / 'checkpoint-9'}" in table.stdout
 
 
 def test_list_missing_root(tmp_path: Path) -> None:

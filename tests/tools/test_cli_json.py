@@ -87,6 +87,8 @@ INSPECT_KEYS = {
     "writer", "versions", "files", "tensors", "state",
 }  # fmt: skip
 CLEAN_KEYS = {"root", "dry_run", "planned", "recovery_actions", "removed"}
+PIN_KEYS = {"root", "step", "path", "pinned"}
+RM_KEYS = {"root", "step", "path", "dry_run", "removed", "size_bytes", "protected", "forced"}
 SUCCESS: dict[str, tuple[list[str], set[str]]] = {
     # case: (arguments, "@x" standing for ROOT/x, and the keys besides ok and command)
     "list": (["list", "@"], ROOT_KEYS),
@@ -96,6 +98,11 @@ SUCCESS: dict[str, tuple[list[str], set[str]]] = {
     "inspect": (["inspect", "@checkpoint-2"], INSPECT_KEYS),
     "clean": (["clean", "@"], CLEAN_KEYS),
     "clean --yes": (["clean", "--yes", "@"], CLEAN_KEYS),
+    "pin": (["pin", "@", "1"], PIN_KEYS),
+    "unpin": (["unpin", "@", "1"], PIN_KEYS),
+    "rm (a dry run)": (["rm", "@", "1"], RM_KEYS),
+    "rm --yes": (["rm", "--yes", "@", "2"], RM_KEYS),
+    "rm the newest --force": (["rm", "--force", "@", "3"], RM_KEYS),
 }
 
 
@@ -175,6 +182,14 @@ ERRORS: dict[str, tuple[list[str], int, str, str]] = {
     "a bad option value": (["clean", "@run", "--stale-after", "soon"], 2, "UsageError", "soon"),
     "an unknown command": (["no-such-command"], 2, "UsageError", "No such command"),
     "doctor: a bad option value": (["doctor", "@run", "--keep", "all"], 2, "UsageError", "all"),
+    "rm the newest": (["rm", "@run", "3"], 1, "ProtectedCheckpoint", "newest valid"),
+    "rm --yes the newest": (["rm", "--yes", "@run", "3"], 1, "ProtectedCheckpoint", "newest"),
+    "rm a missing step": (["rm", "@run", "9"], 2, "CheckpointNotFound", "no checkpoint for step 9"),
+    "rm in a missing root": (["rm", "@nope", "1"], 2, "CheckpointNotFound", "does not exist"),
+    "pin a missing step": (["pin", "@run", "9"], 2, "CheckpointNotFound", "step 9"),
+    "pin a step that is no number": (["pin", "@run", "x"], 2, "UsageError", "'x'"),
+    "unpin a missing step": (["unpin", "@run", "9"], 2, "CheckpointNotFound", "step 9"),
+    "rm without a step": (["rm", "@run"], 2, "UsageError", "Missing argument 'STEP'"),
 }  # fmt: skip
 
 
@@ -211,7 +226,7 @@ def test_an_unexpected_error_is_still_one_document(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("ckptguard._tools.cli.scan", broken)
+    monkeypatch.setattr("ckptguard._tools.cli._list_rows", broken)
     code, doc = _run("list", root)
     assert code == 2
     assert doc["error"]["type"] == "RuntimeError"
@@ -239,3 +254,116 @@ def test_a_store_root_and_its_checkpoint(tmp_path: Path) -> None:
     assert (code, doc["error"]["type"]) == (2, "CheckpointNotFound")
     code, doc = _run("clean", url)
     assert (code, doc["planned"]) == (0, [])
+
+
+# -- pin, unpin, rm ----------------------------------------------------------------------------
+def _listed(root: Path | str, *extra: str) -> dict[str, dict[str, Any]]:
+    code, doc = _run("list", *extra, root)
+    assert code == 0, doc
+    return {r["name"]: r for r in doc["checkpoints"]}
+
+
+def test_pin_unpin_and_rm_with_its_refusals(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    mgr = ckptguard.CheckpointManager(root, keep_last=None, best_metric="loss")
+    for step, loss in ((1, 0.5), (2, 0.2), (3, 0.4), (4, 0.3)):
+        mgr.save(step, {"w": torch.zeros(2)}, metrics={"loss": loss})
+    rows = _listed(root)
+    assert [n for n, r in rows.items() if r["best"]] == ["checkpoint-2"]
+    assert not any(r["pinned"] for r in rows.values())
+
+    code, doc = _run("pin", root, "1")
+    assert (code, doc["pinned"], doc["path"]) == (0, True, str(root / "checkpoint-1"))
+    assert _listed(root)["checkpoint-1"]["pinned"] is True
+
+    for step, why in ((1, "it is pinned"), (2, "best checkpoint by loss"), (4, "newest valid")):
+        for extra in ([], ["--yes"]):
+            code, doc = _run("rm", *extra, root, str(step))
+            assert (code, doc["error"]["type"]) == (1, "ProtectedCheckpoint"), doc
+            assert why in doc["error"]["message"]
+            assert "--force" in doc["error"]["hint"]
+            assert (root / f"checkpoint-{step}").is_dir()
+
+    code, doc = _run("rm", root, "3")  # a dry run
+    assert code == 0
+    assert (doc["dry_run"], doc["removed"], doc["protected"]) == (True, False, None)
+    assert doc["size_bytes"] > 0
+    assert (root / "checkpoint-3").is_dir()
+    code, doc = _run("rm", "--yes", root, "3")
+    assert (code, doc["removed"]) == (0, True)
+    assert not (root / "checkpoint-3").exists()
+    assert "checkpoint-3" not in _listed(root)
+
+    code, doc = _run("rm", "--yes", "--force", root, "1")
+    assert (code, doc["forced"], doc["protected"]) == (0, True, "it is pinned (unpin it first)")
+    assert not (root / "checkpoint-1").exists()
+    assert ckptguard.CheckpointManager(root).restore(step=4)["w"].shape == (2,)
+
+    code, doc = _run("pin", root, "2")
+    code, doc = _run("unpin", root, "2")
+    assert (code, doc["pinned"]) == (0, False)
+    assert _listed(root)["checkpoint-2"]["pinned"] is False
+
+    mgr.save(5, {"w": torch.zeros(2)}, metrics={"loss": 0.9}, pin=True)
+    code, doc = _run("unpin", root, "5")
+    assert (code, doc["error"]["type"]) == (1, "ProtectedCheckpoint"), doc
+    assert "saved with pin=True" in doc["error"]["message"]
+
+
+def test_rm_and_pin_in_text(root: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["rm", str(root), "1"])
+    assert result.exit_code == 0, result.output
+    assert f"would delete {root / 'checkpoint-1'} (" in result.stdout
+    assert "dry run: nothing removed" in result.stdout
+    result = runner.invoke(main, ["rm", str(root), "3"])
+    assert result.exit_code == 1
+    assert "newest valid checkpoint" in result.stderr
+    assert "pass --force" in result.stderr
+    result = runner.invoke(main, ["pin", str(root), "1"])
+    assert result.exit_code == 0
+    assert f"ckptguard unpin {root} 1" in " ".join(result.stdout.split())
+    table = runner.invoke(main, ["list", str(root)])
+    line = next(x for x in table.stdout.splitlines() if x.startswith("checkpoint-1 "))
+    assert "pinned" in line  # the flags column
+
+
+def test_list_with_a_mirror_has_one_row_per_name(tmp_path: Path) -> None:
+    url = f"memory://ckptguard-tests/mirror-{tmp_path.name}"
+    root = tmp_path / "run"
+    mgr = ckptguard.CheckpointManager(root, keep_last=None, mirror=url)
+    for step in (1, 2):
+        mgr.save(step, {"w": torch.zeros(2)})
+    mgr.close()
+    ckptguard.CheckpointManager(root, keep_last=None).save(3, {"w": torch.ones(2)})
+    code, doc = _run("rm", "--yes", "--force", root, "1")  # leaves the mirror's copy
+    assert code == 0, doc
+
+    rows = _listed(root, "--mirror", url)
+    assert list(rows) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert [r["mirrored"] for r in rows.values()] == [True, True, False]
+    assert rows["checkpoint-1"]["status"] == "mirror only"
+    assert rows["checkpoint-1"]["path"] == f"{url}/checkpoint-1"
+    assert rows["checkpoint-2"]["status"] == "ok (sizes)"
+    assert all(r["mirrored"] is None for r in _listed(root).values())
+
+    table = CliRunner().invoke(main, ["list", str(root), "--mirror", url])
+    assert table.exit_code == 0, table.output
+    assert "mirrored" in table.stdout
+    assert "mirror only" in table.stdout
+
+
+def test_pin_and_rm_refuse_a_root_whose_meta_dir_is_a_symlink(root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    meta = root / ".ckptguard"
+    for child in meta.iterdir():
+        child.rename(elsewhere / child.name)
+    meta.rmdir()
+    meta.symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    for args in (["pin", root, "1"], ["rm", "--yes", "--force", root, "1"], ["unpin", root, "1"]):
+        code, doc = _run(*args)
+        assert (code, doc["error"]["type"]) == (2, "UnsupportedFile"), doc
+    assert sorted(p.name for p in elsewhere.iterdir()) == before  # nothing written there
+    assert (root / "checkpoint-1").is_dir()

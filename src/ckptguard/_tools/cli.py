@@ -1,4 +1,4 @@
-"""The ``ckptguard`` command: list, verify, inspect and clean checkpoints; doctor.
+"""The ``ckptguard`` command: list, verify, inspect, clean, pin, unpin, rm; doctor.
 
 Every ROOT or PATH may be a local path or an fsspec URL (s3://bucket/run); options for
 its filesystem (an endpoint, say) go in ``CKPTGUARD_STORAGE_OPTIONS`` as JSON, and the
@@ -8,9 +8,11 @@ folder.
 
 Exit codes, every command but doctor:
 
-- 0: all good: listed, verified, inspected, cleaned (or planned, in a dry run);
-- 1: something is corrupt (verify, inspect), or the action was refused (another process
-  holds the root's lock, the checkpoints belong to a live run);
+- 0: all good: listed, verified, inspected, cleaned, pinned, deleted (or planned, in a
+  dry run);
+- 1: something is corrupt (verify, inspect), or the action was refused (rm of the newest
+  valid, the best or a pinned checkpoint without --force; unpin of a checkpoint saved
+  with pin=True; another process holds the root's lock);
 - 2: bad usage, or a path that cannot be acted on: not there (a path, bucket or prefix),
   not reachable, empty (nothing to verify or inspect), a root where one checkpoint was
   expected (inspect), a file where a directory was expected, no permission, malformed
@@ -35,7 +37,8 @@ problems are listed, ``"problems"`` is a list of objects::
 but look. The rest, by command:
 
 - list: ``root``, ``checkpoints``: [{name, path, step, created_at, size_bytes, files,
-  metrics, status, problems}];
+  metrics, run, pinned, best, mirrored (null without --mirror), status, problems}], one
+  per name (with --mirror, names only the mirror holds too: status "mirror only");
 - verify: ``path``, ``kind`` ("checkpoint" or "root"), ``checkpoints``: [{path, name,
   step, ok, files_checked, bytes_checked, problems}];
 - inspect: ``path``, name, step, save_id, created_at, size_bytes, metrics, metadata,
@@ -43,7 +46,10 @@ but look. The rest, by command:
   (each tensor a ``{"__tensor__": {file, name, dtype, shape}}``), or null;
 - clean: ``root``, ``dry_run``, ``planned``: [{kind, path, name, action, size_bytes,
   detail, reason}], ``recovery_actions``, ``removed`` (paths);
-- doctor: ``root``, ``status``, ``exit_code``, ``checks``, ``problems``.
+- doctor: ``root``, ``status``, ``exit_code``, ``checks``, ``problems``;
+- pin, unpin: ``root``, ``step``, ``path``, ``pinned``;
+- rm: ``root``, ``step``, ``path``, ``dry_run``, ``removed``, ``size_bytes``,
+  ``protected`` (why it needed --force, or null), ``forced``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -69,6 +76,7 @@ from ckptguard._errors import (
     CorruptCheckpoint,
     ForeignRun,
     LockTimeout,
+    ProtectedCheckpoint,
     RootNotADirectory,
     StorageError,
     storage_error_from_os,
@@ -83,6 +91,7 @@ from ckptguard._format.layout import (
 )
 from ckptguard._format.quarantine import read_note
 from ckptguard._protocol.backend import Backend, backend_for, checkpoint_backend
+from ckptguard._protocol.cleanup import check_meta_dirs
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.marker import clean_store
 from ckptguard._protocol.recovery import EntryKind, RootEntry, recover, scan
@@ -96,6 +105,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
     from ckptguard._format.manifest import Manifest
+    from ckptguard._manager.admin import Admin
+    from ckptguard._manager.catalog import CheckpointInfo
     from ckptguard._storage.base import Source
 
 __all__ = ["main"]
@@ -128,13 +139,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _when(created_at: str | None) -> str:
+def _when(created_at: str | None, *, seconds: bool = True) -> str:
     if not created_at:
         return "-"
     try:
-        return _dt.datetime.fromisoformat(created_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        when = _dt.datetime.fromisoformat(created_at).astimezone()
     except ValueError:
         return created_at
+    return when.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
 
 
 # -- output: one JSON document, or text --------------------------------------------------------
@@ -187,7 +199,8 @@ def _error_json(exc: BaseException) -> dict[str, Any]:
 
 def _exit_code(exc: BaseException) -> int:
     """1 for something corrupt or a refusal, 2 for anything else (see the docstring)."""
-    return 1 if isinstance(exc, (CorruptCheckpoint, LockTimeout, ForeignRun)) else 2
+    refusals = (CorruptCheckpoint, ProtectedCheckpoint, LockTimeout, ForeignRun)
+    return 1 if isinstance(exc, refusals) else 2
 
 
 def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
@@ -287,6 +300,9 @@ def _root_backend(root: str) -> Backend:
         error = storage_error_from_os(exc, f"ckptguard {_command_name()}: reading {root}")
         error.hint = f"check the owner and mode (ls -ld {root}), or run as a user who may read it"
         raise error from None
+    # A .ckptguard (or its trash, ...) that is a symlink would lead pin, rm and clean
+    # into someone else's directory: refused, as recovery refuses it.
+    check_meta_dirs(backend.layout)
     return backend
 
 
@@ -332,82 +348,138 @@ def _is_empty(backend: Backend) -> bool:
 
 
 # -- list --------------------------------------------------------------------------------------
-def _list_rows(report_entries: list[RootEntry]) -> list[dict[str, Any]]:
+def _row(info: CheckpointInfo, backend: Backend, *, checksums: bool) -> dict[str, Any]:
+    """A checkpoint as ``list`` shows it (``mirrored`` is filled in by the caller)."""
+    has_manifest = info.save_id is not None or backend.exists(
+        backend.join(f"{info.name}/{MANIFEST_NAME}")
+    )
+    if info.valid:
+        status = "ok" if checksums else "ok (sizes)"
+    else:
+        status = "corrupt" if has_manifest else "no manifest"
+    return {
+        "name": info.name,
+        "path": info.path,
+        "step": info.step,
+        "created_at": info.created_at,
+        "size_bytes": info.size_bytes if has_manifest else None,
+        "files": info.files if has_manifest else None,
+        "metrics": dict(info.metrics),
+        "run": info.run,
+        "pinned": info.pinned,
+        "best": info.best,
+        "mirrored": None,
+        "status": status,
+        "problems": _problems(info.path, info.problems),
+    }
+
+
+def _other_rows(backend: Backend, listed: set[str], *, checksums: bool) -> list[dict[str, Any]]:
+    """Checkpoints whose name is not a step name (atomic_checkpoint("ROOT/best"), say)."""
+    from ckptguard._manager.catalog import CheckpointInfo  # noqa: PLC0415 - as Admin
+
     rows = []
-    for entry in report_entries:
-        if entry.kind not in {
-            EntryKind.COMMITTED_VALID,
-            EntryKind.COMMITTED_CORRUPT,
-            EntryKind.FOREIGN,
-        }:  # staging, trash and quarantine (uploads without a manifest) are not listed
+    for name in _checkpoint_names(backend):
+        if name in listed or step_from_name(name) is not None:
             continue
-        if entry.kind == EntryKind.FOREIGN and step_from_name(entry.name) is None:
-            continue  # user files; only checkpoint-shaped foreign folders are listed
-        manifest = entry.report.manifest if entry.report else None
-        if entry.kind == EntryKind.COMMITTED_VALID:
-            status = "ok" if entry.report and entry.report.checksums else "ok (sizes)"
-            problems: list[str] = []
-        elif entry.kind == EntryKind.COMMITTED_CORRUPT:
-            status = "corrupt"
-            problems = list(entry.report.problems) if entry.report else [entry.detail]
-        else:
-            status = "no manifest"
-            problems = [f"no {MANIFEST_NAME}: not committed by ckptguard"]
-        rows.append(
-            {
-                "name": entry.name,
-                "path": entry.path,
-                "step": manifest.step if manifest else step_from_name(entry.name),
-                "created_at": manifest.created_at if manifest else None,
-                "size_bytes": manifest.total_size if manifest else None,
-                "files": len(manifest.files) if manifest else None,
-                "metrics": dict(manifest.metrics) if manifest else {},
-                "status": status,
-                "problems": _problems(entry.path, problems),
-            }
-        )
-    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
+        report = backend.verify(backend.join(name), checksums=checksums)
+        step = report.step if report.step is not None else -1
+        info = CheckpointInfo.from_report(step, report, pinned=False)
+        rows.append({**_row(info, backend, checksums=checksums), "step": report.step})
     return rows
+
+
+def _list_rows(backend: Backend, *, checksums: bool, mirror: str | None) -> list[dict[str, Any]]:
+    """One row per checkpoint name, of the root and (``mirror``) of its mirror."""
+    from ckptguard._manager.admin import Admin  # noqa: PLC0415 - the manager's package
+
+    rows = {
+        info.name: _row(info, backend, checksums=checksums)
+        for info in Admin(backend).list(checksums=checksums)
+    }
+    for row in _other_rows(backend, set(rows), checksums=checksums):
+        rows[row["name"]] = row
+    if mirror is not None:
+        remote = backend_for(mirror, what="ckptguard list --mirror")
+        try:
+            copies = {i.name: i for i in Admin(remote).list(checksums=checksums)}
+        except CheckpointNotFound:
+            copies = {}  # nothing mirrored yet: the prefix does not exist
+        for name, row in rows.items():
+            row["mirrored"] = name in copies and copies[name].valid
+        for name, info in copies.items():
+            if name not in rows:  # on the mirror only (deleted here, or from another host)
+                row = _row(info, remote, checksums=checksums)
+                row.update(mirrored=info.valid, pinned=False, best=False)
+                row["status"] = "mirror only" if info.valid else "corrupt (mirror)"
+                rows[name] = row
+    return sorted(
+        rows.values(), key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"])
+    )
 
 
 @main.command("list")
 @click.argument("root")
 @click.option("--checksums", is_flag=True, help="Verify checksums too (reads every byte).")
+@click.option(
+    "--mirror",
+    metavar="URL",
+    help="Also show which checkpoints the mirror at URL holds, and those only it holds.",
+)
 @_json_option
 @_reports_errors
-def list_cmd(root: str, *, checksums: bool, as_json: bool) -> None:
-    """List the checkpoints of ROOT: step, time, size, files, metrics, status.
+def list_cmd(root: str, *, checksums: bool, mirror: str | None, as_json: bool) -> None:
+    """List the checkpoints of ROOT: one row per name.
+
+    Columns: name, time, size, files, metrics, flags (pinned; best, by the metric the
+    manager ranked by; mirrored, with --mirror), status; problems below the table.
 
     ROOT may be an fsspec URL (s3://bucket/run); options for its filesystem (an
     endpoint, say) go in the environment variable CKPTGUARD_STORAGE_OPTIONS as JSON.
     """
     backend = _root_backend(root)
-    rows = _list_rows(list(scan(backend.root, checksums=checksums).entries))
+    rows = _list_rows(backend, checksums=checksums, mirror=mirror)
     if as_json:
         _emit(ok=True, root=backend.root, checkpoints=rows)
         return
     if not rows:
         _out.print(f"no checkpoints in {escape(backend.root)}")
         return
-    table = Table(title=f"checkpoints in {escape(backend.root)}")
-    for column in ("step", "time", "size", "files", "metrics", "status"):
-        table.add_column(column, justify="right" if column in {"step", "size", "files"} else "left")
+    # Narrow enough for 80 columns: the name carries the step, the flags share a column,
+    # and each problem is a line of its own below the table (a cell would shred it).
+    table = Table(
+        title=f"checkpoints in {escape(backend.root)}",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    table.add_column("name", no_wrap=True)
+    table.add_column("time", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("files", justify="right")
+    table.add_column("metrics", overflow="fold")
+    table.add_column("flags")
+    table.add_column("status")
+    problems: list[str] = []
     for row in rows:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row["metrics"].items())  # fmt: skip
-        style = {"corrupt": "red", "no manifest": "yellow"}.get(row["status"], "green")
-        status = f"[{style}]{row['status']}[/]"
-        if row["problems"]:
-            status += f" ({escape(row['problems'][0]['problem'][:60])})"
+        style = "green" if row["status"].startswith(("ok", "mirror only")) else "red"
+        style = "yellow" if row["status"] == "no manifest" else style
         table.add_row(
-            str(row["step"]) if row["step"] is not None else "-",
-            _when(row["created_at"]),
+            escape(row["name"]),
+            _when(row["created_at"], seconds=False),
             _size(row["size_bytes"]) if row["size_bytes"] is not None else "-",
             str(row["files"]) if row["files"] is not None else "-",
             escape(metrics) or "-",
-            status,
+            " ".join(f for f in ("pinned", "best", "mirrored") if row[f]),
+            f"[{style}]{escape(row['status'])}[/]",
         )
+        problems += [f"{row['name']}: {p['problem']}" for p in row["problems"]]
     _out.print(table)
+    for problem in problems:
+        _out.print(f"  {escape(problem)}")
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -419,7 +491,8 @@ def _report_json(report: VerifyReport) -> dict[str, Any]:
         "ok": report.ok,
         "files_checked": report.files_checked,
         "bytes_checked": report.bytes_checked,
-        "problems": _problems(report.path, report.problems),
+        "problems": _problems(report.path, report.problems)
+        + _problems(report.path, report.warnings, "warning"),
     }
 
 
@@ -493,6 +566,8 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
             _out.print(f"[red]CORRUPT[/]  {escape(r.path)}")
             for problem in r.problems:
                 _out.print(f"           - {escape(problem)}")
+        for warning in r.warnings:
+            _out.print(f"           [yellow]warning:[/] {escape(warning)}")
     if is_root:
         _out.print(
             f"{escape(backend.root)} is a checkpoint root: {len(reports)} checkpoints verified, "
@@ -868,6 +943,123 @@ def doctor_cmd(root: str | None, *, keep: int, expect_empty: bool, as_json: bool
                       escape(check.advice))  # fmt: skip
     _out.print(table)
     sys.exit(report.exit_code)
+
+
+# -- pin, unpin, rm ----------------------------------------------------------------------------
+def _admin(root: str) -> tuple[Backend, Admin]:
+    from ckptguard._manager.admin import Admin  # noqa: PLC0415 - the manager's package
+
+    backend = _root_backend(root)
+    return backend, Admin(backend)
+
+
+def _checkpoint_path(backend: Backend, admin: Admin, step: int) -> str:
+    """The path of ``checkpoint-<step>``; CheckpointNotFound if the root has none."""
+    path = backend.join(admin.naming.name(step))
+    if not backend.exists(path):
+        raise CheckpointNotFound(
+            f"no checkpoint for step {step} in {backend.root}",
+            path=path,
+            hint=f"`ckptguard list {backend.root}` shows the steps there are",
+        )
+    return path
+
+
+@main.command("pin")
+@click.argument("root")
+@click.argument("step", type=click.IntRange(min=0))
+@_json_option
+@_reports_errors
+def pin_cmd(root: str, step: int, *, as_json: bool) -> None:
+    """Keep checkpoint STEP of ROOT whatever the retention policy says (until unpinned)."""
+    backend, admin = _admin(root)
+    path = _checkpoint_path(backend, admin, step)
+    admin.pin(step)
+    if as_json:
+        _emit(ok=True, root=backend.root, step=step, path=path, pinned=True)
+        return
+    _out.print(f"pinned {escape(path)}: retention keeps it until "
+               f"`ckptguard unpin {escape(root)} {step}`")  # fmt: skip
+
+
+@main.command("unpin")
+@click.argument("root")
+@click.argument("step", type=click.IntRange(min=0))
+@_json_option
+@_reports_errors
+def unpin_cmd(root: str, step: int, *, as_json: bool) -> None:
+    """Let retention delete checkpoint STEP of ROOT again (undo `ckptguard pin`).
+
+    A checkpoint saved with pin=True stays pinned (its manifest says so): exit 1.
+    """
+    backend, admin = _admin(root)
+    path = backend.join(admin.naming.name(step))
+    if not admin.pin_file(step):
+        path = _checkpoint_path(backend, admin, step)  # a pin of a gone checkpoint: unpin it
+    admin.unpin(step)
+    manifest = backend.manifest_or_none(path) if backend.exists(path) else None
+    if admin.pinned(step, manifest):
+        raise ProtectedCheckpoint(
+            f"{path} stays pinned: it was saved with pin=True, which its manifest records",
+            path=path,
+            hint=f"`ckptguard rm {root} {step} --force --yes` deletes it anyway",
+        )
+    if as_json:
+        _emit(ok=True, root=backend.root, step=step, path=path, pinned=False)
+        return
+    _out.print(f"unpinned {escape(path)}: retention may delete it again")
+
+
+@main.command("rm")
+@click.argument("root")
+@click.argument("step", type=click.IntRange(min=0))
+@click.option("--yes", is_flag=True, help="Really delete (default: only show what would go).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete it even if it is the newest valid checkpoint, the best one or pinned.",
+)
+@_json_option
+@_reports_errors
+def rm_cmd(root: str, step: int, *, yes: bool, force: bool, as_json: bool) -> None:
+    """Delete checkpoint STEP of ROOT (a dry run unless --yes).
+
+    Refused (exit 1) for the newest valid checkpoint (resume needs it), the best one and
+    a pinned one, unless --force. The checkpoint is moved to trash under the root's lock
+    first, so that a crash never leaves it half-deleted.
+    """
+    backend, admin = _admin(root)
+    path = _checkpoint_path(backend, admin, step)
+    infos = admin.list()
+    info = next((i for i in infos if i.name == admin.naming.name(step)), None)
+    protected = admin.refusal(step, infos)
+    if protected is not None and not force:
+        raise ProtectedCheckpoint(
+            f"not deleting {path}: {protected}",
+            path=path,
+            hint="pass --force if you really mean to delete it",
+        )
+    if yes:
+        path = admin.delete(step, force=force)  # decides again, under the root's lock
+    size = info.size_bytes if info is not None and info.save_id is not None else None
+    if as_json:
+        _emit(
+            ok=True,
+            root=backend.root,
+            step=step,
+            path=path,
+            dry_run=not yes,
+            removed=yes,
+            size_bytes=size,
+            protected=protected,
+            forced=force and protected is not None,
+        )
+        return
+    what = f"{escape(path)}" + (f" ({_size(size)})" if size is not None else "")
+    forced = f", although {escape(protected)} (--force)" if protected else ""
+    _out.print(f"{'deleted' if yes else 'would delete'} {what}{forced}")
+    if not yes:
+        _out.print("dry run: nothing removed; run again with --yes to do this")
 
 
 def _register_adopt() -> None:
