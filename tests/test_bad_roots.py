@@ -116,9 +116,15 @@ def test_the_command_refuses_a_file_root_typed(tmp_path: Path) -> None:
         _assert_refused(code, doc, "RootNotADirectory", str(file), "is a file")
         code, doc, _ = _cli(command, file / "sub")
         _assert_refused(code, doc, "RootNotADirectory", str(file), "lies under")
-    for command in ("verify", "inspect"):  # a checkpoint is a directory too
-        code, doc, _ = _cli(command, file)
-        _assert_refused(code, doc, "RootNotADirectory", str(file), "not a checkpoint directory")
+    code, doc, _ = _cli("inspect", file)  # a checkpoint is a directory
+    _assert_refused(code, doc, "RootNotADirectory", str(file), "not a checkpoint directory")
+    # verify takes a file for a single-file checkpoint (a Lightning .ckpt): without a
+    # checksum sidecar it cannot vouch for it.
+    code, doc, _ = _cli("verify", file)
+    assert code == 1, doc
+    (report,) = doc["checkpoints"]
+    assert report["ok"] is False
+    assert "no checksum sidecar" in report["problems"][0]["problem"]
     assert file.read_bytes() == b"x"
 
 
@@ -240,3 +246,34 @@ def test_the_command_on_a_root_it_may_not_read(command: str, shared_dir: Path) -
     assert "Traceback" not in proc.stderr
     # not "does not exist": it does, this user may not read it
     assert "does not exist" not in doc["error"]["message"]
+
+
+_READER = """
+import json, sys
+import ckptguard
+mgr = ckptguard.CheckpointManager(sys.argv[1])
+out = {"read_only": mgr.read_only, "restored": mgr.restore()}
+try:
+    mgr.save(2, {"step": 2})
+except ckptguard.ReadOnlyStorage as exc:
+    out["save"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_a_root_this_user_may_read_but_not_write_opens_read_only(shared_dir: Path) -> None:
+    root = shared_dir / "run"
+    mgr = ckptguard.CheckpointManager(root, check_environment=False)
+    mgr.save(1, {"step": 1})
+    mgr.close()
+    for top, dirs, files in os.walk(root):
+        for d in dirs:
+            Path(top, d).chmod(0o755)
+        for f in files:
+            Path(top, f).chmod(0o644)
+    proc = _unprivileged(["-c", _READER, str(root)], shared_dir)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["read_only"] is True
+    assert out["restored"] == {"step": 1}
+    assert f"may not write to {root}" in out["save"]

@@ -653,7 +653,7 @@ def test_unreachable_endpoint_fails_fast_with_one_clear_error(dead_env: Env) -> 
     assert as_json.code == 2, as_json
     assert as_json.seconds < 30
     assert as_json.json()["ok"] is False
-    assert "cannot be reached" in as_json.json()["error"]
+    assert "cannot be reached" in as_json.json()["error"]["message"]
     assert not [ln for ln in as_json.err.splitlines() if RETRY_WORDS.search(ln)], as_json.err
 
     assert doctor.code == 2, doctor

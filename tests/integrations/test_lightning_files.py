@@ -11,6 +11,7 @@ name holds the old file or the new one, and it verifies.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -544,3 +545,34 @@ def test_the_public_verify_checks_a_file_against_its_sidecar(tmp_path: Path) -> 
     path.write_bytes(bytes(data))
     assert not ckptguard.verify(path).ok
     assert ckptguard.verify(path, checksums=False).ok  # same size: only checksums tell
+
+
+def test_the_cli_lists_and_verifies_single_file_checkpoints(tmp_path: Path) -> None:
+    """One row per name: the saved file, last.ckpt linking to it, a plain file."""
+    from click.testing import CliRunner
+
+    from ckptguard._tools.cli import main
+
+    saved = tmp_path / "epoch=0-step=5.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 5, "state_dict": {}}, str(saved))
+    (tmp_path / "last.ckpt").symlink_to(saved.name)
+    torch.save({"global_step": 1}, tmp_path / "plain.ckpt")
+    listed = CliRunner().invoke(main, ["list", str(tmp_path), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in json.loads(listed.stdout)["checkpoints"]}
+    assert set(rows) == {"epoch=0-step=5.ckpt", "last.ckpt", "plain.ckpt"}  # no sidecars
+    assert rows["epoch=0-step=5.ckpt"]["status"] == "ok (sizes)"
+    assert rows["epoch=0-step=5.ckpt"]["step"] == 5
+    assert rows["last.ckpt"]["status"] == "ok (sizes) (link to epoch=0-step=5.ckpt)"
+    assert rows["plain.ckpt"]["status"] == "no sidecar"
+    assert rows["plain.ckpt"]["problems"][0]["severity"] == "warning"
+    verified = CliRunner().invoke(main, ["verify", str(saved)])
+    assert verified.exit_code == 0, verified.output
+    assert verified.stdout.startswith("ok ")
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    verified = CliRunner().invoke(main, ["verify", str(saved), "--json"])
+    assert verified.exit_code == 1
+    (report,) = json.loads(verified.stdout)["checkpoints"]
+    assert report["ok"] is False

@@ -89,6 +89,7 @@ INSPECT_KEYS = {
 CLEAN_KEYS = {"root", "dry_run", "planned", "recovery_actions", "removed"}
 PIN_KEYS = {"root", "step", "path", "pinned"}
 RM_KEYS = {"root", "step", "path", "dry_run", "removed", "size_bytes", "protected", "forced"}
+ADOPT_KEYS = {"root", "dry_run", "checkpoints"}
 SUCCESS: dict[str, tuple[list[str], set[str]]] = {
     # case: (arguments, "@x" standing for ROOT/x, and the keys besides ok and command)
     "list": (["list", "@"], ROOT_KEYS),
@@ -103,6 +104,8 @@ SUCCESS: dict[str, tuple[list[str], set[str]]] = {
     "rm (a dry run)": (["rm", "@", "1"], RM_KEYS),
     "rm --yes": (["rm", "--yes", "@", "2"], RM_KEYS),
     "rm the newest --force": (["rm", "--force", "@", "3"], RM_KEYS),
+    "adopt (nothing to adopt)": (["adopt", "@"], ADOPT_KEYS),
+    "adopt --yes": (["adopt", "--yes", "@"], ADOPT_KEYS),
 }
 
 
@@ -190,6 +193,8 @@ ERRORS: dict[str, tuple[list[str], int, str, str]] = {
     "pin a step that is no number": (["pin", "@run", "x"], 2, "UsageError", "'x'"),
     "unpin a missing step": (["unpin", "@run", "9"], 2, "CheckpointNotFound", "step 9"),
     "rm without a step": (["rm", "@run"], 2, "UsageError", "Missing argument 'STEP'"),
+    "adopt a missing root": (["adopt", "@nope"], 2, "CheckpointNotFound", "is not a directory"),
+    "adopt a URL": (["adopt", "s3://bucket/run"], 2, "UnsupportedRoot", "is a URL"),
 }  # fmt: skip
 
 

@@ -336,7 +336,7 @@ class CheckpointManager:
     def _writable(self, what: str) -> None:
         if self.read_only:
             raise ReadOnlyStorage(
-                f"cannot {what}: {self.root} is open read-only ({self._read_only_why})",
+                f"cannot {what}: {self.root} is open read-only: {self._read_only_why}",
                 path=self.root,
                 hint="list, verify and restore work; to save, open a writable root (or "
                 "remount it read-write)",

@@ -65,7 +65,7 @@ def start(
     try:
         repairs = coord.rank == 0 if backend.strategy.shared else coord.local_rank == 0
         if read_only is not None and coord.rank == 0:
-            _log.info("%s is read-only (%s): no start-up recovery", backend.root, read_only)
+            _log.info("%s is read-only, no start-up recovery: %s", backend.root, read_only)
         elif repairs and read_only is None:
             backend.prepare_root()
             for action in backend.repair(stale_after=stale_after, lock_timeout=lock_timeout):

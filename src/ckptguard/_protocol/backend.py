@@ -10,6 +10,7 @@ backend, never which kind it is.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import json
 import os
 import posixpath
@@ -17,7 +18,13 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptguard._errors import CheckpointNotFound, RootNotADirectory, UnsupportedRoot
+from ckptguard._errors import (
+    CheckpointNotFound,
+    RootNotADirectory,
+    StorageError,
+    UnsupportedRoot,
+    storage_error_from_os,
+)
 from ckptguard._format.layout import RootLayout
 from ckptguard._protocol.marker import MarkerCommit, read_marker
 from ckptguard._protocol.rename import RenameCommit
@@ -31,7 +38,7 @@ from ckptguard._storage.local import LocalStorage, read_only_reason
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, with_retries
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
     from contextlib import AbstractContextManager
 
     from ckptguard._format.manifest import Manifest
@@ -145,16 +152,34 @@ class Backend:
         """
         return None if self.strategy.shared else read_only_reason(self.root)
 
+    @contextlib.contextmanager
+    def _typed(self, what: str) -> Iterator[None]:
+        """A refusal (EACCES, EROFS...) of the start-up steps, as a typed StorageError."""
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            err = storage_error_from_os(exc, what, self.root)
+            err.hint = (
+                f"check the owner and mode of {self.root} and its parent (ls -ld); to only "
+                "read its checkpoints, open it with read_only=True"
+            )
+            raise err from exc
+
     def prepare_root(self) -> None:
-        self.strategy.prepare_root(self.layout, self.storage, retry=self.retry)
+        """Create the root and its work dirs; a refusal (EACCES, EROFS...) is typed."""
+        with self._typed("preparing the checkpoint root"):
+            self.strategy.prepare_root(self.layout, self.storage, retry=self.retry)
 
     def retire(self, name: str) -> bool:
         return self.strategy.retire(self.layout, self.storage, name, retry=self.retry)
 
     def repair(self, *, stale_after: float, lock_timeout: float) -> list[str]:
-        return self.strategy.repair(
-            self.layout, self.storage, stale_after=stale_after, lock_timeout=lock_timeout
-        )
+        with self._typed("repairing what a crash left in the root"):
+            return self.strategy.repair(
+                self.layout, self.storage, stale_after=stale_after, lock_timeout=lock_timeout
+            )
 
     def lock(self, timeout: float) -> AbstractContextManager[None]:
         return self.strategy.lock(self.layout, timeout)

@@ -602,6 +602,8 @@ def read_only_reason(path: str) -> str | None:
             return f"{probe} is on a read-only mount"
     except OSError:
         return None
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"this process (uid {os.geteuid()}) may not write to {probe}"
+    if not os.access(probe, os.R_OK | os.X_OK):
+        return None  # not even readable: the reading says so, typed (not "read-only")
+    if not os.access(probe, os.W_OK):
+        return f"uid {os.geteuid()} may not write to {probe}"
     return None

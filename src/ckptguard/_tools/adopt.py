@@ -10,27 +10,18 @@ check; 2 bad usage or a root that is not there.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import click
 
-from ckptguard._errors import CheckpointError
+from ckptguard._errors import CheckpointError, CheckpointNotFound, UnsupportedRoot
 from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING
 from ckptguard._manager.adoption import Adoptable, adopt, adoptable
 from ckptguard._storage.base import is_url
+from ckptguard._tools.output import emit, json_option, problems_json, reports_errors, size
 
 __all__ = ["adopt_cmd"]
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _candidates(root: str) -> list[Adoptable]:
@@ -41,29 +32,23 @@ def _candidates(root: str) -> list[Adoptable]:
     return sorted(seen.values(), key=lambda a: (a.step, a.path))
 
 
-def _fail(message: str, *, hint: str, as_json: bool) -> None:
-    if as_json:
-        error = {"type": "UsageError", "message": message, "hint": hint}
-        click.echo(json.dumps({"ok": False, "error": error}, indent=2))
-    else:
-        click.echo(f"error: {message}\nhint: {hint}", err=True)
-    raise SystemExit(2)
-
-
 @click.command("adopt")
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("--yes", is_flag=True, help="Really seal them (default: only show what would be).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
+@reports_errors
 def adopt_cmd(root: str, *, yes: bool, as_json: bool) -> None:
     """Seal checkpoints written without ckptguard with manifests (dry run without --yes)."""
     if is_url(root):
-        _fail(
+        raise UnsupportedRoot(
             f"{root} is a URL: adopt works on local and shared filesystems",
+            path=root,
             hint="adopt on the filesystem the checkpoints were written to, then mirror",
-            as_json=as_json,
         )
     if not os.path.isdir(root):
-        _fail(f"{root} is not a directory", hint="give the run's output dir", as_json=as_json)
+        raise CheckpointNotFound(
+            f"{root} is not a directory", path=root, hint="give the run's output dir"
+        )
     rows: list[dict[str, Any]] = []
     failed = False
     for candidate in _candidates(os.path.abspath(root)):
@@ -71,10 +56,7 @@ def adopt_cmd(root: str, *, yes: bool, as_json: bool) -> None:
             "path": candidate.path,
             "step": candidate.step,
             "size_bytes": candidate.size_bytes,
-            "problems": [
-                {"path": candidate.path, "problem": p, "severity": "error"}
-                for p in candidate.problems
-            ],
+            "problems": problems_json(candidate.path, candidate.problems),
             "action": "seal" if candidate.ok else "skip",
             "done": False,
         }
@@ -84,21 +66,18 @@ def adopt_cmd(root: str, *, yes: bool, as_json: bool) -> None:
                 row["done"] = True
             except (CheckpointError, OSError) as exc:
                 row["action"] = "failed"
-                row["problems"].append(
-                    {"path": candidate.path, "problem": str(exc), "severity": "error"}
-                )
+                row["problems"] += problems_json(candidate.path, [str(exc)])
         failed = failed or not candidate.ok or row["action"] == "failed"
         rows.append(row)
     if as_json:
-        doc = {"ok": not failed, "dry_run": not yes, "checkpoints": rows}
-        click.echo(json.dumps(doc, indent=2))
+        emit(ok=not failed, root=os.path.abspath(root), dry_run=not yes, checkpoints=rows)
     else:
         if not rows:
             click.echo(f"nothing to adopt in {root}: every checkpoint has a manifest")
         for row in rows:
             if row["action"] == "seal":
                 verb = "sealed" if row["done"] else "would seal"
-                click.echo(f"{verb} {row['path']} ({_size(row['size_bytes'])})")
+                click.echo(f"{verb} {row['path']} ({size(row['size_bytes'])})")
             else:
                 why = "; ".join(p["problem"] for p in row["problems"])
                 click.echo(f"not sealing {row['path']}: {why}")

@@ -55,17 +55,14 @@ but look. The rest, by command:
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
 import os
 import stat
 import sys
-import traceback
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec
 
 import click
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -74,11 +71,8 @@ from ckptguard._errors import (
     CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
-    ForeignRun,
-    LockTimeout,
     ProtectedCheckpoint,
     RootNotADirectory,
-    StorageError,
     storage_error_from_os,
 )
 from ckptguard._format.layout import (
@@ -92,6 +86,7 @@ from ckptguard._format.layout import (
 from ckptguard._format.quarantine import read_note
 from ckptguard._protocol.backend import Backend, backend_for, checkpoint_backend
 from ckptguard._protocol.cleanup import check_meta_dirs
+from ckptguard._protocol.filecommit import sidecar_path, verify_file
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.marker import clean_store
 from ckptguard._protocol.recovery import EntryKind, RootEntry, recover, scan
@@ -100,6 +95,17 @@ from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._state.serialization import _read_state_json, iter_tensor_infos
 from ckptguard._storage.base import is_url
 from ckptguard._storage.local import LocalStorage, tree_size
+from ckptguard._tools.adopt import adopt_cmd
+from ckptguard._tools.output import command_name as _command_name
+from ckptguard._tools.output import emit as _emit
+from ckptguard._tools.output import emit_json as _emit_json
+from ckptguard._tools.output import error_json as _error_json
+from ckptguard._tools.output import json_option as _json_option
+from ckptguard._tools.output import out as _out
+from ckptguard._tools.output import problems_json as _problems
+from ckptguard._tools.output import reports_errors as _reports_errors
+from ckptguard._tools.output import size as _size
+from ckptguard._tools.output import stderr as _err
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -114,29 +120,11 @@ __all__ = ["main"]
 _P = ParamSpec("_P")
 
 
-def _console(*, stderr: bool) -> Console:
-    stream = sys.stderr if stderr else sys.stdout
-    # Piped output is for grep and logs: never wrap a path in the middle.
-    width = None if stream.isatty() else int(os.environ.get("COLUMNS", "0") or 0) or 200
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
-
-
-_out = _console(stderr=False)
-_err = _console(stderr=True)
 # Verify shows a progress bar above this many bytes.
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 # The non-tensor state inspect prints (the JSON has all of it).
 MAX_STATE_LINES = 60
 MAX_VALUE_CHARS = 100
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _when(created_at: str | None, *, seconds: bool = True) -> str:
@@ -147,101 +135,6 @@ def _when(created_at: str | None, *, seconds: bool = True) -> str:
     except ValueError:
         return created_at
     return when.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
-
-
-# -- output: one JSON document, or text --------------------------------------------------------
-def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
-
-
-def _command_name() -> str:
-    ctx = click.get_current_context(silent=True)
-    return (ctx.info_name if ctx is not None else None) or "ckptguard"
-
-
-def _emit(*, ok: bool, **fields: Any) -> None:
-    """The one JSON document of a command that ran (see the module docstring)."""
-    _emit_json({"ok": ok, "command": _command_name(), **fields})
-
-
-def _problems(path: str, problems: Sequence[str], severity: str = "error") -> list[dict[str, str]]:
-    return [{"path": path, "problem": p, "severity": severity} for p in problems]
-
-
-def _typed(exc: BaseException) -> BaseException:
-    """A builtin OSError as the ckptguard error of its errno (a permission error, say)."""
-    if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-        typed = storage_error_from_os(exc, f"ckptguard {_command_name()}")
-        if type(typed) is StorageError:  # its default hint is about an aborted save
-            typed.hint = "check the path and the filesystem"
-        return typed
-    return exc
-
-
-def _error_json(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, CheckpointError):
-        return {
-            "type": type(exc).__name__,
-            "message": exc.message,
-            "path": exc.path,
-            "hint": exc.hint or None,
-        }
-    if isinstance(exc, click.ClickException):
-        usage = isinstance(exc, click.UsageError)
-        return {
-            "type": "UsageError" if usage else type(exc).__name__,
-            "message": exc.format_message(),
-            "path": None,
-            "hint": "see `ckptguard COMMAND --help`" if usage else None,
-        }
-    return {"type": type(exc).__name__, "message": str(exc), "path": None, "hint": None}
-
-
-def _exit_code(exc: BaseException) -> int:
-    """1 for something corrupt or a refusal, 2 for anything else (see the docstring)."""
-    refusals = (CorruptCheckpoint, ProtectedCheckpoint, LockTimeout, ForeignRun)
-    return 1 if isinstance(exc, refusals) else 2
-
-
-def _fail(exc: BaseException, *, as_json: bool) -> NoReturn:
-    """Report an error the way the caller asked for output, and exit 1 or 2."""
-    exc = _typed(exc)
-    if as_json:
-        _emit(ok=False, error=_error_json(exc))
-    else:
-        _err.print(f"[red]error:[/] {escape(str(exc))}")
-    sys.exit(_exit_code(exc))
-
-
-def _reports_errors(func: Callable[_P, None]) -> Callable[_P, None]:
-    """Run a command; report its errors as text or JSON (its ``as_json``) and exit 1 or 2.
-
-    With ``--json`` an unexpected error is a JSON document too (and a traceback on
-    stderr), so that a script always has one document to parse.
-    """
-
-    @functools.wraps(func)
-    def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        as_json = bool(kwargs.get("as_json"))
-        try:
-            func(*args, **kwargs)
-        except (CheckpointError, OSError, ImportError) as exc:
-            _fail(exc, as_json=as_json)
-        except Exception as exc:
-            if not as_json:
-                raise
-            traceback.print_exc()
-            _fail(exc, as_json=True)
-
-    return run
-
-
-_json_option = click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="One JSON document on stdout, whatever the outcome (see `ckptguard --help`).",
-)
 
 
 class _Group(click.Group):
@@ -389,6 +282,38 @@ def _other_rows(backend: Backend, listed: set[str], *, checksums: bool) -> list[
     return rows
 
 
+def _file_rows(backend: Backend, *, checksums: bool) -> list[dict[str, Any]]:
+    """Single-file checkpoints (Lightning's ``.ckpt``): one row per name, links included.
+
+    A file with a checksum sidecar is verified against it; a ``.ckpt`` without one was
+    written without ckptguard ("no sidecar"), checked for structure only.
+    """
+    from ckptguard._manager.catalog import CheckpointInfo  # noqa: PLC0415 - as Admin
+
+    if backend.remote:
+        return []
+    rows = []
+    for name in sorted(os.listdir(backend.root)):
+        path = backend.join(name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue  # hidden (sidecars, temp files), directories, dangling links
+        if not (name.endswith(".ckpt") or os.path.lexists(sidecar_path(path))):
+            continue
+        target = os.path.realpath(path) if os.path.islink(path) else path
+        report = verify_file(target, checksums=checksums)
+        info = CheckpointInfo.from_report(report.step or -1, report, pinned=False)
+        row = {**_row(info, backend, checksums=checksums), "step": report.step, "files": 1}
+        row.update(name=name, path=path, size_bytes=os.stat(target).st_size)
+        if report.extra.get("sidecar") is None and report.extra.get("structure") is None:
+            # Written without ckptguard, and complete as far as its structure shows.
+            row["status"] = "no sidecar"
+            row["problems"] = _problems(path, report.problems, "warning")
+        if target != path:
+            row["status"] += f" (link to {os.path.basename(target)})"
+        rows.append(row)
+    return rows
+
+
 def _list_rows(backend: Backend, *, checksums: bool, mirror: str | None) -> list[dict[str, Any]]:
     """One row per checkpoint name, of the root and (``mirror``) of its mirror."""
     from ckptguard._manager.admin import Admin  # noqa: PLC0415 - the manager's package
@@ -398,6 +323,8 @@ def _list_rows(backend: Backend, *, checksums: bool, mirror: str | None) -> list
         for info in Admin(backend).list(checksums=checksums)
     }
     for row in _other_rows(backend, set(rows), checksums=checksums):
+        rows[row["name"]] = row
+    for row in _file_rows(backend, checksums=checksums):
         rows[row["name"]] = row
     if mirror is not None:
         remote = backend_for(mirror, what="ckptguard list --mirror")
@@ -522,6 +449,9 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
 
     An empty directory, or a root with no checkpoints, has nothing to verify: exit 2.
     """
+    if not is_url(path) and os.path.isfile(path):  # a single-file checkpoint (a .ckpt)
+        where = os.path.abspath(path)
+        _verified([verify_file(where)], root=where, is_root=False, path=path, as_json=as_json)
     _refuse_a_file(path)
     backend = _root_backend(path)  # PATH taken as a root first
     show_progress = not as_json and _err.is_terminal
@@ -549,11 +479,18 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
         # (a half-written Trainer save, say) fails verification instead of passing.
         single, where = checkpoint_backend(path, what="ckptguard verify")
         reports = _verify_all(single, [where], show_progress=show_progress)
+    _verified(reports, root=backend.root, is_root=is_root, path=path, as_json=as_json)
+
+
+def _verified(
+    reports: list[VerifyReport], *, root: str, is_root: bool, path: str, as_json: bool
+) -> NoReturn:
+    """Print what verify found (text or the JSON document) and exit 0, or 1 if corrupt."""
     bad = [r for r in reports if not r.ok]
     if as_json:
         _emit(
             ok=not bad,
-            path=backend.root,
+            path=root,
             kind="root" if is_root else "checkpoint",
             checkpoints=[_report_json(r) for r in reports],
         )
@@ -570,7 +507,7 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
             _out.print(f"           [yellow]warning:[/] {escape(warning)}")
     if is_root:
         _out.print(
-            f"{escape(backend.root)} is a checkpoint root: {len(reports)} checkpoints verified, "
+            f"{escape(root)} is a checkpoint root: {len(reports)} checkpoints verified, "
             f"{len(bad)} corrupt (`ckptguard list {escape(path)}` lists them)"
         )
     sys.exit(1 if bad else 0)
@@ -1062,10 +999,4 @@ def rm_cmd(root: str, step: int, *, yes: bool, force: bool, as_json: bool) -> No
         _out.print("dry run: nothing removed; run again with --yes to do this")
 
 
-def _register_adopt() -> None:
-    from ckptguard._tools.adopt import adopt_cmd  # noqa: PLC0415 - its own module
-
-    main.add_command(adopt_cmd)
-
-
-_register_adopt()
+main.add_command(adopt_cmd)
