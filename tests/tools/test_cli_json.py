@@ -367,7 +367,12 @@ def test_pin_and_rm_refuse_a_root_whose_meta_dir_is_a_symlink(root: Path, tmp_pa
     meta.rmdir()
     meta.symlink_to(elsewhere)
     before = sorted(p.name for p in elsewhere.iterdir())
-    for args in (["pin", root, "1"], ["rm", "--yes", "--force", root, "1"], ["unpin", root, "1"]):
+    cases: list[list[str | Path]] = [
+        ["pin", root, "1"],
+        ["rm", "--yes", "--force", root, "1"],
+        ["unpin", root, "1"],
+    ]
+    for args in cases:
         code, doc = _run(*args)
         assert (code, doc["error"]["type"]) == (2, "UnsupportedFile"), doc
     assert sorted(p.name for p in elsewhere.iterdir()) == before  # nothing written there
