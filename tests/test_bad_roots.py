@@ -277,3 +277,13 @@ def test_a_root_this_user_may_read_but_not_write_opens_read_only(shared_dir: Pat
     assert out["read_only"] is True
     assert out["restored"] == {"step": 1}
     assert f"may not write to {root}" in out["save"]
+
+
+@pytest.mark.parametrize("entry", [ckptguard.scan, ckptguard.recover])
+def test_scan_and_recover_refuse_a_file_root_typed(entry: Any, tmp_path: Path) -> None:
+    file = tmp_path / "weights.pt"
+    file.write_bytes(b"x")
+    for root, words in ((file, "is a file"), (file / "sub", "lies under")):
+        with pytest.raises(ckptguard.RootNotADirectory, match=words):
+            entry(root)
+    assert file.read_bytes() == b"x"

@@ -30,7 +30,6 @@ from ckptguard._format.layout import (
     MANIFEST_NAME,
     META_DIR,
     QUARANTINE_REASON_SUFFIX,
-    RootLayout,
     parse_staging_name,
 )
 from ckptguard._protocol.backend import Backend, backend_for
@@ -146,8 +145,9 @@ def scan(
             checksums=checksums,
             stale_after=stale_after,
         )
+    # The resolver refuses an empty root, a file and a path under a file, typed.
+    layout = backend_for(root, storage_options, storage=storage, what="scan").layout
     storage = storage or LocalStorage()
-    layout = RootLayout(os.path.abspath(os.fspath(root)))
     check_meta_dirs(layout)
     entries = _classify_top(layout.root, storage.list_dir(layout.root), checksums=checksums)
     for name in storage.list_dir(layout.staging):
@@ -194,8 +194,8 @@ def recover(
         done = backend.repair(stale_after=stale_after, lock_timeout=lock_timeout)
         report = _scan_store(backend, checksums=checksums, stale_after=stale_after)
         return RecoveryReport(report.root, report.entries, tuple(done))
+    layout = backend_for(root, storage_options, storage=storage, what="recover").layout
     storage = storage or LocalStorage()
-    layout = RootLayout(os.path.abspath(os.fspath(root)))
     actions: list[str] = []
     check_meta_dirs(layout)
     if os.path.isdir(layout.meta):
