@@ -357,6 +357,12 @@ def test_list_with_a_mirror_has_one_row_per_name(tmp_path: Path) -> None:
     assert "mirrored" in table.stdout
     assert "mirror only" in table.stdout
 
+    # rm --mirror deletes the mirror's copy too.
+    code, doc = _run("rm", "--yes", "--mirror", url, root, "2")
+    assert code == 0, doc
+    rows = _listed(root, "--mirror", url)
+    assert list(rows) == ["checkpoint-1", "checkpoint-3"]
+
 
 def test_pin_and_rm_refuse_a_root_whose_meta_dir_is_a_symlink(root: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"

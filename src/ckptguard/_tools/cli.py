@@ -956,16 +956,27 @@ def unpin_cmd(root: str, step: int, *, as_json: bool) -> None:
     is_flag=True,
     help="Delete it even if it is the newest valid checkpoint, the best one or pinned.",
 )
+@click.option("--mirror", metavar="URL", help="Delete the mirror's copy at URL too.")
 @_json_option
 @_reports_errors
-def rm_cmd(root: str, step: int, *, yes: bool, force: bool, as_json: bool) -> None:
+def rm_cmd(
+    root: str, step: int, *, yes: bool, force: bool, mirror: str | None, as_json: bool
+) -> None:
     """Delete checkpoint STEP of ROOT (a dry run unless --yes).
 
     Refused (exit 1) for the newest valid checkpoint (resume needs it), the best one and
     a pinned one, unless --force. The checkpoint is moved to trash under the root's lock
-    first, so that a crash never leaves it half-deleted.
+    first, so that a crash never leaves it half-deleted. With --mirror URL the mirror's
+    copy goes too (first: a copy left behind would be "mirror only" in `list`).
     """
     backend, admin = _admin(root)
+    if mirror is not None:
+        remote = backend_for(mirror, what="ckptguard rm --mirror")
+
+        def retire_copy(name: str) -> None:
+            remote.retire(name)
+
+        admin.on_retire = retire_copy
     path = _checkpoint_path(backend, admin, step)
     infos = admin.list()
     info = next((i for i in infos if i.name == admin.naming.name(step)), None)
