@@ -456,3 +456,25 @@ def test_a_save_last_link_is_followed_inside_its_directory(tmp_path: Path) -> No
     (tmp_path / "escape.ckpt").symlink_to(outside / "step=9.ckpt")
     with pytest.raises(CorruptCheckpoint, match="outside its directory"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "escape.ckpt")
+
+
+def test_a_replace_of_the_directory_form_killed_after_its_rename_cleans_the_trash(
+    tmp_path: Path,
+) -> None:
+    """Killed once the new file holds the name: the old directory in trash is removed."""
+    last = tmp_path / "last.ckpt"
+    _save_directory_form(last, step=1, value=1.0)
+    killed = _REPLACE_KILLED.replace('"file.made_way"', '"file.renamed"')
+    proc = subprocess.run(
+        [sys.executable, "-c", killed, str(last)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    trash = RootLayout(str(tmp_path)).trash
+    assert len(_entries(trash)) == 1  # the cut: the old directory waits in trash
+    assert last_valid_checkpoint(tmp_path) == str(last)  # repair ran
+    assert AtomicCheckpointIO().load_checkpoint(last)["global_step"] == 2  # the new file
+    assert _entries(trash) == []  # a valid file holds the name: the old copy goes

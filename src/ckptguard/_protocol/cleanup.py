@@ -308,13 +308,25 @@ def repair_trash(
                     actions.append(f"restored {final} from {path} (an interrupted replace)")
                     newest_first.remove(entry)
                     break
-        if not verify(final, checksums=checksums).ok:
+        if not _valid_final(final, checksums=checksums):
             continue  # keep the old copies while the final name holds nothing valid
         for entry in newest_first:
             path = os.path.join(layout.trash, entry)
             remove_retrying(storage, path, what="remove trash", policy=retry)
             actions.append(f"removed {path} (replaced by a valid {final})")
     return actions
+
+
+def _valid_final(final: str, *, checksums: bool) -> bool:
+    """Whether ``final`` holds a valid checkpoint: a directory, or a file with its sidecar.
+
+    The file: a Lightning ``.ckpt`` that replaced a checkpoint directory of that name.
+    """
+    if os.path.isfile(final) and not os.path.islink(final):
+        from ckptguard._protocol.filecommit import verify_file  # noqa: PLC0415 - a cycle
+
+        return verify_file(final, checksums=checksums).ok
+    return verify(final, checksums=checksums).ok
 
 
 def check_meta_dirs(layout: RootLayout) -> None:
