@@ -159,3 +159,29 @@ def test_the_adopt_command_is_a_dry_run_without_yes(tmp_path: Path) -> None:
     again = _cli("adopt", str(root))
     assert again.returncode == 0
     assert "nothing to adopt" in again.stdout
+
+
+def test_adopt_gives_plain_ckpt_files_their_sidecar(tmp_path: Path) -> None:
+    """Lightning's files written without ckptguard: sealed by a sidecar, bytes untouched."""
+    root = tmp_path / "lightning"
+    root.mkdir()
+    torch.save({"global_step": 20}, root / "epoch=1-step=20.ckpt")
+    torch.save({"global_step": 30}, root / "last.ckpt")
+    torch.save({"global_step": 40}, root / "epoch=2-step=40.ckpt")
+    _cut(root / "epoch=2-step=40.ckpt", 0.7)  # killed mid-write: not sealed
+    before = (root / "epoch=1-step=20.ckpt").read_bytes()
+    assert not ckptguard.verify(root / "epoch=1-step=20.ckpt").ok  # no sidecar yet
+    dry = _cli("adopt", str(root), "--json")
+    assert dry.returncode == 1, dry.stdout
+    rows = {Path(r["path"]).name: r for r in json.loads(dry.stdout)["checkpoints"]}
+    assert rows["epoch=1-step=20.ckpt"]["action"] == "seal"
+    assert rows["last.ckpt"]["action"] == "seal"
+    assert rows["epoch=2-step=40.ckpt"]["action"] == "skip"
+    done = _cli("adopt", str(root), "--yes")
+    assert done.returncode == 1  # the cut file stays unsealed
+    report = ckptguard.verify(root / "epoch=1-step=20.ckpt")
+    assert report.ok, report.problems
+    assert report.step == 20
+    assert ckptguard.verify(root / "last.ckpt").ok
+    assert not ckptguard.verify(root / "epoch=2-step=40.ckpt").ok
+    assert (root / "epoch=1-step=20.ckpt").read_bytes() == before

@@ -15,6 +15,10 @@ warning. A structural check catches what a crash or a partial copy leaves:
   each shard a ``*.index.json`` names is there;
 - no empty file, no symlink.
 
+A single-file checkpoint written without ckptguard (Lightning's ``epoch=1-step=20.ckpt``)
+is checked as a ``torch.save`` zip; adopting it writes its checksum sidecar (see
+``_protocol/filecommit.py``), the file itself untouched.
+
 ``ckptguard adopt ROOT`` seals such checkpoints: each is staged as hard links to its own
 files (no copy, no extra space), sealed with a manifest (every file checksummed) and
 committed in place of the original, which is kept in quarantine (same inodes) until
@@ -26,19 +30,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptguard._errors import CorruptCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME
 from ckptguard._format.safetensors import MAX_HEADER_BYTES, parse_header
-from ckptguard._protocol.filecommit import zip_problem
+from ckptguard._protocol.filecommit import (
+    Sidecar,
+    new_entry,
+    sidecar_path,
+    write_sidecar,
+    zip_problem,
+)
+from ckptguard._storage.local import digest_fd
 
 if TYPE_CHECKING:
     from ckptguard._format.layout import Naming
     from ckptguard._protocol.strategy import CommitResult
 
-__all__ = ["Adoptable", "adopt", "adoptable", "structural_problems"]
+__all__ = [
+    "Adoptable",
+    "adopt",
+    "adoptable",
+    "adoptable_files",
+    "newest_adoptable",
+    "structural_problems",
+]
 
 _log = logging.getLogger("ckptguard.adoption")
 WEIGHTS = ("model", "pytorch_model", "adapter_model")  # names of weights saved as pickles
@@ -167,6 +186,54 @@ def adoptable(root: str, naming: Naming) -> list[Adoptable]:
     return sorted(found, key=lambda a: (a.step, a.path), reverse=True)
 
 
+_STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])step=([0-9]+)")  # Lightning's default names
+
+
+def adoptable_files(root: str) -> list[Adoptable]:
+    """The ``.ckpt`` files of ``root`` without a checksum sidecar, newest step first.
+
+    A file without ``step=N`` in its name (``last.ckpt``) counts as step -1; links are
+    left out (their target is considered on its own).
+    """
+    found = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = os.path.join(root, name)
+        if name.startswith(".") or not name.endswith(".ckpt") or os.path.islink(path):
+            continue
+        if not os.path.isfile(path) or os.path.lexists(sidecar_path(path)):
+            continue
+        match = _STEP_IN_NAME.search(name)
+        problem = _check_zip(path)
+        size = os.lstat(path).st_size
+        found.append(
+            Adoptable(
+                int(match.group(1)) if match else -1, path, [problem] if problem else [], size
+            )
+        )
+    return sorted(found, key=lambda a: (a.step, a.path), reverse=True)
+
+
+def _adopt_file(candidate: Adoptable) -> None:
+    """Write the checksum sidecar of a complete ``.ckpt`` file written without ckptguard."""
+    fd = os.open(candidate.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        digest = digest_fd(fd)
+    finally:
+        os.close(fd)
+    name = os.path.basename(candidate.path)
+    entry = new_entry(
+        name,
+        digest,
+        step=candidate.step if candidate.step >= 0 else None,
+        metadata={"ckptguard": {"kind": "files", "pinned": False, "adopted": True}},
+    )
+    write_sidecar(candidate.path, Sidecar(name, (entry,)))
+
+
 def newest_adoptable(root: str, naming: Naming, *, newer_than: int | None) -> Adoptable | None:
     """The newest manifest-less checkpoint that passes the structural check, or None.
 
@@ -201,8 +268,11 @@ def _link_tree(source: str, target: str) -> None:
             os.link(os.path.join(top, f), os.path.join(target, rel, f))
 
 
-def adopt(candidate: Adoptable, *, framework: str | None = None) -> CommitResult:
+def adopt(candidate: Adoptable, *, framework: str | None = None) -> CommitResult | None:
     """Seal ``candidate`` with a manifest, in place (see the module docstring).
+
+    A single file gets its sidecar (and None is returned); a directory is committed
+    over itself, and its :class:`CommitResult` returned.
 
     Refuses (CorruptCheckpoint) one that fails the structural check: a manifest would
     vouch for a broken checkpoint.
@@ -216,6 +286,9 @@ def adopt(candidate: Adoptable, *, framework: str | None = None) -> CommitResult
             problems=candidate.problems,
             hint="a crash or a partial copy left it incomplete; resume from an earlier one",
         )
+    if os.path.isfile(candidate.path):
+        _adopt_file(candidate)
+        return None
     metadata = {"ckptguard": {"kind": "files", "pinned": False, "adopted": True}}
     if framework is not None:
         metadata["framework"] = framework  # type: ignore[assignment]

@@ -1,7 +1,8 @@
 """``ckptguard adopt ROOT``: seal checkpoints written before ckptguard with manifests.
 
 Without ``--yes`` it only shows what it would do (a dry run): each checkpoint without a
-manifest (a Trainer's ``checkpoint-N``, Accelerate's ``checkpoint_N``), its size, and
+manifest (a Trainer's ``checkpoint-N``, Accelerate's ``checkpoint_N``) or without a
+checksum sidecar (Lightning's ``.ckpt`` files), its size, and
 whether it passes the structural check (see ``_manager/adoption.py``). With ``--yes`` it
 seals each one that passes, in place, and leaves the others alone (named, with why).
 Exit codes: 0 every candidate sealed (or none to seal); 1 some failed the structural
@@ -17,7 +18,7 @@ import click
 
 from ckptguard._errors import CheckpointError, CheckpointNotFound, UnsupportedRoot
 from ckptguard._format.layout import ACCELERATE_NAMING, HF_NAMING
-from ckptguard._manager.adoption import Adoptable, adopt, adoptable
+from ckptguard._manager.adoption import Adoptable, adopt, adoptable, adoptable_files
 from ckptguard._storage.base import is_url
 from ckptguard._tools.output import emit, json_option, problems_json, reports_errors, size
 
@@ -29,6 +30,8 @@ def _candidates(root: str) -> list[Adoptable]:
     for naming in (HF_NAMING, ACCELERATE_NAMING):
         for found in adoptable(root, naming):
             seen.setdefault(found.path, found)
+    for found in adoptable_files(root):  # Lightning's .ckpt files
+        seen.setdefault(found.path, found)
     return sorted(seen.values(), key=lambda a: (a.step, a.path))
 
 
