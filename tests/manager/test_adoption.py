@@ -94,6 +94,7 @@ def test_adopt_seals_in_place_and_keeps_the_original(tmp_path: Path) -> None:
     assert report.manifest.step == 10
     assert {f.path for f in report.manifest.files} == set(before)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.name != MANIFEST_NAME} == before
+    assert result is not None
     assert result.quarantined is not None
     kept = Path(result.quarantined)
     assert sorted(p.name for p in kept.iterdir()) == sorted(before)
