@@ -116,11 +116,14 @@ def test_the_command_refuses_a_file_root_typed(tmp_path: Path) -> None:
         _assert_refused(code, doc, "RootNotADirectory", str(file), "is a file")
         code, doc, _ = _cli(command, file / "sub")
         _assert_refused(code, doc, "RootNotADirectory", str(file), "lies under")
-    code, doc, _ = _cli("inspect", file)  # a checkpoint is a directory
-    _assert_refused(code, doc, "RootNotADirectory", str(file), "not a checkpoint directory")
-    # verify takes a file for a single-file checkpoint (a Lightning .ckpt): without a
-    # checksum sidecar it cannot vouch for it.
-    code, doc, _ = _cli("verify", file)
+    for command in ("verify", "inspect"):  # a checkpoint is a directory (or a .ckpt)
+        code, doc, _ = _cli(command, file)
+        _assert_refused(code, doc, "RootNotADirectory", str(file), "not a checkpoint directory")
+    # verify takes a .ckpt for a single-file checkpoint (Lightning's): without a checksum
+    # sidecar it cannot vouch for it.
+    ckpt = tmp_path / "epoch=0-step=1.ckpt"
+    ckpt.write_bytes(b"x")
+    code, doc, _ = _cli("verify", ckpt)
     assert code == 1, doc
     (report,) = doc["checkpoints"]
     assert report["ok"] is False

@@ -71,6 +71,9 @@ class Case:
     name: str
     build: Build
     reject: bool = True  # False: intact files, hostile content (verify() may pass them)
+    # A stray file beside a manager's state: the checkpoint stays valid (verify warns) and
+    # restores its own state from the files its manifest lists; the stray is never read.
+    stray: str | None = None
 
 
 class Payload:
@@ -255,7 +258,8 @@ def _cases(kib: int) -> dict[str, list[Case]]:
             Case("pickle-as-state-json", _commit(lambda o: {STATE_NAME: _pickled(o)}), False),
             Case("pickle-tag-in-state-json", _commit(lambda o: {
                 STATE_NAME: tag.replace(b"PICKLE", base64.b64encode(_pickled(o)))}), False),
-            Case("planted-pickle", lambda c, o: (c / "pytorch_model.bin").write_bytes(_pickled(o))),
+            Case("planted-pickle", lambda c, o: (c / "pytorch_model.bin").write_bytes(_pickled(o)),
+                 reject=False, stray="pytorch_model.bin"),
         ],
         "scale": [
             Case(f"manifest-{kib}KiB",
@@ -303,6 +307,8 @@ def _measure(root: Path, *, traced: bool) -> tuple[dict[str, Any], float, float]
 def _judge(case: Case, call: str, result: Any) -> str | None:
     """What is wrong with what one entry point did with the case (None: nothing)."""
     typed = isinstance(result, ckptguard.CheckpointError)
+    if case.stray is not None:
+        return _judge_stray(case.stray, call, result)
     if isinstance(result, Exception) and not (typed and call in {"verify()", "restore(2)"}):
         return f"{call} raised {type(result).__name__}: {result}"
     step = getattr(result, "step", None)
@@ -314,6 +320,21 @@ def _judge(case: Case, call: str, result: Any) -> str | None:
         return "restore(2) returned a state instead of raising"
     if call == "restore()" and not same(result, _good(1)):
         return "restore() did not return step 1's state"
+    return None
+
+
+def _judge_stray(stray: str, call: str, result: Any) -> str | None:
+    """A stray file beside a state: valid with a warning, and its own state restored."""
+    if isinstance(result, Exception):
+        return f"{call} raised {type(result).__name__}: {result}"
+    if call == "verify()" and not (
+        result.ok and any(w.startswith(f"{stray}: extra file") for w in result.warnings)
+    ):
+        return f"verify() did not accept it with a warning naming {stray}"
+    if call == "latest()" and getattr(result, "step", None) != 2:
+        return f"latest() returned step {getattr(result, 'step', None)}, not 2"
+    if call in {"restore(2)", "restore()"} and not same(result, _good(2)):
+        return f"{call} did not return step 2's own state"
     return None
 
 
@@ -517,7 +538,8 @@ CLAIMS = {
     "CheckpointError, restore() falls back" + BOUNDS,
     "pickle": "pickle payloads (legacy files, in place of state.json or safetensors, tagged "
     "in state.json, planted) are never unpickled: restore(2) raises a CheckpointError, "
-    "restore() falls back (load_legacy_pt refuses it too, full run)" + BOUNDS,
+    "restore() falls back (load_legacy_pt refuses it too, full run); one planted beside a "
+    "state is a stray file: verify warns, the state restores from its listed files" + BOUNDS,
     "scale": "hostile files of flat JSON lists (manifest, safetensors header): refused" + BOUNDS,
 }
 STATS = ("max_cpu_s", "max_wall_s", "max_peak_mib", "cli_checked", "verify_accepts",

@@ -41,12 +41,16 @@ class Target:
 
     driver: str
     checkpoint_glob: str
+    # The modes when CKPTGUARD_CHAOS_MODES is not set, where the default (torn) finds too
+    # few points: Lightning's file commit streams torch.save into an open temp file that it
+    # hashes as it writes, which ckpt-chaos cannot tear; it kills before each event instead.
+    modes: str | None = None
 
 
 TARGETS = {
     "trainer": Target("hf_driver.py", "{out}/checkpoint-*"),
     "accelerate": Target("accel_driver.py", "{out}/checkpoints/checkpoint_*"),
-    "lightning": Target("lightning_driver.py", "{out}/ckpts/step=*.ckpt"),
+    "lightning": Target("lightning_driver.py", "{out}/ckpts/step=*.ckpt", modes="before"),
 }
 
 
@@ -69,7 +73,7 @@ def _run_chaos(work: Path, target: Target, *, ranks: int, points: int, extra: li
         "--work", str(work),
         "--jobs", "2",
         "--max-points", str(points),
-        "--modes", MODES,
+        "--modes", os.environ.get("CKPTGUARD_CHAOS_MODES", target.modes or MODES),
         "--timeout", "240",
         "--ckpt-ignore-size",
         "--checkpoint-glob", target.checkpoint_glob,

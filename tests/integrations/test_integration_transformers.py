@@ -262,7 +262,8 @@ def _adopted(out: Path) -> Job:
     """A run written without ckptguard, its save of 20 cut, then resumed with protect()."""
     (first,) = _solo(out, "--unprotected")
     _crash_during_save_of_20(out)
-    return Job(out, [first, *_solo(out)], [_snapshot(out)])
+    before = _snapshot(out)
+    return Job(out, [first, *_solo(out)], [before])
 
 
 def _copy_of(reference: Future[Job], out: Path) -> None:

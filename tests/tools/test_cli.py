@@ -569,6 +569,7 @@ def test_doctor_start_up_warnings_never_nest_brackets(root: Path) -> None:
             records.append(record.getMessage())
 
     log = logging.getLogger("ckptguard.test.doctor")
+    log.setLevel(logging.INFO)  # whatever other tests left on the "ckptguard" logger
     log.addHandler(Collect())
     warn_at_start(str(root), log=log, env={})
     hints = [r for r in records if "root.hidden" in r or "root.leftovers" in r]

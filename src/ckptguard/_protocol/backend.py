@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._errors import (
+    CheckpointError,
     CheckpointNotFound,
     RootNotADirectory,
-    StorageError,
     UnsupportedRoot,
     storage_error_from_os,
 )
@@ -158,7 +158,7 @@ class Backend:
         try:
             yield
         except OSError as exc:
-            if isinstance(exc, StorageError):
+            if isinstance(exc, CheckpointError):  # typed already (a missing bucket...)
                 raise
             err = storage_error_from_os(exc, what, self.root)
             err.hint = (

@@ -199,6 +199,13 @@ def _root_backend(root: str) -> Backend:
     return backend
 
 
+def _single_file(path: str) -> bool:
+    """Whether ``path`` is a single-file checkpoint: a ``.ckpt``, or a file with a sidecar."""
+    if is_url(path) or not os.path.isfile(path):
+        return False
+    return path.endswith(".ckpt") or os.path.lexists(sidecar_path(path))
+
+
 def _refuse_a_file(path: str) -> None:
     """A checkpoint is a directory: refuse a local file with a message that says so."""
     if not is_url(path) and os.path.lexists(path) and not os.path.isdir(path):
@@ -449,7 +456,7 @@ def verify_cmd(path: str, *, as_json: bool) -> None:
 
     An empty directory, or a root with no checkpoints, has nothing to verify: exit 2.
     """
-    if not is_url(path) and os.path.isfile(path):  # a single-file checkpoint (a .ckpt)
+    if _single_file(path):  # a Lightning .ckpt, or any file with a checksum sidecar
         where = os.path.abspath(path)
         _verified([verify_file(where)], root=where, is_root=False, path=path, as_json=as_json)
     _refuse_a_file(path)
