@@ -43,6 +43,7 @@ __all__ = [
     "Manifest",
     "library_versions",
     "run_of",
+    "strict_json_document",
     "too_dense",
     "validate_relpath",
 ]
@@ -280,17 +281,6 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _no_constants(name: str) -> Any:
-    raise _reject(f"non-standard JSON constant {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _reject(f"number {text[:40]!r} is out of range")
-    return value
-
-
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:
         raise _reject(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -337,35 +327,67 @@ def too_dense(data: bytes, bytes_per_container: int) -> str | None:
     )
 
 
-def _parse(data: bytes) -> Manifest:
+def strict_json_document(
+    data: bytes, *, what: str, max_bytes: int, bytes_per_container: int, fmt: str, version: int
+) -> dict[str, Any]:
+    """Parse a ckptguard JSON document (a manifest, a sidecar) that trusts nothing.
+
+    Capped in size and in density, strict UTF-8 JSON (no duplicate keys, no NaN or
+    Infinity), an object whose ``format`` is ``fmt`` and ``schema_version`` ``version``.
+    Any defect raises :class:`UnsafeManifest` ("invalid WHAT: ...").
+    """
+
+    def reject(message: str) -> UnsafeManifest:
+        return UnsafeManifest(f"invalid {what}: {message}")
+
+    def no_constants(name: str) -> Any:
+        raise reject(f"non-standard JSON constant {name}")
+
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise reject(f"number {text[:40]!r} is out of range")
+        return value
+
     if not isinstance(data, (bytes, bytearray)):
-        raise _reject("data must be bytes")
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise _reject(f"larger than {MAX_MANIFEST_BYTES} bytes")
-    if (dense := too_dense(data, MANIFEST_BYTES_PER_CONTAINER)) is not None:
-        raise _reject(dense)
+        raise reject("data must be bytes")
+    if len(data) > max_bytes:
+        raise reject(f"larger than {max_bytes} bytes")
+    if (dense := too_dense(data, bytes_per_container)) is not None:
+        raise reject(dense)
     try:
-        text = bytes(data).decode("utf-8")
         obj = json.loads(
-            text,
+            bytes(data).decode("utf-8"),
             object_pairs_hook=no_duplicate_keys,
-            parse_constant=_no_constants,
-            parse_float=_finite_float,
+            parse_constant=no_constants,
+            parse_float=finite_float,
         )
     except UnsafeManifest:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
-        raise _reject(f"not valid UTF-8 JSON ({type(exc).__name__}: {exc})") from None
+        raise reject(f"not valid UTF-8 JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
-        raise _reject("top level must be an object")
-    if obj.get("format") != FORMAT:
-        raise _reject(f"format must be {FORMAT!r}, got {obj.get('format')!r}")
-    version = obj.get("schema_version")
-    if version != SCHEMA_VERSION or type(version) is not int:
-        raise _reject(
-            f"unknown schema_version {version!r} (this ckptguard reads {SCHEMA_VERSION}); "
+        raise reject("top level must be an object")
+    if obj.get("format") != fmt:
+        raise reject(f"format must be {fmt!r}, got {obj.get('format')!r}")
+    found = obj.get("schema_version")
+    if found != version or type(found) is not int:
+        raise reject(
+            f"unknown schema_version {found!r} (this ckptguard reads {version}); "
             "it may have been written by a newer ckptguard: upgrade to read it"
         )
+    return obj
+
+
+def _parse(data: bytes) -> Manifest:
+    obj = strict_json_document(
+        data,
+        what="manifest",
+        max_bytes=MAX_MANIFEST_BYTES,
+        bytes_per_container=MANIFEST_BYTES_PER_CONTAINER,
+        fmt=FORMAT,
+        version=SCHEMA_VERSION,
+    )
     obj = _keys(obj, _TOP_KEYS, "manifest")
     try:
         # The exact bytes ckptguard writes for this content (see to_json).

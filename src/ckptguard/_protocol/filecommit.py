@@ -64,7 +64,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -81,7 +80,7 @@ from ckptguard._format.layout import (
     save_id_writer,
     validate_name,
 )
-from ckptguard._format.manifest import FileEntry, Manifest, no_duplicate_keys, too_dense
+from ckptguard._format.manifest import FileEntry, Manifest, strict_json_document
 from ckptguard._format.owner import current_writer
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER, OWNERLESS_GRACE
 from ckptguard._protocol.verify import VerifyReport
@@ -199,43 +198,15 @@ def _reject(message: str) -> UnsafeManifest:
     return UnsafeManifest(f"invalid sidecar: {message}")
 
 
-def _no_constant(name: str) -> Any:
-    raise _reject(f"non-standard JSON constant {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _reject(f"number {text[:40]!r} is out of range")
-    return value
-
-
 def _parse(data: bytes) -> Sidecar:
-    if len(data) > MAX_SIDECAR_BYTES:
-        raise _reject(f"larger than {MAX_SIDECAR_BYTES} bytes")
-    if (dense := too_dense(data, SIDECAR_BYTES_PER_CONTAINER)) is not None:
-        raise _reject(dense)
-    try:
-        obj = json.loads(
-            bytes(data).decode("utf-8"),
-            object_pairs_hook=no_duplicate_keys,
-            parse_constant=_no_constant,
-            parse_float=_finite_float,
-        )
-    except UnsafeManifest:
-        raise
-    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
-        raise _reject(f"not valid UTF-8 JSON ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise _reject("top level must be an object")
-    if obj.get("format") != SIDECAR_FORMAT:
-        raise _reject(f"format must be {SIDECAR_FORMAT!r}, got {obj.get('format')!r}")
-    version = obj.get("schema_version")
-    if version != SIDECAR_SCHEMA_VERSION or type(version) is not int:
-        raise _reject(
-            f"unknown schema_version {version!r} (this ckptguard reads "
-            f"{SIDECAR_SCHEMA_VERSION}); written by a newer ckptguard? upgrade to read it"
-        )
+    obj = strict_json_document(
+        data,
+        what="sidecar",
+        max_bytes=MAX_SIDECAR_BYTES,
+        bytes_per_container=SIDECAR_BYTES_PER_CONTAINER,
+        fmt=SIDECAR_FORMAT,
+        version=SIDECAR_SCHEMA_VERSION,
+    )
     if set(obj) != _SIDECAR_KEYS:
         raise _reject(f"keys must be {sorted(_SIDECAR_KEYS)}, got {sorted(obj)}")
     name = obj["file"]
