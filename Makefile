@@ -56,6 +56,9 @@ chaos: install
 	$(PY) tests/run_gauntlet.py --full --json benchmarks/results/gauntlet-latest.json
 	CKPTGUARD_CHAOS_POINTS=$(CHAOS_POINTS) CKPTGUARD_CHAOS_MODES=before,torn,unsynced \
 		$(PY) -m pytest -q tests/integrations/test_chaos_gate.py
+	# The exit-abort loop (issue 16): 50 two-rank protect() resumes, 0 may abort at exit,
+	# with 25 control runs without ckptguard's exit handler that must show the abort.
+	CKPTGUARD_EXIT_LOOP=50 $(PY) -m pytest -q tests/integrations/test_exit_abort.py
 
 clean-venv:
 	rm -rf $(VENV)
