@@ -159,7 +159,7 @@ def test_protected_trainer_runs_resume_and_exit_cleanly(tmp_path: Path) -> None:
     assert "finished at step 30" in destroyed.stdout
 
 
-@pytest.mark.skipif(LOOP <= 0, reason="the long loop: CKPTGUARD_EXIT_LOOP=N (make chaos)")
+@pytest.mark.exit_loop  # deselected (not skipped) without CKPTGUARD_EXIT_LOOP: conftest.py
 @pytest.mark.timeout(300 + LOOP * 90)
 def test_exit_loop_protected_resumes_never_abort(tmp_path: Path) -> None:
     """LOOP two-rank resumes from one run's checkpoints (and LOOP last-collective runs)."""
