@@ -133,8 +133,13 @@ def _is_weights(rel: str) -> bool:
 
 def structural_problems(path: str) -> list[str]:
     """What makes ``path`` (a checkpoint directory without a manifest) look incomplete."""
+    return _survey(path)[0]
+
+
+def _survey(path: str) -> tuple[list[str], int]:
+    """(structural problems of ``path``, bytes of its files): one walk for both."""
     if os.path.islink(path) or not os.path.isdir(path):
-        return [f"{path} is not a directory"]
+        return [f"{path} is not a directory"], 0
     sizes: dict[str, int] = {}
     problems: list[str] = []
     for top, dirs, files in os.walk(path):
@@ -159,7 +164,7 @@ def structural_problems(path: str) -> list[str]:
             problems.extend(filter(None, [_check_zip(full)]))
         elif rel.endswith(".json"):
             problems.extend(_check_json(full, size, set(sizes), rel))
-    return problems
+    return problems, sum(sizes.values())
 
 
 def adoptable(root: str, naming: Naming) -> list[Adoptable]:
@@ -176,12 +181,7 @@ def adoptable(root: str, naming: Naming) -> list[Adoptable]:
             continue
         if os.path.islink(path) or not os.path.isdir(path):
             continue
-        problems = structural_problems(path)
-        size = sum(
-            os.lstat(os.path.join(top, f)).st_size
-            for top, _dirs, files in os.walk(path)
-            for f in files
-        )
+        problems, size = _survey(path)
         found.append(Adoptable(step, path, problems, size))
     return sorted(found, key=lambda a: (a.step, a.path), reverse=True)
 
