@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._manager.options import BestSpec
     from ckptguard._protocol.backend import Backend
+    from ckptguard._storage.objectstore import StoreListing
 
 __all__ = ["Admin", "best_of"]
 
@@ -87,11 +88,16 @@ class Admin:
     def _pin_path(self, step: int) -> str:
         return self.backend.join(f"{META_DIR}/{PINS_DIR}/{self.naming.name(step)}")
 
-    def pin_file(self, step: int) -> bool:
+    def pin_file(self, step: int, listing: StoreListing | None = None) -> bool:
+        """Whether ``step`` has a pin marker (as ``listing`` saw the root, if given)."""
+        if listing is not None:
+            return listing.exists(self._pin_path(step))
         return self.backend.storage.exists(self._pin_path(step))
 
-    def pinned(self, step: int, manifest: Manifest | None) -> bool:
-        return pinned_in(manifest) or self.pin_file(step)
+    def pinned(
+        self, step: int, manifest: Manifest | None, listing: StoreListing | None = None
+    ) -> bool:
+        return pinned_in(manifest) or self.pin_file(step, listing)
 
     def pin(self, step: int) -> None:
         """Keep ``step`` whatever retention says (a marker file under ``.ckptguard/pins``)."""

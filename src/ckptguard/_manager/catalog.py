@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._protocol.backend import Backend
     from ckptguard._protocol.verify import VerifyReport
+    from ckptguard._storage.objectstore import StoreListing
 
 __all__ = ["Catalog", "CheckpointInfo"]
 
@@ -106,23 +107,33 @@ class Catalog:
         # Which checkpoints are this manager's run's (set once its run is chosen).
         self.owns: Callable[[Manifest | None], bool] = lambda _manifest: True
 
-    def committed(self, backend: Backend | None = None) -> list[tuple[int, str]]:
-        """(step, path) of every step-named entry, newest first."""
+    def committed(
+        self, backend: Backend | None = None, listing: StoreListing | None = None
+    ) -> list[tuple[int, str]]:
+        """(step, path) of every step-named entry, newest first (from ``listing`` if given)."""
         backend = backend or self.backend
         found = []
-        for name in backend.names():
+        for name in backend.names(listing):
             step = self.naming.step(name)
             if step is not None:
                 found.append((step, backend.join(name)))
         return sorted(found, reverse=True)
 
     def check(
-        self, path: str, *, checksums: bool = True, backend: Backend | None = None
+        self,
+        path: str,
+        *,
+        checksums: bool = True,
+        backend: Backend | None = None,
+        listing: StoreListing | None = None,
     ) -> VerifyReport:
-        """Verify a checkpoint of this root; its name must be the one it was committed as."""
+        """Verify a checkpoint of this root; its name must be the one it was committed as.
+
+        ``listing``: the root's listing (``Backend.listing``), read instead of the store.
+        """
         backend = backend or self.backend
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        return backend.verify(path, checksums=checksums, expect_name=name)
+        return backend.verify(path, checksums=checksums, expect_name=name, listing=listing)
 
     def info(self, step: int, report: VerifyReport) -> CheckpointInfo:
         return CheckpointInfo.from_report(step, report, pinned=self._pinned(step, report.manifest))
@@ -143,8 +154,9 @@ class Catalog:
         """
         for _round in range(_RELIST):
             vanished = False
-            for step, path in self.committed(backend):
-                report = self.check(path, backend=backend)
+            listing = backend.listing()  # one listing per round (object stores)
+            for step, path in self.committed(backend, listing):
+                report = self.check(path, backend=backend, listing=listing)
                 if report.ok and not self.owns(report.manifest):
                     _log.debug("skipping %s: another run's (%s)", path, run_of(report.manifest))
                     continue

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 from ckptguard._coordination.base import gather_failures
 from ckptguard._errors import CorruptCheckpoint, StorageError, storage_error_from_os
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.retention import Candidate, RetentionPolicy, metric_value, select_deletions
+from ckptguard._manager.retention import (
+    Candidate,
+    RetentionPolicy,
+    metric_value,
+    select_deletions,
+    standing_in,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from ckptguard._manager.admin import Admin
     from ckptguard._protocol.backend import Backend
     from ckptguard._protocol.verify import VerifyReport
+    from ckptguard._storage.objectstore import StoreListing
 
 __all__ = ["Retainer"]
 
@@ -52,8 +59,10 @@ class Retainer:
         self.verified: dict[str, str] = {}  # path -> save id checksum-verified by us
 
     # -- pins (kept by admin.py) ------------------------------------------------------------
-    def pinned(self, step: int, manifest: Manifest | None) -> bool:
-        return self.pins.pinned(step, manifest)
+    def pinned(
+        self, step: int, manifest: Manifest | None, listing: StoreListing | None = None
+    ) -> bool:
+        return self.pins.pinned(step, manifest, listing)
 
     # -- after a save -------------------------------------------------------------------------
     def after_save(
@@ -170,21 +179,49 @@ class Retainer:
             )
             raise err from exc
 
+    def _kept_unread(self, step: int, counted: int) -> bool:
+        """Whether retention keeps ``step`` whatever its manifest says (so it is not read).
+
+        Past the newest ``keep_last`` valid checkpoints, without a best metric, every
+        ``keep_every``-th is kept for its own sake: on a root of a thousand such
+        checkpoints a save reads none of their manifests.
+        """
+        policy = self.policy
+        return (
+            policy.best_metric is None
+            and policy.keep_every is not None
+            and policy.keep_last is not None
+            and counted >= policy.keep_last
+            and step % policy.keep_every == 0
+        )
+
     def apply(self, catalog: Catalog, just_saved: str, also_keep: Collection[str] = ()) -> None:
+        if self.policy.keep_last is None:
+            return  # keeps everything: nothing to list or read
         with self.backend.lock(self.lock_timeout):
             candidates: dict[str, Candidate] = {}
             save_ids: dict[str, str] = {}
-            for step, path in catalog.committed():
-                report = catalog.check(path, checksums=False)
+            # One listing answers names, sizes and pins on an object store (None locally).
+            listing = self.backend.listing()
+            counted = 0  # valid checkpoints of this run seen so far, newest first
+            for step, path in catalog.committed(listing=listing):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if self._kept_unread(step, counted):
+                    candidates[name] = Candidate(name, step, valid=True, pinned=True)
+                    continue
+                report = catalog.check(path, checksums=False, listing=listing)
                 if report.manifest is not None and not catalog.owns(report.manifest):
                     continue  # another run's: never deleted, never counted
-                name = path.rstrip("/").rsplit("/", 1)[-1]
+                counted += report.ok
                 metric = None
                 if report.manifest is not None:
                     save_ids[name] = report.manifest.save_id
                     if self.policy.best_metric is not None:
                         metric = metric_value(report.manifest.metrics.get(self.policy.best_metric))
-                keep = self.pinned(step, report.manifest) or name in {just_saved, *also_keep}
+                keep = self.pinned(step, report.manifest, listing) or name in {
+                    just_saved,
+                    *also_keep,
+                }
                 candidates[name] = Candidate(name, step, report.ok, metric, keep)
             newest = max(candidates.values(), key=lambda c: (c.step, c.name), default=None)
             if newest is not None and newest.name != just_saved:
@@ -200,7 +237,8 @@ class Retainer:
                 deletions = select_deletions(list(candidates.values()), self.policy)
                 if not deletions:
                     return
-                kept = [c for c in candidates.values() if c.valid and c.name not in deletions]
+                standing = standing_in(list(candidates.values()), self.policy)
+                kept = [c for c in candidates.values() if c.name in standing]
                 doubtful = [
                     c
                     for c in kept

@@ -74,20 +74,37 @@ def _metric(c: Candidate) -> float | None:
     return metric_value(c.metric)
 
 
-def select_deletions(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[str]:
-    """Names to delete, oldest first."""
-    valid = sorted((c for c in candidates if c.valid), key=lambda c: (c.step, c.name))
-    if policy.keep_last is None or not valid:
-        return []
-    keep: set[str] = {c.name for c in candidates if not c.valid or c.pinned}
-    keep.add(valid[-1].name)  # the newest valid
-    keep.update(c.name for c in valid[-policy.keep_last :])
-    if policy.keep_every:
-        keep.update(c.name for c in valid if c.step % policy.keep_every == 0)
+def _standing(valid: Sequence[Candidate], policy: RetentionPolicy) -> set[str]:
+    """What the policy keeps in place of what it deletes: the newest and the best."""
+    keep: set[str] = {valid[-1].name}  # the newest valid
+    keep.update(c.name for c in valid[-(policy.keep_last or 1) :])
     if policy.best_metric is not None:
         scored = [c for c in valid if _metric(c) is not None]
         sign = 1.0 if policy.best_mode == "min" else -1.0
         # Best first; ties go to the newer checkpoint.
         scored.sort(key=lambda c: (sign * (_metric(c) or 0.0), -c.step))
         keep.update(c.name for c in scored[: max(1, policy.keep_best)])
+    return keep
+
+
+def select_deletions(candidates: Sequence[Candidate], policy: RetentionPolicy) -> list[str]:
+    """Names to delete, oldest first."""
+    valid = sorted((c for c in candidates if c.valid), key=lambda c: (c.step, c.name))
+    if policy.keep_last is None or not valid:
+        return []
+    keep: set[str] = {c.name for c in candidates if not c.valid or c.pinned}
+    keep.update(_standing(valid, policy))
+    if policy.keep_every:
+        keep.update(c.name for c in valid if c.step % policy.keep_every == 0)
     return [c.name for c in valid if c.name not in keep]
+
+
+def standing_in(candidates: Sequence[Candidate], policy: RetentionPolicy) -> set[str]:
+    """The valid checkpoints the policy keeps *instead of* the ones it deletes.
+
+    The newest ``keep_last`` and the ``keep_best`` best: these must really be intact
+    before anything is deleted. Checkpoints kept for their own sake (pinned, every
+    ``keep_every``-th) stand in for nothing, so retention need not read them back.
+    """
+    valid = sorted((c for c in candidates if c.valid), key=lambda c: (c.step, c.name))
+    return _standing(valid, policy) if valid else set()

@@ -26,7 +26,7 @@ from ckptguard._errors import (
     storage_error_from_os,
 )
 from ckptguard._format.layout import RootLayout
-from ckptguard._protocol.marker import MarkerCommit, read_marker
+from ckptguard._protocol.marker import MarkerCommit, names_with_manifest, read_marker
 from ckptguard._protocol.rename import RenameCommit
 from ckptguard._protocol.verify import (
     VerifyReport,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._protocol.strategy import CommitStrategy
     from ckptguard._storage.base import Source, Storage
+    from ckptguard._storage.objectstore import StoreListing
 
 __all__ = ["OPTIONS_ENV", "Backend", "backend_for", "parent_of", "storage_options_from_env"]
 
@@ -71,9 +72,25 @@ class Backend:
     def join(self, name: str) -> str:
         return f"{self.root}/{name}" if is_url(self.root) else os.path.join(self.root, name)
 
-    def names(self) -> list[str]:
+    def names(self, listing: StoreListing | None = None) -> list[str]:
         """Names under the root that may be checkpoints (each still to be verified)."""
+        if listing is not None:
+            return names_with_manifest(self.storage, self.root, listing.under(self.root))
         return self.strategy.visible_names(self.layout, self.storage)
+
+    def listing(self) -> StoreListing | None:
+        """One listing of an object-store root, for code that looks at every checkpoint.
+
+        None on a filesystem (its directory reads are local and cheap). Names, trees
+        (``verify(listing=)``) and pins are then answered from it, manifests read once per
+        ETag: retention and ``latest()`` make a number of requests that does not grow
+        with the number of checkpoints.
+        """
+        if not self.strategy.shared:
+            return None
+        store = innermost(self.storage)
+        lister = getattr(store, "listing", None)
+        return lister(self.root) if callable(lister) else None
 
     def exists(self, path: str | None = None) -> bool:
         """Whether the root (or ``path``) holds anything at all."""
@@ -98,6 +115,7 @@ class Backend:
         checksums: bool = True,
         progress: Callable[[int], None] | None = None,
         expect_name: str | None = None,
+        listing: StoreListing | None = None,
     ) -> VerifyReport:
         return verify_checkpoint(
             self.storage,
@@ -106,6 +124,7 @@ class Backend:
             checksums=checksums,
             progress=progress,
             expect_name=expect_name,
+            open_tree=listing.open_tree if listing is not None else None,
         )
 
     def read_manifest(self, path: str) -> Manifest:

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from ckptguard._storage.objectstore import FsspecStorage
     from ckptguard._storage.retry import RetryPolicy
 
-__all__ = ["MarkerCommit", "clean_store", "read_marker"]
+__all__ = ["MarkerCommit", "clean_store", "names_with_manifest", "read_marker"]
 
 _log = logging.getLogger("ckptguard.objectstore")
 SPOOL_ENV = "CKPTGUARD_SPOOL"  # where object-store saves spool plain files (default: TMPDIR)
@@ -93,6 +93,17 @@ def _read_marker_quiet(storage: Storage, path: str) -> Manifest | None:
 def _store(storage: Storage) -> FsspecStorage:
     """The fsspec storage under any wrapper (retries, fault injection)."""
     return cast("FsspecStorage", innermost(storage))
+
+
+def names_with_manifest(storage: Storage, root: str, found: Mapping[str, Any]) -> list[str]:
+    """The names under ``root`` that hold a manifest, among the listed keys ``found``."""
+    base = _store(storage).key(root)
+    names = set()
+    for key in found:
+        parts = key.removeprefix(base + "/").split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST_NAME and parts[0] != META_DIR:
+            names.add(parts[0])
+    return sorted(names)
 
 
 class MarkerCommit:
@@ -263,14 +274,7 @@ class MarkerCommit:
         Prefixes without one (a save killed mid-upload, an empty prefix a store keeps
         listing) are skipped.
         """
-        root = layout.root
-        base = _store(storage).key(root)
-        names = set()
-        for key in _store(storage).find(root):
-            parts = key.removeprefix(base + "/").split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST_NAME and parts[0] != META_DIR:
-                names.add(parts[0])
-        return sorted(names)
+        return names_with_manifest(storage, layout.root, _store(storage).find(layout.root))
 
     def content_prefix(self, manifest: Manifest) -> str:
         return f"{manifest.save_id}/"
@@ -327,6 +331,13 @@ def clean_store(storage: Storage, root: str, *, grace: float, dry_run: bool = Fa
             continue
         by_prefix.setdefault(parts[0], []).append((key, info))
     for name, objects in sorted(by_prefix.items()):
+        saves = _old_saves(base, objects, now, grace)
+        if not saves:
+            continue  # nothing past the grace period: no request for this name
+        listed = any(key.removeprefix(base + "/").split("/")[1] == MANIFEST_NAME
+                     for key, _ in objects)  # fmt: skip
+        if listed and len(saves) == 1 and len(_saves_of(base, objects)) == 1:
+            continue  # the one save of a committed name: the manifest's (read nothing)
         try:
             manifest = read_marker(storage, f"{root}/{name}")
         except (UnsafeManifest, StorageError) as exc:
@@ -335,21 +346,38 @@ def clean_store(storage: Storage, root: str, *, grace: float, dry_run: bool = Fa
             _log.warning("clean-up skips %s/%s: its manifest cannot be read: %s", root, name, exc)
             continue
         keep = manifest.save_id if manifest is not None else None
-        stale: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for key, info in objects:
-            parts = key.removeprefix(base + "/").split("/")
-            if parts[1] == MANIFEST_NAME or (keep is not None and parts[1] == keep):
-                continue
-            stale.setdefault(parts[1], []).append((key, info))
-        for save_id, items in sorted(stale.items()):
-            times = [t for _, info in items if (t := _modified(info)) is not None]
-            if times and (now - max(times)).total_seconds() < grace:
+        for save_id, items in sorted(saves.items()):
+            if save_id == keep:
                 continue
             removed.append(posixpath.join(root, name, save_id))
             if not dry_run:
                 for key, _ in items:
                     storage.remove_file(store.url_of(key))
     return removed
+
+
+def _saves_of(
+    base: str, objects: list[tuple[str, dict[str, Any]]]
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """A name's objects by save id (its manifest left out)."""
+    saves: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, info in objects:
+        parts = key.removeprefix(base + "/").split("/")
+        if parts[1] != MANIFEST_NAME:
+            saves.setdefault(parts[1], []).append((key, info))
+    return saves
+
+
+def _old_saves(
+    base: str, objects: list[tuple[str, dict[str, Any]]], now: _dt.datetime, grace: float
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """A name's saves whose every object is older than ``grace`` seconds (or undated)."""
+    old = {}
+    for save_id, items in _saves_of(base, objects).items():
+        times = [t for _, info in items if (t := _modified(info)) is not None]
+        if not times or (now - max(times)).total_seconds() >= grace:
+            old[save_id] = items
+    return old
 
 
 def _modified(info: Mapping[str, Any]) -> _dt.datetime | None:

@@ -110,11 +110,15 @@ def verify_checkpoint(
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
     expect_name: str | None = None,
+    open_tree: Callable[[str], CheckpointTree] | None = None,
 ) -> VerifyReport:
-    """Verify the checkpoint at ``path`` on ``storage`` (see the module docstring)."""
+    """Verify the checkpoint at ``path`` on ``storage`` (see the module docstring).
+
+    ``open_tree``: how to open it, if not ``storage.open_tree`` (from a root's listing).
+    """
     problems = _Problems()
     try:
-        tree = storage.open_tree(path)
+        tree = (open_tree or storage.open_tree)(path)
     except FileNotFoundError:
         return VerifyReport(path, ok=False, problems=[f"{path} does not exist"])
     except UnsupportedFile as exc:

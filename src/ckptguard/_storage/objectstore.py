@@ -49,7 +49,7 @@ from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-__all__ = ["FsspecStorage", "ObjectSource", "ObjectTree", "is_transient"]
+__all__ = ["FsspecStorage", "ObjectSource", "ObjectTree", "StoreListing", "is_transient"]
 
 _log = logging.getLogger("ckptguard.objectstore")
 T = TypeVar("T")
@@ -70,6 +70,7 @@ _DENIED_CODES = frozenset(
 _FULL_CODES = frozenset({"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"})
 _UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionRefused",
                 "Could not connect", "Cannot connect to host", "Connect timeout")  # fmt: skip
+SMALL_CACHE_ENTRIES = 4096  # manifests kept in memory by ETag (a few KiB each)
 CONNECT_TIMEOUT = 3.0  # seconds per connection attempt (botocore's default is 60)
 
 
@@ -87,6 +88,11 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
             return (int(status) if status else None), error.get("Code")
         current = current.__cause__ or current.__context__
     return None, None
+
+
+def _etag(info: Mapping[str, Any]) -> str | None:
+    tag = info.get("ETag") or info.get("etag")
+    return str(tag) if tag else None
 
 
 def _chain_text(exc: BaseException) -> str:
@@ -309,6 +315,7 @@ class FsspecStorage:
         if self.protocol in {"s3", "s3a"} and hasattr(self.fs, "retries"):
             self.fs.retries = 1  # s3fs's own loop (5 by default): the policy retries instead
         self._conditional: bool | None = None
+        self._small: dict[tuple[str, str], bytes] = {}  # (key, ETag) -> bytes (manifests)
 
     def _retry(self, fn: Callable[[], T], *, what: str, path: str) -> T:
         return _retry(fn, what=what, path=path, policy=self.retry)
@@ -383,6 +390,27 @@ class FsspecStorage:
         if len(data) > limit:
             raise ValueError(f"{path} is larger than {limit} bytes")
         return data
+
+    def read_small_cached(self, path: str, limit: int, etag: str | None) -> bytes:
+        """A small object (a manifest), from memory if a listing gave the same ETag.
+
+        An ETag names one content of one key (a replaced manifest has a new one), so a
+        manifest read once is not read again by every later save's retention.
+        """
+        if etag is None:
+            return self.read_bytes(path, limit=limit)
+        cache_key = (self.key(path), etag)
+        data = self._small.get(cache_key)
+        if data is None:
+            data = self.read_bytes(path, limit=limit)
+            if len(self._small) >= SMALL_CACHE_ENTRIES:
+                self._small.pop(next(iter(self._small)))
+            self._small[cache_key] = data
+        return data
+
+    def listing(self, path: str) -> StoreListing:
+        """Every object under ``path`` from one listing (see :class:`StoreListing`)."""
+        return StoreListing(self, path, self.find(path))
 
     def exists(self, path: str) -> bool:
         """An object of that name, or a prefix with objects under it.
@@ -552,11 +580,21 @@ class ObjectSource:
 class ObjectTree:
     """One checkpoint on a store: one listing of its prefix, then reads by key."""
 
-    def __init__(self, storage: FsspecStorage, path: str) -> None:
+    def __init__(
+        self,
+        storage: FsspecStorage,
+        path: str,
+        found: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.path = path.rstrip("/")
         self._storage = storage
         self._base = storage.key(self.path)
-        found = storage.find(self.path)
+        if found is None:
+            found = storage.find(self.path)
+        self._etags = {
+            key.removeprefix(self._base + "/"): tag for key, info in found.items()
+            if (tag := _etag(info))
+        }  # fmt: skip
         if not found:
             raise CheckpointNotFound(f"{self.path} does not exist (no objects)", path=self.path)
         self._sizes = {
@@ -570,7 +608,7 @@ class ObjectTree:
             raise FileNotFoundError(errno.ENOENT, "no such object", f"{self.path}/{rel}")
         if size > limit:
             raise ValueError(f"{rel} is {size} bytes: too large")
-        data = self._storage.read_bytes(f"{self.path}/{rel}", limit=limit)
+        data = self._storage.read_small_cached(f"{self.path}/{rel}", limit, self._etags.get(rel))
         if len(data) > limit:
             raise ValueError(f"{rel} grew over {limit} bytes while read: too large")
         return data
@@ -592,3 +630,41 @@ class ObjectTree:
 
     def close(self) -> None:
         return None
+
+
+class StoreListing:
+    """A root's objects as one listing saw them: names, checkpoint trees and pins from it.
+
+    Retention, ``latest()`` and start-up look at every checkpoint of a root; one listing
+    (ListObjectsV2 pages of 1000 keys) answers which names hold a manifest, each
+    checkpoint's object sizes and which pin markers exist, and manifests are read once per
+    ETag (``read_small_cached``): the requests of a save do not grow with the number of
+    checkpoints. What must be current (a commit's create-only write, "was it removed
+    while checked") never asks a listing.
+    """
+
+    def __init__(
+        self, storage: FsspecStorage, path: str, found: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        self.path = path.rstrip("/")
+        self._storage = storage
+        self._base = storage.key(self.path)
+        self._found = {k: v for k, v in found.items() if k.startswith(self._base + "/")}
+
+    def _key(self, path: str) -> str:
+        key = self._storage.key(path)
+        if key != self._base and not key.startswith(self._base + "/"):
+            raise ValueError(f"{path} is not under the listed {self.path}")
+        return key
+
+    def under(self, path: str) -> dict[str, Mapping[str, Any]]:
+        """Objects under ``path`` (the listed root or a prefix inside it)."""
+        prefix = self._key(path) + "/"
+        return {k: v for k, v in self._found.items() if k.startswith(prefix)}
+
+    def exists(self, path: str) -> bool:
+        """Whether the listing saw an object named ``path`` or objects under it."""
+        return self._key(path) in self._found or bool(self.under(path))
+
+    def open_tree(self, path: str) -> ObjectTree:
+        return ObjectTree(self._storage, path, self.under(path))
