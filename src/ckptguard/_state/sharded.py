@@ -26,6 +26,8 @@ from ckptguard._errors import CheckpointError, CorruptCheckpoint
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from ckptguard._protocol.backend import Backend
     from ckptguard._protocol.transaction import AtomicCheckpoint
 
@@ -44,6 +46,7 @@ def _one_process_is_fine() -> Iterator[None]:
 
 def write_shards(tx: AtomicCheckpoint, state: dict[str, Any]) -> None:
     """Inside a coordinated transaction, every rank writes its shards with DCP."""
+    from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415 - torch
     from torch.distributed.checkpoint.state_dict_saver import save  # noqa: PLC0415 - torch
 
     from ckptguard._state.dcp_storage import StoreWriter  # noqa: PLC0415 - torch
@@ -56,13 +59,22 @@ def write_shards(tx: AtomicCheckpoint, state: dict[str, Any]) -> None:
             "need one root that every rank sees; use a shared filesystem or an object store"
         )
     writer = StoreWriter(tx.storage, tx.write_path)
-    with _one_process_is_fine():
-        save(state, storage_writer=writer)
+    try:
+        with _one_process_is_fine():
+            save(state, storage_writer=writer)
+    except CheckpointException as exc:
+        # DCP raises on every rank when any rank's write failed. The ranks that failed
+        # raise their own error; the others return, and the transaction (which hears
+        # from the failed ranks) aborts the save on every rank, naming only those.
+        if (own := _own_failure(exc)) is not None:
+            raise own from None
+        return
     tx.known.update(writer.written)  # gathered to the committer with every rank's
 
 
 def restore_sharded(backend: Backend, path: str, target: Any) -> Any:
     """Verify every byte of a sharded checkpoint, then load it into ``target`` with DCP."""
+    from torch.distributed.checkpoint.api import CheckpointException  # noqa: PLC0415 - torch
     from torch.distributed.checkpoint.state_dict_loader import load  # noqa: PLC0415 - torch
 
     from ckptguard._state.dcp_storage import StoreReader  # noqa: PLC0415 - torch
@@ -86,6 +98,31 @@ def restore_sharded(backend: Backend, path: str, target: Any) -> Any:
         reader = StoreReader(path, opener, {f.path for f in manifest.files})
         with _one_process_is_fine():
             load(target, storage_reader=reader)
+    except CheckpointException as exc:
+        if (own := _own_failure(exc)) is not None:
+            raise own from None
+        raise CheckpointError(
+            f"{path}: loading failed on rank(s) {sorted(exc.failures)}: {_first(exc)}",
+            path=path,
+        ) from None
     finally:
         close()
     return target
+
+
+def _rank() -> int:
+    import torch.distributed as dist  # noqa: PLC0415 - torch
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _own_failure(exc: CheckpointException) -> BaseException | None:
+    """This rank's own error inside DCP's CheckpointException (a BaseException), if any."""
+    failure = exc.failures.get(_rank())
+    return None if failure is None else failure[0]
+
+
+def _first(exc: CheckpointException) -> str:
+    rank = min(exc.failures)
+    error = exc.failures[rank][0]
+    return f"rank {rank}: {type(error).__name__}: {error}"
