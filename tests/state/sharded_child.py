@@ -1,12 +1,12 @@
 """Child of the sharded tests, run by torchrun (gloo on CPU): one JSON report per rank.
 
 Usage: torchrun ... sharded_child.py MODE OUT_DIR ROOT [ROOT ...]
-  save     every root: checkpoint-1 and checkpoint-2 of ``state(step)``, sharded=True
+  save     every root: checkpoint-1 and checkpoint-2 of ``state(step)``, sharded=True;
+           then, on each object-store root, checkpoint-3 with rank 1 raising inside its
+           upload: reports each rank's SaveAborted and what latest() says after it
   restore  every root: restore the newest and step 1 into zeroed targets on this world
-           size's mesh; report, per root, whether every parameter's full tensor is
-           bit-exact against ``state(step)`` and how many rows this rank held
-  abort    on the (object-store) root: checkpoint-1, then checkpoint-2 with rank 1 raising
-           inside its upload; reports each rank's SaveAborted and what latest() says
+           size's mesh; report, per root, which parameters' full tensors differ (bit for
+           bit) from ``reference(step)`` and how many rows and columns this rank held
 
 An object-store root's storage options come from CKPTGUARD_STORAGE_OPTIONS.
 """
@@ -89,8 +89,36 @@ def save(roots: list[str], mesh: DeviceMesh) -> dict[str, Any]:
     for root in roots:
         with ckptguard.CheckpointManager(root, keep_last=5) as mgr:
             paths = [mgr.save(step, state(step, mesh), sharded=True).path for step in (1, 2)]
-        out[root] = {"paths": paths}
+            out[root] = {"paths": paths}
+            if "://" in root:
+                out[root] |= fail_an_upload(mgr, mesh)
     return out
+
+
+def fail_an_upload(mgr: ckptguard.CheckpointManager, mesh: DeviceMesh) -> dict[str, Any]:
+    """checkpoint-3, with rank 1 raising inside its first upload (a real multipart write)."""
+    rank = dist.get_rank()
+    reached: list[str] = []
+
+    def fail_in_upload(point: str) -> None:
+        reached.append(point)
+        if point == "remote.uploading":
+            raise RuntimeError(f"simulated failure while uploading on rank {rank}")
+
+    aborted: dict[str, str] | None = None
+    previous = set_fault_hook(fail_in_upload if rank == 1 else None)
+    try:
+        mgr.save(3, state(3, mesh), sharded=True)
+    except ckptguard.SaveAborted as exc:
+        aborted = {str(r): m for r, m in exc.failures.items()}
+    finally:
+        set_fault_hook(previous)
+    latest = mgr.latest()
+    return {
+        "aborted": aborted,
+        "reached": sorted(set(reached)),
+        "latest": None if latest is None else latest.step,
+    }
 
 
 def restore(roots: list[str], mesh: DeviceMesh) -> dict[str, Any]:
@@ -110,43 +138,11 @@ def restore(roots: list[str], mesh: DeviceMesh) -> dict[str, Any]:
     return out
 
 
-def abort(root: str, mesh: DeviceMesh) -> dict[str, Any]:
-    rank = dist.get_rank()
-    aborted: dict[str, Any] | None = None
-    with ckptguard.CheckpointManager(root, keep_last=5) as mgr:
-        mgr.save(1, state(1, mesh), sharded=True)
-        reached: list[str] = []
-
-        def fail_in_upload(point: str) -> None:
-            reached.append(point)
-            if point == "remote.uploading":
-                raise RuntimeError(f"simulated failure while uploading on rank {rank}")
-
-        previous = set_fault_hook(fail_in_upload if rank == 1 else None)
-        try:
-            mgr.save(2, state(2, mesh), sharded=True)
-        except ckptguard.SaveAborted as exc:
-            aborted = {"failures": {str(r): m for r, m in exc.failures.items()}}
-        finally:
-            set_fault_hook(previous)
-        latest = mgr.latest()
-        restored = zeroed(mesh)
-        mgr.restore(target=restored)
-    return {
-        "aborted": aborted,
-        "reached": sorted(set(reached)),
-        "latest": None if latest is None else latest.step,
-        "restored": mismatches(restored, 1),
-    }
-
-
 def run(mode: str, roots: list[str], mesh: DeviceMesh) -> dict[str, Any]:
     if mode == "save":
         return {"roots": save(roots, mesh)}
     if mode == "restore":
         return {"roots": restore(roots, mesh)}
-    if mode == "abort":
-        return abort(roots[0], mesh)
     raise ValueError(f"unknown mode {mode}")
 
 

@@ -1,19 +1,17 @@
 """``save(..., sharded=True)`` straight to an object store (a real S3 server, moto).
 
-- one process: the manifest lists each DCP object with the size and xxh3-128 of the
-  bytes the store holds (hashed independently here, from the store); restore is
-  bit-exact; a flipped byte in a shard is caught before anything reaches the target;
-- two ranks under torchrun: rank 1 raising inside its upload aborts the save on both
-  ranks with SaveAborted naming rank 1; nothing of that save is left on the store, no
-  manifest; latest() and restore still give the previous checkpoint.
+The manifest lists each DCP object with the size and xxh3-128 of the bytes the store
+holds (hashed independently here, from the store); restore is bit-exact; a flipped byte
+in a shard is caught before anything reaches the target.
 
-Resharding (2 ranks to 1 and 4) on S3 is in ``test_resharding.py``.
+With several ranks under torchrun (every rank's objects in one manifest, a rank failing
+mid-upload aborting everywhere and leaving nothing, resharding to 1 and 4 ranks on S3):
+``test_resharding.py``, whose one job of 2 ranks saves for all of them.
 """
 
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -23,7 +21,6 @@ import xxhash
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME
 from s3_servers import S3Server, start_moto
-from test_resharding import launch
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -109,28 +106,3 @@ def test_a_flipped_byte_in_a_shard_is_caught_before_the_target_changes(moto: S3S
     assert _same(target, _zeros())  # verified first: nothing reached the target
     mgr.restore(target=target)  # the newest that verifies
     assert _same(target, _state(1))
-
-
-def test_a_rank_failing_mid_upload_aborts_everywhere_and_leaves_nothing(
-    tmp_path: Path, moto: S3Server
-) -> None:
-    prefix = f"abort-{uuid.uuid4().hex[:8]}"
-    reports = launch(
-        "abort", tmp_path / "out", [moto.url(prefix)], nproc=2, options=moto.storage_options
-    )
-    for rank, report in enumerate(reports):
-        assert report["aborted"] is not None, f"rank {rank} saw no SaveAborted"
-        assert list(report["aborted"]["failures"]) == ["1"], report["aborted"]
-        assert "simulated failure while uploading on rank 1" in report["aborted"]["failures"]["1"]
-        assert report["latest"] == 1
-        assert report["restored"] == []  # every rank restored checkpoint-1, bit-exact
-    assert reports[1]["reached"] == ["remote.uploading"]  # the fault fired inside an upload
-    assert _keys(moto, f"{prefix}/checkpoint-2") == {}  # no manifest, no shard, nothing
-    assert f"{prefix}/checkpoint-1/{MANIFEST_NAME}" in _keys(moto, f"{prefix}/checkpoint-1/")
-    mgr = ckptguard.CheckpointManager(
-        moto.url(prefix), storage_options=moto.storage_options, read_only=True
-    )
-    assert [i.step for i in mgr.list()] == [1]
-    latest = mgr.latest()
-    assert latest is not None
-    assert latest.step == 1
