@@ -11,6 +11,7 @@ mid-upload aborting everywhere and leaving nothing, resharding to 1 and 4 ranks 
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,3 +144,24 @@ def test_the_reader_opens_only_listed_files_and_reads_only_inside_them(tmp_path:
         assert {f.path for f in manifest.files} == {".metadata", "__0_0.distcp"}
     finally:
         close()
+
+
+def test_a_sharded_checkpoint_restores_from_the_mirror_when_the_local_copy_is_gone(
+    tmp_path: Path, moto: S3Server
+) -> None:
+    mirror = moto.url(f"mirror-{uuid.uuid4().hex[:8]}")
+    root = tmp_path / "run"
+    with ckptguard.CheckpointManager(
+        root, mirror=mirror, storage_options=moto.storage_options
+    ) as mgr:
+        mgr.save(1, _state(1), sharded=True)
+        mgr.wait()  # the upload and the remote verification
+    assert f"{mirror.removeprefix(f's3://{moto.bucket}/')}/checkpoint-1/{MANIFEST_NAME}" in _keys(
+        moto, mirror.removeprefix(f"s3://{moto.bucket}/")
+    )
+    shutil.rmtree(root / "checkpoint-1")  # the node's disk is lost
+    mgr = ckptguard.CheckpointManager(root, mirror=mirror, storage_options=moto.storage_options)
+    target = _zeros()
+    mgr.restore(1, target=target)
+    assert _same(target, _state(1))
+    mgr.close()
