@@ -389,7 +389,7 @@ class FsspecStorage:
             # botocore's and s3fs's own retry loops (about 65 s on a dead endpoint).
             config = dict(options.get("config_kwargs") or {})
             config.setdefault("connect_timeout", min(CONNECT_TIMEOUT, retry.connect_budget))
-            config.setdefault("retries", {"max_attempts": 1})
+            config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
             # every transfer worker its own connection, and a few for listings and the commit
             config.setdefault("max_pool_connections", max(10, max_concurrency + 4))
             options["config_kwargs"] = config
