@@ -46,6 +46,7 @@ docs: install
 # Speed is measured here, never in tests: ratios within one interleaved run.
 bench: install
 	$(PY) benchmarks/bench_save.py --mib 1024 --rounds 11 --json benchmarks/results/latest.json
+	$(PY) benchmarks/bench_s3.py --mib 128 --rounds 5 --json benchmarks/results/s3-latest.json
 
 # The reliability and security gauntlet in full (make test runs a sample of each row),
 # which prints its table of figures and writes them as JSON; then the full crash sweep

@@ -267,6 +267,34 @@ def memory(server: Any, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def start_weed(workdir: Path) -> Any:
+    """SeaweedFS as the tests start it, but with room for the bench's gigabytes.
+
+    (The tests' server has a few 256 MB volumes: it answers InternalError once full.)
+    """
+    from s3_servers import HOST, S3Server, _wait_ready, free_port  # noqa: PLC0415
+
+    weed = Path(sys.executable).with_name("weed")
+    data = workdir / "weed"
+    data.mkdir(parents=True, exist_ok=True)
+    ports = {name: free_port(grpc_too=True) for name in ("s3", "master", "volume", "filer")}
+    cmd = [
+        str(weed), "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={data}", "-s3",
+        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    log = workdir / "weed.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: S603 - the venv's weed
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir
+        )
+    server = S3Server("seaweedfs", f"http://{HOST}:{ports['s3']}", proc, log=log, extra=ports)
+    _wait_ready(server)
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=128)
@@ -292,7 +320,6 @@ def main() -> None:
         return
     args.sweep = [int(v) for v in args.sweep.split(",") if v]
     args.memory_mib = [int(v) for v in args.memory_mib.split(",") if v]
-    from s3_servers import start_seaweedfs  # noqa: PLC0415
 
     load = os.getloadavg()
     report: dict[str, Any] = {
@@ -305,7 +332,7 @@ def main() -> None:
     }
     print(f"load average at start: {load}", flush=True)
     with tempfile.TemporaryDirectory(prefix="ckptguard-bench-s3-") as work:
-        server = start_seaweedfs(Path(work))
+        server = start_weed(Path(work))
         proxy = None
         try:
             if "compare" in args.only:

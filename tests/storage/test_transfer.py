@@ -29,6 +29,7 @@ import xxhash
 
 import ckptguard
 from ckptguard._errors import CorruptCheckpoint, StoragePermissionError, TransientStorageError
+from ckptguard._protocol.marker import clean_store
 from ckptguard._storage import objectstore
 from ckptguard._storage.objectstore import FsspecStorage, ObjectSource
 from ckptguard._storage.retry import RetryPolicy
@@ -470,3 +471,18 @@ def test_max_concurrency_is_checked(moto: S3Server) -> None:
                 max_concurrency=bad,  # type: ignore[arg-type]
                 check_environment=False,
             )  # fmt: skip
+
+
+def test_clean_store_aborts_uploads_a_killed_save_left_open(moto: S3Server) -> None:
+    url = moto.url(f"clean-{uuid.uuid4().hex[:8]}")
+    storage = FsspecStorage(url, moto.storage_options)
+    writer = storage.open_write(f"{url}/checkpoint-1/save-x/model.safetensors")
+    writer.write(os.urandom(8 * MIB + 1))  # one part sent: an upload is open, as if killed
+    open_uploads = [u for u in _pending_uploads(moto) if u["Key"].startswith(url.split("/", 3)[3])]
+    assert len(open_uploads) == 1
+    # within the grace period (a save may still be writing it): left alone
+    assert clean_store(storage, url, grace=3600.0) == []
+    assert len([u for u in _pending_uploads(moto) if u in open_uploads]) == 1
+    removed = clean_store(storage, url, grace=0.0)
+    assert removed == [f"{url}/checkpoint-1/save-x/model.safetensors#{open_uploads[0]['UploadId']}"]
+    assert not [u for u in _pending_uploads(moto) if u["UploadId"] == open_uploads[0]["UploadId"]]

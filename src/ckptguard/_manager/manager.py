@@ -106,7 +106,7 @@ class CheckpointManager:
         ``storage_options`` are the mirror's); ``latest``/``restore`` take the newest valid
         checkpoint of local and mirror.
 
-        ``max_concurrency`` (default 8): an object store's requests in flight at once
+        ``max_concurrency`` (default 16): an object store's requests in flight at once
         (multipart parts, ranged reads, the mirror's files), which also bounds the memory
         of transfers (that many part-size buffers, 8 MiB each, plus two).
 

@@ -638,6 +638,52 @@ class FsspecStorage:
                     f"{path}: replaced while it was read (ETag {etag[0]} then {tag})", path=path
                 )
 
+    def abort_stale_uploads(self, path: str, *, grace: float, dry_run: bool = False) -> list[str]:
+        """Abort multipart uploads under ``path`` begun over ``grace`` seconds ago.
+
+        A save killed mid-upload leaves its multipart upload open: invisible, but its parts
+        stay stored (and billed) until aborted. Returns ``url#upload-id`` of each one
+        aborted (or, with ``dry_run``, that would be). Stores without multipart: [].
+        """
+        if not self.multipart:
+            return []
+        from fsspec.asyn import sync  # noqa: PLC0415 - only for s3 roots
+
+        bucket, prefix, _ = self.fs.split_path(self.key(path))
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        now = time.time()
+        found: list[tuple[str, str]] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self._retry(
+                lambda m=dict(markers): sync(
+                    self.fs.loop, self.fs._call_s3, "list_multipart_uploads",  # noqa: SLF001
+                    Bucket=bucket, Prefix=prefix, **m,
+                ),
+                what="list uploads", path=path,
+            )  # fmt: skip
+            for upload in page.get("Uploads", []):
+                started = upload.get("Initiated")
+                age = now - started.timestamp() if hasattr(started, "timestamp") else 0.0
+                if age >= grace:
+                    found.append((upload["Key"], upload["UploadId"]))
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""),
+                       "UploadIdMarker": page.get("NextUploadIdMarker", "")}  # fmt: skip
+        aborted = []
+        for key, upload_id in found:
+            aborted.append(f"{self.url_of(f'{bucket}/{key}')}#{upload_id}")
+            if not dry_run:
+                self._retry(
+                    lambda k=key, u=upload_id: sync(
+                        self.fs.loop, self.fs._call_s3, "abort_multipart_upload",  # noqa: SLF001
+                        Bucket=bucket, Key=k, UploadId=u,
+                    ),
+                    what="abort of the upload", path=path,
+                )  # fmt: skip
+        return aborted
+
     # -- create-only writes ----------------------------------------------------------------
     def create_only(self, path: str, data: bytes) -> bool:
         """Write ``data`` only if nothing has that name; False if something did already."""

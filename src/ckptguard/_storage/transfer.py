@@ -62,7 +62,7 @@ MAX_PARTS = 10_000  # S3's limit of parts per multipart upload
 BIG_PARTS_FROM = 5_001
 BIG_PART_BUFFERS = 4
 SPARE_BUFFERS = 2  # one being filled by the writer, one being handed over
-DEFAULT_MAX_CONCURRENCY = 8  # chosen by the sweep of benchmarks/bench_s3.py (README)
+DEFAULT_MAX_CONCURRENCY = 16  # chosen by the sweep of benchmarks/bench_s3.py (README)
 
 
 def check_max_concurrency(value: object) -> int:
