@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import io
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -127,6 +128,7 @@ class Transfers:
         self.pool = BufferPool(part_size, self.max_concurrency + SPARE_BUFFERS)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     @property
     def part_size(self) -> int:
@@ -134,6 +136,9 @@ class Transfers:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's threads are not here
+                self._pid, self._executor = os.getpid(), None
+                self.pool = BufferPool(self.pool.buffer_size, self.pool.limit)
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     self.max_concurrency, thread_name_prefix="ckptguard-transfer"
