@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -497,3 +498,32 @@ def test_clean_store_aborts_uploads_a_killed_save_left_open(weed: S3Server) -> N
     removed = clean_store(storage, url, grace=0.0)
     assert removed == [f"{url}/checkpoint-1/save-x/model.safetensors#{open_uploads[0]['UploadId']}"]
     assert not [u for u in _pending_uploads(moto) if u["UploadId"] == open_uploads[0]["UploadId"]]
+
+
+def test_the_mirror_uploads_a_checkpoints_files_concurrently_within_the_bound(
+    moto: S3Server, tmp_path: Path
+) -> None:
+    proxy = S3Proxy(moto.endpoint, hold=0.3)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        state = {f"part{i}": {"w": torch.randn(256, 256, generator=gen)} for i in range(6)}
+        manager = ckptguard.CheckpointManager(
+            tmp_path / "run",
+            storage_options=_options(moto, proxy.endpoint),
+            mirror=moto.url(f"mirror-{uuid.uuid4().hex[:8]}"),
+            max_concurrency=3,
+            check_environment=False,
+        )
+        manager.save(1, state)
+        manager.wait()
+        files = sorted(os.listdir(tmp_path / "run" / "checkpoint-1"))
+        assert len([f for f in files if f.endswith(".safetensors")]) == 6, files
+        assert manager.mirror is not None
+        assert manager.mirror.uploaded == ["checkpoint-1"]
+        assert proxy.counts["put"] >= 6  # a request per file (each smaller than a part)
+        assert 2 <= proxy.peak["put"] <= 3  # several files in flight, never over the bound
+        restored = manager.restore(1)
+        assert all(torch.equal(restored[k]["w"], v["w"]) for k, v in state.items())
+        manager.close()
+    finally:
+        proxy.close()

@@ -655,13 +655,11 @@ class FsspecStorage:
         found: list[tuple[str, str]] = []
         markers: dict[str, str] = {}
         while True:
-            page = self._retry(
-                lambda m=dict(markers): sync(
-                    self.fs.loop, self.fs._call_s3, "list_multipart_uploads",  # noqa: SLF001
-                    Bucket=bucket, Prefix=prefix, **m,
-                ),
-                what="list uploads", path=path,
+            call = functools.partial(
+                sync, self.fs.loop, self.fs._call_s3, "list_multipart_uploads",  # noqa: SLF001
+                Bucket=bucket, Prefix=prefix, **markers,
             )  # fmt: skip
+            page: dict[str, Any] = self._retry(call, what="list uploads", path=path)
             for upload in page.get("Uploads", []):
                 started = upload.get("Initiated")
                 age = now - started.timestamp() if hasattr(started, "timestamp") else 0.0
@@ -675,13 +673,11 @@ class FsspecStorage:
         for key, upload_id in found:
             aborted.append(f"{self.url_of(f'{bucket}/{key}')}#{upload_id}")
             if not dry_run:
-                self._retry(
-                    lambda k=key, u=upload_id: sync(
-                        self.fs.loop, self.fs._call_s3, "abort_multipart_upload",  # noqa: SLF001
-                        Bucket=bucket, Key=k, UploadId=u,
-                    ),
-                    what="abort of the upload", path=path,
+                abort = functools.partial(
+                    sync, self.fs.loop, self.fs._call_s3, "abort_multipart_upload",  # noqa: SLF001
+                    Bucket=bucket, Key=key, UploadId=upload_id,
                 )  # fmt: skip
+                self._retry(abort, what="abort of the upload", path=path)
         return aborted
 
     # -- create-only writes ----------------------------------------------------------------
