@@ -46,6 +46,7 @@ docs: install
 # Speed is measured here, never in tests: ratios within one interleaved run.
 bench: install
 	$(PY) benchmarks/bench_save.py --mib 1024 --rounds 11 --json benchmarks/results/latest.json
+	$(PY) benchmarks/bench_s3.py --mib 128 --rounds 5 --json benchmarks/results/s3-latest.json
 	# Object-store requests of start-up, latest() and a save on roots of 10 and 1000
 	# checkpoints (counts, not times).
 	$(PY) benchmarks/bench_requests.py --counts 10 1000 --json benchmarks/results/requests-latest.json

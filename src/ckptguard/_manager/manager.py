@@ -85,6 +85,7 @@ class CheckpointManager:
         run_id: str | None = None,
         new_lineage: bool = False,
         read_only: bool | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -104,6 +105,10 @@ class CheckpointManager:
         uploaded in the background and its remote copy verified (see ``mirror.py``;
         ``storage_options`` are the mirror's); ``latest``/``restore`` take the newest valid
         checkpoint of local and mirror.
+
+        ``max_concurrency`` (default 16): an object store's requests in flight at once
+        (multipart parts, ranged reads, the mirror's files), which also bounds the memory
+        of transfers (that many part-size buffers, 8 MiB each, plus two).
 
         ``storage``: the storage to use instead of the one the root's kind implies (a
         fault-injecting wrapper in tests); for a URL root it wraps an ``FsspecStorage``.
@@ -129,6 +134,7 @@ class CheckpointManager:
             storage=storage,
             retry=retry,
             what="CheckpointManager",
+            max_concurrency=max_concurrency,
         )
         self.mirror: Mirror | None = None
         mirror_backend = None
@@ -142,7 +148,7 @@ class CheckpointManager:
                 )
             from ckptguard._manager.mirror import Mirror  # noqa: PLC0415 - fsspec
 
-            self.mirror = Mirror(mirror, storage_options)
+            self.mirror = Mirror(mirror, storage_options, max_concurrency=max_concurrency)
             mirror_backend = self.mirror.backend
             watch_exit(self)  # exit waits for queued uploads too
         reason = self.backend.read_only_reason() if read_only is None else None

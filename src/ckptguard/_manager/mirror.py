@@ -4,14 +4,18 @@
 background thread uploads the checkpoint (its files streamed from disk, each checksum
 computed while uploading and compared with the local manifest's), commits it on the store
 with its own manifest (the manifest-marker commit, ``_protocol/marker.py``), then reads the
-remote copy back and checks every checksum. A checkpoint that local retention deletes is
-deleted from the mirror too. Failures are logged at once and raised by the manager's
-``wait``/``close``; they never fail a local save. Resume takes the newest valid
-checkpoint of local and remote (``CheckpointManager.latest``/``restore``).
+remote copy back and checks every checksum. Its files are uploaded concurrently, each in
+parts uploaded concurrently, all within the store's ``max_concurrency`` requests and
+buffer pool (``_storage/transfer.py``); checkpoints go one after another, in the order
+they were committed, so a deletion never overtakes the upload it follows. A checkpoint
+that local retention deletes is deleted from the mirror too. Failures are logged at once
+and raised by the manager's ``wait``/``close``; they never fail a local save. Resume
+takes the newest valid checkpoint of local and remote (``CheckpointManager.latest``/``restore``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import queue
@@ -24,22 +28,35 @@ from ckptguard._errors import CorruptCheckpoint
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._protocol.verify import verify_local as verify
-from ckptguard._storage.base import READ_CHUNK, FileDigest
+from ckptguard._storage.base import FileDigest, innermost
 from ckptguard._storage.local import open_checkpoint_file
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
+
+    from ckptguard._format.manifest import FileEntry
 
 __all__ = ["Mirror"]
 
 _log = logging.getLogger("ckptguard.mirror")
+COPY_CHUNK = 1 << 20  # per file in flight; the upload copies it into its pool buffers
 
 
 class Mirror:
     """The background copier of one manager's committed checkpoints."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.backend = backend_for(url, storage_options, what="mirror")
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        max_concurrency: int | None = None,
+    ) -> None:
+        self.backend = backend_for(
+            url, storage_options, what="mirror", max_concurrency=max_concurrency
+        )
+        # files in flight at once (each also sends its parts concurrently)
+        self.max_files = getattr(innermost(self.backend.storage), "max_concurrency", 1)
         self.url = self.backend.root
         self._jobs: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -137,10 +154,7 @@ class Mirror:
         )
         try:
             with tx:
-                for entry in manifest.files:
-                    digest = self._copy(local_path, entry.path, f"{tx.write_path}/{entry.path}")
-                    _same_as_committed(local_path, entry.path, digest, entry.size, entry.checksum)
-                    tx.known[entry.path] = digest
+                tx.known.update(self._copy_all(local_path, manifest.files, tx.write_path))
         except Exception:
             if not os.path.lexists(local_path):  # retention got to it first: nothing to keep
                 _log.info("not mirroring %s: deleted by retention during its upload", name)
@@ -158,12 +172,40 @@ class Mirror:
             "mirrored %s to %s (%d bytes, checksums verified)", name, target, report.bytes_checked
         )
 
+    def _copy_all(
+        self, checkpoint: str, entries: Sequence[FileEntry], staging: str
+    ) -> dict[str, FileDigest]:
+        """Upload a checkpoint's files, ``max_files`` at once, each checked as committed.
+
+        The first failure stops the files not started yet and is raised once the others
+        have ended (each aborts its own upload on failure).
+        """
+
+        def copy(entry: FileEntry) -> FileDigest:
+            digest = self._copy(checkpoint, entry.path, f"{staging}/{entry.path}")
+            _same_as_committed(checkpoint, entry.path, digest, entry.size, entry.checksum)
+            return digest
+
+        # the largest first: the small ones fill in around them
+        order = sorted(entries, key=lambda e: e.size, reverse=True)
+        workers = max(1, min(self.max_files, len(order)))
+        with concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="ckptguard-mirror-file"
+        ) as pool:
+            futures = {pool.submit(copy, entry): entry.path for entry in order}
+            try:
+                return {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
     def _copy(self, checkpoint: str, rel: str, dest: str) -> FileDigest:
         fd = open_checkpoint_file(checkpoint, rel)
         try:
             writer = self.backend.storage.open_write(dest)
             try:
-                buf = bytearray(READ_CHUNK)
+                buf = bytearray(COPY_CHUNK)
                 view = memoryview(buf)
                 while n := os.readv(fd, [buf]):
                     writer.write(view[:n])

@@ -36,6 +36,7 @@ from ckptguard._protocol.verify import (
 from ckptguard._storage.base import innermost, is_url
 from ckptguard._storage.local import LocalStorage, read_only_reason
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy, with_retries
+from ckptguard._storage.transfer import check_max_concurrency
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -242,12 +243,14 @@ def backend_for(
     storage: Storage | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     what: str = "this operation",
+    max_concurrency: int | None = None,
 ) -> Backend:
     """The backend of ``root``: a local path (or file:// URL), or an fsspec URL.
 
     ``storage`` replaces the local storage (a fault-injecting wrapper, say); for a URL it
     must wrap an ``FsspecStorage`` of that URL. ``storage_options`` go to fsspec (and
     default to ``CKPTGUARD_STORAGE_OPTIONS``). ``what`` names the caller in errors.
+    ``max_concurrency``: a store's requests in flight at once (``_storage/transfer.py``).
     """
     text = os.fspath(root)
     if not isinstance(text, str) or not text.strip():
@@ -266,6 +269,8 @@ def backend_for(
             path=text,
             hint="pass e.g. storage_options={'client_kwargs': {'endpoint_url': ...}}",
         )
+    if max_concurrency is not None:
+        check_max_concurrency(max_concurrency)
     if is_url(text):
         from ckptguard._storage.objectstore import FsspecStorage  # noqa: PLC0415 - fsspec
 
@@ -273,7 +278,10 @@ def backend_for(
             options = (
                 storage_options if storage_options is not None else (storage_options_from_env())
             )
-            storage = FsspecStorage(text, options, retry=retry)
+            storage = FsspecStorage(
+                text, options, retry=retry,
+                **({} if max_concurrency is None else {"max_concurrency": max_concurrency}),
+            )  # fmt: skip
         url = innermost(storage).url
         return Backend(url, with_retries(storage, retry), MarkerCommit(), retry)
     if storage_options:

@@ -317,8 +317,9 @@ def clean_store(storage: Storage, root: str, *, grace: float, dry_run: bool = Fa
     """Remove what no manifest references, once older than ``grace`` seconds.
 
     Save prefixes of a checkpoint other than the one its manifest names (a replaced save,
-    a save that lost, a save killed mid-upload) and checkpoint prefixes without a
-    manifest. Returns what was (or, with ``dry_run``, would be) removed.
+    a save that lost, a save killed mid-upload), checkpoint prefixes without a manifest,
+    and multipart uploads left open under the root (``url#upload-id``). Returns what was
+    (or, with ``dry_run``, would be) removed.
     """
     store = _store(storage)
     now = _dt.datetime.now(_dt.UTC)
@@ -353,6 +354,10 @@ def clean_store(storage: Storage, root: str, *, grace: float, dry_run: bool = Fa
             if not dry_run:
                 for key, _ in items:
                     storage.remove_file(store.url_of(key))
+    # multipart uploads a killed save left open (invisible, but stored and billed)
+    abort = getattr(store, "abort_stale_uploads", None)
+    if callable(abort):
+        removed += abort(root, grace=grace, dry_run=dry_run)
     return removed
 
 
