@@ -1,0 +1,229 @@
+"""The Trainer and Accelerate saving to, and resuming from, a real S3 server (moto's).
+
+Every run is a real training process (``hf_driver.py``, ``accel_driver.py``; tiny models,
+no downloads), the store a real ``moto_server`` on 127.0.0.1. The runs are independent
+chains, started together in one module fixture (two cores here), and checked at the end:
+
+- ``hf_s3``: a Trainer with ``output_dir="s3://..."`` trains 6 steps (checkpoints 2, 4,
+  6 committed on the store); the newest object-store checkpoint is then corrupted in place
+  (same size, one byte changed); a fresh process resumes with
+  ``resume_from_checkpoint=True``: it must skip checkpoint-6 with a warning, download
+  checkpoint-4 into its cache, and end bit-exact with the uninterrupted run;
+- ``hf_mirror``: a local output_dir with ``mirror="s3://..."`` and ``keep_last=2``; the
+  local root is then deleted (a fresh node) and the mirror's newest corrupted: the next
+  run resumes from the mirror's checkpoint-4, bit-exact;
+- ``hf_ranks``: two ranks under torchrun save to ``s3://`` exactly once per checkpoint
+  (one manifest, objects exactly those it lists, both ranks' RNG files among them);
+- ``accel_s3``: Accelerate with ``project_dir="s3://..."``, its newest checkpoint
+  corrupted, ``load_state()`` resumes from the one before, bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import ckptguard
+import driver_jobs
+from ckptguard._format.layout import MANIFEST_NAME
+from driver_jobs import Done
+from s3_servers import S3Server, start_moto
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+HERE = Path(__file__).parent
+HF_STEPS = ["--steps", "6", "--save-steps", "2"]
+pytestmark = pytest.mark.timeout(600)
+
+
+class HFJob(driver_jobs.Job):
+    driver = HERE / "hf_driver.py"
+
+
+class AccelJob(driver_jobs.Job):
+    driver = HERE / "accel_driver.py"
+
+
+@dataclass
+class Runs:
+    server: S3Server
+    urls: dict[str, str]
+    done: dict[str, Done] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    errors: list[BaseException] = field(default_factory=list)
+
+
+def _corrupt(server: S3Server, url: str, rel: str) -> str:
+    """Change one byte of the object ``rel`` of the checkpoint at ``url`` (same size)."""
+    manifest = ckptguard.read_manifest(url, storage_options=server.storage_options)
+    key = url.removeprefix(f"s3://{server.bucket}/") + f"/{manifest.save_id}/{rel}"
+    client = server.client()
+    data = bytearray(client.get_object(Bucket=server.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=server.bucket, Key=key, Body=bytes(data))
+    return key
+
+
+def _keys(server: S3Server, url: str) -> list[str]:
+    prefix = url.removeprefix(f"s3://{server.bucket}/").rstrip("/") + "/"
+    client = server.client()
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=server.bucket, Prefix=prefix
+    ):
+        keys += [o["Key"].removeprefix(prefix) for o in page.get("Contents", [])]
+    return sorted(keys)
+
+
+def _hf_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    url, cache = runs.urls["hf_s3"], str(base / "cache-hf")
+    flags = ["--output", url, "--cache", cache, *HF_STEPS]
+    first = driver_jobs.finish(HFJob(base / "hf1", *flags, "--fresh", env=env, cwd=base))
+    runs.done["hf1"] = first.ok()
+    runs.notes["hf_corrupted"] = _corrupt(runs.server, f"{url}/checkpoint-6", "optimizer.pt")
+    runs.done["hf2"] = driver_jobs.finish(HFJob(base / "hf2", *flags, env=env, cwd=base)).ok()
+    runs.notes["hf_cache"] = sorted(p.name for p in Path(cache).glob("*/*"))
+
+
+def _hf_mirror(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    url, cache, out = runs.urls["hf_mirror"], str(base / "cache-mirror"), base / "hf3"
+    flags = ["--mirror", url, "--cache", cache, "--keep-last", "2", *HF_STEPS]
+    runs.done["hf3"] = driver_jobs.finish(HFJob(out, *flags, "--fresh", env=env, cwd=base)).ok()
+    runs.notes["hf3_final"] = (out / "final.json").read_bytes()
+    runs.notes["hf3_local"] = sorted(p.name for p in out.glob("checkpoint-*"))
+    runs.notes["mirror_keys_before"] = _keys(runs.server, url)
+    shutil.rmtree(out)  # a fresh node: the local root is gone
+    _corrupt(runs.server, f"{url}/checkpoint-6", "model.safetensors")
+    runs.done["hf4"] = driver_jobs.finish(HFJob(out, *flags, env=env, cwd=base)).ok()
+
+
+def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    url = runs.urls["hf_ranks"]
+    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh"]
+    job = HFJob(base / "hf5", *flags, "--steps", "4", "--save-steps", "2", nproc=2, env=env,
+                cwd=base)  # fmt: skip
+    runs.done["hf5"] = driver_jobs.finish(job).ok()
+
+
+def _accel_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    url, cache = runs.urls["accel_s3"], str(base / "cache-accel")
+    flags = ["--project", url, "--cache", cache]
+    runs.done["a1"] = driver_jobs.finish(AccelJob(base / "a1", *flags, env=env, cwd=base)).ok()
+    _corrupt(runs.server, f"{url}/checkpoints/checkpoint_2", "model.safetensors")
+    runs.done["a2"] = driver_jobs.finish(AccelJob(base / "a2", *flags, env=env, cwd=base)).ok()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        base = tmp_path_factory.mktemp("frameworks")
+        env = {
+            "CKPTGUARD_STORAGE_OPTIONS": json.dumps(server.storage_options),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+        tag = uuid.uuid4().hex[:8]
+        chains: dict[str, Callable[[Runs, Path, dict[str, str]], None]] = {
+            "hf_ranks": _hf_ranks,
+            "hf_s3": _hf_s3,
+            "hf_mirror": _hf_mirror,
+            "accel_s3": _accel_s3,
+        }
+        result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
+
+        def run(chain: Callable[[Runs, Path, dict[str, str]], None]) -> None:
+            try:
+                chain(result, base, env)
+            except BaseException as exc:  # reported by the test that needs the chain
+                result.errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in chains.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result.notes["cwd"] = sorted(p.name for p in base.iterdir())
+        yield result
+    finally:
+        server.stop()
+
+
+def _need(runs: Runs, *names: str) -> None:
+    missing = [n for n in names if n not in runs.done]
+    if missing:
+        raise AssertionError(f"runs {missing} did not finish: {runs.errors!r}")
+
+
+def _verified(runs: Runs, url: str) -> list[str]:
+    names = []
+    for key in _keys(runs.server, url):
+        if key.endswith("/" + MANIFEST_NAME):
+            name = key.split("/")[0]
+            report = ckptguard.verify(f"{url}/{name}", storage_options=runs.server.storage_options)
+            assert report.ok, report.problems
+            names.append(name)
+    return names
+
+
+def test_trainer_resumes_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs) -> None:
+    _need(runs, "hf1", "hf2")
+    first, second = runs.done["hf1"], runs.done["hf2"]
+    assert first.resumed_from == "0"
+    assert second.resumed_from == "4"  # checkpoint-6 corrupt on the store: skipped
+    assert "skipping" in second.stderr, second.stderr[-3000:]
+    assert "checkpoint-6" in second.stderr, second.stderr[-3000:]
+    assert second.final == first.final  # bit-exact with the uninterrupted run
+    # the second run saved checkpoint-6 again: every checkpoint on the store verifies
+    assert _verified(runs, runs.urls["hf_s3"]) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # the cache holds the one checkpoint resumed from; nothing named "s3:" was left behind
+    assert runs.notes["hf_cache"] == ["checkpoint-4"]
+    assert "s3:" not in runs.notes["cwd"]
+
+
+def test_trainer_mirror_resumes_from_the_mirror_on_a_fresh_node(runs: Runs) -> None:
+    _need(runs, "hf1", "hf3", "hf4")
+    assert runs.notes["hf3_final"] == runs.done["hf1"].final  # same training, local + mirror
+    assert runs.notes["hf3_local"] == ["checkpoint-4", "checkpoint-6"]  # keep_last=2
+    names = {k.split("/")[0] for k in runs.notes["mirror_keys_before"]}
+    assert names == {"checkpoint-4", "checkpoint-6"}  # retention reached the mirror too
+    fourth = runs.done["hf4"]
+    assert fourth.resumed_from == "4", fourth.stderr[-3000:]  # mirror's 6 corrupt: skipped
+    assert "skipping" in fourth.stderr, fourth.stderr[-3000:]
+    assert fourth.final == runs.done["hf1"].final
+    assert _verified(runs, runs.urls["hf_mirror"]) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
+    _need(runs, "hf5")
+    url = runs.urls["hf_ranks"]
+    keys = _keys(runs.server, url)
+    names = sorted({k.split("/")[0] for k in keys})
+    assert names == ["checkpoint-2", "checkpoint-4"], keys
+    for name in names:
+        manifest = ckptguard.read_manifest(
+            f"{url}/{name}", storage_options=runs.server.storage_options
+        )
+        mine = sorted(k.removeprefix(name + "/") for k in keys if k.startswith(name + "/"))
+        listed = sorted([f.path for f in manifest.files] + [MANIFEST_NAME])
+        assert mine == listed  # one manifest, no duplicate or orphan upload
+        files = {f.path.removeprefix(manifest.save_id + "/") for f in manifest.files}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= files
+    assert _verified(runs, url) == names
+
+
+def test_accelerate_loads_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs) -> None:
+    _need(runs, "a1", "a2")
+    first, second = runs.done["a1"], runs.done["a2"]
+    assert first.resumed_from == "none"
+    assert second.resumed_from == "1", second.stderr[-3000:]  # checkpoint_2 corrupt: skipped
+    assert "skipping" in second.stderr, second.stderr[-3000:]
+    assert second.final == first.final
