@@ -1,4 +1,4 @@
-"""The Trainer and Accelerate saving to, and resuming from, a real S3 server (moto's).
+"""The Trainer, Accelerate and Lightning saving to, and resuming from, a real S3 server (moto's).
 
 Every run is a real training process (``hf_driver.py``, ``accel_driver.py``; tiny models,
 no downloads), the store a real ``moto_server`` on 127.0.0.1. The runs are independent
@@ -15,7 +15,10 @@ chains, started together in one module fixture (two cores here), and checked at 
 - ``hf_ranks``: two ranks under torchrun save to ``s3://`` exactly once per checkpoint
   (one manifest, objects exactly those it lists, both ranks' RNG files among them);
 - ``accel_s3``: Accelerate with ``project_dir="s3://..."``, its newest checkpoint
-  corrupted, ``load_state()`` resumes from the one before, bit-exact.
+  corrupted, ``load_state()`` resumes from the one before, bit-exact;
+- ``lightning_s3``: the Lightning plugin with ``ModelCheckpoint(dirpath="s3://...")``:
+  plain ``.ckpt`` objects with sidecar objects; the newest corrupted, the next run resumes
+  from the one before (``last_valid_checkpoint(URL)``), bit-exact.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import ckptguard
 import driver_jobs
 from ckptguard._format.layout import MANIFEST_NAME
 from driver_jobs import Done
-from s3_servers import S3Server, start_moto
+from s3_servers import KEY, SECRET, S3Server, start_moto
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -50,6 +53,10 @@ class HFJob(driver_jobs.Job):
 
 class AccelJob(driver_jobs.Job):
     driver = HERE / "accel_driver.py"
+
+
+class LightningJob(driver_jobs.Job):
+    driver = HERE / "lightning_driver.py"
 
 
 @dataclass
@@ -121,6 +128,33 @@ def _accel_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
     runs.done["a2"] = driver_jobs.finish(AccelJob(base / "a2", *flags, env=env, cwd=base)).ok()
 
 
+def _lightning_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    url, cache = runs.urls["lightning_s3"], str(base / "cache-lightning")
+    # Lightning's ModelCheckpoint lists dirpath with its own fsspec filesystem: AWS_* env.
+    env = {
+        **env,
+        "AWS_ENDPOINT_URL": runs.server.endpoint,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(base / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(base / "no-aws-credentials"),
+    }
+    flags = ["--dirpath", url, "--cache", cache]
+    first = LightningJob(base / "l1", *flags, env=env, cwd=base)
+    runs.done["l1"] = driver_jobs.finish(first).ok()
+    runs.notes["l1_keys"] = _keys(runs.server, url)
+    client, key = runs.server.client(), url.removeprefix(f"s3://{runs.server.bucket}/")
+    data = bytearray(
+        client.get_object(Bucket=runs.server.bucket, Key=f"{key}/step=30.ckpt")["Body"].read()
+    )
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=runs.server.bucket, Key=f"{key}/step=30.ckpt", Body=bytes(data))
+    second = LightningJob(base / "l2", *flags, env=env, cwd=base)
+    runs.done["l2"] = driver_jobs.finish(second).ok()
+    runs.notes["l2_cache"] = sorted(p.name for p in Path(cache).glob("*/*"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     server = start_moto(tmp_path_factory.mktemp("moto"))
@@ -137,6 +171,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
             "hf_s3": _hf_s3,
             "hf_mirror": _hf_mirror,
             "accel_s3": _accel_s3,
+            "lightning_s3": _lightning_s3,
         }
         result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
 
@@ -227,3 +262,16 @@ def test_accelerate_loads_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs
     assert second.resumed_from == "1", second.stderr[-3000:]  # checkpoint_2 corrupt: skipped
     assert "skipping" in second.stderr, second.stderr[-3000:]
     assert second.final == first.final
+
+
+def test_lightning_plugin_saves_plain_files_with_sidecars_on_s3_and_resumes(runs: Runs) -> None:
+    _need(runs, "l1", "l2")
+    first, second = runs.done["l1"], runs.done["l2"]
+    names = [f"step={n}.ckpt" for n in (10, 20, 30)]
+    assert runs.notes["l1_keys"] == sorted([*names, *(f".{n}.ckptguard.json" for n in names)])
+    assert first.resumed_from == "0"
+    assert second.resumed_from == "20", second.stderr[-3000:]  # step=30 corrupt: skipped
+    assert "skipping" in second.stderr, second.stderr[-3000:]
+    assert second.final == first.final
+    # the one checkpoint resumed from stays cached, with its sidecar
+    assert runs.notes["l2_cache"] == [".step=20.ckpt.ckptguard.json", "step=20.ckpt"]
