@@ -23,7 +23,11 @@ With ``protect``:
   (newest valid never deleted); Accelerate's own pre-save deletion never runs;
 - ``load_state()`` loads the newest checkpoint that verifies on every node and sets
   ``iteration`` to the one after it; ``load_state(path)`` verifies ``path`` first;
-- ``save_on_each_node`` is made to match the storage that the probe finds.
+- ``save_on_each_node`` is made to match the storage that the probe finds;
+- object stores: ``project_dir`` (or ``save_state``/``load_state``'s directory) may be a
+  URL, and ``protect(accelerator, mirror=URL)`` mirrors a local ``project_dir``; a load
+  from a store downloads the checkpoint into a local cache first, every file checked
+  (``integrations/_remote.py``).
 
 Differences a user may notice: ``save_state(output_dir)`` onto an existing directory that
 ckptguard did not write moves that directory to ``.ckptguard/quarantine/`` (Accelerate

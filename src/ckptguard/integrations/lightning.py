@@ -32,6 +32,11 @@ form.
 Lightning saves from global rank 0 only (the other ranks never call the plugin), so each
 save commits from that one process.
 
+An object-store ``dirpath`` (``ModelCheckpoint(dirpath="s3://bucket/run")``) keeps the
+same layout as objects: the file and its sidecar object, committed so that a crash leaves
+the old or the new file verifying; loads download into a local cache and check it first
+(``integrations/_remotefile.py``).
+
 Not supported: strategies that save sharded checkpoints as directories of their own
 (``FSDPStrategy`` and ``ModelParallelStrategy`` with sharded state dicts) bypass the plugin.
 """

@@ -32,6 +32,13 @@ How, for each checkpoint the trainer saves (every rank takes part, as in the Tra
 ``save_on_each_node`` is made to match the storage that the probe finds: True on
 node-local roots (each node gets a complete checkpoint, or resume on other nodes would
 find only their RNG files), False on a shared root (one writer per file).
+
+Object stores (``integrations/_remote.py``): with ``output_dir="s3://..."`` each process
+writes into its own local spool, ckptguard uploads every rank's files and commits one
+manifest (exactly once); with ``protect(trainer, mirror="s3://...")`` each local commit
+is uploaded in the background. ``resume_from_checkpoint=True`` downloads the newest remote
+checkpoint that verifies into a local cache (each file checked as it arrives) when no
+newer local one verifies, and hands the Trainer that directory.
 """
 
 from __future__ import annotations
