@@ -4,18 +4,19 @@ Every run is a real training process (``hf_driver.py``, ``accel_driver.py``; tin
 no downloads), the store a real ``moto_server`` on 127.0.0.1. The runs are independent
 chains, started together in one module fixture (two cores here), and checked at the end:
 
-- ``hf_s3``: a Trainer with ``output_dir="s3://..."`` trains 6 steps (checkpoints 2, 4,
-  6 committed on the store); the newest object-store checkpoint is then corrupted in place
-  (same size, one byte changed); a fresh process resumes with
-  ``resume_from_checkpoint=True``: it must skip checkpoint-6 with a warning, download
-  checkpoint-4 into its cache, and end bit-exact with the uninterrupted run;
-- ``hf_mirror``: a local output_dir with ``mirror="s3://..."`` and ``keep_last=2``; the
-  local root is then deleted (a fresh node) and the mirror's newest corrupted: the next
-  run resumes from the mirror's checkpoint-4, bit-exact;
+- ``hf``: a Trainer with a local output_dir, ``mirror="s3://..."`` and ``keep_last=2``
+  trains 6 steps uninterrupted (the reference; checkpoints 4 and 6 kept, on the mirror
+  too). The mirror's newest is corrupted in place (same size, one byte changed); a fresh
+  process with ``output_dir=`` that prefix (an object-store root like any other) resumes
+  with ``resume_from_checkpoint=True``: it must skip checkpoint-6 with a warning,
+  download checkpoint-4 into its cache, and end bit-exact with the reference. Then the
+  local output_dir is deleted (a fresh node), the newest corrupted again: the mirror run
+  resumes from the mirror's checkpoint-4, bit-exact;
 - ``hf_ranks``: two ranks under torchrun save to ``s3://`` exactly once per checkpoint
   (one manifest, objects exactly those it lists, both ranks' RNG files among them);
-- ``accel_s3``: Accelerate with ``project_dir="s3://..."``, its newest checkpoint
-  corrupted, ``load_state()`` resumes from the one before, bit-exact;
+- ``accel``: Accelerate mirrored (the reference), then ``project_dir="s3://..."`` on the
+  same prefix with its newest checkpoint corrupted: ``load_state()`` resumes from the one
+  before, bit-exact; then the mirror run on a fresh node loads the mirror's newest;
 - ``lightning_s3``: the Lightning plugin with ``ModelCheckpoint(dirpath="s3://...")``:
   plain ``.ckpt`` objects with sidecar objects; the newest corrupted, the next run resumes
   from the one before (``last_valid_checkpoint(URL)``), bit-exact.
@@ -90,26 +91,32 @@ def _keys(server: S3Server, url: str) -> list[str]:
     return sorted(keys)
 
 
-def _hf_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
-    url, cache = runs.urls["hf_s3"], str(base / "cache-hf")
-    flags = ["--output", url, "--cache", cache, *HF_STEPS]
-    first = driver_jobs.finish(HFJob(base / "hf1", *flags, "--fresh", env=env, cwd=base))
-    runs.done["hf1"] = first.ok()
-    runs.notes["hf_corrupted"] = _corrupt(runs.server, f"{url}/checkpoint-6", "optimizer.pt")
-    runs.done["hf2"] = driver_jobs.finish(HFJob(base / "hf2", *flags, env=env, cwd=base)).ok()
-    runs.notes["hf_cache"] = sorted(p.name for p in Path(cache).glob("*/*"))
+def _hf(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    """Mirror run (the reference), S3-output resume, fresh-node resume from the mirror.
 
-
-def _hf_mirror(runs: Runs, base: Path, env: dict[str, str]) -> None:
-    url, cache, out = runs.urls["hf_mirror"], str(base / "cache-mirror"), base / "hf3"
-    flags = ["--mirror", url, "--cache", cache, "--keep-last", "2", *HF_STEPS]
-    runs.done["hf3"] = driver_jobs.finish(HFJob(out, *flags, "--fresh", env=env, cwd=base)).ok()
-    runs.notes["hf3_final"] = (out / "final.json").read_bytes()
+    The mirror's prefix is an object-store root like any other: the S3-output run resumes
+    from the checkpoints that the mirror run uploaded.
+    """
+    url, out = runs.urls["hf"], base / "hf3"
+    mirrored = ["--mirror", url, "--cache", str(base / "cache-mirror"), "--keep-last", "2"]
+    first = HFJob(out, *mirrored, *HF_STEPS, "--fresh", env=env, cwd=base)
+    runs.done["hf3"] = driver_jobs.finish(first).ok()
+    runs.notes["reference"] = (out / "final.json").read_bytes()
     runs.notes["hf3_local"] = sorted(p.name for p in out.glob("checkpoint-*"))
-    runs.notes["mirror_keys_before"] = _keys(runs.server, url)
-    shutil.rmtree(out)  # a fresh node: the local root is gone
+    runs.notes["mirror_keys"] = _keys(runs.server, url)
+    # An object-store output_dir: checkpoint-6 corrupt on the store, resume from 4.
+    _corrupt(runs.server, f"{url}/checkpoint-6", "optimizer.pt")
+    cache = base / "cache-hf"
+    second = HFJob(base / "hf2", "--output", url, "--cache", str(cache), *HF_STEPS, env=env,
+                   cwd=base)  # fmt: skip
+    runs.done["hf2"] = driver_jobs.finish(second).ok()
+    runs.notes["hf_cache"] = sorted(p.name for p in cache.glob("*/*"))
+    runs.notes["hf2_verified"] = _verified(runs, url)
+    # A fresh node: the local output_dir is gone, the mirror's newest corrupt again.
+    shutil.rmtree(out)
     _corrupt(runs.server, f"{url}/checkpoint-6", "model.safetensors")
-    runs.done["hf4"] = driver_jobs.finish(HFJob(out, *flags, env=env, cwd=base)).ok()
+    third = HFJob(out, *mirrored, *HF_STEPS, env=env, cwd=base)
+    runs.done["hf4"] = driver_jobs.finish(third).ok()
 
 
 def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
@@ -120,12 +127,17 @@ def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
     runs.done["hf5"] = driver_jobs.finish(job).ok()
 
 
-def _accel_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
-    url, cache = runs.urls["accel_s3"], str(base / "cache-accel")
-    flags = ["--project", url, "--cache", cache]
-    runs.done["a1"] = driver_jobs.finish(AccelJob(base / "a1", *flags, env=env, cwd=base)).ok()
+def _accel(runs: Runs, base: Path, env: dict[str, str]) -> None:
+    """Mirror run (reference), project_dir on S3 resuming past a corrupt newest, fresh node."""
+    url, out = runs.urls["accel"], base / "a3"
+    mirrored = ["--mirror", f"{url}/checkpoints", "--cache", str(base / "cache-accel-mirror")]
+    runs.done["a3"] = driver_jobs.finish(AccelJob(out, *mirrored, env=env, cwd=base)).ok()
+    runs.notes["accel_reference"] = (out / "final.json").read_bytes()
     _corrupt(runs.server, f"{url}/checkpoints/checkpoint_2", "model.safetensors")
-    runs.done["a2"] = driver_jobs.finish(AccelJob(base / "a2", *flags, env=env, cwd=base)).ok()
+    remote = ["--project", url, "--cache", str(base / "cache-accel")]
+    runs.done["a2"] = driver_jobs.finish(AccelJob(base / "a2", *remote, env=env, cwd=base)).ok()
+    shutil.rmtree(out / "checkpoints")  # a fresh node: the mirror's checkpoint_2 (re-saved)
+    runs.done["a4"] = driver_jobs.finish(AccelJob(out, *mirrored, env=env, cwd=base)).ok()
 
 
 def _lightning_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
@@ -168,9 +180,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         tag = uuid.uuid4().hex[:8]
         chains: dict[str, Callable[[Runs, Path, dict[str, str]], None]] = {
             "hf_ranks": _hf_ranks,
-            "hf_s3": _hf_s3,
-            "hf_mirror": _hf_mirror,
-            "accel_s3": _accel_s3,
+            "hf": _hf,
+            "accel": _accel,
             "lightning_s3": _lightning_s3,
         }
         result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
@@ -210,31 +221,30 @@ def _verified(runs: Runs, url: str) -> list[str]:
 
 
 def test_trainer_resumes_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs) -> None:
-    _need(runs, "hf1", "hf2")
-    first, second = runs.done["hf1"], runs.done["hf2"]
-    assert first.resumed_from == "0"
+    _need(runs, "hf3", "hf2")
+    second = runs.done["hf2"]
     assert second.resumed_from == "4"  # checkpoint-6 corrupt on the store: skipped
     assert "skipping" in second.stderr, second.stderr[-3000:]
     assert "checkpoint-6" in second.stderr, second.stderr[-3000:]
-    assert second.final == first.final  # bit-exact with the uninterrupted run
-    # the second run saved checkpoint-6 again: every checkpoint on the store verifies
-    assert _verified(runs, runs.urls["hf_s3"]) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert second.final == runs.notes["reference"]  # bit-exact with the uninterrupted run
+    # it saved checkpoint-6 again: every checkpoint on the store verifies
+    assert runs.notes["hf2_verified"] == ["checkpoint-4", "checkpoint-6"]
     # the cache holds the one checkpoint resumed from; nothing named "s3:" was left behind
     assert runs.notes["hf_cache"] == ["checkpoint-4"]
     assert "s3:" not in runs.notes["cwd"]
 
 
 def test_trainer_mirror_resumes_from_the_mirror_on_a_fresh_node(runs: Runs) -> None:
-    _need(runs, "hf1", "hf3", "hf4")
-    assert runs.notes["hf3_final"] == runs.done["hf1"].final  # same training, local + mirror
+    _need(runs, "hf3", "hf4")
+    assert runs.done["hf3"].resumed_from == "0"
     assert runs.notes["hf3_local"] == ["checkpoint-4", "checkpoint-6"]  # keep_last=2
-    names = {k.split("/")[0] for k in runs.notes["mirror_keys_before"]}
+    names = {k.split("/")[0] for k in runs.notes["mirror_keys"]}
     assert names == {"checkpoint-4", "checkpoint-6"}  # retention reached the mirror too
     fourth = runs.done["hf4"]
     assert fourth.resumed_from == "4", fourth.stderr[-3000:]  # mirror's 6 corrupt: skipped
     assert "skipping" in fourth.stderr, fourth.stderr[-3000:]
-    assert fourth.final == runs.done["hf1"].final
-    assert _verified(runs, runs.urls["hf_mirror"]) == ["checkpoint-4", "checkpoint-6"]
+    assert fourth.final == runs.notes["reference"]
+    assert _verified(runs, runs.urls["hf"]) == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
@@ -256,12 +266,19 @@ def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
 
 
 def test_accelerate_loads_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs) -> None:
-    _need(runs, "a1", "a2")
-    first, second = runs.done["a1"], runs.done["a2"]
-    assert first.resumed_from == "none"
+    _need(runs, "a3", "a2")
+    assert runs.done["a3"].resumed_from == "none"
+    second = runs.done["a2"]
     assert second.resumed_from == "1", second.stderr[-3000:]  # checkpoint_2 corrupt: skipped
     assert "skipping" in second.stderr, second.stderr[-3000:]
-    assert second.final == first.final
+    assert second.final == runs.notes["accel_reference"]
+
+
+def test_accelerate_mirror_loads_from_the_mirror_on_a_fresh_node(runs: Runs) -> None:
+    _need(runs, "a3", "a4")
+    fourth = runs.done["a4"]
+    assert fourth.resumed_from == "2", fourth.stderr[-3000:]  # downloaded from the mirror
+    assert fourth.final == runs.notes["accel_reference"]  # its weights, bit-exact
 
 
 def test_lightning_plugin_saves_plain_files_with_sidecars_on_s3_and_resumes(runs: Runs) -> None:
