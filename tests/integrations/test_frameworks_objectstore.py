@@ -292,3 +292,25 @@ def test_lightning_plugin_saves_plain_files_with_sidecars_on_s3_and_resumes(runs
     assert second.final == first.final
     # the one checkpoint resumed from stays cached, with its sidecar
     assert runs.notes["l2_cache"] == [".step=20.ckpt.ckptguard.json", "step=20.ckpt"]
+
+
+@pytest.mark.parametrize("which", ["transformers", "accelerate"])
+def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(which: str) -> None:
+    """Checked before anything else (no trainer needed): a clear TypeError naming why."""
+    from ckptguard.integrations import accelerate, transformers
+
+    protect: Any = transformers.protect if which == "transformers" else accelerate.protect
+    with pytest.raises(TypeError, match=r"keep_best= \(the framework decides its best"):
+        protect(object(), keep_best=2)
+    with pytest.raises(TypeError, match=r"async_save= \(the framework writes its files"):
+        protect(object(), async_save=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mirrors'"):
+        protect(object(), mirrors="s3://b/x")
+    with pytest.raises(TypeError, match="mirror= must be an object-store URL"):
+        protect(object(), mirror="/local/path")
+    with pytest.raises(TypeError, match="keep_last= must be a positive int"):
+        protect(object(), keep_last=0)
+    # the options that apply pass this check and reach the framework check
+    with pytest.raises(TypeError, match="needs"):
+        protect(object(), mirror="s3://b/x", keep_last=2, verify_after_save=True,
+                storage_options={"anon": True}, cache_dir="cache")  # fmt: skip
