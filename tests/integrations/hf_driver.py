@@ -113,6 +113,9 @@ def main() -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--keep-last", type=int, default=None)
     ap.add_argument("--fresh", action="store_true")
+    # After training, every rank chooses the checkpoint it would resume from (the path the
+    # Trainer would be given) and prints it: the multi-rank choice without a second launch.
+    ap.add_argument("--check-resume", action="store_true")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
@@ -212,6 +215,11 @@ def main() -> int:
     if remote:
         os.makedirs(out, exist_ok=True)
         trainer.train(resume_from_checkpoint=None if opts.fresh else True)
+        if opts.check_resume:
+            from ckptguard.integrations import transformers as hf
+
+            chosen = hf._resolve_resume(trainer, getattr(trainer, hf._ATTR), True)
+            print(f"rank {rank} would resume from {chosen}", flush=True)
         if rank == 0:
             with open(os.path.join(out, "final.json"), "w") as f:
                 result = {"step": int(trainer.state.global_step), "weights": _digest(trainer.model)}

@@ -25,6 +25,7 @@ chains, started together in one module fixture (two cores here), and checked at 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import uuid
@@ -121,7 +122,7 @@ def _hf(runs: Runs, base: Path, env: dict[str, str]) -> None:
 
 def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
     url = runs.urls["hf_ranks"]
-    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh"]
+    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh", "--check-resume"]
     job = HFJob(base / "hf5", *flags, "--steps", "4", "--save-steps", "2", nproc=2, env=env,
                 cwd=base)  # fmt: skip
     runs.done["hf5"] = driver_jobs.finish(job).ok()
@@ -185,6 +186,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
             "lightning_s3": _lightning_s3,
         }
         result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
+        result.notes["base"] = base
 
         def run(chain: Callable[[Runs, Path, dict[str, str]], None]) -> None:
             try:
@@ -263,6 +265,15 @@ def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
         files = {f.path.removeprefix(manifest.save_id + "/") for f in manifest.files}
         assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= files
     assert _verified(runs, url) == names
+    # After training, each rank chose the checkpoint it would resume from: the same
+    # download (made once on this node) of the newest one, which verifies locally.
+    printed = runs.done["hf5"].stdout
+    chosen = re.findall(r"^rank (\d) would resume from (\S+)$", printed, re.MULTILINE)
+    assert sorted(r for r, _ in chosen) == ["0", "1"], runs.done["hf5"].stdout[-3000:]
+    (path,) = {p for _, p in chosen}
+    assert Path(path).name == "checkpoint-4"
+    assert path.startswith(str(runs.notes["base"] / "cache-ranks"))
+    assert ckptguard.verify(path).ok
 
 
 def test_accelerate_loads_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs) -> None:
