@@ -25,6 +25,7 @@ chains, started together in one module fixture (two cores here), and checked at 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -169,40 +170,45 @@ def _lightning_s3(runs: Runs, base: Path, env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
-    server = start_moto(tmp_path_factory.mktemp("moto"))
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    moto = start_moto(tmp_path_factory.mktemp("moto"))
     try:
-        base = tmp_path_factory.mktemp("frameworks")
-        env = {
-            "CKPTGUARD_STORAGE_OPTIONS": json.dumps(server.storage_options),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-        }
-        tag = uuid.uuid4().hex[:8]
-        chains: dict[str, Callable[[Runs, Path, dict[str, str]], None]] = {
-            "hf_ranks": _hf_ranks,
-            "hf": _hf,
-            "accel": _accel,
-            "lightning_s3": _lightning_s3,
-        }
-        result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
-        result.notes["base"] = base
-
-        def run(chain: Callable[[Runs, Path, dict[str, str]], None]) -> None:
-            try:
-                chain(result, base, env)
-            except BaseException as exc:  # reported by the test that needs the chain
-                result.errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(c,)) for c in chains.values()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        result.notes["cwd"] = sorted(p.name for p in base.iterdir())
-        yield result
+        yield moto
     finally:
-        server.stop()
+        moto.stop()
+
+
+@pytest.fixture(scope="module")
+def runs(server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    base = tmp_path_factory.mktemp("frameworks")
+    env = {
+        "CKPTGUARD_STORAGE_OPTIONS": json.dumps(server.storage_options),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
+    tag = uuid.uuid4().hex[:8]
+    chains: dict[str, Callable[[Runs, Path, dict[str, str]], None]] = {
+        "hf_ranks": _hf_ranks,
+        "hf": _hf,
+        "accel": _accel,
+        "lightning_s3": _lightning_s3,
+    }
+    result = Runs(server, {name: server.url(f"{name}-{tag}") for name in chains})
+    result.notes["base"] = base
+
+    def run(chain: Callable[[Runs, Path, dict[str, str]], None]) -> None:
+        try:
+            chain(result, base, env)
+        except BaseException as exc:  # reported by the test that needs the chain
+            result.errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in chains.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.notes["cwd"] = sorted(p.name for p in base.iterdir())
+    return result
 
 
 def _need(runs: Runs, *names: str) -> None:
@@ -325,3 +331,39 @@ def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(whi
     with pytest.raises(TypeError, match="needs"):
         protect(object(), mirror="s3://b/x", keep_last=2, verify_after_save=True,
                 storage_options={"anon": True}, cache_dir="cache")  # fmt: skip
+
+
+def test_resume_cache_keeps_one_checkpoint_and_reuses_an_intact_copy(
+    server: S3Server, tmp_path: Path
+) -> None:
+    """A resume removes the cache's other entries (older checkpoints, cut downloads) and
+    does not download again a copy that is intact and the same save."""
+    from ckptguard._coordination.base import SingleProcess
+    from ckptguard.integrations._remote import newest_to_resume
+
+    url = server.url(f"cache-{uuid.uuid4().hex[:8]}")
+    manager = ckptguard.CheckpointManager(
+        url, storage_options=server.storage_options, coordinator=SingleProcess()
+    )
+    for step in (1, 2):
+
+        def write(tx: Any, step: int = step) -> None:
+            (tx.staging_dir / "w.bin").write_bytes(bytes([step]) * 1000)
+
+        manager.save_files(step, write)
+    cache = tmp_path / "cache"
+    (cache / "checkpoint-1").mkdir(parents=True)  # an older resume's copy
+    (cache / ".partial-checkpoint-2.x").mkdir()  # a download cut by a crash
+    path = newest_to_resume(manager, str(cache))
+    assert path == str(cache / "checkpoint-2")
+    assert sorted(os.listdir(cache)) == ["checkpoint-2"]
+    assert (cache / "checkpoint-2" / "w.bin").read_bytes() == bytes([2]) * 1000
+    assert ckptguard.verify(path).ok
+    inode = os.stat(cache / "checkpoint-2" / "w.bin").st_ino
+    assert newest_to_resume(manager, str(cache)) == path  # intact, same save: reused
+    assert os.stat(cache / "checkpoint-2" / "w.bin").st_ino == inode
+    # a cached copy altered locally is not trusted: downloaded again
+    (cache / "checkpoint-2" / "w.bin").write_bytes(bytes([9]) * 1000)
+    assert newest_to_resume(manager, str(cache)) == path
+    assert (cache / "checkpoint-2" / "w.bin").read_bytes() == bytes([2]) * 1000
+    manager.close()

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from ckptguard._coordination.base import Coordinator
-    from ckptguard._format.layout import Naming
     from ckptguard._format.manifest import Manifest
     from ckptguard._manager.manager import CheckpointManager
     from ckptguard._protocol.backend import Backend
@@ -136,15 +136,14 @@ class RemoteOptions:
     def manager_kwargs(self, root: str, keep_last: int | None) -> dict[str, Any]:
         """Keyword arguments of ``CheckpointManager`` for ``root`` (a path or a URL)."""
         remote = is_url(root)
-        if self.storage_options is not None and not remote and self.mirror is None:
-            raise TypeError(
-                f"storage_options= are for an object-store output or mirror=; {root} is local"
-            )
         if remote and self.mirror is not None:
             raise TypeError(f"mirror= is for a local output: {root} is on an object store already")
+        # On a local root without a mirror they are for URLs given elsewhere (Accelerate's
+        # save_state(URL)), not for this root.
+        options = self.storage_options if remote or self.mirror is not None else None
         return {
             "keep_last": self.keep_last if self.keep_last is not None else keep_last,
-            "storage_options": self.storage_options,
+            "storage_options": options,
             "mirror": self.mirror,
             "verify_after_save": self.verify_after_save,
         }
@@ -154,12 +153,22 @@ class RemoteOptions:
 
 
 def cache_root(cache_dir: str | None, source: str) -> str:
-    """The cache directory of one output (made 0700 if missing)."""
-    base = (
-        cache_dir
-        or os.environ.get(CACHE_ENV)
-        or os.path.join(tempfile.gettempdir(), f"ckptguard-cache-{os.getuid()}")
-    )
+    """The cache directory of one output (made 0700 if missing).
+
+    The default base (in the shared temp dir) must be this user's own directory, not a
+    link: another user could otherwise swap what is loaded.
+    """
+    base = cache_dir or os.environ.get(CACHE_ENV)
+    if not base:
+        base = os.path.join(tempfile.gettempdir(), f"ckptguard-cache-{os.getuid()}")
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise CheckpointError(
+                f"{base} is not a directory of this user's: not used as the checkpoint cache",
+                path=base,
+                hint=f"remove it, or give protect(..., cache_dir=...) or {CACHE_ENV}",
+            )
     last = source.rstrip("/").rsplit("/", 1)[-1][-40:]
     tail = "".join(c if c.isalnum() or c in "-_." else "_" for c in last).lstrip(".") or "root"
     digest = xxhash.xxh3_64_hexdigest(source.encode())[:12]
@@ -303,13 +312,12 @@ def _choose(manager: CheckpointManager, cache: str, step: int | None) -> tuple[i
     return None
 
 
-def newest_to_resume(manager: CheckpointManager, cache: str, naming: Naming) -> str | None:
+def newest_to_resume(manager: CheckpointManager, cache: str) -> str | None:
     """The local directory of the newest checkpoint that verifies, the same on every rank.
 
     Each node's first process chooses (and downloads into ``cache``); the oldest
     proposal wins. Stale cache entries go once every rank has its copy.
     """
-    del naming
     coord = manager.coordinator
     leader = coord.world_size == 1 or coord.local_rank == 0
     idle = {"step": None, "path": None, "error": None, "node": coord.node}

@@ -267,7 +267,7 @@ def _load_state(
     root = _checkpoints_root(acc)
     manager = guard.manager(root, acc.project_configuration.total_limit)
     if guard.options.uses_cache(root):
-        latest = newest_to_resume(manager, guard.cache(root), ACCELERATE_NAMING)
+        latest = newest_to_resume(manager, guard.cache(root))
     else:
         latest = agreed_latest(manager)
     if latest is None:

@@ -232,9 +232,6 @@ def protect(
     if remote:
         _check_remote_args(t.args)
         remove_url_folder(str(t.args.output_dir))  # the Trainer's makedirs("s3:/...")
-    elif options.storage_options is not None and options.mirror is None:
-        raise TypeError("protect(trainer): storage_options= are for an object-store "
-                        "output_dir or mirror=")  # fmt: skip
     is_zero = getattr(t, "is_world_process_zero", None)
     if t.args.output_dir and not remote and (not callable(is_zero) or is_zero()):
         from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415
@@ -331,7 +328,7 @@ def _resolve_remote(guard: _Guard, manager: CheckpointManager, root: str, value:
     """``resume_from_checkpoint`` for an object-store output or a mirror: a local path."""
     cache = guard.cache(root)
     if value is True:
-        path = newest_to_resume(manager, cache, HF_NAMING)
+        path = newest_to_resume(manager, cache)
         if path is None:
             raise NoValidCheckpoint(
                 f"no checkpoint in {root}"
