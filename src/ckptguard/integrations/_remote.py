@@ -183,9 +183,7 @@ def _cached(target: str, manifest: Manifest) -> bool:
         report = verify_local(target)
     except (CheckpointError, OSError):
         return False
-    return (
-        report.ok and report.manifest is not None and report.manifest.save_id == (manifest.save_id)
-    )
+    return report.ok and report.manifest is not None and report.manifest.save_id == manifest.save_id
 
 
 def fetch(backend: Backend, path: str, manifest: Manifest, cache: str) -> str:
