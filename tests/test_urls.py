@@ -694,7 +694,7 @@ def test_refused_credentials_are_a_permission_error(
     locked_env.assert_nothing_local()
 
 
-# -- 7. integrations: a URL is refused before anything is written ------------------------------
+# -- 7. integrations: a URL is taken, and nothing is left in a local folder named "s3:" ---------
 INTEGRATIONS = r"""
 import json, os, sys, warnings
 from pathlib import Path
@@ -803,16 +803,10 @@ for name, call in (
 
 print(json.dumps(report))
 """
-# Lightning's plugin still refuses a URL; the Trainer and Accelerate take one (each
-# checkpoint staged locally and committed on the store: tests/integrations/
-# test_frameworks_objectstore.py trains and resumes through them).
-INTEGRATION_CASES = [
-    "lightning.save_checkpoint",
-    "lightning.load_checkpoint",
-    "lightning.remove_checkpoint",
-    "lightning.last_valid_checkpoint",
-    "lightning.load",
-]
+# The Trainer, Accelerate and Lightning's plugin take a URL (each checkpoint staged
+# locally and committed on the store: tests/integrations/test_frameworks_objectstore.py
+# trains and resumes through them). Lightning's cases run in order on one file: saved,
+# loaded, removed (file and sidecar), then not found.
 ACCEPTED_CASES = [
     "transformers.protect",
     "transformers.install",
@@ -820,6 +814,10 @@ ACCEPTED_CASES = [
     "accelerate.protect",
     "accelerate.save_state",
     "accelerate.load_state",
+    "lightning.save_checkpoint",
+    "lightning.load_checkpoint",
+    "lightning.remove_checkpoint",
+    "lightning.last_valid_checkpoint",
 ]
 
 
@@ -858,20 +856,6 @@ def integrations(server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> 
     return Integrations(url, _keys(server, url), report)
 
 
-@pytest.mark.parametrize("case", INTEGRATION_CASES)
-def test_integration_refuses_a_url_before_writing(integrations: Integrations, case: str) -> None:
-    result = integrations.report[case]
-    error = result["error"]
-    assert error["type"] == "UnsupportedRoot", error
-    assert {"CheckpointError", "ValueError"} <= set(error["bases"])
-    assert integrations.url in error["message"]
-    # ckptguard wrote nothing locally: the tree is what it was before the call ...
-    assert result["after"] == result["before_protect"], result
-    assert result.get("protected", False) is False
-    # ... and nothing on the store under Lightning's names
-    assert not [k for k in integrations.keys_after if ".ckpt" in k], integrations.keys_after
-
-
 @pytest.mark.parametrize("case", ACCEPTED_CASES)
 def test_integration_takes_a_url_and_leaves_no_local_s3_folder(
     integrations: Integrations, case: str
@@ -882,6 +866,17 @@ def test_integration_takes_a_url_and_leaves_no_local_s3_folder(
     assert not [p for p in result["after"] if p.startswith("s3:")], result["after"]
     if "protected" in result:
         assert result["protected"] is True
+
+
+def test_lightning_load_after_remove_finds_nothing_on_the_store(
+    integrations: Integrations,
+) -> None:
+    """``remove_checkpoint(URL)`` removed the object and its sidecar; a load then says so."""
+    error = integrations.report["lightning.load"]["error"]
+    assert error["type"] == "NoValidCheckpoint", error
+    assert "no checkpoint at" in error["message"], error
+    assert not [k for k in integrations.keys_after if ".ckpt" in k], integrations.keys_after
+    assert integrations.report["lightning.last_valid_checkpoint"]["error"]["returned"] == "None"
 
 
 def test_accelerate_save_state_to_a_url_commits_on_the_store(integrations: Integrations) -> None:

@@ -201,6 +201,8 @@ def fetch_remote_file(url: str, storage_options: Mapping[str, Any] | None, cache
         sidecar = read_remote_sidecar(storage, url)
     except UnsafeManifest as exc:
         raise CorruptCheckpoint(f"{url}: {exc.message}", path=url) from None
+    if sidecar is None and not storage.exists(url):
+        raise NoValidCheckpoint(f"no checkpoint at {url}", path=url)
     if sidecar is None:
         raise NoValidCheckpoint(
             f"{url} has no checksum sidecar: not saved by ckptguard, not loaded from a store",
