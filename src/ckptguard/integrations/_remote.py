@@ -297,17 +297,30 @@ def _try(manager: CheckpointManager, backend: Backend, path: str, cache: str) ->
 
 
 def _choose(manager: CheckpointManager, cache: str, step: int | None) -> tuple[int, str] | None:
-    """The newest (or ``step``'s) checkpoint that verifies, as (step, local path)."""
+    """The newest (or ``step``'s) checkpoint that verifies, as (step, local path).
+
+    On a local root with a mirror, a newer checkpoint written there before ckptguard (no
+    manifest) that passes the structural check is taken, with a warning, as without one.
+    """
+    found: tuple[int, str] | None = None
     for s, _local, path, backend in _candidates(manager):
         if step is not None and s != step:
             continue
         try:
-            return s, _try(manager, backend, path, cache)
+            found = s, _try(manager, backend, path, cache)
+            break
         except CheckpointNotFound as exc:
             _log.info("skipping %s: %s", path, exc.message)
         except (CorruptCheckpoint, StorageError) as exc:
             _log.warning("skipping %s: %s", path, exc.message)
-    return None
+    if step is None and not manager.backend.remote:
+        from ckptguard._manager.adoption import newest_adoptable  # noqa: PLC0415
+
+        newer_than = None if found is None else found[0]
+        older = newest_adoptable(manager.root, manager.naming, newer_than=newer_than)
+        if older is not None:
+            return older.step, older.path
+    return found
 
 
 def newest_to_resume(manager: CheckpointManager, cache: str) -> str | None:
