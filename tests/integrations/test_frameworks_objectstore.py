@@ -15,8 +15,10 @@ chains, started together in one module fixture (two cores here), and checked at 
 - ``hf_ranks``: two ranks under torchrun save to ``s3://`` exactly once per checkpoint
   (one manifest, objects exactly those it lists, both ranks' RNG files among them);
 - ``accel``: Accelerate mirrored (the reference), then ``project_dir="s3://..."`` on the
-  same prefix with its newest checkpoint corrupted: ``load_state()`` resumes from the one
-  before, bit-exact; then the mirror run on a fresh node loads the mirror's newest;
+  same prefix with its newest checkpoint corrupted: a run killed once its new save's data
+  is uploaded (no manifest yet) leaves nothing visible; the next ``load_state()`` resumes
+  from the checkpoint before the corrupt one, bit-exact; then the mirror run on a fresh
+  node loads the mirror's newest;
 - ``lightning_s3``: the Lightning plugin with ``ModelCheckpoint(dirpath="s3://...")``:
   plain ``.ckpt`` objects with sidecar objects; the newest corrupted, the next run resumes
   from the one before (``last_valid_checkpoint(URL)``), bit-exact.
@@ -137,6 +139,11 @@ def _accel(runs: Runs, base: Path, env: dict[str, str]) -> None:
     runs.notes["accel_reference"] = (out / "final.json").read_bytes()
     _corrupt(runs.server, f"{url}/checkpoints/checkpoint_2", "model.safetensors")
     remote = ["--project", url, "--cache", str(base / "cache-accel")]
+    # Killed once its re-save of checkpoint_2 is uploaded, before the manifest: invisible.
+    killed = AccelJob(base / "a5", *remote, "--kill-at", "remote.data_uploaded:1", env=env,
+                      cwd=base)  # fmt: skip
+    runs.done["a5"] = driver_jobs.finish(killed)
+    runs.notes["a5_keys"] = _keys(runs.server, f"{url}/checkpoints/checkpoint_2")
     runs.done["a2"] = driver_jobs.finish(AccelJob(base / "a2", *remote, env=env, cwd=base)).ok()
     shutil.rmtree(out / "checkpoints")  # a fresh node: the mirror's checkpoint_2 (re-saved)
     runs.done["a4"] = driver_jobs.finish(AccelJob(out, *mirrored, env=env, cwd=base)).ok()
@@ -289,6 +296,17 @@ def test_accelerate_loads_from_s3_skipping_a_corrupt_newest_bit_exact(runs: Runs
     assert second.resumed_from == "1", second.stderr[-3000:]  # checkpoint_2 corrupt: skipped
     assert "skipping" in second.stderr, second.stderr[-3000:]
     assert second.final == runs.notes["accel_reference"]
+
+
+def test_accelerate_killed_mid_upload_leaves_the_store_resumable(runs: Runs) -> None:
+    _need(runs, "a5", "a2")
+    killed = runs.done["a5"]
+    driver_jobs.assert_killed(killed, 1)
+    assert killed.resumed_from == "1"
+    # its upload is there under a second save id, but the manifest still names the old save
+    save_ids = {k.split("/")[0] for k in runs.notes["a5_keys"] if "/" in k}
+    assert len(save_ids) == 2, runs.notes["a5_keys"]
+    assert runs.done["a2"].resumed_from == "1"  # still checkpoint_1: the killed save is invisible
 
 
 def test_accelerate_mirror_loads_from_the_mirror_on_a_fresh_node(runs: Runs) -> None:
