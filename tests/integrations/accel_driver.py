@@ -38,6 +38,10 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
+    # Object stores: --project URL (checkpoints there; OUT keeps final.json), or --mirror URL.
+    ap.add_argument("--project", default=None)
+    ap.add_argument("--mirror", default=None)
+    ap.add_argument("--cache", default=None)
     opts = ap.parse_args()
     if opts.kill_at:
         kill_at(opts.kill_at)
@@ -45,10 +49,14 @@ def main() -> int:
     accelerator = Accelerator(
         cpu=True,
         project_config=ProjectConfiguration(
-            project_dir=opts.out, automatic_checkpoint_naming=True, total_limit=opts.limit
+            project_dir=opts.project or opts.out,
+            automatic_checkpoint_naming=True,
+            total_limit=opts.limit,
         ),
     )
-    if not opts.unprotected:
+    if opts.project or opts.mirror:
+        protect(accelerator, mirror=opts.mirror, cache_dir=opts.cache)
+    elif not opts.unprotected:
         protect(accelerator)
     set_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))

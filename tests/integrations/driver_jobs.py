@@ -60,7 +60,14 @@ class Job:
 
     driver: ClassVar[Path]  # the script, set by each test module's subclass
 
-    def __init__(self, out: Path, *args: str, nproc: int = 1) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *args: str,
+        nproc: int = 1,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         launcher = [sys.executable]
@@ -77,7 +84,8 @@ class Job:
             stdout=self._stdout,
             stderr=self._stderr,
             text=True,
-            env=CHILD_ENV,
+            env={**CHILD_ENV, **(env or {})},
+            cwd=cwd,
             start_new_session=True,  # stop() can end torchrun's workers with it
         )
 

@@ -106,6 +106,16 @@ def main() -> int:
     ap.add_argument("--best", choices=["min", "max"], default=None)
     ap.add_argument("--show-limit", action="store_true")
     ap.add_argument("--late-writes", action="store_true")
+    # Object stores: --output URL (checkpoints there; OUT keeps final.json), or --mirror URL
+    # (checkpoints in OUT, mirrored); --cache DIR; --fresh: no resume (else always resume).
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--mirror", default=None)
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--keep-last", type=int, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    # After training, every rank chooses the checkpoint it would resume from (the path the
+    # Trainer would be given) and prints it: the multi-rank choice without a second launch.
+    ap.add_argument("--check-resume", action="store_true")
     opts = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = opts.out.replace("{node}", os.environ.get("GROUP_RANK", "0"))
@@ -117,8 +127,9 @@ def main() -> int:
     model = GPT2LMHeadModel(
         GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2)
     )
+    remote = opts.output is not None or opts.mirror is not None
     common: dict[str, Any] = {
-        "output_dir": out,
+        "output_dir": opts.output or out,
         "max_steps": opts.steps,
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
@@ -161,7 +172,17 @@ def main() -> int:
             train_dataset=_Rows(),
             eval_dataset=_Rows(32) if opts.best else None,
         )
-    if not opts.unprotected:
+    if remote:
+        protect(trainer, mirror=opts.mirror, cache_dir=opts.cache, keep_last=opts.keep_last)
+
+        class ShowStart(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                del args, control, kwargs
+                if state.is_world_process_zero:
+                    print(f"resumed from step {state.global_step}", flush=True)
+
+        trainer.add_callback(ShowStart())
+    elif not opts.unprotected:
         protect(trainer)
     if opts.show_limit and rank == 0:
         print(f"save_total_limit after protect: {trainer.args.save_total_limit}", flush=True)
@@ -190,7 +211,20 @@ def main() -> int:
 
         trainer.add_callback(MergeLike())
 
-    resume = last_valid_checkpoint(out) if not opts.unprotected else None
+    resume = last_valid_checkpoint(out) if not opts.unprotected and not remote else None
+    if remote:
+        os.makedirs(out, exist_ok=True)
+        trainer.train(resume_from_checkpoint=None if opts.fresh else True)
+        if opts.check_resume:
+            from ckptguard.integrations import transformers as hf
+
+            chosen = hf._resolve_resume(trainer, getattr(trainer, hf._ATTR), True)
+            print(f"rank {rank} would resume from {chosen}", flush=True)
+        if rank == 0:
+            with open(os.path.join(out, "final.json"), "w") as f:
+                result = {"step": int(trainer.state.global_step), "weights": _digest(trainer.model)}
+                json.dump(result, f, sort_keys=True)
+        return 0
     if opts.unprotected:
         from transformers.trainer_utils import get_last_checkpoint
 

@@ -74,6 +74,9 @@ def main() -> int:
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
     ap.add_argument("--top-k", type=int, default=None)
+    # --dirpath URL: checkpoints on an object store (OUT keeps final.json); --cache DIR.
+    ap.add_argument("--dirpath", default=None)
+    ap.add_argument("--cache", default=None)
     opts = ap.parse_args()
     if opts.kill_at:
         kill_at(opts.kill_at)
@@ -84,14 +87,14 @@ def main() -> int:
         os.environ.setdefault("NODE_RANK", "0")
         os.environ.setdefault("TORCHELASTIC_RUN_ID", "ckptguard-test")
     os.makedirs(opts.out, exist_ok=True)
-    ckpts = os.path.join(opts.out, "ckpts")
+    ckpts = opts.dirpath or os.path.join(opts.out, "ckpts")
     L.seed_everything(0, workers=True, verbose=False)
     trainer = L.Trainer(
         max_epochs=opts.steps // 10,
         accelerator="cpu",
         devices=world,
         strategy="ddp" if world > 1 else "auto",
-        plugins=[] if opts.unprotected else [AtomicCheckpointIO()],
+        plugins=[] if opts.unprotected else [AtomicCheckpointIO(cache_dir=opts.cache)],
         callbacks=[
             ModelCheckpoint(
                 dirpath=ckpts,
@@ -108,7 +111,7 @@ def main() -> int:
         enable_model_summary=False,
         deterministic=True,
     )
-    resume = last_valid_checkpoint(ckpts)
+    resume = last_valid_checkpoint(ckpts, cache_dir=opts.cache)
     if opts.unprotected and os.path.isdir(ckpts):
         names = sorted(os.listdir(ckpts), key=lambda n: int(n.split("=")[1].split(".")[0]))
         resume = os.path.join(ckpts, names[-1]) if names else None

@@ -50,9 +50,10 @@ def local_dir(path: str | os.PathLike[str], *, who: str, framework: str) -> str:
             f"already made a local folder named '{text.split('://', 1)[0]}:' in the "
             "working directory, remove it)",
             path=text,
-            hint="give a local or shared-filesystem directory; for an off-node copy of "
-            "each checkpoint use CheckpointManager(local_dir, mirror=URL), and for files "
-            "you write yourself ckptguard.atomic_checkpoint(URL + '/name')",
+            hint="give a local or shared-filesystem directory; protect(..., mirror=URL) "
+            "and the frameworks' object-store outputs are described in the docs (Object "
+            "stores), and for files you write yourself use "
+            "ckptguard.atomic_checkpoint(URL + '/name')",
         )
     return text
 

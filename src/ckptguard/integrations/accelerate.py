@@ -23,7 +23,11 @@ With ``protect``:
   (newest valid never deleted); Accelerate's own pre-save deletion never runs;
 - ``load_state()`` loads the newest checkpoint that verifies on every node and sets
   ``iteration`` to the one after it; ``load_state(path)`` verifies ``path`` first;
-- ``save_on_each_node`` is made to match the storage that the probe finds.
+- ``save_on_each_node`` is made to match the storage that the probe finds;
+- object stores: ``project_dir`` (or ``save_state``/``load_state``'s directory) may be a
+  URL, and ``protect(accelerator, mirror=URL)`` mirrors a local ``project_dir``; a load
+  from a store downloads the checkpoint into a local cache first, every file checked
+  (``integrations/_remote.py``).
 
 Differences a user may notice: ``save_state(output_dir)`` onto an existing directory that
 ckptguard did not write moves that directory to ``.ckptguard/quarantine/`` (Accelerate
@@ -43,10 +47,20 @@ from ckptguard._coordination.base import default_coordinator
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard._format.layout import ACCELERATE_NAMING
 from ckptguard._manager.manager import CheckpointManager
+from ckptguard._protocol.backend import parent_of
 from ckptguard._protocol.transaction import AtomicCheckpoint
+from ckptguard._storage.base import is_url
+from ckptguard.integrations._remote import (
+    RemoteOptions,
+    cache_root,
+    fetch_url,
+    newest_to_resume,
+)
 from ckptguard.integrations._resume import agreed_latest, check_resume_path, local_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
 
 __all__ = ["protect"]
@@ -60,29 +74,59 @@ T = TypeVar("T")
 
 @dataclass
 class _Guard:
+    options: RemoteOptions = field(default_factory=RemoteOptions)
     managers: dict[str, CheckpointManager] = field(default_factory=dict)
     warned_topology: bool = False
 
     def manager(self, root: str, keep_last: int | None) -> CheckpointManager:
-        root = os.path.abspath(local_dir(root, who="Accelerate's project_dir",
-                                         framework="Accelerate"))  # fmt: skip
+        root = root.rstrip("/") if is_url(root) else os.path.abspath(root)
         if root not in self.managers:
             self.managers[root] = CheckpointManager(
                 root,
-                keep_last=keep_last,
                 keep_best=0,
                 naming=ACCELERATE_NAMING,
                 coordinator=default_coordinator(),
+                **self.options.manager_kwargs(root, keep_last),
             )
         return self.managers[root]
 
+    def cache(self, root: str) -> str:
+        return cache_root(self.options.cache_dir, self.options.mirror or root)
 
-def protect(accelerator: T) -> T:
+
+def protect(
+    accelerator: T,
+    *,
+    mirror: str | None = None,
+    keep_last: int | None = None,
+    verify_after_save: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    **others: Any,
+) -> T:
     """Make ``accelerator.save_state`` / ``load_state`` atomic and verified; returns it.
 
     Calling it twice is harmless. Every rank must call ``save_state`` and ``load_state``
     (as Accelerate itself requires).
+
+    ``project_dir`` (and ``save_state``/``load_state``'s directory) may be an object-store
+    URL: Accelerate writes into a local staging dir, ckptguard uploads and commits; a load
+    downloads the checkpoint into ``cache_dir`` first, every byte checked (see
+    ``integrations/_remote.py``). ``mirror="s3://..."`` (a local ``project_dir``, automatic
+    naming): each checkpoint is committed locally, then uploaded in the background;
+    ``load_state()`` takes the newest valid of both. ``keep_last`` (default:
+    ``total_limit``), ``verify_after_save`` and ``storage_options`` are
+    ``CheckpointManager``'s; its other options are refused with TypeError.
     """
+    options = RemoteOptions.of(
+        "protect(accelerator)",
+        others,
+        mirror=mirror,
+        keep_last=keep_last,
+        verify_after_save=verify_after_save,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+    )
     if getattr(accelerator, _ATTR, None) is not None:
         return accelerator
     for needed in ("save_state", "load_state", "project_configuration"):
@@ -92,9 +136,10 @@ def protect(accelerator: T) -> T:
                 f"{type(accelerator).__name__} has no {needed!r}"
             )
     acc: Any = accelerator
-    if acc.project_dir:
-        local_dir(acc.project_dir, who="protect(accelerator)", framework="Accelerate")
-    guard = _Guard()
+    if options.mirror is not None and acc.project_dir and is_url(str(acc.project_dir)):
+        raise TypeError(f"protect(accelerator): mirror= is for a local project_dir; "
+                        f"{acc.project_dir} is on an object store already")  # fmt: skip
+    guard = _Guard(options=options)
     original_save = acc.save_state
     original_load = acc.load_state
 
@@ -119,7 +164,10 @@ def _automatic(acc: Any) -> bool:
 def _checkpoints_root(acc: Any) -> str:
     if not acc.project_dir:
         raise ValueError("automatic_checkpoint_naming needs ProjectConfiguration(project_dir=...)")
-    return os.path.join(str(acc.project_dir), _CHECKPOINTS_DIR)
+    project = str(acc.project_dir)
+    if is_url(project):
+        return f"{project.rstrip('/')}/{_CHECKPOINTS_DIR}"
+    return os.path.join(project, _CHECKPOINTS_DIR)
 
 
 def _write_with(acc: Any, guard: _Guard, original_save: Any, kwargs: dict[str, Any]) -> Any:
@@ -174,8 +222,10 @@ def _save_state(
         raise ValueError(
             "save_state() needs output_dir unless automatic_checkpoint_naming is enabled"
         )
+    text = os.fspath(output_dir)
     tx = AtomicCheckpoint(
-        local_dir(output_dir, who="save_state", framework="Accelerate"),
+        text,
+        storage_options=guard.options.storage_options if is_url(text) else None,
         if_exists="replace",
         metadata={"framework": "accelerate"},
         coordinator=default_coordinator(),
@@ -196,6 +246,8 @@ def _load_state(
     input_dir: str | os.PathLike[str] | None,
     kwargs: dict[str, Any],
 ) -> Any:
+    if input_dir is not None and is_url(os.fspath(input_dir)):
+        return _load_remote(acc, guard, original_load, os.fspath(input_dir), kwargs)
     if input_dir is not None:
         text = local_dir(input_dir, who="load_state", framework="Accelerate")
         path = os.path.abspath(os.path.expanduser(text))
@@ -212,8 +264,12 @@ def _load_state(
         raise ValueError(
             "load_state() needs input_dir unless automatic_checkpoint_naming is enabled"
         )
-    manager = guard.manager(_checkpoints_root(acc), acc.project_configuration.total_limit)
-    latest = agreed_latest(manager)
+    root = _checkpoints_root(acc)
+    manager = guard.manager(root, acc.project_configuration.total_limit)
+    if guard.options.uses_cache(root):
+        latest = newest_to_resume(manager, guard.cache(root))
+    else:
+        latest = agreed_latest(manager)
     if latest is None:
         raise NoValidCheckpoint(
             f"no checkpoint in {manager.root} verifies: nothing to load",
@@ -226,4 +282,20 @@ def _load_state(
     result = original_load(latest, **kwargs)
     if step is not None:
         acc.project_configuration.iteration = step + 1
+    return result
+
+
+def _load_remote(
+    acc: Any, guard: _Guard, original_load: Any, url: str, kwargs: dict[str, Any]
+) -> Any:
+    """``load_state(URL)``: download the checkpoint into the cache (checked), load it there."""
+    url = url.rstrip("/")
+    cache = guard.cache(parent_of(url))
+    local = fetch_url(url, guard.options.storage_options, cache, default_coordinator(),
+                      who="load_state")  # fmt: skip
+    result = original_load(local, **kwargs)
+    if _automatic(acc) and parent_of(url) == _checkpoints_root(acc).rstrip("/"):
+        step = ACCELERATE_NAMING.step(url.rsplit("/", 1)[-1])
+        if step is not None:
+            acc.project_configuration.iteration = step + 1
     return result

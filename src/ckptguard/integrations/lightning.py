@@ -32,6 +32,11 @@ form.
 Lightning saves from global rank 0 only (the other ranks never call the plugin), so each
 save commits from that one process.
 
+An object-store ``dirpath`` (``ModelCheckpoint(dirpath="s3://bucket/run")``) keeps the
+same layout as objects: the file and its sidecar object, committed so that a crash leaves
+the old or the new file verifying; loads download into a local cache and check it first
+(``integrations/_remotefile.py``).
+
 Not supported: strategies that save sharded checkpoints as directories of their own
 (``FSDPStrategy`` and ``ModelParallelStrategy`` with sharded state dicts) bypass the plugin.
 """
@@ -65,11 +70,20 @@ from ckptguard._protocol.filecommit import (
 from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.verify import read_manifest_local
 from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._storage.base import is_url
 from ckptguard._storage.local import LocalStorage
+from ckptguard.integrations._remote import cache_root
+from ckptguard.integrations._remotefile import (
+    clean_file_cache,
+    commit_remote_file,
+    fetch_remote_file,
+    remote_candidates,
+    remove_remote_file,
+)
 from ckptguard.integrations._resume import local_dir, repair_root
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping
     from typing import BinaryIO
 
     from ckptguard._format.manifest import Manifest
@@ -156,17 +170,40 @@ def checkpoint_file(path: str | os.PathLike[str]) -> str:
     return os.path.join(path, CHECKPOINT_FILE)
 
 
+def fetch(
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """Download the checkpoint at ``url`` into the local cache, checked; its local path.
+
+    The cache (``cache_dir``, else ``CKPTGUARD_CACHE_DIR``, else under the system temp
+    dir) keeps one checkpoint per directory of the store: the others go.
+    """
+    url = url.rstrip("/")
+    cache = cache_root(cache_dir, url.rsplit("/", 1)[0])
+    local = fetch_remote_file(url, storage_options, cache)
+    clean_file_cache(cache, os.path.basename(local))
+    return local
+
+
 def load(
     path: str | os.PathLike[str],
     map_location: Any = None,
     *,
     weights_only: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Load a Lightning checkpoint, verified first (see :func:`checkpoint_file`).
 
     A symlink (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is followed to a
     checkpoint in the same directory. What is loaded is the very file that was checked.
+    A URL (``s3://bucket/run/epoch=1-step=20.ckpt``) is downloaded first (:func:`fetch`).
     """
+    if is_url(os.fspath(path)):
+        path = fetch(os.fspath(path), storage_options=storage_options, cache_dir=cache_dir)
     path = _follow_link(local_dir(path, who="load", framework="Lightning"))
     repair_root(os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path) and not _is_ours(path):
@@ -265,8 +302,18 @@ def _order_key(candidate: _Candidate, stepped: list[_Candidate]) -> tuple[Any, .
     return (max(before, default=-1), 1, verified, candidate.time, candidate.path)
 
 
-def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
+def last_valid_checkpoint(
+    dirpath: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+) -> str | None:
     """The newest checkpoint under ``dirpath`` that verifies, or None.
+
+    ``dirpath`` may be an object-store URL: the candidates are the objects with a
+    sidecar (newest step first, then the newest save), each downloaded into the cache and
+    checked (see :func:`fetch`); the first that passes is returned as its URL, and a
+    load of it through the plugin reuses the cached copy.
 
     For ``trainer.fit(model, ckpt_path=last_valid_checkpoint(dirpath))``. Candidates: files
     with a sidecar (verified against it), checkpoint directories of earlier releases
@@ -285,6 +332,8 @@ def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
        time, then the name.
     Candidates are checked newest first, and the first that passes is returned.
     """
+    if is_url(os.fspath(dirpath)):
+        return _last_valid_remote(os.fspath(dirpath), storage_options, cache_dir)
     root = local_dir(dirpath, who="last_valid_checkpoint", framework="Lightning")
     if not os.path.isdir(root):
         return None
@@ -316,6 +365,20 @@ def last_valid_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
             # Its checked place is no higher than the bound it was taken at: put back, it
             # comes out next unless another candidate lies between the two.
             bisect.insort(pending, checked, key=key)
+    return None
+
+
+def _last_valid_remote(
+    dirpath: str, storage_options: Mapping[str, Any] | None, cache_dir: str | None
+) -> str | None:
+    found = remote_candidates(dirpath, storage_options)
+    for _step, _time, url in sorted(found, key=lambda c: (c[0] or -1, c[1], c[2]), reverse=True):
+        try:
+            fetch(url, storage_options=storage_options, cache_dir=cache_dir)
+        except (CorruptCheckpoint, NoValidCheckpoint) as exc:
+            _log.warning("skipping %s: %s", url, exc.message)
+            continue
+        return url
     return None
 
 
@@ -364,24 +427,44 @@ def _replace_directory(
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO``: atomic, checksummed checkpoint files (plain ``.ckpt``)."""
+    """Lightning ``CheckpointIO``: atomic, checksummed checkpoint files (plain ``.ckpt``).
+
+    ``ModelCheckpoint(dirpath="s3://bucket/run")`` works too: each file is written into a
+    local spool and uploaded onto its name with its sidecar object
+    (``integrations/_remotefile.py``); a load downloads it into ``cache_dir`` and checks
+    it first. ``storage_options`` are fsspec's for the store (default:
+    ``CKPTGUARD_STORAGE_OPTIONS``); Lightning's ``ModelCheckpoint`` lists the directory
+    with its own fsspec filesystem, configured by the usual environment (``AWS_*``).
+    """
+
+    def __init__(
+        self, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None
+    ) -> None:
+        super().__init__()
+        self.storage_options = storage_options
+        self.cache_dir = cache_dir
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(
-                f"{type(self).__name__} does not take storage_options (local and shared "
-                "filesystems only)"
+                f"{type(self).__name__}.save_checkpoint does not take storage_options; "
+                "give them to AtomicCheckpointIO(storage_options=...)"
             )
-        target = os.path.abspath(local_dir(path, who="save_checkpoint", framework="Lightning"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         global_step = checkpoint.get("global_step")
         step = global_step if isinstance(global_step, int) and global_step >= 0 else None
         metadata = {"framework": "lightning", "epoch": checkpoint.get("epoch")}
 
         def write(f: BinaryIO) -> None:
             torch.save(checkpoint, f)
+
+        if is_url(os.fspath(path)):
+            commit_remote_file(os.fspath(path), write, step=step, metadata=metadata,
+                               storage_options=self.storage_options)  # fmt: skip
+            return
+        target = os.path.abspath(local_dir(path, who="save_checkpoint", framework="Lightning"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
 
         if os.path.isdir(target) and not os.path.islink(target):
             _replace_directory(target, write, step=step, metadata=metadata)
@@ -394,6 +477,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable[..., Any] | None = lambda storage, loc: storage,  # noqa: ARG005
         weights_only: bool | None = None,  # noqa: FBT001 - Lightning's signature
     ) -> dict[str, Any]:
+        if is_url(os.fspath(path)):
+            return load(path, map_location=map_location, weights_only=weights_only,
+                        storage_options=self.storage_options, cache_dir=self.cache_dir)  # fmt: skip
         path = local_dir(path, who="load_checkpoint", framework="Lightning")
         repair_root(os.path.dirname(os.path.abspath(path)))
         if not os.path.lexists(path):
@@ -401,6 +487,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
+        if is_url(os.fspath(path)):
+            remove_remote_file(os.fspath(path), self.storage_options)
+            return
         path = os.path.abspath(local_dir(path, who="remove_checkpoint", framework="Lightning"))
         if os.path.islink(path) or os.path.isfile(path):
             remove_file(path)  # the file (or link) first, then its sidecar

@@ -32,6 +32,13 @@ How, for each checkpoint the trainer saves (every rank takes part, as in the Tra
 ``save_on_each_node`` is made to match the storage that the probe finds: True on
 node-local roots (each node gets a complete checkpoint, or resume on other nodes would
 find only their RNG files), False on a shared root (one writer per file).
+
+Object stores (``integrations/_remote.py``): with ``output_dir="s3://..."`` each process
+writes into its own local spool, ckptguard uploads every rank's files and commits one
+manifest (exactly once); with ``protect(trainer, mirror="s3://...")`` each local commit
+is uploaded in the background. ``resume_from_checkpoint=True`` downloads the newest remote
+checkpoint that verifies into a local cache (each file checked as it arrives) when no
+newer local one verifies, and hands the Trainer that directory.
 """
 
 from __future__ import annotations
@@ -45,12 +52,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptguard._coordination.base import default_coordinator
-from ckptguard._errors import CheckpointError, NoValidCheckpoint
+from ckptguard._errors import CheckpointError, NoValidCheckpoint, UnsupportedRoot
 from ckptguard._format.layout import HF_NAMING, MANIFEST_NAME, RESERVED_NAMES
 from ckptguard._manager.adoption import newest_adoptable
 from ckptguard._manager.manager import CheckpointManager
 from ckptguard._manager.retention import RetentionPolicy
+from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
+from ckptguard._storage.base import is_url
+from ckptguard.integrations._remote import (
+    RemoteOptions,
+    cache_root,
+    fetch_url,
+    newest_to_resume,
+    remove_url_folder,
+)
 from ckptguard.integrations._resume import (
     agreed_latest,
     check_resume_path,
@@ -59,6 +75,7 @@ from ckptguard.integrations._resume import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from ckptguard._protocol.transaction import AtomicCheckpoint
@@ -74,8 +91,14 @@ _original_init: Any = None
 T = TypeVar("T")
 
 
-def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+def last_valid_checkpoint(
+    output_dir: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
     """The newest ``checkpoint-<step>`` under ``output_dir`` that verifies, or None.
+
+    ``output_dir`` may be an object-store URL (``s3://bucket/run``, ``storage_options``
+    as for ``CheckpointManager``): the newest remote checkpoint whose every object matches
+    its manifest, as a URL (read in full to check it; nothing is downloaded to disk).
 
     The safe replacement for ``transformers.trainer_utils.get_last_checkpoint``: every file
     is checked against the checkpoint's manifest; half-written and corrupt folders are
@@ -85,6 +108,8 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     repaired first (a replace cut between its renames is rolled back); nothing else is
     changed.
     """
+    if is_url(os.fspath(output_dir)):
+        return _last_valid_remote(os.fspath(output_dir), storage_options)
     root = local_dir(output_dir, who="last_valid_checkpoint", framework="the Trainer")
     if not os.path.isdir(root):
         return None
@@ -107,11 +132,27 @@ def last_valid_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     return older.path if older is not None else (None if found is None else found[1])
 
 
+def _last_valid_remote(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    backend = backend_for(url, storage_options, what="last_valid_checkpoint")
+    steps = sorted(
+        ((step, n) for n in backend.names() if (step := HF_NAMING.step(n)) is not None),
+        reverse=True,
+    )
+    for _step, name in steps:
+        path = backend.join(name)
+        report = backend.verify(path, expect_name=name)
+        if report.ok:
+            return path
+        _log.warning("skipping %s: %s", path, "; ".join(report.problems))
+    return None
+
+
 @dataclass
 class _Guard:
     """What ckptguard keeps on a protected trainer."""
 
     keep_last: int | None
+    options: RemoteOptions = field(default_factory=RemoteOptions)
     managers: dict[str, CheckpointManager] = field(default_factory=dict)
     redirect: str | None = None  # the run dir the trainer writes into during a save
     warned_topology: bool = False
@@ -120,19 +161,23 @@ class _Guard:
 
     def manager(self, root: str) -> CheckpointManager:
         """The checkpoint manager of ``root`` (made on first use: every rank calls)."""
-        root = os.path.abspath(local_dir(root, who="the Trainer's output_dir",
-                                         framework="the Trainer"))  # fmt: skip
+        root = root.rstrip("/") if is_url(root) else os.path.abspath(root)
+        kwargs = self.options.manager_kwargs(root, self.keep_last)
         if root not in self.managers:
             self.managers[root] = CheckpointManager(
                 root,
-                keep_last=self.keep_last,
                 keep_best=0,
                 coordinator=default_coordinator(),
                 check_environment=False,  # protect() ran the checks already
+                **kwargs,
             )
         manager = self.managers[root]
-        manager.policy = RetentionPolicy(keep_last=self.keep_last, keep_best=0)
+        manager.policy = RetentionPolicy(keep_last=kwargs["keep_last"], keep_best=0)
         return manager
+
+    def cache(self, root: str) -> str:
+        """The local cache that checkpoints of ``root`` (or its mirror) are resumed from."""
+        return cache_root(self.options.cache_dir, self.options.mirror or root)
 
 
 def _keep_last(limit: Any) -> int | None:
@@ -140,13 +185,40 @@ def _keep_last(limit: Any) -> int | None:
     return None if limit is None or int(limit) <= 0 else int(limit)
 
 
-def protect(trainer: T) -> T:
+def protect(
+    trainer: T,
+    *,
+    mirror: str | None = None,
+    keep_last: int | None = None,
+    verify_after_save: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    **others: Any,
+) -> T:
     """Make every checkpoint of ``trainer`` atomic, exactly-once and verified; returns it.
 
     Works for ``transformers.Trainer`` and any subclass (TRL's SFTTrainer, DPOTrainer,
     GRPOTrainer, ...). Calling it twice is harmless. See the module docstring for what
     changes.
+
+    ``args.output_dir`` may be an object-store URL (``s3://bucket/run``): the trainer
+    writes each checkpoint into a local staging dir, ckptguard uploads and commits it on
+    the store; ``train(resume_from_checkpoint=True)`` downloads the newest valid one into
+    ``cache_dir`` (see ``integrations/_remote.py``). ``mirror="s3://..."`` (a local
+    output_dir): each checkpoint is committed locally, then uploaded in the background;
+    resume takes the newest valid of both. ``keep_last`` (default: ``save_total_limit``),
+    ``verify_after_save`` and ``storage_options`` are ``CheckpointManager``'s; its other
+    options are refused with TypeError.
     """
+    options = RemoteOptions.of(
+        "protect(trainer)",
+        others,
+        mirror=mirror,
+        keep_last=keep_last,
+        verify_after_save=verify_after_save,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+    )
     if getattr(trainer, _ATTR, None) is not None:
         return trainer
     for needed in ("_save_checkpoint", "_get_output_dir", "train", "args", "state"):
@@ -156,14 +228,16 @@ def protect(trainer: T) -> T:
                 f"{type(trainer).__name__} has no {needed!r}"
             )
     t: Any = trainer
-    if t.args.output_dir:
-        local_dir(t.args.output_dir, who="protect(trainer)", framework="the Trainer")
+    remote = bool(t.args.output_dir) and is_url(str(t.args.output_dir))
+    if remote:
+        _check_remote_args(t.args)
+        remove_url_folder(str(t.args.output_dir))  # the Trainer's makedirs("s3:/...")
     is_zero = getattr(t, "is_world_process_zero", None)
-    if t.args.output_dir and (not callable(is_zero) or is_zero()):
+    if t.args.output_dir and not remote and (not callable(is_zero) or is_zero()):
         from ckptguard._tools.doctor import warn_at_start  # noqa: PLC0415
 
         warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
-    guard = _Guard(keep_last=_keep_last(t.args.save_total_limit))
+    guard = _Guard(keep_last=_keep_last(t.args.save_total_limit), options=options)
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
@@ -194,9 +268,12 @@ def protect(trainer: T) -> T:
         guard.keep_last = _keep_last(limit)
         t.args.save_total_limit = None
         try:
-            return original_train(*args_list, **kwargs)
+            result = original_train(*args_list, **kwargs)
         finally:
             t.args.save_total_limit = limit
+        for manager in guard.managers.values():
+            manager.wait()  # mirror uploads: their failure is raised here
+        return result
 
     handler = t.callback_handler
     original_on_save = handler.on_save
@@ -226,9 +303,13 @@ def _resolve_resume(trainer: Any, guard: _Guard, value: Any) -> Any:
     """
     if value is None or value is False:
         return value
-    coord = guard.manager(trainer.args.output_dir).coordinator
+    root = str(trainer.args.output_dir)
+    manager = guard.manager(root)
+    coord = manager.coordinator
+    if guard.options.uses_cache(root):
+        return _resolve_remote(guard, manager, root, value)
     if value is True:
-        path = agreed_latest(guard.manager(trainer.args.output_dir))
+        path = agreed_latest(manager)
         if path is None:
             raise NoValidCheckpoint(
                 f"no checkpoint in {trainer.args.output_dir} verifies: nothing to resume from",
@@ -241,6 +322,41 @@ def _resolve_resume(trainer: Any, guard: _Guard, value: Any) -> Any:
     path = os.fspath(value)
     check_resume_path(path, coord)
     return path
+
+
+def _resolve_remote(guard: _Guard, manager: CheckpointManager, root: str, value: Any) -> str:
+    """``resume_from_checkpoint`` for an object-store output or a mirror: a local path."""
+    cache = guard.cache(root)
+    if value is True:
+        path = newest_to_resume(manager, cache)
+        if path is None:
+            raise NoValidCheckpoint(
+                f"no checkpoint in {root}"
+                + (f" or its mirror {guard.options.mirror}" if guard.options.mirror else "")
+                + " verifies: nothing to resume from",
+                path=root,
+                hint="train without resume_from_checkpoint to start from scratch; "
+                "`ckptguard list URL` shows each checkpoint and why it is invalid",
+            )
+        _log.info("resuming from %s (the newest checkpoint that verifies)", path)
+        return path
+    text = str(os.fspath(value))
+    if not is_url(text):
+        check_resume_path(text, manager.coordinator)
+        return text
+    return fetch_url(text, guard.options.storage_options, cache, manager.coordinator,
+                     who="resume_from_checkpoint")  # fmt: skip
+
+
+def _check_remote_args(args: Any) -> None:
+    """Refuse, before training, what an object-store output_dir cannot do yet."""
+    if getattr(args, "load_best_model_at_end", False):
+        raise UnsupportedRoot(
+            f"load_best_model_at_end with an object-store output_dir ({args.output_dir}) "
+            "is not supported: the Trainer loads the best checkpoint from a local path",
+            path=str(args.output_dir),
+            hint="use a local output_dir with mirror='s3://...' for an off-node copy",
+        )
 
 
 def _step_metrics(state: Any, step: int) -> dict[str, Any]:
@@ -262,7 +378,7 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
     manager = guard.manager(root)
     step = int(trainer.state.global_step)
     name = HF_NAMING.name(step)
-    final = os.path.join(manager.root, name)
+    final = manager.backend.join(name)
     keep: set[str] = set()  # the trainer's best checkpoint, known once the trainer has saved
     pushes: list[str] = []  # the trainer asked to push this checkpoint to the Hub
 
@@ -284,10 +400,17 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
             # The trainer recorded the staging path as its best checkpoint: record the
             # final one (and write trainer_state.json again with it).
             relative = os.path.relpath(os.path.abspath(best), staging)
-            trainer.state.best_model_checkpoint = os.path.join(manager.root, relative)
+            trainer.state.best_model_checkpoint = manager.backend.join(relative)
             if trainer.args.should_save:
                 trainer.state.save_to_json(os.path.join(staging, name, _TRAINER_STATE_NAME))
         keep.update(_current_best(trainer, manager.root))
+        # On a store each rank writes into its own spool: each moves its own files up
+        # (a rank that saved nothing has no folder; the committer must have one).
+        mine = tx.committer == manager.coordinator.rank
+        if remote and (mine or os.path.isdir(os.path.join(staging, name))):
+            _hoist(tx.staging_dir, name)
+
+    remote = manager.backend.remote
 
     def prepare(staging: Path) -> None:
         _hoist(staging, name)
@@ -297,12 +420,14 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
         write,
         metrics=_step_metrics(trainer.state, step),
         metadata={"framework": "transformers", "trainer": type(trainer).__name__},
-        prepare=prepare,
+        prepare=None if remote else prepare,
         also_keep=keep,
     )
     _log.info("committed %s", final)
     guard.just_saved = (manager.root, step, keep, info.save_id)
-    if pushes:
+    if pushes and remote:
+        _log.warning("not pushing %s to the Hub: it is on an object store", final)
+    elif pushes:
         trainer._push_from_checkpoint(final)  # noqa: SLF001 - the Trainer's own push, deferred
 
 
@@ -321,6 +446,8 @@ def _commit_late_writes(
     """
     root, step, keep, save_id = saved
     manager = guard.manager(root)
+    if manager.backend.remote:
+        return  # callbacks cannot write into a checkpoint on a store
     coord = manager.coordinator
     path = os.path.join(manager.root, HF_NAMING.name(step))
     changed = os.path.isdir(path) and not verify(path, checksums=False).ok
@@ -363,6 +490,9 @@ def _link_tree(source: str, target: str) -> None:
 
 def _current_best(trainer: Any, root: str) -> set[str]:
     best = trainer.state.best_model_checkpoint
+    if isinstance(best, str) and is_url(root):
+        head, _, tail = best.rstrip("/").rpartition("/")
+        return {tail} if head == root else set()
     if isinstance(best, str) and os.path.dirname(os.path.abspath(best)) == root:
         return {os.path.basename(best)}
     return set()
@@ -468,10 +598,6 @@ def install() -> None:
         def init(self: Any, *args: Any, **kwargs: Any) -> None:
             # Before the Trainer's own constructor, which creates output_dir: a URL there
             # would become a local folder named "s3:".
-            training_args = args[1] if len(args) > 1 else kwargs.get("args")
-            output_dir = getattr(training_args, "output_dir", None)
-            if output_dir:
-                local_dir(output_dir, who="a Trainer under install()", framework="the Trainer")
             original(self, *args, **kwargs)
             protect(self)
 
