@@ -1,0 +1,151 @@
+"""FSDP2 (``fully_shard``) training saved and resumed through ckptguard, under real torchrun.
+
+``fsdp_child.py`` trains a small model whose Linear layers and root are each ``fully_shard``-ed
+(gloo on CPU, 2 ranks), takes model and AdamW state with ``get_state_dict`` and saves it with
+``CheckpointManager.save(..., sharded=True)``. Second torchrun jobs restore it: with 2 ranks
+they train on and must match an uninterrupted run bit for bit (losses, every parameter and
+every optimizer moment); with 1 and with 4 ranks (resharded by DCP) the loaded parameters and
+optimizer state must equal those saved, bit for bit. A save that fails on one rank must abort
+on every rank and leave nothing visible.
+
+One save job (module fixture) serves every test; four torchrun launches in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptguard
+from ckptguard._format.layout import MANIFEST_NAME, RootLayout
+
+CHILD = Path(__file__).with_name("fsdp_child.py")
+SAVE_AT, STEPS = 3, 6  # as in fsdp_child.py
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _torchrun(mode: str, root: Path, out: Path, nproc: int) -> list[dict[str, Any]]:
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(CHILD), mode, str(root), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, check=False, env=CHILD_ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    assert [(r["rank"], r["world_size"]) for r in reports] == [(r, nproc) for r in range(nproc)]
+    return reports
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Every place where two nested state dicts differ, tensors compared bit for bit."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [f"{where}: keys differ"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [f"{where}: lengths differ"]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, f"{where}[{i}]")
+        ]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("fsdp")
+    root = base / "root"
+    reports = _torchrun("save", root, base / "save", nproc=2)
+    return {
+        "root": root,
+        "base": base,
+        "reports": reports,
+        "reference": _load(base / "save" / "reference.pt"),
+        "saving": _load(base / "save" / "saving.pt"),
+    }
+
+
+def _state_keys(state: dict[str, Any]) -> set[str]:
+    return set(state["model"]) | {f"optim.{k}" for k in state["optim"]["state"]}
+
+
+def test_fsdp2_state_is_one_verified_sharded_checkpoint(saved: dict[str, Any]) -> None:
+    root: Path = saved["root"]
+    for r in saved["reports"]:
+        assert r["saved"] == {"step": SAVE_AT, "valid": True}
+    final = root / f"checkpoint-{SAVE_AT}"
+    assert sorted(p.name for p in final.iterdir()) == sorted(
+        [MANIFEST_NAME, ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    )  # DCP's metadata and one shard file per rank, under one manifest
+    report = ckptguard.verify(final)
+    assert report.ok, report.problems
+    assert report.manifest is not None
+    assert report.manifest.writer.world_size == 2
+    # Checkpointing does not perturb training: the saving run is the uninterrupted one.
+    assert _differences(saved["saving"], saved["reference"]) == []
+    ref = saved["reference"]
+    assert _state_keys(ref["at_save"]) == {
+        f"{m}{i}.{p}" for m in ("", "optim.") for i in (0, 2, 4) for p in ("weight", "bias")
+    }
+    assert _differences(ref["at_save"], ref["end"]) != []  # training moved the state on
+
+
+def test_a_sharded_save_failing_on_one_rank_leaves_nothing(saved: dict[str, Any]) -> None:
+    root: Path = saved["root"]
+    for r in saved["reports"]:  # every rank got the same SaveAborted, naming rank 1's error
+        assert len(r["aborted"]) == 1
+        assert any("pickle" in msg for msg in r["aborted"][0].values()), r["aborted"]
+    assert sorted(p.name for p in root.iterdir()) == [".ckptguard", f"checkpoint-{SAVE_AT}"]
+    layout = RootLayout(str(root))
+    for sub in (layout.staging, layout.trash, layout.quarantine):
+        assert list(Path(sub).iterdir()) == []
+
+
+def test_fsdp2_resume_is_bit_exact_with_the_uninterrupted_run(saved: dict[str, Any]) -> None:
+    _torchrun("resume", saved["root"], saved["base"] / "resume-2", nproc=2)
+    resumed = _load(saved["base"] / "resume-2" / "resume-2.pt")
+    ref = saved["reference"]
+    assert resumed["step"] == SAVE_AT
+    assert _differences(resumed["before"], ref["at_save"]) != []  # initialised otherwise
+    assert _differences(resumed["loaded"], ref["at_save"]) == []
+    assert resumed["losses"] == ref["losses"][SAVE_AT:]  # steps 4..6, float for float
+    assert _differences(resumed["end"], ref["end"]) == []
+
+
+@pytest.mark.parametrize("nproc", [1, 4])
+def test_fsdp2_resharded_resume_loads_bit_exact(saved: dict[str, Any], nproc: int) -> None:
+    """Saved by 2 ranks, restored by 1 or 4: DCP reshards every parameter and moment."""
+    out = saved["base"] / f"resume-{nproc}"
+    _torchrun("resume", saved["root"], out, nproc=nproc)
+    resumed = _load(out / f"resume-{nproc}.pt")
+    assert resumed["step"] == SAVE_AT
+    assert _differences(resumed["before"], saved["reference"]["at_save"]) != []
+    assert _differences(resumed["loaded"], saved["reference"]["at_save"]) == []
