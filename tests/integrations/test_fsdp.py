@@ -9,12 +9,19 @@ optimizer state must equal those saved, bit for bit. A save that fails on one ra
 on every rank and leave nothing visible.
 
 One save job (module fixture) serves every test; four torchrun launches in all.
+
+The Hugging Face Trainer's own FSDP2 path (Accelerate's ``fully_shard`` wrapping and its
+``SHARDED_STATE_DICT`` checkpoints, DCP directories written by every rank) runs under
+``protect(trainer)`` in ``hf_fsdp_driver.py``; Accelerate 1.15 does not enable FSDP on CPU,
+so that driver lifts one gate (see its docstring). A run killed inside its 2nd commit leaves
+nothing visible and resumes to the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +156,85 @@ def test_fsdp2_resharded_resume_loads_bit_exact(saved: dict[str, Any], nproc: in
     assert resumed["step"] == SAVE_AT
     assert _differences(resumed["before"], saved["reference"]["at_save"]) != []
     assert _differences(resumed["loaded"], saved["reference"]["at_save"]) == []
+
+
+# --- the Hugging Face Trainer's FSDP2 path (Accelerate), under protect() ------------------
+
+HF_DRIVER = Path(__file__).with_name("hf_fsdp_driver.py")
+HF_TIMEOUT = 280  # seconds for one torchrun of the Trainer (10-30 s on two busy cores)
+HF_SEAL_2 = "seal.files_synced:2"  # the 2nd save (checkpoint-6): shards fsynced, no manifest
+# Every rank's shards in the Trainer's DCP directories (accelerate's save_fsdp_model and
+# save_fsdp_optimizer with SHARDED_STATE_DICT), next to the Trainer's own files.
+HF_FSDP_FILES = {
+    f"{d}/{f}"
+    for d in ("pytorch_model_fsdp_0", "optimizer_0")
+    for f in (".metadata", "__0_0.distcp", "__1_0.distcp")
+} | {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"}
+
+
+def _hf_start(out: Path, *flags: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HF_DRIVER), str(out),
+        *flags,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        start_new_session=True,
+    )
+
+
+def _hf_wait(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=HF_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers are in its group
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def _files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+
+
+def test_hf_trainer_fsdp2_killed_mid_save_resumes_bit_exact(tmp_path: Path) -> None:
+    """The Trainer's FSDP2 checkpoints: atomic, verified, and a killed save leaves nothing.
+
+    Two runs at once (two cores): an uninterrupted reference and one SIGKILLed inside its
+    2nd commit; then the killed one again, which resumes from checkpoint-3.
+    """
+    ref_out, out = tmp_path / "reference", tmp_path / "killed"
+    reference, killed = _hf_start(ref_out), _hf_start(out, "--kill-at", HF_SEAL_2)
+    ref_code, ref_stdout, ref_stderr = _hf_wait(reference)
+    code, _, stderr = _hf_wait(killed)
+    assert ref_code == 0, ref_stderr[-6000:]
+    assert "resumed from step 0; sharded by fsdp2" in ref_stdout
+    assert code != 0
+    assert "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-6000:]
+    # Nothing of the killed save is visible: checkpoint-3 only, the shards left in staging.
+    assert sorted(p.name for p in out.iterdir()) == [".ckptguard", "checkpoint-3"]
+    assert list(Path(RootLayout(str(out)).staging).iterdir()) != []
+    assert ckptguard.verify(out / "checkpoint-3").ok
+
+    code, stdout, stderr = _hf_wait(_hf_start(out))
+    assert code == 0, stderr[-6000:]
+    assert "resumed from step 3; sharded by fsdp2" in stdout
+    final = json.loads((out / "final.json").read_text())
+    expected = json.loads((ref_out / "final.json").read_text())
+    assert (expected["step"], expected["ran"], expected["engine"]) == (STEPS, STEPS, "fsdp2")
+    assert (final["step"], final["ran"], final["engine"]) == (STEPS, STEPS - SAVE_AT, "fsdp2")
+    assert final["weights"] == expected["weights"]  # every weight, bit for bit
+    for root in (ref_out, out):
+        for step in (SAVE_AT, STEPS):
+            final_dir = root / f"checkpoint-{step}"
+            report = ckptguard.verify(final_dir)
+            assert report.ok, report.problems
+            assert report.manifest is not None
+            assert report.manifest.writer.world_size == 2
+            assert _files(final_dir) == HF_FSDP_FILES | {MANIFEST_NAME}
+        assert list(Path(RootLayout(str(root)).staging).iterdir()) == []
