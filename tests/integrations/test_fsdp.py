@@ -12,13 +12,15 @@ One save job (module fixture) serves every test; four torchrun launches in all.
 
 The Hugging Face Trainer's own FSDP2 path (Accelerate's ``fully_shard`` wrapping and its
 ``SHARDED_STATE_DICT`` checkpoints, DCP directories written by every rank) runs under
-``protect(trainer)`` in ``hf_fsdp_driver.py``; Accelerate 1.15 does not enable FSDP on CPU,
-so that driver lifts one gate (see its docstring). A run killed inside its 2nd commit leaves
-nothing visible and resumes to the same weights as an uninterrupted run.
+``protect(trainer)`` in ``hf_fsdp_driver.py``, and so do DeepSpeed ZeRO-2 and ZeRO-3 when
+``deepspeed`` is installed; Accelerate 1.15 enables neither on CPU, so that driver lifts one
+gate for each (see its docstring). A run killed inside its 2nd commit leaves nothing visible
+and resumes to the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -158,25 +160,36 @@ def test_fsdp2_resharded_resume_loads_bit_exact(saved: dict[str, Any], nproc: in
     assert _differences(resumed["loaded"], saved["reference"]["at_save"]) == []
 
 
-# --- the Hugging Face Trainer's FSDP2 path (Accelerate), under protect() ------------------
+# --- the Hugging Face Trainer's sharded paths (Accelerate), under protect() ----------------
 
 HF_DRIVER = Path(__file__).with_name("hf_fsdp_driver.py")
 HF_TIMEOUT = 280  # seconds for one torchrun of the Trainer (10-30 s on two busy cores)
 HF_SEAL_2 = "seal.files_synced:2"  # the 2nd save (checkpoint-6): shards fsynced, no manifest
-# Every rank's shards in the Trainer's DCP directories (accelerate's save_fsdp_model and
-# save_fsdp_optimizer with SHARDED_STATE_DICT), next to the Trainer's own files.
-HF_FSDP_FILES = {
-    f"{d}/{f}"
-    for d in ("pytorch_model_fsdp_0", "optimizer_0")
-    for f in (".metadata", "__0_0.distcp", "__1_0.distcp")
-} | {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"}
+HF_COMMON = {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"}
 
 
-def _hf_start(out: Path, *flags: str) -> subprocess.Popen[str]:
+def _hf_files(engine: str, step: int) -> set[str]:
+    """The files of the Trainer's checkpoint-<step>: every rank's shards among them."""
+    if engine == "fsdp2":  # accelerate's save_fsdp_model/_optimizer, SHARDED_STATE_DICT: DCP
+        return HF_COMMON | {
+            f"{d}/{f}"
+            for d in ("pytorch_model_fsdp_0", "optimizer_0")
+            for f in (".metadata", "__0_0.distcp", "__1_0.distcp")
+        }
+    ds = {f"global_step{step}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    if engine == "zero3":  # the parameters are partitioned too
+        ds |= {f"global_step{step}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
+    else:
+        ds |= {f"global_step{step}/mp_rank_00_model_states.pt", "model.safetensors"}
+    extra = {"latest", "zero_to_fp32.py", "zero_to_torch.py", "config.json"}
+    return HF_COMMON | ds | extra | {"generation_config.json", "training_args.bin"}
+
+
+def _hf_start(out: Path, engine: str, *flags: str) -> subprocess.Popen[str]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(HF_DRIVER), str(out),
-        *flags,
+        "--engine", engine, *flags,
     ]  # fmt: skip
     return subprocess.Popen(
         cmd,
@@ -202,18 +215,34 @@ def _files(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
 
 
-def test_hf_trainer_fsdp2_killed_mid_save_resumes_bit_exact(tmp_path: Path) -> None:
-    """The Trainer's FSDP2 checkpoints: atomic, verified, and a killed save leaves nothing.
+NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
+DEEPSPEED_MISSING = (
+    "deepspeed is not installed (not part of the dev environment): install deepspeed==0.19.8 "
+    "with hjson, ninja, py-cpuinfo, msgpack and einops (--no-deps, never another torch) to run"
+)
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp2",
+        pytest.param("zero2", marks=pytest.mark.skipif(NO_DEEPSPEED, reason=DEEPSPEED_MISSING)),
+        pytest.param("zero3", marks=pytest.mark.skipif(NO_DEEPSPEED, reason=DEEPSPEED_MISSING)),
+    ],
+)
+def test_hf_trainer_sharded_killed_mid_save_resumes_bit_exact(tmp_path: Path, engine: str) -> None:
+    """The Trainer's FSDP2 / ZeRO checkpoints: atomic, verified; a killed save leaves nothing.
 
     Two runs at once (two cores): an uninterrupted reference and one SIGKILLed inside its
-    2nd commit; then the killed one again, which resumes from checkpoint-3.
+    2nd commit; then the killed one again, which resumes from checkpoint-3 and runs 3 steps.
     """
     ref_out, out = tmp_path / "reference", tmp_path / "killed"
-    reference, killed = _hf_start(ref_out), _hf_start(out, "--kill-at", HF_SEAL_2)
+    reference = _hf_start(ref_out, engine)
+    killed = _hf_start(out, engine, "--kill-at", HF_SEAL_2)
     ref_code, ref_stdout, ref_stderr = _hf_wait(reference)
     code, _, stderr = _hf_wait(killed)
     assert ref_code == 0, ref_stderr[-6000:]
-    assert "resumed from step 0; sharded by fsdp2" in ref_stdout
+    assert f"resumed from step 0; sharded by {engine}" in ref_stdout
     assert code != 0
     assert "Signal 9" in stderr or "SIGKILL" in stderr, stderr[-6000:]
     # Nothing of the killed save is visible: checkpoint-3 only, the shards left in staging.
@@ -221,13 +250,13 @@ def test_hf_trainer_fsdp2_killed_mid_save_resumes_bit_exact(tmp_path: Path) -> N
     assert list(Path(RootLayout(str(out)).staging).iterdir()) != []
     assert ckptguard.verify(out / "checkpoint-3").ok
 
-    code, stdout, stderr = _hf_wait(_hf_start(out))
+    code, stdout, stderr = _hf_wait(_hf_start(out, engine))
     assert code == 0, stderr[-6000:]
-    assert "resumed from step 3; sharded by fsdp2" in stdout
+    assert f"resumed from step 3; sharded by {engine}" in stdout
     final = json.loads((out / "final.json").read_text())
     expected = json.loads((ref_out / "final.json").read_text())
-    assert (expected["step"], expected["ran"], expected["engine"]) == (STEPS, STEPS, "fsdp2")
-    assert (final["step"], final["ran"], final["engine"]) == (STEPS, STEPS - SAVE_AT, "fsdp2")
+    assert (expected["step"], expected["ran"], expected["engine"]) == (STEPS, STEPS, engine)
+    assert (final["step"], final["ran"], final["engine"]) == (STEPS, STEPS - SAVE_AT, engine)
     assert final["weights"] == expected["weights"]  # every weight, bit for bit
     for root in (ref_out, out):
         for step in (SAVE_AT, STEPS):
@@ -236,5 +265,5 @@ def test_hf_trainer_fsdp2_killed_mid_save_resumes_bit_exact(tmp_path: Path) -> N
             assert report.ok, report.problems
             assert report.manifest is not None
             assert report.manifest.writer.world_size == 2
-            assert _files(final_dir) == HF_FSDP_FILES | {MANIFEST_NAME}
+            assert _files(final_dir) == _hf_files(engine, step) | {MANIFEST_NAME}
         assert list(Path(RootLayout(str(root)).staging).iterdir()) == []
