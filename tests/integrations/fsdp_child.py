@@ -1,16 +1,19 @@
 """Child of test_fsdp.py, run by torchrun (gloo on CPU): FSDP2 training saved through ckptguard.
 
-Usage: torchrun ... fsdp_child.py MODE ROOT OUT
+Usage: torchrun ... fsdp_child.py MODE OUT ROOT [ROOT ...]
   save     2 ranks: a reference run of STEPS steps with no checkpointing; then a second,
            identical run that saves model and optimizer state (``get_state_dict``) through
-           ``CheckpointManager.save(..., sharded=True)`` after step SAVE_AT and trains on to
-           STEPS; then a save that fails on rank 1 (it must abort everywhere). Writes
-           OUT/reference.pt (full parameters and optimizer state after SAVE_AT and after
-           STEPS, the losses), OUT/saving.pt (the same for the saving run).
-  resume   any number of ranks: a model initialised differently restores the newest
-           checkpoint into its ``get_state_dict`` target, ``set_state_dict``, and, with the
-           world size it was saved with, trains on to STEPS. Writes OUT/resume-W.pt (full
-           state before and after the load and after training, the losses).
+           ``CheckpointManager.save(..., sharded=True)`` on every root after step SAVE_AT
+           and trains on to STEPS; then, on every root, a save that fails on rank 1 (it must
+           abort everywhere). Writes OUT/reference.pt (full parameters and optimizer state
+           after SAVE_AT and after STEPS, the losses), OUT/saving.pt (the same for the
+           saving run).
+  resume   any number of ranks, for the K-th root: a model initialised differently
+           restores the newest checkpoint into its ``get_state_dict`` target,
+           ``set_state_dict``, and, with the world size it was saved with, trains on to
+           STEPS. Writes OUT/resume-W-K.pt (full state before and after the load and after
+           training, the losses).
+An object-store root's storage options come from CKPTGUARD_STORAGE_OPTIONS.
 Each rank also writes OUT/rankR.json: aborted saves, the step restored, the world size.
 
 Every Linear is ``fully_shard``-ed, then the root. The data of step s on rank r comes from a
@@ -88,7 +91,7 @@ def snapshot(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": full(msd), "optim": full(osd)}
 
 
-def save(root: Path, out: Path) -> dict[str, Any]:
+def save(roots: list[str], out: Path) -> dict[str, Any]:
     rank = dist.get_rank()
     model, optim = build(seed=0)
     ref_losses, ref_at_save = [], None
@@ -98,14 +101,16 @@ def save(root: Path, out: Path) -> dict[str, Any]:
             ref_at_save = snapshot(model, optim)
     reference = {"losses": ref_losses, "at_save": ref_at_save, "end": snapshot(model, optim)}
 
-    mgr = ckptguard.CheckpointManager(root, keep_last=None)
+    managers = [ckptguard.CheckpointManager(root, keep_last=None) for root in roots]
     model, optim = build(seed=0)
-    losses, at_save, info = [], None, None
+    losses, at_save, saved = [], None, []
     for step in range(1, STEPS + 1):
         losses.append(train_step(model, optim, step))
         if step == SAVE_AT:
             msd, osd = get_state_dict(model, optim)
-            info = mgr.save(step, {"model": msd, "optim": osd}, sharded=True, blocking=True)
+            for mgr in managers:
+                info = mgr.save(step, {"model": msd, "optim": osd}, sharded=True, blocking=True)
+                saved.append({"step": info.step, "valid": info.valid})
             at_save = snapshot(model, optim)
     saving = {"losses": losses, "at_save": at_save, "end": snapshot(model, optim)}
 
@@ -113,51 +118,54 @@ def save(root: Path, out: Path) -> dict[str, Any]:
     aborted = []
     msd, osd = get_state_dict(model, optim)
     bad = {"model": msd, "optim": osd, "extra": {"hook": (lambda: 0) if rank == 1 else 0}}
-    try:
-        mgr.save(STEPS, bad, sharded=True)
-    except ckptguard.SaveAborted as exc:
-        aborted.append({str(k): v for k, v in exc.failures.items()})
+    for mgr in managers:
+        try:
+            mgr.save(STEPS, bad, sharded=True)
+        except ckptguard.SaveAborted as exc:
+            aborted.append({str(k): v for k, v in exc.failures.items()})
+        else:
+            aborted.append({})
+        mgr.close()
     if rank == 0:
         torch.save(reference, out / "reference.pt")
         torch.save(saving, out / "saving.pt")
-    assert info is not None
-    return {"aborted": aborted, "saved": {"step": info.step, "valid": info.valid}}
+    return {"aborted": aborted, "saved": saved}
 
 
-def resume(root: Path, out: Path) -> dict[str, Any]:
+def resume(roots: list[str], out: Path) -> dict[str, Any]:
     world = dist.get_world_size()
-    model, optim = build(seed=1)  # other weights: the load must overwrite every one
-    before = snapshot(model, optim)
-    msd, osd = get_state_dict(model, optim)
-    target: dict[str, Any] = {"model": msd, "optim": osd}
-    mgr = ckptguard.CheckpointManager(root, keep_last=None)
-    info = mgr.latest()
-    assert info is not None
-    mgr.restore(target=target)
-    set_state_dict(model, optim, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    loaded = snapshot(model, optim)
-    losses = []
-    if world == SAVED_WORLD:  # the same data split: training continues bit for bit
-        losses = [train_step(model, optim, step) for step in range(info.step + 1, STEPS + 1)]
-    result = {
-        "step": info.step,
-        "before": before,
-        "loaded": loaded,
-        "losses": losses,
-        "end": snapshot(model, optim),
-    }
-    if dist.get_rank() == 0:
-        torch.save(result, out / f"resume-{world}.pt")
-    return {"restored_step": info.step}
+    restored = []
+    for index, root in enumerate(roots):
+        model, optim = build(seed=1)  # other weights: the load must overwrite every one
+        before = snapshot(model, optim)
+        msd, osd = get_state_dict(model, optim)
+        target: dict[str, Any] = {"model": msd, "optim": osd}
+        with ckptguard.CheckpointManager(root, keep_last=None) as mgr:
+            info = mgr.latest()
+            assert info is not None
+            mgr.restore(target=target)
+        set_state_dict(
+            model, optim, model_state_dict=target["model"], optim_state_dict=target["optim"]
+        )
+        loaded = snapshot(model, optim)
+        losses = []
+        if world == SAVED_WORLD:  # the same data split: training continues bit for bit
+            losses = [train_step(model, optim, s) for s in range(info.step + 1, STEPS + 1)]
+        result = {"step": info.step, "before": before, "loaded": loaded, "losses": losses}
+        result["end"] = snapshot(model, optim)
+        if dist.get_rank() == 0:
+            torch.save(result, out / f"resume-{world}-{index}.pt")
+        restored.append(info.step)
+    return {"restored_steps": restored}
 
 
 def main() -> None:
-    mode, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    mode, out, roots = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     # An exception ends this rank with a traceback; torchrun then stops the job.
-    report = save(root, out) if mode == "save" else resume(root, out)
+    report = save(roots, out) if mode == "save" else resume(roots, out)
     report |= {"rank": rank, "world_size": dist.get_world_size()}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()

@@ -2,7 +2,8 @@
 
 ``fsdp_child.py`` trains a small model whose Linear layers and root are each ``fully_shard``-ed
 (gloo on CPU, 2 ranks), takes model and AdamW state with ``get_state_dict`` and saves it with
-``CheckpointManager.save(..., sharded=True)``. Second torchrun jobs restore it: with 2 ranks
+``CheckpointManager.save(..., sharded=True)``, on a local root and straight to S3 (a moto
+server). Second torchrun jobs restore it from each: with 2 ranks
 they train on and must match an uninterrupted run bit for bit (losses, every parameter and
 every optimizer moment); with 1 and with 4 ranks (resharded by DCP) the loaded parameters and
 optimizer state must equal those saved, bit for bit. A save that fails on one rank must abort
@@ -27,14 +28,19 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout
+from s3_servers import S3Server, start_moto
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 CHILD = Path(__file__).with_name("fsdp_child.py")
 SAVE_AT, STEPS = 3, 6  # as in fsdp_child.py
@@ -48,16 +54,17 @@ def _free_port() -> int:
         return port
 
 
-def _torchrun(mode: str, root: Path, out: Path, nproc: int) -> list[dict[str, Any]]:
+def _torchrun(
+    mode: str, out: Path, roots: list[str], nproc: int, options: dict[str, Any]
+) -> list[dict[str, Any]]:
     out.mkdir()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(CHILD), mode, str(root), str(out),
+        str(CHILD), mode, str(out), *roots,
     ]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, check=False, env=CHILD_ENV
-    )
+    env = CHILD_ENV | {"CKPTGUARD_STORAGE_OPTIONS": json.dumps(options)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
     assert [(r["rank"], r["world_size"]) for r in reports] == [(r, nproc) for r in range(nproc)]
@@ -89,12 +96,23 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory, moto: S3Server) -> dict[str, Any]:
+    """One 2-rank job saves the same FSDP2 state on a local root and on S3 (moto)."""
     base = tmp_path_factory.mktemp("fsdp")
-    root = base / "root"
-    reports = _torchrun("save", root, base / "save", nproc=2)
+    roots = [str(base / "root"), moto.url(f"fsdp-{uuid.uuid4().hex[:8]}")]
+    reports = _torchrun("save", base / "save", roots, nproc=2, options=moto.storage_options)
     return {
-        "root": root,
+        "roots": roots,
+        "options": moto.storage_options,
         "base": base,
         "reports": reports,
         "reference": _load(base / "save" / "reference.pt"),
@@ -102,22 +120,34 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+def _resume(saved: dict[str, Any], nproc: int) -> list[Any]:
+    """A job of ``nproc`` ranks that restores from every root; what it loaded, per root."""
+    out = saved["base"] / f"resume-{nproc}"
+    reports = _torchrun("resume", out, saved["roots"], nproc=nproc, options=saved["options"])
+    assert all(r["restored_steps"] == [SAVE_AT, SAVE_AT] for r in reports)
+    return [_load(out / f"resume-{nproc}-{k}.pt") for k in range(len(saved["roots"]))]
+
+
 def _state_keys(state: dict[str, Any]) -> set[str]:
     return set(state["model"]) | {f"optim.{k}" for k in state["optim"]["state"]}
 
 
 def test_fsdp2_state_is_one_verified_sharded_checkpoint(saved: dict[str, Any]) -> None:
-    root: Path = saved["root"]
     for r in saved["reports"]:
-        assert r["saved"] == {"step": SAVE_AT, "valid": True}
-    final = root / f"checkpoint-{SAVE_AT}"
-    assert sorted(p.name for p in final.iterdir()) == sorted(
+        assert r["saved"] == [{"step": SAVE_AT, "valid": True}] * 2
+    for root in saved["roots"]:
+        options = saved["options"] if "://" in root else None
+        report = ckptguard.verify(f"{root}/checkpoint-{SAVE_AT}", storage_options=options)
+        assert report.ok, (root, report.problems)
+        assert report.manifest is not None
+        # DCP's metadata and one shard file per rank, under one manifest
+        files = {f.path.rsplit("/", 1)[-1] for f in report.manifest.files}
+        assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}, (root, files)
+        assert report.manifest.writer.world_size == 2
+    local = Path(saved["roots"][0]) / f"checkpoint-{SAVE_AT}"
+    assert sorted(p.name for p in local.iterdir()) == sorted(
         [MANIFEST_NAME, ".metadata", "__0_0.distcp", "__1_0.distcp"]
-    )  # DCP's metadata and one shard file per rank, under one manifest
-    report = ckptguard.verify(final)
-    assert report.ok, report.problems
-    assert report.manifest is not None
-    assert report.manifest.writer.world_size == 2
+    )
     # Checkpointing does not perturb training: the saving run is the uninterrupted one.
     assert _differences(saved["saving"], saved["reference"]) == []
     ref = saved["reference"]
@@ -127,37 +157,44 @@ def test_fsdp2_state_is_one_verified_sharded_checkpoint(saved: dict[str, Any]) -
     assert _differences(ref["at_save"], ref["end"]) != []  # training moved the state on
 
 
-def test_a_sharded_save_failing_on_one_rank_leaves_nothing(saved: dict[str, Any]) -> None:
-    root: Path = saved["root"]
-    for r in saved["reports"]:  # every rank got the same SaveAborted, naming rank 1's error
-        assert len(r["aborted"]) == 1
-        assert any("pickle" in msg for msg in r["aborted"][0].values()), r["aborted"]
-    assert sorted(p.name for p in root.iterdir()) == [".ckptguard", f"checkpoint-{SAVE_AT}"]
-    layout = RootLayout(str(root))
+def test_a_sharded_save_failing_on_one_rank_leaves_nothing(
+    saved: dict[str, Any], moto: S3Server
+) -> None:
+    for r in saved["reports"]:  # every rank got SaveAborted on each root, naming the pickle
+        assert len(r["aborted"]) == 2
+        for aborted in r["aborted"]:
+            assert any("pickle" in msg for msg in aborted.values()), r["aborted"]
+    local, remote = saved["roots"]
+    assert sorted(p.name for p in Path(local).iterdir()) == [".ckptguard", f"checkpoint-{SAVE_AT}"]
+    layout = RootLayout(local)
     for sub in (layout.staging, layout.trash, layout.quarantine):
         assert list(Path(sub).iterdir()) == []
+    prefix = remote.removeprefix(f"s3://{moto.bucket}/")
+    listing = moto.client().list_objects_v2(Bucket=moto.bucket, Prefix=prefix)
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    assert f"{prefix}/checkpoint-{SAVE_AT}/{MANIFEST_NAME}" in keys
+    assert [k for k in keys if f"/checkpoint-{STEPS}" in k] == []  # no manifest, no shard
+    mgr = ckptguard.CheckpointManager(remote, storage_options=saved["options"], read_only=True)
+    assert [i.step for i in mgr.list()] == [SAVE_AT]
 
 
 def test_fsdp2_resume_is_bit_exact_with_the_uninterrupted_run(saved: dict[str, Any]) -> None:
-    _torchrun("resume", saved["root"], saved["base"] / "resume-2", nproc=2)
-    resumed = _load(saved["base"] / "resume-2" / "resume-2.pt")
     ref = saved["reference"]
-    assert resumed["step"] == SAVE_AT
-    assert _differences(resumed["before"], ref["at_save"]) != []  # initialised otherwise
-    assert _differences(resumed["loaded"], ref["at_save"]) == []
-    assert resumed["losses"] == ref["losses"][SAVE_AT:]  # steps 4..6, float for float
-    assert _differences(resumed["end"], ref["end"]) == []
+    for resumed in _resume(saved, nproc=2):  # from the local root, then from S3
+        assert resumed["step"] == SAVE_AT
+        assert _differences(resumed["before"], ref["at_save"]) != []  # initialised otherwise
+        assert _differences(resumed["loaded"], ref["at_save"]) == []
+        assert resumed["losses"] == ref["losses"][SAVE_AT:]  # steps 4..6, float for float
+        assert _differences(resumed["end"], ref["end"]) == []
 
 
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_fsdp2_resharded_resume_loads_bit_exact(saved: dict[str, Any], nproc: int) -> None:
     """Saved by 2 ranks, restored by 1 or 4: DCP reshards every parameter and moment."""
-    out = saved["base"] / f"resume-{nproc}"
-    _torchrun("resume", saved["root"], out, nproc=nproc)
-    resumed = _load(out / f"resume-{nproc}.pt")
-    assert resumed["step"] == SAVE_AT
-    assert _differences(resumed["before"], saved["reference"]["at_save"]) != []
-    assert _differences(resumed["loaded"], saved["reference"]["at_save"]) == []
+    for resumed in _resume(saved, nproc=nproc):  # from the local root, then from S3
+        assert resumed["step"] == SAVE_AT
+        assert _differences(resumed["before"], saved["reference"]["at_save"]) != []
+        assert _differences(resumed["loaded"], saved["reference"]["at_save"]) == []
 
 
 # --- the Hugging Face Trainer's sharded paths (Accelerate), under protect() ----------------
