@@ -21,17 +21,14 @@ would have set (the FSDP type and the plugin), nothing else; everything after it
 with ``fully_shard``, ``save_fsdp_model``/``save_fsdp_optimizer``, loading on resume) is
 Accelerate's and the Trainer's own code. ``--no-shim`` shows the fallback to DDP.
 
+Without ``use_cpu=True`` the Trainer refuses: "Using fsdp only works in distributed training."
+(transformers 5.24, trainer.py line 478: Accelerate's state is ``DistributedType.NO`` on a
+machine without an accelerator).
+
 ``--engine zero2|zero3``: DeepSpeed ZeRO stage 2 or 3 (``deepspeed`` must be importable; its
 CPU accelerator falls back to gloo without oneCCL). Each checkpoint holds DeepSpeed's
-``global_step<N>/`` (every rank's ``zero_pp_rank_<R>_*`` files) and ``latest``. Here too
-Accelerate's process state needs a nudge on CPU: transformers (training_args.py,
-``_setup_devices``: ``elif self.deepspeed:``) builds ``PartialState`` without a backend, and
-on a machine without an accelerator ``PartialState._prepare_backend`` (accelerate/state.py)
-finds none, so every rank reports ``num_processes == 1`` and ``process_index == 0`` (the
-Trainer then sizes batches for one process and DeepSpeed refuses its config). With
-``use_cpu=True`` instead, DeepSpeed is never enabled (``and not cpu``, accelerate/state.py
-line 974). ``_gloo_for_deepspeed`` passes ``backend="gloo"`` to ``PartialState``, as the
-Trainer does for DDP (``ddp_backend``).
+``global_step<N>/`` (every rank's ``zero_pp_rank_<R>_*`` files) and ``latest``. This path
+needs no help on CPU: with ``use_cpu=True`` (gloo) Accelerate hands the model to DeepSpeed.
 """
 
 from __future__ import annotations
@@ -81,20 +78,6 @@ def _lift_cpu_gate() -> None:
     accelerate.state.AcceleratorState.__init__ = init
 
 
-def _gloo_for_deepspeed() -> None:
-    """Give DeepSpeed's process state the gloo backend on CPU (see the module docstring)."""
-    import accelerate.state
-
-    original = accelerate.state.PartialState.__init__
-
-    def init(self: Any, cpu: bool = False, **kwargs: Any) -> None:
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and kwargs.get("backend") is None:
-            kwargs["backend"] = "gloo"
-        original(self, cpu, **kwargs)
-
-    accelerate.state.PartialState.__init__ = init
-
-
 def _digest(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(tensor.detach().cpu().contiguous().numpy().tobytes())
 
@@ -136,7 +119,7 @@ def _sharding(engine: str) -> dict[str, Any]:
         "gradient_clipping": "auto",
         "zero_allow_untested_optimizer": True,  # the Trainer's torch AdamW
     }
-    return {"deepspeed": zero, "use_cpu": False}
+    return {"deepspeed": zero, "use_cpu": True}
 
 
 class _CountSteps(TrainerCallback):
@@ -163,8 +146,8 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     if opts.kill_at:
         kill_at(opts.kill_at)
-    if not opts.no_shim:
-        _lift_cpu_gate() if opts.engine == "fsdp2" else _gloo_for_deepspeed()
+    if opts.engine == "fsdp2" and not opts.no_shim:
+        _lift_cpu_gate()
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(

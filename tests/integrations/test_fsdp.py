@@ -9,14 +9,14 @@ every optimizer moment); with 1 and with 4 ranks (resharded by DCP) the loaded p
 optimizer state must equal those saved, bit for bit. A save that fails on one rank must abort
 on every rank and leave nothing visible.
 
-One save job (module fixture) serves every test; four torchrun launches in all.
+One save job (module fixture) serves these tests; four torchrun launches in all.
 
 The Hugging Face Trainer's own FSDP2 path (Accelerate's ``fully_shard`` wrapping and its
 ``SHARDED_STATE_DICT`` checkpoints, DCP directories written by every rank) runs under
 ``protect(trainer)`` in ``hf_fsdp_driver.py``, and so do DeepSpeed ZeRO-2 and ZeRO-3 when
-``deepspeed`` is installed; Accelerate 1.15 enables neither on CPU, so that driver lifts one
-gate for each (see its docstring). A run killed inside its 2nd commit leaves nothing visible
-and resumes to the same weights as an uninterrupted run.
+``deepspeed`` is installed (it runs on CPU as it is); Accelerate 1.15 does not enable FSDP on
+CPU, so that driver lifts that one gate (see its docstring). A run killed inside its 2nd
+commit leaves nothing visible and resumes to the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
