@@ -259,6 +259,7 @@ DEEPSPEED_MISSING = (
 )
 
 
+@pytest.mark.timeout(3 * HF_TIMEOUT)  # three torchruns, two of them at once
 @pytest.mark.parametrize(
     "engine",
     [
