@@ -1,0 +1,271 @@
+"""Real multi-host runs: two hosts in network namespaces, an S3 server in a third.
+
+Each host (``conftest.py``) has its own address (198.18.N.1 and .2 on a bridge), hostname,
+process ids and node-local disk; SeaweedFS runs in its own namespace at 198.18.N.100.
+A job is one torchrun per host, 2 ranks each (gloo on CPU), with the static rendezvous on
+the first host's address (``--nnodes=2 --node-rank=K --master-addr=198.18.N.1``;
+``GLOO_SOCKET_IFNAME=eth0``). c10d's rendezvous is not used: inside a namespace the
+hostname does not resolve to the host's address, and no node hosts the store.
+
+What is shown, each from the store itself (listed with boto3, read back with ckptguard):
+
+- exactly-once commits on a shared S3 root: every checkpoint has one manifest and the
+  objects of one save only, every rank got the same result; a control where each rank
+  commits alone loses the other ranks' files;
+- node-local roots: each host commits its own full copy (one committer per node), and
+  the storage probe tells node-local roots from a shared root (its log, each manifest's
+  writer ranks);
+- a host killed mid-save (every process of it, SIGKILL): nothing of that save is visible,
+  the other host's ranks fail instead of hanging, and the restarted job resumes from the
+  newest valid checkpoint.
+
+Run: ``pytest tests/multihost`` as root (``make test`` runs it). It needs root, iproute2,
+util-linux's ``unshare`` and a kernel with network, UTS, mount and PID namespaces, veth
+and bridge (see docs/operations.md, "Multi-host tests"); where those are missing the
+module skips, saying what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ckptguard
+from multihost.netns_cluster import Cluster, Launch
+
+CHILD = Path(__file__).with_name("host_child.py")
+NPROC = 2  # ranks per host
+WORLD = 2 * NPROC
+JOB_TIMEOUT = 240.0  # seconds; a job past it is hung: killed, and the test fails
+_ports = itertools.count(29500)  # fresh namespaces: every port is free; one per job
+
+
+def start_job(
+    cluster: Cluster, phases: str, out: Path, env: dict[str, str] | None = None
+) -> list[Launch]:
+    """One torchrun per host (2 ranks each), static rendezvous on host 0's address."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = next(_ports)
+    base = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "CKPT_OUT": str(out),
+        "CKPT_STORAGE_OPTIONS": json.dumps(cluster.s3.storage_options),
+        **(env or {}),
+    }
+    return [
+        host.start(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                f"--node-rank={host.index}", f"--nproc-per-node={NPROC}",
+                f"--master-addr={cluster.master_addr}", f"--master-port={port}",
+                "--monitor-interval=0.5", str(CHILD), phases,
+            ],
+            base,
+            f"{out.name}-{phases}",
+        )
+        for host in cluster.hosts
+    ]  # fmt: skip
+
+
+def run_job(
+    cluster: Cluster, phases: str, out: Path, env: dict[str, str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Run a job to its end (it must succeed); every phase's reports, in rank order."""
+    launches = start_job(cluster, phases, out, env)
+    for launch in launches:
+        assert launch.wait(JOB_TIMEOUT) == 0, launch.output()[-6000:]
+    return {name: reports(out, name) for name in phases.split(",")}
+
+
+def reports(out: Path, phase: str) -> list[dict[str, Any]]:
+    found = [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["rank"] for r in found] == list(range(WORLD))
+    return found
+
+
+def keys(cluster: Cluster, prefix: str) -> list[str]:
+    """Every object under ``prefix`` of the bucket, listed by boto3 (not by ckptguard)."""
+    client = cluster.s3.client()
+    found: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=cluster.s3.bucket, Prefix=f"{prefix}/"
+    ):
+        found += [o["Key"][len(prefix) + 1 :] for o in page.get("Contents", [])]
+    return sorted(found)
+
+
+def saves_under(cluster: Cluster, prefix: str, name: str) -> tuple[list[str], set[str]]:
+    """The manifests under ``prefix/name/`` and the save ids that hold objects there."""
+    under = keys(cluster, f"{prefix}/{name}")
+    manifests = [k for k in under if k == "ckptguard.json"]
+    return manifests, {k.split("/", 1)[0] for k in under if "/" in k}
+
+
+def expect_exactly_once(cluster: Cluster, prefix: str, name: str, save_id: str) -> None:
+    manifests, save_ids = saves_under(cluster, prefix, name)
+    assert manifests == ["ckptguard.json"], f"{prefix}/{name}: {manifests}"
+    assert save_ids == {save_id}, f"{prefix}/{name}: objects of saves {save_ids}"
+
+
+def test_shared_s3_and_node_local_roots_commit_exactly_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = f"job-{uuid.uuid4().hex[:8]}"
+    local = cluster.local_mount / run  # the same path on both hosts, another disk on each
+    env = {
+        "CKPT_S3_URL": cluster.s3.url(run),
+        "CKPT_LOCAL_ROOT": str(local),
+        "CKPT_SHARED_ROOT": str(cluster.shared / run),
+    }
+    got = run_job(cluster, "s3,naive,topology", tmp_path / "out", env)
+    assert not local.exists()  # this machine's own view: no host wrote here
+    hosts = [r["host"] for r in got["s3"]]
+    assert hosts == ["host0", "host0", "host1", "host1"]
+
+    # -- S3, shared by every rank: one commit per checkpoint, the same result everywhere
+    s3 = got["s3"]
+    assert all(r.get("errors") is None for r in s3), s3[0].get("errors")
+    for r in s3:
+        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(1, True), (2, True), (3, True)]
+        assert r["latest"] == 3
+        assert r["listed"] == [1, 2, 3]
+        assert r["restored_equal"]
+    mgr = ckptguard.CheckpointManager(
+        cluster.s3.url(f"{run}/managed"), storage_options=cluster.s3.storage_options,
+        read_only=True,
+    )  # fmt: skip
+    for step in (1, 2, 3):
+        report = mgr.verify(step)
+        assert report.ok, report.problems
+        assert report.manifest is not None
+        expect_exactly_once(
+            cluster, f"{run}/managed", f"checkpoint-{step}", report.manifest.save_id
+        )
+        assert report.manifest.writer.world_size == WORLD
+        assert report.manifest.writer.host == "host0"  # rank 0 committed for everyone
+    files = [r["files"] for r in s3]
+    assert all(f == files[0] for f in files)  # every rank saw the same commit
+    assert files[0]["files"] == [f"rank{r}.bin" for r in range(WORLD)]  # every rank's file
+    assert [f["outcome"] for f in files] == ["committed"] * WORLD
+    assert files[0]["writer_ranks"] == list(range(WORLD))  # one committer: rank 0, for all
+    expect_exactly_once(cluster, f"{run}/files", "checkpoint-0", files[0]["save_id"])
+
+    # -- the control: ranks that commit alone race; one wins and the others' files are lost
+    naive = got["naive"]
+    winners = [r for r in naive if r["outcome"] == "committed"]
+    assert len(winners) == 1, naive
+    assert sorted(r["outcome"] for r in naive) == ["committed"] + ["kept_existing"] * (WORLD - 1)
+    lost = [r for r in naive if f"rank{r['rank']}.bin" not in r["files"]]
+    assert len(lost) == WORLD - 1, naive  # three ranks' files are in no checkpoint
+
+    # -- node-local roots: the probe finds them, each host commits its own full copy
+    topo = got["topology"]
+    for r in topo:
+        assert r.get("errors") is None, r.get("errors")
+        for kind in ("local", "shared"):
+            assert [i["step"] for i in r[kind]["infos"]] == [1, 2]
+            assert all(i["valid"] for i in r[kind]["infos"])
+            assert r[kind]["restored_equal"]
+        assert r["shared"]["probe_log"] == []  # a shared root: no node-local decision
+        assert r["shared"]["files"]["writer_ranks"] == list(range(WORLD))
+    decided = [line for r in topo for line in r["local"]["probe_log"]]
+    assert decided, "the probe logged no node-local decision"
+    assert all(line.endswith("ranks [0, 2]") for line in decided), decided  # first of each
+    for host in cluster.hosts:
+        mine = list(range(host.index * NPROC, (host.index + 1) * NPROC))
+        for r in topo[host.index * NPROC : (host.index + 1) * NPROC]:
+            assert r["local"]["files"]["writer_ranks"] == mine
+            assert r["local"]["files"]["files"] == [f"rank{k}.bin" for k in mine]
+            assert r["local"]["files"]["writer_host"] == host.hostname
+        disk_root = host.disk / run
+        for step in (1, 2):
+            report = ckptguard.verify(disk_root / "managed" / f"checkpoint-{step}")
+            assert report.ok, report.problems
+            assert report.manifest is not None
+            assert report.manifest.writer.host == host.hostname
+            assert list(report.manifest.writer.ranks) == mine
+        assert ckptguard.verify(disk_root / "files" / "checkpoint-0").ok
+    shared_root = cluster.shared / run
+    report = ckptguard.verify(shared_root / "files" / "checkpoint-0")
+    assert report.ok, report.problems
+    assert report.manifest is not None
+    assert sorted(f.path for f in report.manifest.files) == [f"rank{r}.bin" for r in range(WORLD)]
+    for step in (1, 2):
+        assert ckptguard.verify(shared_root / "managed" / f"checkpoint-{step}").ok
+
+
+@pytest.mark.parametrize("point", ["remote.data_uploaded:1"])
+def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
+    cluster: Cluster, tmp_path: Path, point: str
+) -> None:
+    run = f"kill-{uuid.uuid4().hex[:8]}"
+    env = {"CKPT_S3_URL": cluster.s3.url(run)}
+    before = run_job(cluster, "before", tmp_path / "first", env)["before"]
+    for r in before:
+        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(1, True), (2, True)]
+
+    # Host 0 (rank 0 commits; torchrun's store lives there too) stops mid-save, then dies.
+    out = tmp_path / "second"
+    launches = start_job(cluster, "held", out, {**env, "CKPT_HOLD": point})
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (out / "held").exists():
+        assert time.monotonic() < deadline, launches[0].output()[-4000:]
+        assert all(launch.proc.poll() is None for launch in launches), [
+            launch.output()[-3000:] for launch in launches
+        ]
+        time.sleep(0.1)  # polling for the child's marker file, not ordering a race
+    manifests, save_ids = saves_under(cluster, f"{run}/resume", "checkpoint-3")
+    assert manifests == []
+    assert save_ids, "the held save had uploaded nothing: not mid-save"
+    cluster.hosts[0].kill()
+    status = launches[1].wait(JOB_TIMEOUT)  # the survivor fails instead of hanging
+    assert status != 0, launches[1].output()[-4000:]
+    survivors = [json.loads((out / f"held-rank{r}.json").read_text()) for r in (2, 3)]
+    for r in survivors:
+        assert r["host"] == "host1"
+        assert r["errors"], r
+        assert "step 3 was saved" not in r["errors"][0], r["errors"]
+
+    # Nothing of the dead save is visible: list, latest, verify (read-only, from here).
+    assert saves_under(cluster, f"{run}/resume", "checkpoint-3") == (
+        [],
+        save_ids,
+    )  # its objects stay
+    mgr = ckptguard.CheckpointManager(
+        cluster.s3.url(f"{run}/resume"), storage_options=cluster.s3.storage_options, read_only=True
+    )
+    assert [i.step for i in mgr.list()] == [1, 2]
+    latest = mgr.latest()
+    assert latest is not None
+    assert latest.step == 2
+    dead = mgr.verify(3)
+    assert not dead.ok
+    assert dead.problems, dead
+
+    # The restarted job resumes from step 2 and saves steps 3 and 4, each exactly once.
+    resumed = run_job(cluster, "resume", tmp_path / "third", env)["resume"]
+    for r in resumed:
+        assert r.get("errors") is None, r.get("errors")
+        assert r["latest"] == 2
+        assert r["restored_equal"]
+        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(3, True), (4, True)]
+        assert r["listed"] == [1, 2, 3, 4]
+    for step in (3, 4):
+        report = mgr.verify(step)
+        assert report.ok, report.problems
+        assert report.manifest is not None
+        manifests, ids = saves_under(cluster, f"{run}/resume", f"checkpoint-{step}")
+        assert manifests == ["ckptguard.json"]
+        assert report.manifest.save_id in ids
+        assert ids - {report.manifest.save_id} <= save_ids  # at most the dead save's leftovers
