@@ -260,7 +260,7 @@ class Catalog:
         if kind == "dcp":
             from ckptguard._state.sharded import restore_sharded  # noqa: PLC0415 - torch
 
-            return restore_sharded(path, target)
+            return restore_sharded(backend, path, target)
         try:
             manifest, opener, close = backend.open_files(path, report.manifest)
             try:

@@ -250,8 +250,10 @@ class CheckpointManager:
         save is in flight: a save waits for the previous one, and raises its error if it
         failed (as do :meth:`wait` and :meth:`close`).
 
-        ``sharded=True``: every rank writes its shards through torch.distributed.checkpoint
-        into one staging dir, committed once (see ``sharded.py``); always blocking.
+        ``sharded=True``: every rank writes its own shards through
+        torch.distributed.checkpoint straight into the save's staging dir or, on an object
+        store, its fresh prefix; one manifest lists every rank's files and commits them
+        once (see ``sharded.py``); always blocking.
 
         Under torch.distributed every rank calls this; each committer (rank 0 on a shared
         root, one rank per node on node-local roots) writes its state (the replicated state
@@ -312,20 +314,11 @@ class CheckpointManager:
     ) -> CheckpointInfo:
         from ckptguard._state.sharded import KIND, write_shards  # noqa: PLC0415 - imports torch
 
-        if self.backend.strategy.shared:
-            raise UnsupportedRoot(
-                f"sharded=True saves on an object-store root ({self.root}) are not "
-                "supported yet: torch.distributed.checkpoint reads them back from a "
-                "filesystem",
-                path=self.root,
-                hint="save sharded state to a local or shared filesystem root, with "
-                "mirror='s3://...' for an off-node copy",
-            )
         coord = self.coordinator
         flags = self._flags(metadata, KIND, pin=pin)
         tx = self.options.transaction(step, metrics, flags, coord)
-        with tx as staging:
-            write_shards(tx, staging, state)
+        with tx:
+            write_shards(tx, state)
         path = result_of(tx).path
         return self._after_commit(step, path, committer=coord.rank == 0, pin=pin, coord=coord)
 

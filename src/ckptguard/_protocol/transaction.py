@@ -150,7 +150,8 @@ class AtomicCheckpoint:
         self.staging: Staging | None = None
         self.result: CommitResult | None = None
         # Digests of files that were checksummed and fsynced while written (through
-        # Storage.open_write): seal trusts them instead of reading those files again.
+        # Storage.open_write): seal trusts them instead of reading those files again. On
+        # an object store every rank may add its own: they reach the committer at flush.
         self.known: dict[str, FileDigest] = {}
 
     # -- 1. stage ----------------------------------------------------------------------------
@@ -413,8 +414,9 @@ class AtomicCheckpoint:
             try:
                 if committer and self.prepare is not None:
                     self.prepare(Path(self.strategy.workdir(staging)))
-                flushed = self.strategy.flush(staging)
-                mine = {"ok": True, "files": {r: [d.size, d.checksum] for r, d in flushed.items()}}
+                # What this rank wrote straight to the store (its ``known``), and its spool.
+                files = self.known | self.strategy.flush(staging)
+                mine = {"ok": True, "files": {r: [d.size, d.checksum] for r, d in files.items()}}
             except BaseException as err:  # every rank must hear of it
                 mine = {"ok": False, "error": _describe(err)}
         gathered = coord.all_gather(mine)
