@@ -15,6 +15,8 @@ Phases:
   naive      the control: every rank commits the same name on S3 alone (no coordinator)
   topology   the same two saves on node-local roots and on a shared POSIX root: what the
              storage probe decided (its log lines and each commit's writer ranks)
+  sharded    a DTensor sharded over every rank of both hosts, saved straight to S3
+             (``sharded=True``) and restored bit-exact, in its layout and resharded
   before     saves steps 1 and 2 to ``$CKPT_S3_URL/resume``
   held       saves step 3 there, with ``CKPT_HOLD`` set: rank 0 never returns
   resume     the restarted job: the newest valid checkpoint, restored, then steps 3 and 4
@@ -137,6 +139,33 @@ def phase_topology(rank: int) -> dict[str, Any]:
     return report
 
 
+def phase_sharded(rank: int) -> dict[str, Any]:
+    """A DTensor split across both hosts' ranks, saved straight to S3, restored twice."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    del rank
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mgr = ckptguard.CheckpointManager(f"{S3_URL}/sharded", keep_last=None, storage_options=OPTIONS)
+    full = {
+        step: torch.randn(64, 32, generator=torch.Generator().manual_seed(step)) for step in (1, 2)
+    }
+    infos = []
+    for step in (1, 2):
+        state = {"w": distribute_tensor(full[step], mesh, [Shard(0)]), "b": torch.ones(3) * step}
+        info = mgr.save(step, state, sharded=True).result()
+        infos.append({"step": info.step, "valid": info.valid, "path": info.path})
+    exact = {}
+    for step, placement in ((2, Shard(0)), (1, Shard(1))):  # Shard(1): resharded on load
+        w = distribute_tensor(torch.zeros(64, 32), mesh, [placement])
+        b = torch.zeros(3)
+        mgr.restore(step, target={"w": w, "b": b})
+        exact[f"{step}-{placement}"] = bool(torch.equal(w.full_tensor(), full[step])) and bool(
+            torch.equal(b, torch.ones(3) * step)
+        )
+    return {"infos": infos, "exact": exact, "local_rows": w.to_local().shape[0]}
+
+
 BIG = 6 << 20  # 24 MiB of float32: a multipart upload
 
 
@@ -188,6 +217,7 @@ PHASES = {
     "s3": phase_s3,
     "naive": phase_naive,
     "topology": phase_topology,
+    "sharded": phase_sharded,
     "before": phase_before,
     "held": phase_held,
     "resume": phase_resume,
