@@ -6,8 +6,11 @@ Usage: torchrun ... host_child.py PHASE[,PHASE...]; one JSON report per phase an
 - ``CKPT_S3_URL`` (an ``s3://`` prefix for this job) and ``CKPT_STORAGE_OPTIONS`` (JSON);
 - ``CKPT_LOCAL_ROOT``: a path on the host's own disk (the same path on every host);
 - ``CKPT_SHARED_ROOT``: a path every host sees (a shared filesystem);
-- ``CKPT_HOLD=point:count``: rank 0 stops at the count-th time it reaches the named fault
-  point, writes ``$CKPT_OUT/held`` and waits there to be killed with its host.
+- ``CKPT_HOLD=point:count``: rank ``CKPT_HOLD_RANK`` (default 0) stops the count-th time
+  it reaches the named fault point, writes ``$CKPT_OUT/held`` and waits there to be killed
+  with its host;
+- ``CKPT_PG_TIMEOUT``: the process group's timeout in seconds (default 60): how long a
+  rank waits for a dead peer before it fails.
 
 Phases:
   s3         CheckpointManager saves to S3, then every rank writes its own file into one
@@ -18,7 +21,7 @@ Phases:
   sharded    a DTensor sharded over every rank of both hosts, saved straight to S3
              (``sharded=True``) and restored bit-exact, in its layout and resharded
   before     saves steps 1 and 2 to ``$CKPT_S3_URL/resume``
-  held       saves step 3 there, with ``CKPT_HOLD`` set: rank 0 never returns
+  held       saves step 3 there, with ``CKPT_HOLD`` set: the held rank never returns
   resume     the restarted job: the newest valid checkpoint, restored, then steps 3 and 4
 """
 
@@ -192,7 +195,7 @@ def _hold_at(point: str, count: int) -> None:
 
 def phase_held(rank: int) -> dict[str, Any]:
     mgr = ckptguard.CheckpointManager(f"{S3_URL}/resume", keep_last=None, storage_options=OPTIONS)
-    if rank == 0:
+    if rank == int(os.environ.get("CKPT_HOLD_RANK", "0")):
         point, count = os.environ["CKPT_HOLD"].rsplit(":", 1)
         _hold_at(point, int(count))
     info = mgr.save(3, state(3, BIG)).result()
@@ -228,7 +231,8 @@ def main() -> None:
     logging.getLogger("ckptguard").addHandler(LOG)
     logging.getLogger("ckptguard").setLevel(logging.INFO)
     # A bounded wait everywhere: a peer that died must fail this job, not hang it.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    timeout = float(os.environ.get("CKPT_PG_TIMEOUT", "60"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
     rank = dist.get_rank()
     failed = False
     for name in sys.argv[1].split(","):

@@ -23,7 +23,7 @@ What is shown, each from the store itself (listed with boto3, read back with ckp
 
 Run: ``pytest tests/multihost`` as root (``make test`` runs it). It needs root, iproute2,
 util-linux's ``unshare`` and a kernel with network, UTS, mount and PID namespaces, veth
-and bridge (see docs/operations.md, "Multi-host tests"); where those are missing the
+and bridge (see docs/development.md, "Multi-host tests"); where those are missing the
 module skips, saying what is missing.
 """
 
@@ -35,6 +35,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,19 +230,51 @@ def test_shared_s3_and_node_local_roots_commit_exactly_once(
         assert report.manifest.metadata["ckptguard"]["kind"] == "dcp"
 
 
-@pytest.mark.parametrize("point", ["remote.data_uploaded:1"])
+@dataclass(frozen=True)
+class Kill:
+    """Where a host dies: ``rank`` stops at fault ``point``, then its whole host is killed."""
+
+    point: str  # "name:count" (see ckptguard._storage.faults)
+    rank: int  # 0, 1: host 0 (rank 0 commits; torchrun's store is there); 2, 3: host 1
+    committed: bool = False  # whether the save is committed at that point
+
+    @property
+    def host(self) -> int:
+        return self.rank // NPROC
+
+
+KILLS = [
+    # make test: host 0 dies with every data object uploaded and no manifest yet
+    pytest.param(Kill("remote.data_uploaded:1", 0), id="host0-data-uploaded"),
+    # the sweep (CKPTGUARD_MULTIHOST_SWEEP=1, make chaos):
+    pytest.param(  # mid-upload: a chunk of the state handed to the store, the file not done
+        Kill("remote.uploading:2", 0), id="host0-mid-upload", marks=pytest.mark.multihost_sweep
+    ),
+    pytest.param(  # host 1 dies: host 0's ranks wait for it until the group's timeout
+        Kill("remote.data_uploaded:1", 2), id="host1-data-uploaded",
+        marks=pytest.mark.multihost_sweep,
+    ),
+    pytest.param(  # the control: dead right after the manifest, so the save is committed
+        Kill("remote.manifest_written:1", 0, committed=True), id="host0-after-commit",
+        marks=pytest.mark.multihost_sweep,
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kill", KILLS)
 def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
-    cluster: Cluster, tmp_path: Path, point: str
+    cluster: Cluster, tmp_path: Path, kill: Kill
 ) -> None:
     run = f"kill-{uuid.uuid4().hex[:8]}"
-    env = {"CKPT_S3_URL": cluster.s3.url(run)}
+    env = {"CKPT_S3_URL": cluster.s3.url(run), "CKPT_PG_TIMEOUT": "20"}
     before = run_job(cluster, "before", tmp_path / "first", env)["before"]
     for r in before:
         assert [(i["step"], i["valid"]) for i in r["infos"]] == [(1, True), (2, True)]
 
-    # Host 0 (rank 0 commits; torchrun's store lives there too) stops mid-save, then dies.
+    # One rank stops mid-save (on a fault point), then its whole host dies.
     out = tmp_path / "second"
-    launches = start_job(cluster, "held", out, {**env, "CKPT_HOLD": point})
+    held_env = {**env, "CKPT_HOLD": kill.point, "CKPT_HOLD_RANK": str(kill.rank)}
+    launches = start_job(cluster, "held", out, held_env)
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (out / "held").exists():
         assert time.monotonic() < deadline, launches[0].output()[-4000:]
@@ -250,42 +283,46 @@ def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
         ]
         time.sleep(0.1)  # polling for the child's marker file, not ordering a race
     manifests, save_ids = saves_under(cluster, f"{run}/resume", "checkpoint-3")
-    assert manifests == []
-    assert save_ids, "the held save had uploaded nothing: not mid-save"
-    cluster.hosts[0].kill()
-    status = launches[1].wait(JOB_TIMEOUT)  # the survivor fails instead of hanging
-    assert status != 0, launches[1].output()[-4000:]
-    survivors = [json.loads((out / f"held-rank{r}.json").read_text()) for r in (2, 3)]
-    for r in survivors:
-        assert r["host"] == "host1"
-        assert r["errors"], r
-        assert "step 3 was saved" not in r["errors"][0], r["errors"]
+    assert manifests == (["ckptguard.json"] if kill.committed else [])
+    if kill.point.startswith("remote.data_uploaded"):
+        assert save_ids, "the held save had uploaded nothing: not mid-save"
+    cluster.hosts[kill.host].kill()
+    survivor = 1 - kill.host
+    status = launches[survivor].wait(JOB_TIMEOUT)  # fails instead of hanging
+    assert status != 0, launches[survivor].output()[-4000:]
+    for r in range(survivor * NPROC, (survivor + 1) * NPROC):
+        report = json.loads((out / f"held-rank{r}.json").read_text())
+        assert report["host"] == f"host{survivor}"
+        assert report["errors"], report
+        assert "step 3 was saved" not in report["errors"][0], report["errors"]
 
-    # Nothing of the dead save is visible: list, latest, verify (read-only, from here).
-    assert saves_under(cluster, f"{run}/resume", "checkpoint-3") == (
-        [],
-        save_ids,
-    )  # its objects stay
+    # Nothing of a dead save is visible: list, latest, verify (read-only, from here).
     mgr = ckptguard.CheckpointManager(
         cluster.s3.url(f"{run}/resume"), storage_options=cluster.s3.storage_options, read_only=True
     )
-    assert [i.step for i in mgr.list()] == [1, 2]
+    newest = 3 if kill.committed else 2
+    assert [i.step for i in mgr.list()] == list(range(1, newest + 1))
     latest = mgr.latest()
     assert latest is not None
-    assert latest.step == 2
-    dead = mgr.verify(3)
-    assert not dead.ok
-    assert dead.problems, dead
+    assert latest.step == newest
+    if not kill.committed and saves_under(cluster, f"{run}/resume", "checkpoint-3")[1]:
+        dead = mgr.verify(3)  # objects without a manifest: not a checkpoint
+        assert not dead.ok
+        assert dead.problems, dead
+    elif not kill.committed:  # only an unfinished multipart upload: no object at all
+        with pytest.raises(ckptguard.CheckpointNotFound):
+            mgr.verify(3)
 
-    # The restarted job resumes from step 2 and saves steps 3 and 4, each exactly once.
+    # The restarted job resumes from the newest valid checkpoint and saves two more.
     resumed = run_job(cluster, "resume", tmp_path / "third", env)["resume"]
+    steps = [newest + 1, newest + 2]
     for r in resumed:
         assert r.get("errors") is None, r.get("errors")
-        assert r["latest"] == 2
+        assert r["latest"] == newest
         assert r["restored_equal"]
-        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(3, True), (4, True)]
-        assert r["listed"] == [1, 2, 3, 4]
-    for step in (3, 4):
+        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(s, True) for s in steps]
+        assert r["listed"] == list(range(1, newest + 3))
+    for step in steps:
         report = mgr.verify(step)
         assert report.ok, report.problems
         assert report.manifest is not None
