@@ -268,14 +268,11 @@ def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
 ) -> None:
     run = f"kill-{uuid.uuid4().hex[:8]}"
     env = {"CKPT_S3_URL": cluster.s3.url(run), "CKPT_PG_TIMEOUT": "20"}
-    before = run_job(cluster, "before", tmp_path / "first", env)["before"]
-    for r in before:
-        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(1, True), (2, True)]
-
-    # One rank stops mid-save (on a fault point), then its whole host dies.
-    out = tmp_path / "second"
+    # One job saves steps 1 and 2, then one rank stops mid-save of step 3 (on a fault
+    # point), then its whole host dies.
+    out = tmp_path / "first"
     held_env = {**env, "CKPT_HOLD": kill.point, "CKPT_HOLD_RANK": str(kill.rank)}
-    launches = start_job(cluster, "held", out, held_env)
+    launches = start_job(cluster, "before,held", out, held_env)
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (out / "held").exists():
         assert time.monotonic() < deadline, launches[0].output()[-4000:]
@@ -291,6 +288,8 @@ def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
     survivor = 1 - kill.host
     status = launches[survivor].wait(JOB_TIMEOUT)  # fails instead of hanging
     assert status != 0, launches[survivor].output()[-4000:]
+    for r in reports(out, "before"):
+        assert [(i["step"], i["valid"]) for i in r["infos"]] == [(1, True), (2, True)]
     for rank in range(survivor * NPROC, (survivor + 1) * NPROC):
         report = json.loads((out / f"held-rank{rank}.json").read_text())
         assert report["host"] == f"host{survivor}"
@@ -315,7 +314,7 @@ def test_a_host_killed_mid_save_leaves_nothing_visible_and_the_job_resumes(
             mgr.verify(3)
 
     # The restarted job resumes from the newest valid checkpoint and saves two more.
-    resumed = run_job(cluster, "resume", tmp_path / "third", env)["resume"]
+    resumed = run_job(cluster, "resume", tmp_path / "second", env)["resume"]
     steps = [newest + 1, newest + 2]
     for r in resumed:
         assert r.get("errors") is None, r.get("errors")
