@@ -11,7 +11,9 @@ mid-upload aborting everywhere and leaving nothing, resharding to 1 and 4 ranks 
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,6 +22,7 @@ import xxhash
 
 import ckptguard
 from ckptguard._format.layout import MANIFEST_NAME
+from ckptguard._state.dcp_storage import StoreReader, _ReadStream
 from s3_servers import S3Server, start_moto
 
 if TYPE_CHECKING:
@@ -106,3 +109,59 @@ def test_a_flipped_byte_in_a_shard_is_caught_before_the_target_changes(moto: S3S
     assert _same(target, _zeros())  # verified first: nothing reached the target
     mgr.restore(target=target)  # the newest that verifies
     assert _same(target, _state(1))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_the_reader_opens_only_listed_files_and_reads_only_inside_them(tmp_path: Path) -> None:
+    """DCP's (pickled) metadata names the files and ranges: the reader holds it to the manifest."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    mgr = ckptguard.CheckpointManager(tmp_path / "run")
+    info = mgr.save(1, _state(1), sharded=True)
+    manifest, opener, close = mgr.backend.open_files(
+        info.path, mgr.backend.read_manifest(info.path)
+    )
+    try:
+        reader = StoreReader(info.path, opener, {".metadata"})  # the shard left out
+        target = _zeros()
+        with pytest.raises(CheckpointException) as caught:
+            load(target, storage_reader=reader)
+        (error, _trace) = caught.value.failures[0]
+        assert isinstance(error, ckptguard.CorruptCheckpoint)
+        assert "does not list" in str(error)
+        assert _same(target, _zeros())
+        shard = opener("__0_0.distcp")
+        try:
+            with pytest.raises(ckptguard.CorruptCheckpoint, match="past its end"):
+                _ReadStream(shard).read_range(shard.size - 4, 8)
+            assert (
+                _ReadStream(shard).read_range(2, 6).read()
+                == Path(info.path, "__0_0.distcp").read_bytes()[2:8]
+            )
+        finally:
+            shard.close()
+        assert {f.path for f in manifest.files} == {".metadata", "__0_0.distcp"}
+    finally:
+        close()
+
+
+def test_a_sharded_checkpoint_restores_from_the_mirror_when_the_local_copy_is_gone(
+    tmp_path: Path, moto: S3Server
+) -> None:
+    mirror = moto.url(f"mirror-{uuid.uuid4().hex[:8]}")
+    root = tmp_path / "run"
+    with ckptguard.CheckpointManager(
+        root, mirror=mirror, storage_options=moto.storage_options
+    ) as mgr:
+        mgr.save(1, _state(1), sharded=True)
+        mgr.wait()  # the upload and the remote verification
+    assert f"{mirror.removeprefix(f's3://{moto.bucket}/')}/checkpoint-1/{MANIFEST_NAME}" in _keys(
+        moto, mirror.removeprefix(f"s3://{moto.bucket}/")
+    )
+    shutil.rmtree(root / "checkpoint-1")  # the node's disk is lost
+    mgr = ckptguard.CheckpointManager(root, mirror=mirror, storage_options=moto.storage_options)
+    target = _zeros()
+    mgr.restore(1, target=target)
+    assert _same(target, _state(1))
+    mgr.close()

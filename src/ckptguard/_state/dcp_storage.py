@@ -93,7 +93,7 @@ class _ReadStream(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.source.size}
-        self._position = base[whence] + offset
+        self._position = max(0, base[whence] + offset)
         return self._position
 
     def readinto(self, buffer: Any) -> int:

@@ -39,6 +39,11 @@ KIND = "dcp"
 @contextlib.contextmanager
 def _one_process_is_fine() -> Iterator[None]:
     """Without a process group DCP warns that it assumes one process: here it is one."""
+    import torch.distributed as dist  # noqa: PLC0415 - torch
+
+    if dist.is_available() and dist.is_initialized():
+        yield  # no warning to silence (catch_warnings swaps process-wide state)
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         yield
