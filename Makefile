@@ -21,7 +21,14 @@ $(VENV)/hf-lowest/.installed: constraints-hf-lowest.txt $(VENV)/.installed
 	$(PIP) install --no-deps --target $(VENV)/hf-lowest -r constraints-hf-lowest.txt
 	touch $@
 
-install: $(VENV)/.installed $(VENV)/hf-lowest/.installed
+# DeepSpeed (ZeRO tests only), as an overlay too: see constraints-deepspeed.txt.
+$(VENV)/deepspeed/.installed: constraints-deepspeed.txt $(VENV)/.installed
+	rm -rf $(VENV)/deepspeed
+	$(PIP) install --no-deps --no-build-isolation --target $(VENV)/deepspeed \
+		-c constraints.txt -r constraints-deepspeed.txt
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/hf-lowest/.installed $(VENV)/deepspeed/.installed
 
 demo: install
 	$(PY) examples/demo.py
@@ -63,6 +70,9 @@ chaos: install
 	# The exit-abort loop (issue 16): 50 two-rank protect() resumes, 0 may abort at exit,
 	# with 25 control runs without ckptguard's exit handler that must show the abort.
 	CKPTGUARD_EXIT_LOOP=50 $(PY) -m pytest -q tests/integrations/test_exit_abort.py
+	# Multi-host kills (issue 17): hosts in network namespaces killed at more points of a
+	# save straight to S3 (make test kills one host at one point).
+	CKPTGUARD_MULTIHOST_SWEEP=1 $(PY) -m pytest -q tests/multihost
 
 clean-venv:
 	rm -rf $(VENV)

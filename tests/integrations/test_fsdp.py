@@ -13,15 +13,15 @@ One save job (module fixture) serves these tests; four torchrun launches in all.
 
 The Hugging Face Trainer's own FSDP2 path (Accelerate's ``fully_shard`` wrapping and its
 ``SHARDED_STATE_DICT`` checkpoints, DCP directories written by every rank) runs under
-``protect(trainer)`` in ``hf_fsdp_driver.py``, and so do DeepSpeed ZeRO-2 and ZeRO-3 when
-``deepspeed`` is installed (it runs on CPU as it is); Accelerate 1.15 does not enable FSDP on
+``protect(trainer)`` in ``hf_fsdp_driver.py``, and so do DeepSpeed ZeRO-2 and ZeRO-3
+(``deepspeed`` from the overlay ``make install`` puts beside the venv, on the ZeRO runs'
+PYTHONPATH only; it runs on CPU as it is); Accelerate 1.15 does not enable FSDP on
 CPU, so that driver lifts that one gate (see its docstring). A run killed inside its 2nd
 commit leaves nothing visible and resumes to the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -233,7 +233,7 @@ def _hf_start(out: Path, engine: str, *flags: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=CHILD_ENV,
+        env=_hf_env(engine),
         start_new_session=True,
     )
 
@@ -252,11 +252,19 @@ def _files(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
 
 
-NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
-DEEPSPEED_MISSING = (
-    "deepspeed is not installed (not part of the dev environment): install deepspeed==0.19.8 "
-    "with hjson, ninja, py-cpuinfo, msgpack and einops (--no-deps, never another torch) to run"
-)
+DEEPSPEED = Path(sys.prefix) / "deepspeed"  # the overlay `make install` fills
+
+
+def _hf_env(engine: str) -> dict[str, str]:
+    """The drivers' environment: DeepSpeed's overlay on the path for the ZeRO engines only."""
+    if engine == "fsdp2":
+        return CHILD_ENV
+    assert (DEEPSPEED / ".installed").exists(), (
+        f"{DEEPSPEED} is missing: run `make install` (it installs deepspeed there, see "
+        "constraints-deepspeed.txt)"
+    )
+    path = os.pathsep.join(p for p in (str(DEEPSPEED), os.environ.get("PYTHONPATH")) if p)
+    return CHILD_ENV | {"PYTHONPATH": path}
 
 
 @pytest.mark.timeout(3 * HF_TIMEOUT)  # three torchruns, two of them at once
@@ -264,8 +272,8 @@ DEEPSPEED_MISSING = (
     "engine",
     [
         "fsdp2",
-        pytest.param("zero2", marks=pytest.mark.skipif(NO_DEEPSPEED, reason=DEEPSPEED_MISSING)),
-        pytest.param("zero3", marks=pytest.mark.skipif(NO_DEEPSPEED, reason=DEEPSPEED_MISSING)),
+        "zero2",
+        "zero3",
     ],
 )
 def test_hf_trainer_sharded_killed_mid_save_resumes_bit_exact(tmp_path: Path, engine: str) -> None:
