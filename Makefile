@@ -54,6 +54,7 @@ docs: install
 bench: install
 	$(PY) benchmarks/bench_save.py --mib 1024 --rounds 11 --json benchmarks/results/latest.json
 	$(PY) benchmarks/bench_s3.py --mib 128 --rounds 5 --json benchmarks/results/s3-latest.json
+	$(PY) benchmarks/bench_sharded_s3.py --mib 128 --rounds 3 --json benchmarks/results/sharded-s3-latest.json
 	# Object-store requests of start-up, latest() and a save on roots of 10 and 1000
 	# checkpoints (counts, not times).
 	$(PY) benchmarks/bench_requests.py --counts 10 1000 --json benchmarks/results/requests-latest.json
