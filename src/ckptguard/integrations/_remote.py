@@ -49,13 +49,13 @@ from ckptguard._errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
     NoValidCheckpoint,
-    RankFailure,
     StorageError,
 )
 from ckptguard._format.layout import MANIFEST_NAME, new_save_id, validate_name
 from ckptguard._protocol.verify import verify_local
 from ckptguard._storage.base import READ_CHUNK, is_url
 from ckptguard._storage.local import LocalStorage
+from ckptguard.integrations._resume import raise_choice_failures
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -336,7 +336,7 @@ def newest_to_resume(manager: CheckpointManager, cache: str) -> str | None:
     if coord.world_size == 1:
         return _finish(cache, chosen["path"])
     proposals = coord.all_gather({**chosen, "leader": leader})
-    _raise_failures(manager, proposals)
+    raise_choice_failures(manager, proposals)
     steps = [p["step"] for p in proposals if p["leader"]]
     if not steps or any(s is None for s in steps):
         return None
@@ -347,7 +347,7 @@ def newest_to_resume(manager: CheckpointManager, cache: str) -> str | None:
         if leader and chosen["step"] != step:
             chosen = _propose(manager, cache, coord, step)
         again = coord.all_gather({**chosen, "leader": leader})
-        _raise_failures(manager, again)
+        raise_choice_failures(manager, again)
         if any(p["leader"] and p["step"] != step for p in again):
             raise NoValidCheckpoint(
                 f"checkpoint step {step} of {manager.root} does not verify on every node",
@@ -371,18 +371,6 @@ def _propose(
     if found is None:
         return {"step": None, "path": None, "error": None, "node": coord.node}
     return {"step": found[0], "path": found[1], "error": None, "node": coord.node}
-
-
-def _raise_failures(manager: CheckpointManager, proposals: list[dict[str, Any]]) -> None:
-    failures = {r: str(p["error"]) for r, p in enumerate(proposals) if p.get("error")}
-    if failures:
-        raise RankFailure(
-            f"choosing the checkpoint to resume from in {manager.root} failed on rank(s) "
-            f"{sorted(failures)}",
-            path=manager.root,
-            failures=failures,
-            hint="see each rank's failure; `ckptguard list ROOT` shows every checkpoint",
-        )
 
 
 def _finish(cache: str, path: str | None, coord: Coordinator | None = None) -> str | None:

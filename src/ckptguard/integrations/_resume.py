@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptguard._coordination.base import gather_failures
 from ckptguard._errors import (
@@ -30,7 +30,13 @@ if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator
     from ckptguard._manager.manager import CheckpointManager
 
-__all__ = ["agreed_latest", "check_resume_path", "local_dir", "repair_root"]
+__all__ = [
+    "agreed_latest",
+    "check_resume_path",
+    "local_dir",
+    "raise_choice_failures",
+    "repair_root",
+]
 
 _log = logging.getLogger("ckptguard.integrations")
 
@@ -71,6 +77,19 @@ def repair_root(root: str) -> None:
         recover(root, checksums=False)
     except (OSError, CheckpointError) as exc:  # a read-only mount, a busy lock: read anyway
         _log.warning("could not repair %s before reading it (%s); reading it as it is", root, exc)
+
+
+def raise_choice_failures(manager: CheckpointManager, proposals: list[dict[str, Any]]) -> None:
+    """RankFailure naming every rank whose proposal carries an ``error``; else nothing."""
+    failures = {r: str(p["error"]) for r, p in enumerate(proposals) if p.get("error")}
+    if failures:
+        raise RankFailure(
+            f"choosing the checkpoint to resume from in {manager.root} failed on rank(s) "
+            f"{sorted(failures)}",
+            path=manager.root,
+            failures=failures,
+            hint="see each rank's failure; `ckptguard list ROOT` shows every checkpoint",
+        )
 
 
 def _leader(coord: Coordinator) -> bool:
@@ -115,15 +134,7 @@ def agreed_latest(manager: CheckpointManager) -> str | None:
             raise RuntimeError(error)
         return None if newest is None else os.path.join(manager.root, manager.naming.name(newest))
     proposals = coord.all_gather({"step": newest, "error": error, "leader": _leader(coord)})
-    failures = {r: str(p["error"]) for r, p in enumerate(proposals) if p["error"] is not None}
-    if failures:
-        raise RankFailure(
-            f"choosing the checkpoint to resume from in {manager.root} failed on rank(s) "
-            f"{sorted(failures)}",
-            path=manager.root,
-            failures=failures,
-            hint="see each rank's failure; `ckptguard list ROOT` shows every checkpoint",
-        )
+    raise_choice_failures(manager, proposals)
     steps = [p["step"] for p in proposals if p["leader"]]
     if not steps or any(s is None for s in steps):
         return None
