@@ -374,8 +374,8 @@ def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(whi
     protect: Any = transformers.protect if which == "transformers" else accelerate.protect
     with pytest.raises(TypeError, match=r"keep_best= \(the framework decides its best"):
         protect(object(), keep_best=2)
-    with pytest.raises(TypeError, match=r"async_save= \(the framework writes its files"):
-        protect(object(), async_save=True)
+    with pytest.raises(TypeError, match=r"exit_timeout= \(process exit waits"):
+        protect(object(), exit_timeout=5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'mirrors'"):
         protect(object(), mirrors="s3://b/x")
     with pytest.raises(TypeError, match="mirror= must be an object-store URL"):
@@ -385,7 +385,7 @@ def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(whi
     # the options that apply pass this check and reach the framework check
     with pytest.raises(TypeError, match="needs"):
         protect(object(), mirror="s3://b/x", keep_last=2, verify_after_save=True,
-                storage_options={"anon": True}, cache_dir="cache")  # fmt: skip
+                storage_options={"anon": True}, cache_dir="cache", async_save=True)  # fmt: skip
 
 
 def test_resume_cache_keeps_one_checkpoint_and_reuses_an_intact_copy(
