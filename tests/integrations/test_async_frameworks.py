@@ -35,6 +35,7 @@ import xxhash
 
 import ckptguard
 import driver_jobs
+from ckptguard._protocol.filecommit import verify_file
 from driver_jobs import Done, assert_killed
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 HF = Path(__file__).with_name("hf_driver.py")
 ACCEL = Path(__file__).with_name("accel_driver.py")
+LIGHTNING = Path(__file__).with_name("lightning_driver.py")
 ACCEL_WIDE = ["--width", "4096"]  # tensors above the size that is worth deferring
 CHECKPOINTS = ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
 # The 2nd save's first deferred write (each save defers the weights and the optimizer).
@@ -57,6 +59,20 @@ class HFJob(driver_jobs.Job):
 
 class AccelJob(driver_jobs.Job):
     driver = ACCEL
+
+
+class LightningJob(driver_jobs.Job):
+    driver = LIGHTNING
+
+
+def _lightning(out: Path, *args: str) -> Done:
+    return driver_jobs.finish(LightningJob(out, *args))
+
+
+def _lightning_kill_then_resume(out: Path, *args: str) -> tuple[Done, list[str], Done]:
+    killed = _lightning(out, *args, "--kill-at", "file.written:2")
+    after = sorted(p.name for p in (out / "ckpts").glob("*.ckpt") if verify_file(str(p)).ok)
+    return killed, after, _lightning(out, *args)
 
 
 def _run(out: Path, *args: str, nproc: int = 1) -> Done:
@@ -113,6 +129,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[
         "accel-explicit": pool.submit(
             _accel, base / "accel-explicit", "--async", "--explicit", "--scramble", *ACCEL_WIDE
         ),
+        "pl-sync": pool.submit(_lightning, base / "pl-sync"),
+        "pl-async": pool.submit(_lightning, base / "pl-async", "--async"),
+        "pl-kill": pool.submit(_lightning_kill_then_resume, base / "pl-kill", "--async"),
+        "pl-scramble": pool.submit(_lightning, base / "pl-scramble", "--async", "--scramble"),
+        "pl-top-sync": pool.submit(_lightning, base / "pl-top-sync", "--top-k", "1"),
+        "pl-top-async": pool.submit(_lightning, base / "pl-top-async", "--top-k", "1", "--async"),
         "accel-two-sync": pool.submit(_accel, base / "accel-two-sync", *ACCEL_WIDE, nproc=2),
         "accel-two-async": pool.submit(
             _accel, base / "accel-two-async", "--async", *ACCEL_WIDE, nproc=2
@@ -268,3 +290,58 @@ def test_accelerate_two_ranks_under_torchrun(runs: dict[str, Future[Any]]) -> No
     assert report.manifest is not None
     files = {f.path for f in report.manifest.files}
     assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl"} <= files
+
+
+# --- Lightning -------------------------------------------------------------------------------
+PL_CHECKPOINTS = ["step=10.ckpt", "step=20.ckpt", "step=30.ckpt"]
+
+
+def _ckpts(out: Path) -> dict[str, bool]:
+    return {p.name: verify_file(str(p)).ok for p in sorted((out / "ckpts").glob("*.ckpt"))}
+
+
+def test_lightning_async_saves_the_same_files_and_ends_like_a_sync_run(
+    runs: dict[str, Future[Any]],
+) -> None:
+    sync, done = runs["pl-sync"].result().ok(), runs["pl-async"].result().ok()
+    assert done.final == sync.final
+    assert _ckpts(done.out) == dict.fromkeys(PL_CHECKPOINTS, True)
+    for name in PL_CHECKPOINTS:
+        got = torch.load(done.out / "ckpts" / name, weights_only=False)
+        want = torch.load(sync.out / "ckpts" / name, weights_only=False)
+        assert got.keys() == want.keys()
+        for key in ("state_dict", "optimizer_states", "global_step", "epoch", "loops"):
+            assert repr(got[key]) == repr(want[key]), f"{name}: {key}"
+
+
+def test_lightning_killed_during_the_background_write_resumes_exactly(
+    runs: dict[str, Future[Any]],
+) -> None:
+    killed, after, resumed = runs["pl-kill"].result()
+    assert_killed(killed, 1)
+    assert after == ["step=10.ckpt"]
+    resumed.ok()
+    assert resumed.resumed_from == "10"
+    assert resumed.final == runs["pl-sync"].result().final
+    assert _ckpts(resumed.out) == dict.fromkeys(PL_CHECKPOINTS, True)
+
+
+def test_lightning_checkpoint_holds_the_state_of_the_moment_of_the_save(
+    runs: dict[str, Future[Any]],
+) -> None:
+    done = runs["pl-scramble"].result().ok()
+    record = json.loads((done.out / "scrambled.json").read_text())
+    checkpoint = torch.load(done.out / "ckpts" / f"step={record['step']}.ckpt", weights_only=False)
+    assert {k: _digest(v) for k, v in checkpoint["state_dict"].items()} == record["weights"]
+
+
+def test_lightning_top_k_rotation_with_async_saves(runs: dict[str, Future[Any]]) -> None:
+    """Top-k deletes through the plugin while a save may be in flight: the same survivor
+    as a synchronous run, verifying, with no sidecar left behind."""
+    sync, done = runs["pl-top-sync"].result().ok(), runs["pl-top-async"].result().ok()
+    assert done.final == sync.final
+    assert _ckpts(done.out) == _ckpts(sync.out)
+    assert len(_ckpts(done.out)) == 1
+    assert sorted(p.name for p in (done.out / "ckpts").iterdir()) == sorted(
+        p.name for p in (sync.out / "ckpts").iterdir()
+    )
