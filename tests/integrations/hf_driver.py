@@ -182,7 +182,8 @@ def main() -> int:
             eval_dataset=_Rows(32) if opts.best else None,
         )
     if remote:
-        protect(trainer, mirror=opts.mirror, cache_dir=opts.cache, keep_last=opts.keep_last)
+        protect(trainer, mirror=opts.mirror, cache_dir=opts.cache, keep_last=opts.keep_last,
+                async_save=opts.async_save)  # fmt: skip
 
         class ShowStart(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

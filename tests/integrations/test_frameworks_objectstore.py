@@ -127,7 +127,10 @@ def _hf(runs: Runs, base: Path, env: dict[str, str]) -> None:
 
 def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
     url = runs.urls["hf_ranks"]
-    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh", "--check-resume"]
+    # Async saves (protect(trainer, async_save=True)): each rank uploads its own files from
+    # the background thread and one manifest commits them, over the side channel.
+    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh", "--check-resume",
+             "--async"]  # fmt: skip
     job = HFJob(base / "hf5", *flags, "--steps", "4", "--save-steps", "2", nproc=2, env=env,
                 cwd=base)  # fmt: skip
     runs.done["hf5"] = driver_jobs.finish(job).ok()
@@ -283,6 +286,7 @@ def test_trainer_mirror_resumes_from_the_mirror_on_a_fresh_node(runs: Runs) -> N
 
 
 def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
+    """With async saves: each rank's files uploaded from its background thread."""
     _need(runs, "hf5")
     url = runs.urls["hf_ranks"]
     keys = _keys(runs.server, url)
