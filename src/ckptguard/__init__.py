@@ -35,6 +35,7 @@ from ckptguard._format.layout import Naming
 from ckptguard._format.manifest import FileEntry, Manifest
 from ckptguard._manager.load import load
 from ckptguard._manager.manager import CheckpointInfo, CheckpointManager, PendingSave
+from ckptguard._manager.preemption import PREEMPTED_EXIT_CODE, Preemption
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.api import read_manifest, verify
 from ckptguard._protocol.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
@@ -72,7 +73,9 @@ __all__ = [
     "Naming",
     "NoValidCheckpoint",
     "Outcome",
+    "PREEMPTED_EXIT_CODE",
     "PendingSave",
+    "Preemption",
     "ProtectedCheckpoint",
     "RankFailure",
     "ReadOnlyStorage",

@@ -60,6 +60,7 @@ from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
+from ckptguard.integrations._preemption import TrainerPreemption, handling_for
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -193,6 +194,7 @@ def protect(
     verify_after_save: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    preemption: Any = True,
     **others: Any,
 ) -> T:
     """Make every checkpoint of ``trainer`` atomic, exactly-once and verified; returns it.
@@ -209,6 +211,12 @@ def protect(
     resume takes the newest valid of both. ``keep_last`` (default: ``save_total_limit``),
     ``verify_after_save`` and ``storage_options`` are ``CheckpointManager``'s; its other
     options are refused with TypeError.
+
+    ``preemption`` (default True: SIGTERM; a signal name such as ``"SIGUSR1"``, several,
+    a ``ckptguard.Preemption``, or False: off): on that signal every rank agrees on one
+    step, the trainer saves it and stops, and ``train()`` exits the process with
+    ``ckptguard.PREEMPTED_EXIT_CODE`` (see ``integrations/_preemption.py``). Off, with a
+    warning, when the program handles the signal itself.
     """
     options = RemoteOptions.of(
         "protect(trainer)",
@@ -238,6 +246,8 @@ def protect(
 
         warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
     guard = _Guard(keep_last=_keep_last(t.args.save_total_limit), options=options)
+    handling = handling_for(preemption, "protect(trainer)")
+    preempt = None if handling is None else TrainerPreemption(handling)
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
@@ -273,6 +283,8 @@ def protect(
             t.args.save_total_limit = limit
         for manager in guard.managers.values():
             manager.wait()  # mirror uploads: their failure is raised here
+        if preempt is not None:
+            preempt.exit_if_preempted(guard.managers.values())
         return result
 
     handler = t.callback_handler
@@ -290,6 +302,8 @@ def protect(
     t._save_checkpoint = _save_checkpoint  # noqa: SLF001
     t.train = train
     handler.on_save = on_save
+    if preempt is not None:
+        t.add_callback(preempt.callback)
     setattr(t, _ATTR, guard)
     _log.info("ckptguard protects the checkpoints of %s in %s", type(t).__name__, t.args.output_dir)
     return trainer
