@@ -2,7 +2,7 @@
 
     python tests/manager/preempt_loop.py OUT [--steps 12] [--save-every 4]
         [--signal-at STEP] [--signal-rank R] [--signal SIGTERM] [--grace S] [--off]
-        [--local-only]
+        [--local-only] [--stuck]
 
 Under torchrun (gloo) every rank runs it. It resumes from the newest checkpoint that
 verifies (prints ``resumed from step N``), then at each step changes a replicated state
@@ -15,7 +15,9 @@ just before step K's boundary. The loop is the documented recipe::
 
 ``--off``: no preemption handling (the manager's default). ``--local-only`` (the control):
 each rank acts on its own signal alone (no agreement), as a per-process handler would.
-At the end rank 0 writes ``OUT/final.json`` (step and the state's bytes, hex).
+``--stuck``: after the signal, start an async save of that step and block forever (the
+grace fallback must end the process). At the end rank 0 writes ``OUT/final.json`` (step
+and the state's bytes, hex).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,7 @@ def main() -> int:
     ap.add_argument("--grace", type=float, default=20.0)
     ap.add_argument("--off", action="store_true")
     ap.add_argument("--local-only", action="store_true")
+    ap.add_argument("--stuck", action="store_true")
     opts = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"rank{rank}: %(message)s")
@@ -63,6 +67,9 @@ def main() -> int:
         state["step"] = step
         if step == opts.signal_at and rank == opts.signal_rank:
             os.kill(os.getpid(), policy.signals[0])
+            if opts.stuck:  # an async save in flight, and a loop that never gets further
+                mgr.save(step, state, blocking=False)
+                threading.Event().wait()
         if opts.local_only:
             stop = bool(preemption.received())
         else:

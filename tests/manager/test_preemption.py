@@ -133,6 +133,16 @@ def test_with_preemption_off_sigterm_ends_the_process_as_before(tmp_path: Path) 
     assert _checkpoints(out) == {"checkpoint-4": True}
 
 
+def test_a_loop_that_misses_the_grace_period_finishes_the_async_save_and_dies_of_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    done = _run(out, 1, "--signal-at", "6", "--stuck", "--grace", "1")
+    assert done.returncode == -signal.SIGTERM, done.stderr[-4000:]
+    assert "SIGTERM: the training loop reached no step boundary within 1 s" in done.stderr
+    assert _checkpoints(out) == {"checkpoint-4": True, "checkpoint-6": True}
+
+
 # -- in-process: the option and its refusals --------------------------------------------------
 
 
