@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ def main() -> int:
         dist.init_process_group("gloo")
     policy = ckptguard.Preemption(signals=(opts.signal,), grace=opts.grace)
     mgr = ckptguard.CheckpointManager(opts.out, keep_last=None, preemption=not opts.off and policy)
-    state = {"w": torch.zeros(1000, dtype=torch.float64), "step": 0}
+    state: dict[str, Any] = {"w": torch.zeros(1000, dtype=torch.float64), "step": 0}
     start = 0
     if mgr.latest() is not None:
         state = mgr.restore(target=state)

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckptguard._coordination.base import default_coordinator, side_channel
 
@@ -331,8 +331,9 @@ class _StoreVote:
         import torch.distributed as dist  # noqa: PLC0415 - only with a process group
 
         store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 - the PG's store
-        with contextlib.suppress(RuntimeError, NotImplementedError, AttributeError):
-            store = store.clone()  # a connection of its own
+        clone = getattr(store, "clone", None)
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            store = clone() if callable(clone) else store  # a connection of its own
         self.store = store
         self.world = int(dist.get_world_size())
         ticket = int(store.add(f"ckptguard/preempt/tickets/{self.world}", 1))
@@ -407,7 +408,7 @@ class Agreement:
         return signal.Signals(_REQ.signum).name if _REQ.signum else "a peer's signal"
 
 
-def exit_preempted(step: int | None, checkpoint: str | None) -> None:
+def exit_preempted(step: int | None, checkpoint: str | None) -> NoReturn:
     """Log the one preemption line and raise ``SystemExit(PREEMPTED_EXIT_CODE)``."""
     name = signal.Signals(_REQ.signum).name if _REQ.signum else "a peer's signal"
     where = checkpoint if checkpoint is not None else "no checkpoint of that step"
