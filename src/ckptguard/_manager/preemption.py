@@ -66,6 +66,7 @@ _log = logging.getLogger("ckptguard.preemption")
 # job is not finished, and not broken. Not 0 (a scheduler or torchrun would see a finished
 # job and never requeue it), not 1 (any Python error), not 128+N (death by a signal).
 PREEMPTED_EXIT_CODE = 75
+"""The exit code after a save on preemption: 75, ``EX_TEMPFAIL`` ("try again later")."""
 # The default time from the signal to the step boundary. SLURM (KillWait), Kubernetes
 # (terminationGracePeriodSeconds) and torchrun (its workers after it got SIGTERM) all
 # SIGKILL 30 s after SIGTERM by default: the fallback must start before that, with time

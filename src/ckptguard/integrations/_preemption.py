@@ -8,32 +8,37 @@ see the request at the same step. What each framework gets:
   the agreed step into ``should_save`` and ``should_training_stop``; the Trainer saves
   that step through ckptguard (committed, exactly once) and leaves its loop; then the
   protected ``train()`` logs one line and raises ``SystemExit(PREEMPTED_EXIT_CODE)``.
-- Lightning (:func:`lightning_callback`): ``on_train_batch_end`` saves the agreed step with
-  ``trainer.save_checkpoint`` and stops the trainer; then it exits the same way.
-- Accelerate (``protect(accelerator, preemption=True)``): the loop asks
-  ``preemption_requested(accelerator, step)``, calls ``save_state()`` and
-  ``exit_preempted(accelerator)``.
+- Accelerate (``protect(accelerator, preemption=True)``, off by default: the loop must
+  ask): the loop asks ``preemption_requested(accelerator, step)``, calls
+  ``save_state()`` and ``exit_preempted(accelerator, path)``.
 
-Frameworks that handle the signal themselves (Lightning installs SIGTERM and, on SLURM,
-SIGUSR1 handlers in ``fit``) keep theirs: ckptguard's callback then also agrees on
-Lightning's ``received_sigterm`` flag.
+Not Lightning: its ``fit`` installs a SIGTERM handler of its own (and SIGUSR1 on SLURM
+with auto-requeue) that stops every rank with ``SIGTERMException`` at the next batch,
+without a save.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ckptguard._format.layout import HF_NAMING
-from ckptguard._manager.preemption import Handling, exit_preempted, policy_of
+from ckptguard._manager.preemption import Handling, policy_of
+from ckptguard._manager.preemption import exit_preempted as exit_preempted_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ckptguard._manager.manager import CheckpointManager
 
-__all__ = ["TrainerPreemption", "handling_for"]
+__all__ = [
+    "TrainerPreemption",
+    "attach_to_accelerator",
+    "exit_preempted",
+    "handling_for",
+    "preemption_requested",
+]
 
 _log = logging.getLogger("ckptguard.preemption")
 
@@ -71,7 +76,7 @@ class TrainerPreemption:
             path = manager.backend.join(HF_NAMING.name(step))
             if manager.backend.exists(path):
                 found = path
-        exit_preempted(step, found)
+        exit_preempted_line(step, found)
 
 
 def _trainer_callback(handling: Handling) -> Any:
@@ -93,17 +98,37 @@ def _trainer_callback(handling: Handling) -> Any:
     return PreemptionCallback(handling)
 
 
-def accelerate_requested(handling: Handling | None, step: int) -> bool:
-    """Accelerate's ``preemption_requested``: refuses clearly without handling."""
+# -- Accelerate: the loop asks ----------------------------------------------------------------
+_ACCELERATE_ATTR = "_ckptguard_preemption"
+
+
+def attach_to_accelerator(accelerator: Any, spec: Any) -> None:
+    """``protect(accelerator, preemption=...)``: arm, and keep the handling on it."""
+    setattr(accelerator, _ACCELERATE_ATTR, handling_for(spec, "protect(accelerator)"))
+
+
+def preemption_requested(accelerator: Any, step: int) -> bool:
+    """Every rank, at every step boundary: whether to ``save_state()`` now and exit.
+
+    True on every rank at the same step once any rank received the preemption signal of
+    ``protect(accelerator, preemption=True)``.
+    """
+    handling = getattr(accelerator, _ACCELERATE_ATTR, None)
     if handling is None:
         raise ValueError(
             "preemption_requested() needs protect(accelerator, preemption=True) (or the "
-            "signal to handle)"
+            "signal to handle), in the main thread, without a handler of your own for it"
         )
-    return handling.poll(step)
+    return bool(handling.poll(step))
 
 
-def exit_after(handling: Handling | None, path: str | None) -> None:
-    """Log the preemption line (``path``: the committed checkpoint) and exit."""
+def exit_preempted(accelerator: Any, path: str | os.PathLike[str] | None = None) -> NoReturn:
+    """After the preemption ``save_state()``: log one line, exit with the code.
+
+    ``path``: what ``save_state()`` returned (the committed checkpoint), for the line.
+    Raises ``SystemExit(ckptguard.PREEMPTED_EXIT_CODE)``.
+    """
+    handling = getattr(accelerator, _ACCELERATE_ATTR, None)
     step = None if handling is None else handling.step
-    exit_preempted(step, path if path is not None and os.path.exists(path) else None)
+    text = None if path is None else os.fspath(path)
+    exit_preempted_line(step, text if text is not None and os.path.exists(text) else None)

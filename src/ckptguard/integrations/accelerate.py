@@ -50,6 +50,11 @@ from ckptguard._manager.manager import CheckpointManager
 from ckptguard._protocol.backend import parent_of
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.base import is_url
+from ckptguard.integrations._preemption import (
+    attach_to_accelerator,
+    exit_preempted,
+    preemption_requested,
+)
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -63,7 +68,7 @@ if TYPE_CHECKING:
 
     from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
 
-__all__ = ["protect"]
+__all__ = ["exit_preempted", "preemption_requested", "protect"]
 
 _log = logging.getLogger("ckptguard.integrations.accelerate")
 _ATTR = "_ckptguard_guard"
@@ -102,6 +107,7 @@ def protect(
     verify_after_save: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    preemption: Any = False,
     **others: Any,
 ) -> T:
     """Make ``accelerator.save_state`` / ``load_state`` atomic and verified; returns it.
@@ -117,6 +123,12 @@ def protect(
     ``load_state()`` takes the newest valid of both. ``keep_last`` (default:
     ``total_limit``), ``verify_after_save`` and ``storage_options`` are
     ``CheckpointManager``'s; its other options are refused with TypeError.
+
+    ``preemption=True`` (SIGTERM; or a signal name such as ``"SIGUSR1"``, several, a
+    ``ckptguard.Preemption``): the loop asks :func:`preemption_requested` at each step,
+    then calls ``save_state()`` and :func:`exit_preempted` (see
+    ``integrations/_preemption.py``). Off by default: a loop that does not ask would only
+    die later, after the grace period.
     """
     options = RemoteOptions.of(
         "protect(accelerator)",
@@ -153,6 +165,7 @@ def protect(
 
     acc.save_state = save_state
     acc.load_state = load_state
+    attach_to_accelerator(acc, preemption)
     setattr(acc, _ATTR, guard)
     return accelerator
 
