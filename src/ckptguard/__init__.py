@@ -51,7 +51,7 @@ from ckptguard._tools.doctor import DoctorReport, doctor
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted() order, which tests/test_api.py checks
     "AtomicCheckpoint",
     "CheckpointError",
     "CheckpointInfo",
