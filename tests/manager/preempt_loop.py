@@ -2,7 +2,7 @@
 
     python tests/manager/preempt_loop.py OUT [--steps 12] [--save-every 4]
         [--signal-at STEP] [--signal-rank R] [--signal SIGTERM] [--grace S] [--off]
-        [--local-only] [--stuck]
+        [--local-only] [--stuck] [--async]
 
 Under torchrun (gloo) every rank runs it. It resumes from the newest checkpoint that
 verifies (prints ``resumed from step N``), then at each step changes a replicated state
@@ -15,9 +15,9 @@ just before step K's boundary. The loop is the documented recipe::
 
 ``--off``: no preemption handling (the manager's default). ``--local-only`` (the control):
 each rank acts on its own signal alone (no agreement), as a per-process handler would.
-``--stuck``: after the signal, start an async save of that step and block forever (the
-grace fallback must end the process). At the end rank 0 writes ``OUT/final.json`` (step
-and the state's bytes, hex).
+``--async``: every save is an async save. ``--stuck``: after the signal, start an async
+save of that step and block forever (the grace fallback must end the process). At the
+end rank 0 writes ``OUT/final.json`` (step and the state's bytes, hex).
 """
 
 from __future__ import annotations
@@ -49,13 +49,16 @@ def main() -> int:
     ap.add_argument("--off", action="store_true")
     ap.add_argument("--local-only", action="store_true")
     ap.add_argument("--stuck", action="store_true")
+    ap.add_argument("--async", dest="async_save", action="store_true")
     opts = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"rank{rank}: %(message)s")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     policy = ckptguard.Preemption(signals=(opts.signal,), grace=opts.grace)
-    mgr = ckptguard.CheckpointManager(opts.out, keep_last=None, preemption=not opts.off and policy)
+    mgr = ckptguard.CheckpointManager(
+        opts.out, keep_last=None, async_save=opts.async_save, preemption=not opts.off and policy
+    )
     state: dict[str, Any] = {"w": torch.zeros(1000, dtype=torch.float64), "step": 0}
     start = 0
     if mgr.latest() is not None:

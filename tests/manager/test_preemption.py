@@ -114,6 +114,17 @@ def test_a_signal_to_one_rank_saves_that_step_on_every_rank_and_resumes_exactly(
     assert bytes.fromhex(final["w"]) == _expected_w(12)  # nothing lost before step 6
 
 
+def test_with_async_saves_the_signal_no_longer_ends_the_process_after_the_save(
+    tmp_path: Path,
+) -> None:
+    """saver.py's SIGTERM handler (finish the in-flight save, die) is not installed."""
+    out = tmp_path / "run"
+    first = _run(out, 1, "--signal-at", "6", "--async")
+    assert first.returncode == ckptguard.PREEMPTED_EXIT_CODE, first.stderr[-4000:]
+    assert LINE.format(sig="SIGTERM", step=6, path=out / "checkpoint-6") in first.stderr
+    assert _checkpoints(out) == {"checkpoint-4": True, "checkpoint-6": True}
+
+
 def test_control_without_agreement_the_signalled_step_is_never_saved(tmp_path: Path) -> None:
     """Each rank acting on its own signal: the commit pairs different steps' saves."""
     out = tmp_path / "run"
