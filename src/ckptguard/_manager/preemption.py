@@ -22,7 +22,8 @@ Guarantees:
 - A loop that never reaches a step boundary within ``grace`` seconds of the signal is
   given up on, as a program without preemption handling would be: the in-flight async
   save is finished (``saver.py``'s exit path) and the process ends by the signal's default
-  action. A second signal ends the process at once.
+  action, also when the main thread is stuck in native code (the watcher learns of the
+  signal from Python's wakeup fd). Repeats of the signal are ignored (see below).
 
 Partial: the vote is synchronous; a rank that stops calling ``preemption_requested``
 (its loop ended early) leaves the others waiting in the store's ``get`` until the store's
