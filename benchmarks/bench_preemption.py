@@ -5,7 +5,9 @@
 
 1. ``mgr.preemption_requested(step)`` per call (µs), 1 process and 2 gloo ranks under
    torchrun, with ``check_every`` 1 (the default) and 10: the median of batches of calls
-   with no signal pending (the steady state of a training loop).
+   with no signal pending (the steady state of a training loop); for reference, a gloo
+   ``all_reduce(max)`` of one int on a side group (what ckptguard does not use: see
+   ``_manager/preemption.py``).
 2. From the signal (a rank sends itself SIGTERM just before a step boundary) to the
    committed checkpoint of that step, ``--mib`` MiB of state, sync save, in a fresh
    process each round (a signal is a one-shot): 1 process, and 2 ranks with the signal to
@@ -65,6 +67,7 @@ def _child_vote(calls: int, check_every: int) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
+        _gloo_reference(calls)
     with tempfile.TemporaryDirectory() as root:
         policy = ckptguard.Preemption(check_every=check_every)
         mgr = ckptguard.CheckpointManager(root, preemption=policy, check_environment=False)
@@ -82,6 +85,23 @@ def _child_vote(calls: int, check_every: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     print(json.dumps({"rank": rank, "us_per_call": statistics.median(per_call)}), flush=True)
     _exit(0)
+
+
+def _gloo_reference(calls: int) -> None:
+    """For comparison: a gloo all_reduce(max) of one int per call on a side group."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    group = dist.new_group(backend="gloo")
+    flag = torch.zeros(1, dtype=torch.int32)
+    per_call = []
+    for _ in range(20):
+        started = time.perf_counter()
+        for _ in range(max(1, calls // 20)):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        per_call.append((time.perf_counter() - started) / max(1, calls // 20) * 1e6)
+    rank = int(os.environ.get("RANK", "0"))
+    print(json.dumps({"rank": rank, "gloo_us_per_call": statistics.median(per_call)}), flush=True)
 
 
 def _child_commit(mib: int, root: str) -> None:
@@ -143,9 +163,13 @@ def main() -> int:
             lines = _launch(
                 nproc, "--child", "vote", "--calls", str(opts.calls), "--check-every", str(every)
             )
-            worst = max(line["us_per_call"] for line in lines)
+            worst = max(line["us_per_call"] for line in lines if "us_per_call" in line)
             report["vote_us_per_call"][f"ranks={nproc} check_every={every}"] = round(worst, 2)
             print(f"agreement, {nproc} rank(s), check_every={every}: {worst:.1f} µs per call")
+            gloo = [line["gloo_us_per_call"] for line in lines if "gloo_us_per_call" in line]
+            if gloo and every == 1:
+                report["gloo_all_reduce_us_per_call"] = round(max(gloo), 2)
+                print(f"  (reference: gloo all_reduce of one int, {max(gloo):.1f} µs per call)")
     for nproc in (1, 2):
         took = []
         for _ in range(opts.rounds):

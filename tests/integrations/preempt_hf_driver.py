@@ -69,9 +69,12 @@ def main() -> int:
     trainer.add_callback(Preempt())
     protect(trainer, preemption=not opts.no_preemption)
     if opts.local_only:  # the control: no vote, each rank its own signal
-        for callback in trainer.callback_handler.callbacks:
-            if type(callback).__name__ == "PreemptionCallback":
-                callback.handling.agreement._any = lambda _coordinator, flag: flag
+        from ckptguard._manager.preemption import Agreement
+
+        def local(_self: Agreement, _coordinator: object, flag: bool) -> bool:
+            return flag
+
+        setattr(Agreement, "_any", local)  # noqa: B010 - mypy forbids assigning a method
     resume = last_valid_checkpoint(opts.out)
     if rank == 0:
         step = 0 if resume is None else int(resume.rsplit("-", 1)[1])

@@ -60,15 +60,31 @@ def handling_for(spec: Any, who: str) -> Handling | None:
 
 
 class TrainerPreemption:
-    """The Trainer's part: a callback for ``on_step_end``, and the exit after ``train()``."""
+    """The Trainer's part: armed while ``train()`` runs, a callback, the exit after it.
 
-    def __init__(self, handling: Handling) -> None:
-        self.handling = handling
-        self.callback = _trainer_callback(handling)
+    Armed only while ``train()`` runs: a script that protects a trainer and only
+    evaluates, or has finished training, keeps the signal's default action.
+    """
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.handling: Handling | None = None
+        self.callback = _trainer_callback(self)
+
+    def arm(self) -> None:
+        """At the start of ``train()``."""
+        if self.handling is None:
+            self.handling = handling_for(self.spec, "protect(trainer)")
+
+    def disarm(self) -> None:
+        """At the end of ``train()``, unless a preemption was agreed (the exit follows)."""
+        if self.handling is not None and self.handling.step is None:
+            self.handling.close()
+            self.handling = None
 
     def exit_if_preempted(self, managers: Iterable[CheckpointManager]) -> None:
         """After ``train()``: if the ranks agreed, log the line and exit with the code."""
-        step = self.handling.step
+        step = None if self.handling is None else self.handling.step
         if step is None:
             return
         found = None
@@ -79,23 +95,21 @@ class TrainerPreemption:
         exit_preempted_line(step, found)
 
 
-def _trainer_callback(handling: Handling) -> Any:
+def _trainer_callback(owner: TrainerPreemption) -> Any:
     from transformers import TrainerCallback  # noqa: PLC0415 - an optional extra
 
     class PreemptionCallback(TrainerCallback):
         """Save the step every rank agreed on, then stop training (ckptguard)."""
 
-        def __init__(self, handling: Handling) -> None:
-            self.handling = handling
-
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             del args, kwargs
-            if self.handling.poll(int(state.global_step)):
+            handling = owner.handling
+            if handling is not None and handling.poll(int(state.global_step)):
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
-    return PreemptionCallback(handling)
+    return PreemptionCallback()
 
 
 # -- Accelerate: the loop asks ----------------------------------------------------------------

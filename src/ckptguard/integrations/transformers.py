@@ -56,11 +56,12 @@ from ckptguard._errors import CheckpointError, NoValidCheckpoint, UnsupportedRoo
 from ckptguard._format.layout import HF_NAMING, MANIFEST_NAME, RESERVED_NAMES
 from ckptguard._manager.adoption import newest_adoptable
 from ckptguard._manager.manager import CheckpointManager
+from ckptguard._manager.preemption import policy_of
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
-from ckptguard.integrations._preemption import TrainerPreemption, handling_for
+from ckptguard.integrations._preemption import TrainerPreemption
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -215,8 +216,9 @@ def protect(
     ``preemption`` (default True: SIGTERM; a signal name such as ``"SIGUSR1"``, several,
     a ``ckptguard.Preemption``, or False: off): on that signal every rank agrees on one
     step, the trainer saves it and stops, and ``train()`` exits the process with
-    ``ckptguard.PREEMPTED_EXIT_CODE`` (see ``integrations/_preemption.py``). Off, with a
-    warning, when the program handles the signal itself.
+    ``ckptguard.PREEMPTED_EXIT_CODE`` (see ``integrations/_preemption.py``). The handler
+    is installed while ``train()`` runs; off, with a warning, when the program handles
+    the signal itself.
     """
     options = RemoteOptions.of(
         "protect(trainer)",
@@ -246,8 +248,7 @@ def protect(
 
         warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
     guard = _Guard(keep_last=_keep_last(t.args.save_total_limit), options=options)
-    handling = handling_for(preemption, "protect(trainer)")
-    preempt = None if handling is None else TrainerPreemption(handling)
+    preempt = None if policy_of(preemption) is None else TrainerPreemption(preemption)
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
@@ -277,10 +278,14 @@ def protect(
         limit = t.args.save_total_limit
         guard.keep_last = _keep_last(limit)
         t.args.save_total_limit = None
+        if preempt is not None:
+            preempt.arm()
         try:
             result = original_train(*args_list, **kwargs)
         finally:
             t.args.save_total_limit = limit
+            if preempt is not None:
+                preempt.disarm()
         for manager in guard.managers.values():
             manager.wait()  # mirror uploads: their failure is raised here
         if preempt is not None:
