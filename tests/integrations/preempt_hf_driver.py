@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--signal-rank", type=int, default=0)
     ap.add_argument("--no-preemption", action="store_true")
     ap.add_argument("--local-only", action="store_true")
+    ap.add_argument("--async", dest="async_save", action="store_true")
     opts = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"rank{rank}: %(message)s")
@@ -67,7 +68,7 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     trainer.add_callback(Preempt())
-    protect(trainer, preemption=not opts.no_preemption)
+    protect(trainer, preemption=not opts.no_preemption, async_save=opts.async_save)
     if opts.local_only:  # the control: no vote, each rank its own signal
         from ckptguard._manager.preemption import Agreement
 

@@ -49,6 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Job]]:
         "reference": Job(base / "reference", "--save-steps", "5", nproc=2),
         "preempted": Job(base / "preempted", "--signal-at", "5", "--signal-rank", "1", nproc=2),
         "opted-out": Job(base / "opted-out", "--signal-at", "5", "--no-preemption"),
+        "async": Job(base / "async", "--signal-at", "5", "--async"),
     }
     try:
         yield jobs
@@ -93,3 +94,16 @@ def test_with_preemption_off_sigterm_ends_the_trainer_as_before(runs: dict[str, 
     assert done.returncode == -signal.SIGTERM, done.stderr[-4000:]
     assert list(done.out.glob("checkpoint-*")) == []
     assert "preempted by" not in done.stderr
+
+
+def test_with_async_saves_the_preemption_save_is_committed_before_the_exit(
+    runs: dict[str, Job],
+) -> None:
+    """protect(trainer, async_save=True): the save of step 5 runs in the background;
+    train() waits for its commit, then exits with the code."""
+    done = driver_jobs.finish(runs["async"])
+    assert done.returncode == 75, done.stderr[-4000:]
+    path = done.out / "checkpoint-5"
+    assert "rank0: " + LINE.format(sig="SIGTERM", path=path) in done.stderr
+    assert sorted(p.name for p in done.out.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert ckptguard.verify(path).ok
