@@ -163,3 +163,26 @@ def test_a_copy_of_a_device_tensor_is_saved_with_its_device(tmp_path: Path) -> N
     seen.clear()
     torch.load(tmp_path / "u.pt", map_location=where, weights_only=True)
     assert seen == ["cpu"]
+
+
+def test_tensors_sharing_a_storage_still_share_it_in_the_file(tmp_path: Path) -> None:
+    """Tied weights come out of state_dict() as distinct tensor objects over one storage,
+    and views keep their offsets: the deferred file is the one written now, byte for byte
+    (control: copying each tensor on its own stores the tied weight twice)."""
+    embedding = torch.randn(BIG)
+    state = {
+        "wte": embedding.detach(),
+        "lm_head": embedding.detach(),  # another object, the same storage
+        "slice": embedding.detach()[10:20],  # a view at an offset
+        "strided": torch.randn(64, 64).t(),
+    }
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    torch.save(state, tmp_path / "direct.pt")
+    snapshots = Snapshots()
+    with capture(staging, snapshots) as deferred:
+        torch.save(state, staging / "direct.pt")
+    embedding.zero_()
+    deferred.run()
+    assert (staging / "direct.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+    assert snapshots.nbytes == BIG * 4 + 64 * 64 * 4  # one copy of the shared storage

@@ -40,6 +40,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy
 import torch
 
 from ckptguard._storage.faults import fault_point
@@ -108,31 +109,53 @@ class Snapshots:
         self._devices = set()
         self.copied_bytes = 0
 
-    def copy(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``tensor`` (same dtype and shape, contiguous)."""
-        source = tensor.detach()
-        cuda = source.device.type == "cuda"
+    def _buffer(self, key: tuple[Any, ...], nbytes: int, *, pinned: bool) -> torch.Tensor:
+        """The reused uint8 buffer of ``key`` (a new one if the size or kind changed)."""
         buffer = self._buffers.get(key)
-        if (
-            buffer is None
-            or buffer.dtype != source.dtype
-            or buffer.shape != source.shape
-            or (cuda and not buffer.is_pinned())
-        ):
+        if buffer is None or buffer.numel() != nbytes or (pinned and not buffer.is_pinned()):
             if buffer is not None:
                 _forget(buffer)
-            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=cuda)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
             self._buffers[key] = buffer
             self.allocations += 1
-        buffer.copy_(source, non_blocking=cuda)
-        if cuda:
+        self._used.add(key)
+        self.copied_bytes += nbytes
+        return buffer
+
+    def _fill(self, buffer: torch.Tensor, source: torch.Tensor) -> None:
+        """Copy ``source`` (contiguous uint8, the same size) into ``buffer``.
+
+        A CPU source with one memcpy on this thread (numpy, without the GIL): torch's
+        ``copy_`` splits a large CPU copy over its OpenMP threads, whose spinning cost
+        several times the CPU on busy cores, beside the training's own threads. A CUDA
+        source by DMA into the pinned buffer (waited for in :meth:`end`), the buffer
+        tagged with the device for ``torch.save``.
+        """
+        if source.device.type == "cuda":
+            buffer.copy_(source, non_blocking=True)
             self._devices.add(source.device)
             _register_tagger()
             _DEVICE_OF[int(buffer.untyped_storage().data_ptr())] = str(source.device)
-        else:
-            _forget(buffer)
-        self._used.add(key)
-        self.copied_bytes += buffer.numel() * buffer.element_size()
+            return
+        _forget(buffer)
+        numpy.copyto(buffer.numpy(), source.numpy())
+
+    def copy(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``tensor`` (same dtype and shape, contiguous): its bytes only."""
+        source = tensor.detach()
+        _check_tensor(source)
+        buffer = self._buffer(
+            key, source.numel() * source.element_size(), pinned=source.device.type == "cuda"
+        )
+        self._fill(buffer, source.contiguous().reshape(-1).view(torch.uint8))
+        return buffer.view(source.dtype).view(source.shape)
+
+    def copy_storage(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor``'s whole storage (what ``torch.save`` writes), as uint8."""
+        storage = tensor.untyped_storage()
+        source = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+        buffer = self._buffer(key, storage.nbytes(), pinned=tensor.device.type == "cuda")
+        self._fill(buffer, source)
         return buffer
 
     def end(self) -> None:
@@ -180,15 +203,16 @@ def tensor_bytes(obj: Any, depth: int = 0) -> int:
     return 0
 
 
-def copy_tree(obj: Any, copy_tensor: Callable[[tuple[Any, ...], torch.Tensor], torch.Tensor],
-              where: tuple[Any, ...] = ()) -> Any:  # fmt: skip
-    """``obj`` with every tensor replaced by ``copy_tensor(where, tensor)``.
+def copy_tree(obj: Any, snapshots: Snapshots, where: tuple[Any, ...] = ()) -> Any:
+    """``obj`` with every tensor replaced by a copy, as ``torch.save`` would write it.
 
     Containers are copied (their type kept), other values deep-copied (NotDeferrable if
-    that fails). The same tensor object reached twice gets one copy, so the pickle shares
-    it as before.
+    that fails). Storages are copied whole, once each, and every tensor becomes the same
+    view (offset, size, stride) of its storage's copy: tensors that shared a storage
+    (tied weights, views) still share one in the file, byte for byte as written now.
     """
     memo: dict[int, Any] = {}
+    storages: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def walk(value: Any, path: tuple[Any, ...]) -> Any:
         if id(value) in memo:
@@ -197,7 +221,15 @@ def copy_tree(obj: Any, copy_tensor: Callable[[tuple[Any, ...], torch.Tensor], t
             if not _plain_tensor(value):
                 raise NotDeferrable(f"a {type(value).__name__}")
             _check_tensor(value)
-            copied = copy_tensor(path, value)
+            storage = value.untyped_storage()
+            skey = (int(storage.data_ptr()), storage.nbytes(), str(value.device))
+            base = storages.get(skey) if skey[0] else None
+            if base is None:
+                base = snapshots.copy_storage((*where, len(storages)), value)
+                storages[skey] = base
+            copied = torch.empty(0, dtype=value.dtype).set_(
+                base.untyped_storage(), value.storage_offset(), value.size(), value.stride()
+            )
             if isinstance(value, torch.nn.Parameter):
                 copied = torch.nn.Parameter(copied, requires_grad=value.requires_grad)
             out: Any = copied
@@ -327,8 +359,7 @@ def _make_torch_save(original: Callable[..., Any]) -> Callable[..., Any]:
         _directory, snapshots, deferred = active
         try:
             _big_enough(obj)
-            index = len(deferred.writes)
-            copied = copy_tree(obj, lambda where, t: snapshots.copy((path, index, *where), t))
+            copied = copy_tree(obj, snapshots, (path, len(deferred.writes)))
         except NotDeferrable as why:
             deferred.done_at_once.append((path, str(why)))
             return original(obj, f, *args, **kwargs)
@@ -348,7 +379,7 @@ def _make_save_file(original: Callable[..., Any]) -> Callable[..., Any]:
         try:
             _contiguous_dict(tensors)
             _big_enough(tensors)
-            copied = copy_tree(dict(tensors), lambda where, t: snapshots.copy((path, *where), t))
+            copied = {name: snapshots.copy((path, name), t) for name, t in tensors.items()}
         except NotDeferrable as why:
             deferred.done_at_once.append((path, str(why)))
             return original(tensors, filename, *args, **kwargs)

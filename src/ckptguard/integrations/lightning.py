@@ -479,7 +479,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._background.wait()  # at most one in flight; raises a failed one's error
         self._snapshots.begin()
         try:
-            snapshot = copy_tree(checkpoint, self._snapshots.copy)
+            snapshot = copy_tree(checkpoint, self._snapshots)
         except NotDeferrable as why:
             _log.info("saving %s synchronously: %s", path, why)
             self._commit(checkpoint, path)
