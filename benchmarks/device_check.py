@@ -82,6 +82,7 @@ class Ctx:
     pinned: bool  # pinned host buffers: only where CUDA exists
     mib: int
     rounds: int
+    deadline_at: float  # time.monotonic() at which the watchdog ends the run
 
     @property
     def cuda(self) -> bool:
@@ -471,17 +472,22 @@ def check_distributed(ctx: Ctx, work: Path) -> dict[str, Any]:
     if not ctx.cuda:
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
-    proc = subprocess.Popen(  # noqa: S603 - this script under torchrun
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True,  # so that a timeout kills torchrun and both ranks
-    )  # fmt: skip
+    log = work / "torchrun.log"  # a file, not a pipe: nothing left running can block a read
+    with log.open("w") as sink:
+        proc = subprocess.Popen(  # noqa: S603 - this script under torchrun
+            cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    # within the watchdog's deadline: the parent must outlive (and kill) its child
+    timeout = max(5.0, min(CHILD_TIMEOUT_S, ctx.deadline_at - time.monotonic() - 10))
     try:
-        output, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
+        proc.wait(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        _kill_tree(proc.pid)
+        proc.wait(timeout=30)
         timed_out = True
+    output = log.read_text(errors="replace")
     out: dict[str, Any] = {
         "backend": "nccl" if ctx.cuda else "gloo",
         "ranks": nproc,
@@ -503,6 +509,26 @@ def check_distributed(ctx: Ctx, work: Path) -> dict[str, Any]:
         out["output_tail"] = output[-4000:]
     out["ok_flags"] = ["every_rank_reported", "every_rank_passed"]
     return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants: torchrun starts each rank in a session of its
+    own (so killing torchrun's process group leaves the ranks running)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(parents.get(p, []))
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 # -- the torchrun child of check_distributed --------------------------------------------------
@@ -751,6 +777,7 @@ def main() -> int:
         pinned=torch.cuda.is_available(),
         mib=args.mib or (1024 if cuda else 64),
         rounds=args.rounds,
+        deadline_at=time.monotonic() + args.deadline,
     )  # fmt: skip
     report: dict[str, Any] = {"machine": machine(ctx), "checks": {}}
     print(f"device-check on {ctx.device}: {', '.join(map(str, ctx.devices))}", flush=True)
