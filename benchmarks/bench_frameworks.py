@@ -303,7 +303,7 @@ def print_table(title: str, rows: dict[str, Any]) -> None:
     print(f"\n{title}")
     print(
         f"  {'variant':38} {'train s':>8} {'min':>6} {'max':>6} {'x plain':>7} "
-        f"{'proc CPU s':>10} {'x plain':>7} {'ckpt MB':>8}"
+        f"{'proc s':>7} {'proc CPU s':>10} {'x plain':>7} {'ckpt MB':>8}"
     )
     for name, row in rows.items():
         if row["status"] != "ok":
@@ -312,7 +312,8 @@ def print_table(title: str, rows: dict[str, Any]) -> None:
         print(
             f"  {name:38} {row['train_median_s']:8.2f} {row['train_min_s']:6.2f} "
             f"{row['train_max_s']:6.2f} {row['train_vs_plain']:7.3f} "
-            f"{row['process_cpu_median_s']:10.2f} {row['process_cpu_vs_plain']:7.3f} "
+            f"{row['process_median_s']:7.2f} {row['process_cpu_median_s']:10.2f} "
+            f"{row['process_cpu_vs_plain']:7.3f} "
             f"{row['checkpoint_bytes'] / 1e6:8.0f}"
         )
 
