@@ -47,7 +47,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ckptguard._storage.faults import FAULT_POINTS, REMOTE_FAULT_POINTS, set_fault_hook
+from ckptguard._storage.faults import (
+    DEFERRED_FAULT_POINTS,
+    FAULT_POINTS,
+    REMOTE_FAULT_POINTS,
+    set_fault_hook,
+)
 from ckptguard._storage.local import LocalStorage
 
 if TYPE_CHECKING:
@@ -89,7 +94,7 @@ OPERATIONS: tuple[str, ...] = (
     "remove_file",
     "open_tree",
 )
-PROTOCOL_STEPS: tuple[str, ...] = FAULT_POINTS + REMOTE_FAULT_POINTS
+PROTOCOL_STEPS: tuple[str, ...] = FAULT_POINTS + REMOTE_FAULT_POINTS + DEFERRED_FAULT_POINTS
 
 Action = Literal["raise", "kill", "tear", "power_cut"]
 

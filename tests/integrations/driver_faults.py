@@ -24,3 +24,22 @@ def kill_at(spec: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     _faults.set_fault_hook(hook)
+
+
+def fail_at(spec: str) -> None:
+    """Raise ENOSPC the Nth time this process reaches fault point POINT (``"POINT:N"``)."""
+    import errno
+
+    point, nth = spec.rsplit(":", 1)
+    seen = [0]
+    previous = _faults.set_fault_hook(None)
+
+    def hook(name: str) -> None:
+        if previous is not None:
+            previous(name)
+        if name == point:
+            seen[0] += 1
+            if seen[0] == int(nth):
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    _faults.set_fault_hook(hook)

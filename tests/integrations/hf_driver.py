@@ -48,7 +48,7 @@ from ckptguard.integrations.transformers import (  # noqa: E402
     last_valid_checkpoint,
     protect,
 )
-from driver_faults import kill_at  # noqa: E402
+from driver_faults import fail_at, kill_at  # noqa: E402
 
 VOCAB = 97
 SEQ = 16
@@ -106,6 +106,13 @@ def main() -> int:
     ap.add_argument("--best", choices=["min", "max"], default=None)
     ap.add_argument("--show-limit", action="store_true")
     ap.add_argument("--late-writes", action="store_true")
+    # Async saves: protect(trainer, async_save=True). --scramble: after the first save
+    # returns, the next step's start records the weights and Adam moments, then changes
+    # them in place while the background write is held back (until then); the
+    # checkpoint must hold the recorded values (OUT/scrambled.json).
+    ap.add_argument("--async", dest="async_save", action="store_true")
+    ap.add_argument("--scramble", action="store_true")
+    ap.add_argument("--fail-at", default=None)  # POINT:N raises ENOSPC there
     # Object stores: --output URL (checkpoints there; OUT keeps final.json), or --mirror URL
     # (checkpoints in OUT, mirrored); --cache DIR; --fresh: no resume (else always resume).
     ap.add_argument("--output", default=None)
@@ -122,6 +129,8 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     if opts.kill_at:
         kill_at(opts.kill_at)
+    if opts.fail_at:
+        fail_at(opts.fail_at)
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
@@ -173,7 +182,8 @@ def main() -> int:
             eval_dataset=_Rows(32) if opts.best else None,
         )
     if remote:
-        protect(trainer, mirror=opts.mirror, cache_dir=opts.cache, keep_last=opts.keep_last)
+        protect(trainer, mirror=opts.mirror, cache_dir=opts.cache, keep_last=opts.keep_last,
+                async_save=opts.async_save)  # fmt: skip
 
         class ShowStart(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -183,7 +193,9 @@ def main() -> int:
 
         trainer.add_callback(ShowStart())
     elif not opts.unprotected:
-        protect(trainer)
+        protect(trainer, async_save=opts.async_save)
+    if opts.scramble:
+        _scramble_after_first_save(trainer, out)
     if opts.show_limit and rank == 0:
         print(f"save_total_limit after protect: {trainer.args.save_total_limit}", flush=True)
 
@@ -249,6 +261,46 @@ def main() -> int:
             with open(os.path.join(out, "final.json"), "w") as f:
                 json.dump({"step": result["step"], "weights": result["weights"]}, f, sort_keys=True)
     return 0
+
+
+def _scramble_after_first_save(trainer: Any, out: str) -> None:
+    """See --scramble: the background's first deferred write waits for the change."""
+    import threading
+
+    from ckptguard._storage import faults
+
+    changed = threading.Event()
+    previous = faults.set_fault_hook(None)
+
+    def hold(name: str) -> None:
+        if name == "deferred.write" and not changed.wait(120):
+            raise RuntimeError("the training thread never changed the weights")
+        if previous is not None:
+            previous(name)
+
+    faults.set_fault_hook(hold)
+
+    class Scramble(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            del args, control, kwargs
+            if changed.is_set() or state.global_step == 0 or not os.listdir(out):
+                return
+            record = {"step": int(state.global_step), "weights": _digest(trainer.model)}
+            moments = trainer.optimizer.state_dict()["state"]
+            record["moments"] = {
+                str(k): xxhash.xxh3_64_hexdigest(v["exp_avg"].numpy().tobytes())
+                for k, v in moments.items()
+            }
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(1.0)
+                for v in moments.values():
+                    v["exp_avg"].add_(1.0)
+            with open(os.path.join(out, "scrambled.json"), "w") as f:
+                json.dump(record, f, sort_keys=True)
+            changed.set()
+
+    trainer.add_callback(Scramble())
 
 
 def _exit(code: int) -> None:

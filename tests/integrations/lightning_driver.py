@@ -2,7 +2,7 @@
 
     python tests/integrations/lightning_driver.py OUT [--steps 30] [--kill-at POINT:N]
         [--unprotected]
-        [--top-k K]
+        [--top-k K] [--async] [--scramble]
 
 Ten steps an epoch; ModelCheckpoint saves at each epoch's end and keeps every checkpoint
 (``OUT/ckpts/step=<n>.ckpt``: Lightning restarts an epoch it resumes in the middle of, so
@@ -11,7 +11,9 @@ resumes by itself from the newest that verifies, prints ``resumed from step N`` 
 ``OUT/final.json`` (step and weight digests). ``--top-k K`` keeps only the K checkpoints
 with the lowest training loss instead (top-k rotation deletes through the plugin). Under
 torchrun or ckpt-chaos ``--ranks 2`` it runs DDP on gloo (one process per rank, no
-re-launch).
+re-launch). ``--async``: ``AtomicCheckpointIO(async_save=True)``; ``--scramble``: the first
+batch after the first save records the weights, then changes them in place while the
+background write of that save is held back (``OUT/scrambled.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -60,6 +63,44 @@ class Tiny(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
+def _digests(module: torch.nn.Module) -> dict[str, str]:
+    return {
+        k: xxhash.xxh3_64_hexdigest(v.detach().contiguous().numpy().tobytes())
+        for k, v in sorted(module.state_dict().items())
+    }
+
+
+class Scramble(L.Callback):
+    """See --scramble: the background's first deferred write waits for the change."""
+
+    def __init__(self, out: str) -> None:
+        from ckptguard._storage import faults
+
+        self.out = out
+        self.changed = threading.Event()
+        previous = faults.set_fault_hook(None)
+
+        def hold(name: str) -> None:
+            if name == "deferred.write" and not self.changed.wait(120):
+                raise RuntimeError("the training loop never changed the weights")
+            if previous is not None:
+                previous(name)
+
+        faults.set_fault_hook(hold)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        del args
+        if self.changed.is_set() or trainer.global_step == 0 or trainer.global_step % 10:
+            return
+        with open(os.path.join(self.out, "scrambled.json"), "w") as f:
+            record = {"step": trainer.global_step, "weights": _digests(pl_module)}
+            json.dump(record, f, sort_keys=True)
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.add_(1.0)
+        self.changed.set()
+
+
 def _data() -> torch.utils.data.DataLoader[Any]:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(80, 8, generator=g)  # 10 steps an epoch: saves at epoch ends
@@ -74,6 +115,8 @@ def main() -> int:
     ap.add_argument("--kill-at", default=None)
     ap.add_argument("--unprotected", action="store_true")
     ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--async", dest="async_save", action="store_true")
+    ap.add_argument("--scramble", action="store_true")
     # --dirpath URL: checkpoints on an object store (OUT keeps final.json); --cache DIR.
     ap.add_argument("--dirpath", default=None)
     ap.add_argument("--cache", default=None)
@@ -94,8 +137,11 @@ def main() -> int:
         accelerator="cpu",
         devices=world,
         strategy="ddp" if world > 1 else "auto",
-        plugins=[] if opts.unprotected else [AtomicCheckpointIO(cache_dir=opts.cache)],
+        plugins=[]
+        if opts.unprotected
+        else [AtomicCheckpointIO(cache_dir=opts.cache, async_save=opts.async_save)],
         callbacks=[
+            *([Scramble(opts.out)] if opts.scramble else []),
             ModelCheckpoint(
                 dirpath=ckpts,
                 filename="{step}",
@@ -104,7 +150,7 @@ def main() -> int:
                 save_top_k=-1 if opts.top_k is None else opts.top_k,
                 monitor=None if opts.top_k is None else "train_loss",
                 mode="min",
-            )
+            ),
         ],
         logger=False,
         enable_progress_bar=False,
@@ -121,10 +167,7 @@ def main() -> int:
     model = Tiny(log_loss=opts.top_k is not None)
     trainer.fit(model, train_dataloaders=_data(), ckpt_path=resume)
     if trainer.global_rank == 0:
-        weights = {
-            k: xxhash.xxh3_64_hexdigest(v.detach().contiguous().numpy().tobytes())
-            for k, v in sorted(model.state_dict().items())
-        }
+        weights = _digests(model)
         with open(os.path.join(opts.out, "final.json"), "w") as f:
             json.dump({"step": trainer.global_step, "weights": weights}, f, sort_keys=True)
     if torch.distributed.is_initialized():

@@ -127,7 +127,10 @@ def _hf(runs: Runs, base: Path, env: dict[str, str]) -> None:
 
 def _hf_ranks(runs: Runs, base: Path, env: dict[str, str]) -> None:
     url = runs.urls["hf_ranks"]
-    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh", "--check-resume"]
+    # Async saves (protect(trainer, async_save=True)): each rank uploads its own files from
+    # the background thread and one manifest commits them, over the side channel.
+    flags = ["--output", url, "--cache", str(base / "cache-ranks"), "--fresh", "--check-resume",
+             "--async"]  # fmt: skip
     job = HFJob(base / "hf5", *flags, "--steps", "4", "--save-steps", "2", nproc=2, env=env,
                 cwd=base)  # fmt: skip
     runs.done["hf5"] = driver_jobs.finish(job).ok()
@@ -283,6 +286,7 @@ def test_trainer_mirror_resumes_from_the_mirror_on_a_fresh_node(runs: Runs) -> N
 
 
 def test_two_ranks_commit_each_s3_checkpoint_exactly_once(runs: Runs) -> None:
+    """With async saves: each rank's files uploaded from its background thread."""
     _need(runs, "hf5")
     url = runs.urls["hf_ranks"]
     keys = _keys(runs.server, url)
@@ -374,8 +378,8 @@ def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(whi
     protect: Any = transformers.protect if which == "transformers" else accelerate.protect
     with pytest.raises(TypeError, match=r"keep_best= \(the framework decides its best"):
         protect(object(), keep_best=2)
-    with pytest.raises(TypeError, match=r"async_save= \(the framework writes its files"):
-        protect(object(), async_save=True)
+    with pytest.raises(TypeError, match=r"exit_timeout= \(process exit waits"):
+        protect(object(), exit_timeout=5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'mirrors'"):
         protect(object(), mirrors="s3://b/x")
     with pytest.raises(TypeError, match="mirror= must be an object-store URL"):
@@ -385,7 +389,7 @@ def test_protect_takes_the_manager_options_that_apply_and_refuses_the_others(whi
     # the options that apply pass this check and reach the framework check
     with pytest.raises(TypeError, match="needs"):
         protect(object(), mirror="s3://b/x", keep_last=2, verify_after_save=True,
-                storage_options={"anon": True}, cache_dir="cache")  # fmt: skip
+                storage_options={"anon": True}, cache_dir="cache", async_save=True)  # fmt: skip
 
 
 def test_resume_cache_keeps_one_checkpoint_and_reuses_an_intact_copy(

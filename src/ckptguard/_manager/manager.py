@@ -18,6 +18,7 @@ after the new checkpoint is committed and verified.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ckptguard._coordination.base import Coordinator, default_coordinator
@@ -33,7 +34,13 @@ from ckptguard._manager.catalog import Catalog, CheckpointInfo
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
-from ckptguard._manager.saver import AsyncSaver, PendingSave, forget, watch_exit
+from ckptguard._manager.saver import (
+    AsyncSaver,
+    PendingSave,
+    finish_transaction,
+    forget,
+    watch_exit,
+)
 from ckptguard._manager.startup import start
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.cleanup import DEFAULT_STALE_AFTER
@@ -476,17 +483,57 @@ class CheckpointManager:
         except Exception:
             _log.exception("while closing after an error, the last async save failed")
 
+    @overload
     def save_files(
         self,
         step: int,
-        write: Callable[[AtomicCheckpoint], None],
+        write: Callable[[AtomicCheckpoint], Any],
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        prepare: Callable[[Path], None] | None = ...,
+        also_keep: Collection[str] = ...,
+        supersedes: str | None = ...,
+        blocking: Literal[True] = ...,
+    ) -> CheckpointInfo: ...
+    @overload
+    def save_files(
+        self,
+        step: int,
+        write: Callable[[AtomicCheckpoint], Any],
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        prepare: Callable[[Path], None] | None = ...,
+        also_keep: Collection[str] = ...,
+        supersedes: str | None = ...,
+        blocking: Literal[False],
+    ) -> PendingSave: ...
+    @overload
+    def save_files(
+        self,
+        step: int,
+        write: Callable[[AtomicCheckpoint], Any],
+        metrics: Mapping[str, Any] | None = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        *,
+        prepare: Callable[[Path], None] | None = ...,
+        also_keep: Collection[str] = ...,
+        supersedes: str | None = ...,
+        blocking: bool = ...,
+    ) -> CheckpointInfo | PendingSave: ...
+    def save_files(
+        self,
+        step: int,
+        write: Callable[[AtomicCheckpoint], Any],
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         *,
         prepare: Callable[[Path], None] | None = None,
         also_keep: Collection[str] = (),
         supersedes: str | None = None,
-    ) -> CheckpointInfo:
+        blocking: bool = True,
+    ) -> CheckpointInfo | PendingSave:
         """Commit the files that ``write(staging_dir)`` writes, as the checkpoint of ``step``.
 
         For frameworks that write their own files (Hugging Face, Accelerate, Lightning).
@@ -499,16 +546,25 @@ class CheckpointManager:
         it must keep this time (a framework's "best" checkpoint). ``supersedes``: the
         save id of a checkpoint of this name to replace even if it no longer verifies
         (changed after its commit).
+
+        ``blocking=False`` (async framework saves, see ``integrations/_capture.py``):
+        ``write(tx)`` still runs here, and may return a callable that finishes the files
+        (the deferred writes); that callable, then the seal, the commit and retention run
+        in a background thread, and a :class:`PendingSave` is returned. At most one save
+        is in flight, as for :meth:`save`; exit and SIGTERM wait for it.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self._writable("save")
+        started = time.perf_counter()
         self.saver.wait()
         flags = self._flags(metadata, "files", pin=False)
         tx = self.options.transaction(step, metrics, flags, self.coordinator)
         tx.prepare = prepare
         tx.supersedes = supersedes
         tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
+        if not blocking:
+            return self._save_files_async(step, tx, write, started, also_keep)
         with tx:
             write(tx)
         return self._after_commit(
@@ -519,3 +575,33 @@ class CheckpointManager:
             also_keep=also_keep,
             coord=self.coordinator,
         )
+
+    def _save_files_async(
+        self,
+        step: int,
+        tx: AtomicCheckpoint,
+        write: Callable[[AtomicCheckpoint], Any],
+        started: float,
+        also_keep: Collection[str],
+    ) -> PendingSave:
+        tx.__enter__()
+        try:
+            finish = write(tx)
+        except BaseException as exc:
+            tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+        def work(coord: Coordinator) -> CheckpointInfo:
+            finish_transaction(tx, finish if callable(finish) else None, coord)
+            return self._after_commit(
+                step,
+                result_of(tx).path,
+                committer=coord.rank == tx.committer,
+                pin=False,
+                also_keep=also_keep,
+                coord=coord,
+            )
+
+        path = self.backend.join(self.naming.name(step))
+        job = PendingSave(step, path, time.perf_counter() - started)
+        return self.saver.start_work(job, work)

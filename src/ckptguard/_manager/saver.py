@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from ckptguard._coordination.base import Coordinator
     from ckptguard._manager.catalog import CheckpointInfo
+    from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._state.serialization import EncodedState, StagingBuffers
 
     # (step, snapshot, state, metrics, metadata, pin=, coord=) -> the committed info
@@ -229,6 +230,62 @@ def _hook_thread_shutdown() -> None:
     _threading_exit_hooked = True
 
 
+def finish_transaction(
+    tx: AtomicCheckpoint, finish: Callable[[], None] | None, coord: Coordinator
+) -> None:
+    """Finish a framework save begun on the training thread, in the background.
+
+    ``tx`` was entered there (its staging exists and the framework wrote into it);
+    ``finish()`` makes the deferred writes, then the transaction flushes, seals and
+    commits over ``coord`` (the side channel: every rank learns of any rank's failure).
+    """
+    tx.continue_on(coord)
+    try:
+        if finish is not None:
+            finish()
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    tx.__exit__(None, None, None)
+
+
+class BackgroundSaves:
+    """Async saves outside a manager (Accelerate's ``save_state(dir)``, Lightning's files).
+
+    At most one in flight; process exit and SIGTERM wait for it as for a manager's
+    (``watch_exit`` asks for ``in_flight``, ``exit_timeout`` and ``mirror``).
+    """
+
+    mirror = None
+
+    def __init__(self, coordinator: Coordinator, exit_timeout: float = 120.0) -> None:
+        self.exit_timeout = exit_timeout
+        self.saver = AsyncSaver(self, coordinator, _no_state)
+
+    @property
+    def in_flight(self) -> PendingSave | None:
+        return self.saver.pending
+
+    def start(
+        self,
+        step: int,
+        path: str,
+        work: Callable[[Coordinator], CheckpointInfo | None],
+        stall: float,
+    ) -> PendingSave:
+        """Wait for the save in flight (raising its error), then run ``work`` as the next."""
+        self.saver.wait()
+        return self.saver.start_work(PendingSave(step, path, stall), work)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Finish the save in flight; raise its error (once)."""
+        self.saver.wait(timeout)
+
+
+def _no_state(*_args: Any, **_kwargs: Any) -> CheckpointInfo:
+    raise RuntimeError("background saves of files commit no state")  # pragma: no cover
+
+
 class AsyncSaver:
     """A manager's background saves: at most one in flight, staging buffers reused.
 
@@ -283,6 +340,46 @@ class AsyncSaver:
         job._thread = worker  # noqa: SLF001 - this module's own class
         worker.start()
         return job
+
+    def start_work(
+        self, job: PendingSave, work: Callable[[Coordinator], CheckpointInfo | None]
+    ) -> PendingSave:
+        """Run ``work(side_channel)`` in the background as the save ``job``; returns it.
+
+        ``work`` finishes a save the caller began (see :func:`finish_transaction`); its
+        collectives go over the side channel, beside the training's own.
+        """
+        if self._background is None:
+            self._background = side_channel(self.coordinator, "async")
+        self.pending = job
+        watch_exit(self.owner)
+        worker = threading.Thread(
+            target=self._run_work,
+            args=(job, work, self._background),
+            name=f"ckptguard-save-{job.step}",
+            daemon=True,  # exit waits for it explicitly (atexit, SIGTERM), up to exit_timeout
+        )
+        job._thread = worker  # noqa: SLF001 - this module's own class
+        worker.start()
+        return job
+
+    def _run_work(
+        self,
+        job: PendingSave,
+        work: Callable[[Coordinator], CheckpointInfo | None],
+        coord: Coordinator,
+    ) -> None:
+        try:
+            info = work(coord)
+        except BaseException as exc:
+            _log.error(
+                "async save of step %d to %s failed: %s: %s (raised again by the next "
+                "save, wait or close)",
+                job.step, job.path, type(exc).__name__, exc,
+            )  # fmt: skip
+            job._finish(None, exc)  # noqa: SLF001
+        else:
+            job._finish(info, None)  # noqa: SLF001
 
     def _run(  # noqa: PLR0917 - the thread's arguments
         self,

@@ -430,6 +430,18 @@ class AtomicCheckpoint:
                 self.known[rel] = FileDigest(int(size), str(checksum))
         return new
 
+    def continue_on(self, coordinator: Coordinator) -> None:
+        """Finish this save (``__exit__``) over another channel of the same ranks.
+
+        An async save's background thread finishes it beside the training's collectives.
+        Every rank then learns of any rank's failure (``fail_fast`` is off: the background
+        runs no framework collective).
+        """
+        if coordinator.world_size != self._coord.world_size or coordinator.rank != self._coord.rank:
+            raise ValueError("continue_on() needs a coordinator of the same ranks")
+        self._coord = coordinator
+        self.fail_fast = False
+
     @property
     def staging_dir(self) -> Path:
         """Where this process writes the save's files (after ``__enter__``)."""

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "DEFERRED_FAULT_POINTS",
     "FAULT_POINTS",
     "FILE_FAULT_POINTS",
     "REMOTE_FAULT_POINTS",
@@ -51,6 +52,12 @@ FILE_FAULT_POINTS: tuple[str, ...] = (
     "file.renamed",  # the name holds the new file; directory not yet fsynced
     "file.committed",  # directory fsynced: durable; the sidecar not yet trimmed
     "file.removed",  # removal: the file is gone (directory fsynced), its sidecar not yet
+)
+
+# Async framework saves (``integrations/_capture.py``): the background thread writes the
+# files whose tensors the framework's save call handed over as snapshots.
+DEFERRED_FAULT_POINTS: tuple[str, ...] = (
+    "deferred.write",  # before each deferred file is written (staging dir exists, invisible)
 )
 
 _hook: Callable[[str], None] | None = None

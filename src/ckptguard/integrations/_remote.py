@@ -85,7 +85,6 @@ _NOT_FOR_FRAMEWORKS = {
     "best_metric": "the framework decides its best checkpoint (e.g. metric_for_best_model)",
     "best_mode": "the framework decides its best checkpoint (e.g. greater_is_better)",
     "keep_every": "not supported for framework checkpoints yet",
-    "async_save": "the framework writes its files itself, synchronously",
     "naming": "the framework names its checkpoints",
     "if_exists": "the framework's own rule applies (a save of an existing step replaces it)",
     "storage": "a storage object is for CheckpointManager only",
@@ -96,7 +95,7 @@ _NOT_FOR_FRAMEWORKS = {
     "retry": "not taken by the integrations; CKPTGUARD_* environment settings apply",
     "lock_timeout": "not taken by the integrations",
     "stale_after": "not taken by the integrations",
-    "exit_timeout": "the framework's saves are synchronous",
+    "exit_timeout": "process exit waits up to 120 s for an async save in flight",
     "check_environment": "the integration runs the checks itself",
 }
 
@@ -110,6 +109,7 @@ class RemoteOptions:
     verify_after_save: bool = False
     storage_options: Mapping[str, Any] | None = None
     cache_dir: str | None = None
+    async_save: bool = False  # see integrations/_capture.py
 
     @classmethod
     def of(cls, who: str, extra: Mapping[str, Any], **given: Any) -> RemoteOptions:
@@ -119,8 +119,8 @@ class RemoteOptions:
             if why is not None:
                 raise TypeError(f"{who} does not take {name}= ({why})")
             raise TypeError(
-                f"{who} got an unexpected keyword argument {name!r}; it takes mirror=, "
-                "keep_last=, verify_after_save=, storage_options= and cache_dir="
+                f"{who} got an unexpected keyword argument {name!r}; it takes async_save=, "
+                "mirror=, keep_last=, verify_after_save=, storage_options= and cache_dir="
             )
         options = cls(**given)
         if options.mirror is not None and not is_url(options.mirror):

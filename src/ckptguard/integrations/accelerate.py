@@ -24,6 +24,11 @@ With ``protect``:
 - ``load_state()`` loads the newest checkpoint that verifies on every node and sets
   ``iteration`` to the one after it; ``load_state(path)`` verifies ``path`` first;
 - ``save_on_each_node`` is made to match the storage that the probe finds;
+- ``protect(accelerator, async_save=True)``: ``save_state`` returns once the tensors it
+  writes are copied into reused host buffers; a background thread writes Accelerate's
+  files, then commits and rotates (``integrations/_capture.py``); ``load_state``, the next
+  ``save_state`` and :func:`wait` wait for it (and raise its error), as do exit and
+  SIGTERM;
 - object stores: ``project_dir`` (or ``save_state``/``load_state``'s directory) may be a
   URL, and ``protect(accelerator, mirror=URL)`` mirrors a local ``project_dir``; a load
   from a store downloads the checkpoint into a local cache first, every file checked
@@ -40,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,9 +53,11 @@ from ckptguard._coordination.base import default_coordinator
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard._format.layout import ACCELERATE_NAMING
 from ckptguard._manager.manager import CheckpointManager
+from ckptguard._manager.saver import BackgroundSaves, finish_transaction
 from ckptguard._protocol.backend import parent_of
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.base import is_url
+from ckptguard.integrations._capture import Snapshots, capture
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -59,11 +67,12 @@ from ckptguard.integrations._remote import (
 from ckptguard.integrations._resume import agreed_latest, check_resume_path, local_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
+    from ckptguard._coordination.base import Coordinator
     from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
 
-__all__ = ["protect"]
+__all__ = ["protect", "wait"]
 
 _log = logging.getLogger("ckptguard.integrations.accelerate")
 _ATTR = "_ckptguard_guard"
@@ -77,6 +86,15 @@ class _Guard:
     options: RemoteOptions = field(default_factory=RemoteOptions)
     managers: dict[str, CheckpointManager] = field(default_factory=dict)
     warned_topology: bool = False
+    snapshots: Snapshots | None = None  # async saves' host copies, reused by each
+    background: BackgroundSaves | None = None  # async saves of explicit directories
+
+    def wait(self) -> None:
+        """Finish every async save in flight (at most one); raise its error."""
+        if self.background is not None:
+            self.background.wait()
+        for manager in self.managers.values():
+            manager.wait()
 
     def manager(self, root: str, keep_last: int | None) -> CheckpointManager:
         root = root.rstrip("/") if is_url(root) else os.path.abspath(root)
@@ -102,6 +120,7 @@ def protect(
     verify_after_save: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    async_save: bool = False,
     **others: Any,
 ) -> T:
     """Make ``accelerator.save_state`` / ``load_state`` atomic and verified; returns it.
@@ -117,10 +136,18 @@ def protect(
     ``load_state()`` takes the newest valid of both. ``keep_last`` (default:
     ``total_limit``), ``verify_after_save`` and ``storage_options`` are
     ``CheckpointManager``'s; its other options are refused with TypeError.
+
+    ``async_save=True``: ``save_state`` returns once the tensors it writes (weights,
+    optimizer state) are copied into reused host buffers (pinned for CUDA tensors); a
+    background thread writes Accelerate's files, then commits and rotates. At most one
+    save is in flight: the next ``save_state``, ``load_state`` and :func:`wait` wait for
+    it and raise its error; exit and SIGTERM wait for it. It returns the path the
+    checkpoint will have.
     """
     options = RemoteOptions.of(
         "protect(accelerator)",
         others,
+        async_save=async_save,
         mirror=mirror,
         keep_last=keep_last,
         verify_after_save=verify_after_save,
@@ -157,6 +184,16 @@ def protect(
     return accelerator
 
 
+def wait(accelerator: Any) -> None:
+    """Finish the async ``save_state`` in flight, if any; raise its error.
+
+    For the end of a training script: exit waits too, but can only log a failure.
+    """
+    guard: _Guard | None = getattr(accelerator, _ATTR, None)
+    if guard is not None:
+        guard.wait()
+
+
 def _automatic(acc: Any) -> bool:
     return bool(acc.project_configuration.automatic_checkpoint_naming)
 
@@ -173,7 +210,7 @@ def _checkpoints_root(acc: Any) -> str:
 def _write_with(acc: Any, guard: _Guard, original_save: Any, kwargs: dict[str, Any]) -> Any:
     """A ``write(tx)`` that runs Accelerate's save_state into the staging dir."""
 
-    def write(tx: Transaction) -> None:
+    def write(tx: Transaction) -> Callable[[], None] | None:
         config = acc.project_configuration
         if tx.nodes > 1 and bool(config.save_on_each_node) == tx.shared:
             wanted = not tx.shared
@@ -189,12 +226,20 @@ def _write_with(acc: Any, guard: _Guard, original_save: Any, kwargs: dict[str, A
         automatic = config.automatic_checkpoint_naming
         iteration = config.iteration
         config.automatic_checkpoint_naming = False  # write here; no naming, no rmtree
+        deferred = None
         try:
-            original_save(str(tx.staging_dir), **kwargs)
+            if guard.options.async_save:
+                if guard.snapshots is None:
+                    guard.snapshots = Snapshots()
+                with capture(tx.staging_dir, guard.snapshots) as deferred:
+                    original_save(str(tx.staging_dir), **kwargs)
+            else:
+                original_save(str(tx.staging_dir), **kwargs)
         finally:
             config.automatic_checkpoint_naming = automatic
         # Accelerate counts the save; ckptguard sets the count once the save is committed.
         config.iteration = iteration
+        return None if deferred is None else deferred.run
 
     return write
 
@@ -206,18 +251,22 @@ def _save_state(
     output_dir: str | os.PathLike[str] | None,
     kwargs: dict[str, Any],
 ) -> str:
+    started = time.perf_counter()
+    guard.wait()  # at most one save in flight (on one side channel)
     write = _write_with(acc, guard, original_save, kwargs)
     config = acc.project_configuration
+    background = guard.options.async_save
     if _automatic(acc):
         manager = guard.manager(_checkpoints_root(acc), config.total_limit)
         iteration = int(config.iteration)
-        info = manager.save_files(
+        done = manager.save_files(
             iteration,
             write,
             metadata={"framework": "accelerate"},
+            blocking=not background,
         )
         config.iteration = iteration + 1
-        return info.path
+        return done.path
     if output_dir is None:
         raise ValueError(
             "save_state() needs output_dir unless automatic_checkpoint_naming is enabled"
@@ -231,12 +280,36 @@ def _save_state(
         coordinator=default_coordinator(),
     )
     tx.fail_fast = True  # save_state runs Accelerate's own collectives
+    if background:
+        return _save_in_background(acc, guard, tx, write, started)
     with tx:
         write(tx)
     config.iteration = int(config.iteration) + 1
     if tx.result is None:  # pragma: no cover - __exit__ either sets it or raises
         raise RuntimeError("save finished without a result")
     return tx.result.path
+
+
+def _save_in_background(
+    acc: Any, guard: _Guard, tx: AtomicCheckpoint, write: Any, started: float
+) -> str:
+    """``save_state(dir)`` with ``async_save``: write here, commit in the background."""
+    if guard.background is None:
+        guard.background = BackgroundSaves(default_coordinator())
+    config = acc.project_configuration
+    tx.__enter__()
+    try:
+        finish = write(tx)
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+    def work(coord: Coordinator) -> None:
+        finish_transaction(tx, finish, coord)
+
+    guard.background.start(int(config.iteration), tx.final, work, time.perf_counter() - started)
+    config.iteration = int(config.iteration) + 1
+    return tx.final
 
 
 def _load_state(
@@ -246,6 +319,7 @@ def _load_state(
     input_dir: str | os.PathLike[str] | None,
     kwargs: dict[str, Any],
 ) -> Any:
+    guard.wait()  # the checkpoint to load may be the save in flight
     if input_dir is not None and is_url(os.fspath(input_dir)):
         return _load_remote(acc, guard, original_load, os.fspath(input_dir), kwargs)
     if input_dir is not None:

@@ -37,6 +37,12 @@ same layout as objects: the file and its sidecar object, committed so that a cra
 the old or the new file verifying; loads download into a local cache and check it first
 (``integrations/_remotefile.py``).
 
+``AtomicCheckpointIO(async_save=True)``: ``save_checkpoint`` returns once the checkpoint's
+tensors are copied into reused host buffers (pinned for CUDA tensors); a background thread
+writes and commits the file. At most one save is in flight; a removal of that very file,
+a load and ``teardown`` (the end of ``fit``) wait for it, and a failed save raises at the
+next save or at ``teardown``; exit and SIGTERM wait for it.
+
 Not supported: strategies that save sharded checkpoints as directories of their own
 (``FSDPStrategy`` and ``ModelParallelStrategy`` with sharded state dicts) bypass the plugin.
 """
@@ -49,6 +55,7 @@ import datetime as _dt
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +63,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 
+from ckptguard._coordination.base import SingleProcess
 from ckptguard._errors import CheckpointError, CommitConflict, CorruptCheckpoint, NoValidCheckpoint
 from ckptguard._format.layout import MANIFEST_NAME, RootLayout, new_save_id
+from ckptguard._manager.saver import BackgroundSaves
 from ckptguard._protocol.cleanup import remove_retrying, retire_checkpoint
 from ckptguard._protocol.filecommit import (
     commit_file,
@@ -71,7 +80,9 @@ from ckptguard._protocol.locking import root_lock
 from ckptguard._protocol.verify import read_manifest_local
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
+from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import LocalStorage
+from ckptguard.integrations._capture import NotDeferrable, Snapshots, copy_tree
 from ckptguard.integrations._remote import cache_root
 from ckptguard.integrations._remotefile import (
     clean_file_cache,
@@ -438,11 +449,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def __init__(
-        self, *, storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None
+        self,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+        async_save: bool = False,
     ) -> None:
         super().__init__()
         self.storage_options = storage_options
         self.cache_dir = cache_dir
+        self.async_save = async_save
+        self._background: BackgroundSaves | None = None
+        self._snapshots = Snapshots()
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -452,6 +470,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__}.save_checkpoint does not take storage_options; "
                 "give them to AtomicCheckpointIO(storage_options=...)"
             )
+        if not self.async_save:
+            self._commit(checkpoint, path)
+            return
+        started = time.perf_counter()
+        if self._background is None:  # Lightning saves from global rank 0 alone
+            self._background = BackgroundSaves(SingleProcess())
+        self._background.wait()  # at most one in flight; raises a failed one's error
+        self._snapshots.begin()
+        try:
+            snapshot = copy_tree(checkpoint, self._snapshots.copy)
+        except NotDeferrable as why:
+            _log.info("saving %s synchronously: %s", path, why)
+            self._commit(checkpoint, path)
+            return
+        self._snapshots.end()
+        step = checkpoint.get("global_step")
+        self._background.start(
+            step if isinstance(step, int) else 0,
+            os.fspath(path),
+            lambda _coord: self._commit_deferred(snapshot, path),
+            time.perf_counter() - started,
+        )
+
+    def _commit_deferred(self, snapshot: dict[str, Any], path: Any) -> None:
+        fault_point("deferred.write")
+        self._commit(snapshot, path)
+
+    def wait(self) -> None:
+        """Finish the async save in flight, if any; raise its error."""
+        if self._background is not None:
+            self._background.wait()
+
+    def teardown(self) -> None:
+        """The end of ``fit``: finish the async save in flight (raising its error)."""
+        self.wait()
+        super().teardown()
+
+    def _commit(self, checkpoint: dict[str, Any], path: Any) -> None:
         global_step = checkpoint.get("global_step")
         step = global_step if isinstance(global_step, int) and global_step >= 0 else None
         metadata = {"framework": "lightning", "epoch": checkpoint.get("epoch")}
@@ -477,6 +533,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable[..., Any] | None = lambda storage, loc: storage,  # noqa: ARG005
         weights_only: bool | None = None,  # noqa: FBT001 - Lightning's signature
     ) -> dict[str, Any]:
+        self.wait()  # the file to load may be the save in flight
         if is_url(os.fspath(path)):
             return load(path, map_location=map_location, weights_only=weights_only,
                         storage_options=self.storage_options, cache_dir=self.cache_dir)  # fmt: skip
@@ -487,6 +544,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
+        job = None if self._background is None else self._background.in_flight
+        if job is not None and os.path.abspath(job.path) == os.path.abspath(os.fspath(path)):
+            self.wait()  # removing the very file in flight: after its commit
         if is_url(os.fspath(path)):
             remove_remote_file(os.fspath(path), self.storage_options)
             return

@@ -57,9 +57,11 @@ from ckptguard._format.layout import HF_NAMING, MANIFEST_NAME, RESERVED_NAMES
 from ckptguard._manager.adoption import newest_adoptable
 from ckptguard._manager.manager import CheckpointManager
 from ckptguard._manager.retention import RetentionPolicy
+from ckptguard._manager.saver import PendingSave
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
+from ckptguard.integrations._capture import Snapshots, capture
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -75,7 +77,7 @@ from ckptguard.integrations._resume import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from ckptguard._protocol.transaction import AtomicCheckpoint
@@ -156,8 +158,11 @@ class _Guard:
     managers: dict[str, CheckpointManager] = field(default_factory=dict)
     redirect: str | None = None  # the run dir the trainer writes into during a save
     warned_topology: bool = False
-    # (root, step, keep, save id) of the save just committed, until on_save has run
-    just_saved: tuple[str, int, set[str], str | None] | None = None
+    # (root, step, keep, save id) of the save just committed (or the async save in
+    # flight), until on_save has run
+    just_saved: tuple[str, int, set[str], str | PendingSave | None] | None = None
+    snapshots: Any = None  # _capture.Snapshots of async saves, reused by each
+    warned_sync: bool = False
 
     def manager(self, root: str) -> CheckpointManager:
         """The checkpoint manager of ``root`` (made on first use: every rank calls)."""
@@ -193,6 +198,7 @@ def protect(
     verify_after_save: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    async_save: bool = False,
     **others: Any,
 ) -> T:
     """Make every checkpoint of ``trainer`` atomic, exactly-once and verified; returns it.
@@ -209,10 +215,18 @@ def protect(
     resume takes the newest valid of both. ``keep_last`` (default: ``save_total_limit``),
     ``verify_after_save`` and ``storage_options`` are ``CheckpointManager``'s; its other
     options are refused with TypeError.
+
+    ``async_save=True``: a save returns once the tensors it writes (weights, optimizer
+    state) are copied into reused host buffers (pinned for CUDA tensors); a background
+    thread writes the files, in the Trainer's own formats, then seals, commits and
+    rotates (see ``integrations/_capture.py``). At most one save is in flight; a failed
+    one raises at the next save or at the end of ``train()``; process exit and SIGTERM
+    wait for it. Costs host memory of about one checkpoint's tensors.
     """
     options = RemoteOptions.of(
         "protect(trainer)",
         others,
+        async_save=async_save,
         mirror=mirror,
         keep_last=keep_last,
         verify_after_save=verify_after_save,
@@ -241,6 +255,7 @@ def protect(
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
+    original_load_best = getattr(t, "_load_best_model", None)
 
     def _get_output_dir(trial: Any = None, *args: Any, **kwargs: Any) -> str:
         if guard.redirect is not None:
@@ -280,11 +295,29 @@ def protect(
 
     @functools.wraps(original_on_save)
     def on_save(*args: Any, **kwargs: Any) -> Any:
+        saved = guard.just_saved
+        if saved is not None and isinstance(saved[3], PendingSave):
+            # An async save: callbacks that act on_save find the checkpoint committed
+            # (they may read or add files); without any, training goes on at once.
+            if _acts_on_save(handler):
+                guard.just_saved = (*saved[:3], saved[3].result().save_id)
+            else:
+                guard.just_saved = None
         result = original_on_save(*args, **kwargs)
         if guard.just_saved is not None:
             saved, guard.just_saved = guard.just_saved, None
             _commit_late_writes(t, guard, saved)
         return result
+
+    if callable(original_load_best):
+
+        @functools.wraps(original_load_best)
+        def load_best_model(*args: Any, **kwargs: Any) -> Any:
+            for manager in guard.managers.values():
+                manager.wait()  # the best checkpoint may be the save in flight
+            return original_load_best(*args, **kwargs)
+
+        t._load_best_model = load_best_model  # noqa: SLF001
 
     t._get_output_dir = _get_output_dir  # noqa: SLF001
     t._save_checkpoint = _save_checkpoint  # noqa: SLF001
@@ -374,22 +407,56 @@ def _step_metrics(state: Any, step: int) -> dict[str, Any]:
     return metrics
 
 
+def _acts_on_save(handler: Any) -> bool:
+    """Whether any of the trainer's callbacks has an ``on_save`` of its own."""
+    from transformers import TrainerCallback  # noqa: PLC0415 - transformers is optional
+
+    return any(type(cb).on_save is not TrainerCallback.on_save for cb in handler.callbacks)
+
+
+def _in_background(trainer: Any, guard: _Guard) -> bool:
+    """Whether this save may finish in the background.
+
+    With ``async_save``, except under DeepSpeed or FSDP, whose engines write their own
+    files with their own collectives.
+    """
+    if not guard.options.async_save:
+        return False
+    engine = "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False) else None
+    if engine is None and getattr(trainer, "is_fsdp_enabled", False):
+        engine = "FSDP"
+    if engine is None:
+        return True
+    if not guard.warned_sync:
+        _log.warning("async_save: with %s the Trainer's saves stay synchronous", engine)
+        guard.warned_sync = True
+    return False
+
+
 def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
     manager = guard.manager(root)
+    background = _in_background(trainer, guard)
     step = int(trainer.state.global_step)
     name = HF_NAMING.name(step)
     final = manager.backend.join(name)
     keep: set[str] = set()  # the trainer's best checkpoint, known once the trainer has saved
     pushes: list[str] = []  # the trainer asked to push this checkpoint to the Hub
 
-    def write(tx: AtomicCheckpoint) -> None:
+    def write(tx: AtomicCheckpoint) -> Callable[[], None] | None:
         _match_save_on_each_node(trainer, guard, tx)
         staging = str(tx.staging_dir)
         guard.redirect = staging
         undo = _let_node_leaders_save_weights(trainer) if not tx.shared else None
         undo_push = _defer_push(trainer, pushes)
+        deferred = None
         try:
-            run_original()
+            if background:
+                if guard.snapshots is None:
+                    guard.snapshots = Snapshots()
+                with capture(staging, guard.snapshots) as deferred:
+                    run_original()
+            else:
+                run_original()
         finally:
             guard.redirect = None
             undo_push()
@@ -407,24 +474,42 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
         # On a store each rank writes into its own spool: each moves its own files up
         # (a rank that saved nothing has no folder; the committer must have one).
         mine = tx.committer == manager.coordinator.rank
-        if remote and (mine or os.path.isdir(os.path.join(staging, name))):
-            _hoist(tx.staging_dir, name)
+        hoist = remote and (mine or os.path.isdir(os.path.join(staging, name)))
+        if deferred is None:
+            if hoist:
+                _hoist(tx.staging_dir, name)
+            return None
+
+        def finish() -> None:  # in the background thread
+            deferred.run()
+            if hoist:
+                _hoist(tx.staging_dir, name)
+
+        return finish
 
     remote = manager.backend.remote
 
     def prepare(staging: Path) -> None:
         _hoist(staging, name)
 
-    info = manager.save_files(
+    done = manager.save_files(
         step,
         write,
         metrics=_step_metrics(trainer.state, step),
         metadata={"framework": "transformers", "trainer": type(trainer).__name__},
         prepare=None if remote else prepare,
         also_keep=keep,
+        blocking=not background,
     )
-    _log.info("committed %s", final)
-    guard.just_saved = (manager.root, step, keep, info.save_id)
+    if isinstance(done, PendingSave):
+        _log.info("saving %s in the background (training was held %.3f s)", final,
+                  done.stall_seconds)  # fmt: skip
+        guard.just_saved = (manager.root, step, keep, done)
+        if pushes and not remote:  # the Trainer's Hub push needs the committed folder
+            guard.just_saved = (manager.root, step, keep, done.result().save_id)
+    else:
+        _log.info("committed %s", final)
+        guard.just_saved = (manager.root, step, keep, done.save_id)
     if pushes and remote:
         _log.warning("not pushing %s to the Hub: it is on an object store", final)
     elif pushes:
@@ -432,7 +517,7 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
 
 
 def _commit_late_writes(
-    trainer: Any, guard: _Guard, saved: tuple[str, int, set[str], str | None]
+    trainer: Any, guard: _Guard, saved: tuple[str, int, set[str], str | PendingSave | None]
 ) -> None:
     """Commit what ``on_save`` callbacks wrote into a checkpoint after its commit.
 
@@ -445,6 +530,8 @@ def _commit_late_writes(
     with the same size is not noticed.
     """
     root, step, keep, save_id = saved
+    if isinstance(save_id, PendingSave):  # pragma: no cover - on_save resolved it
+        save_id = save_id.result().save_id
     manager = guard.manager(root)
     if manager.backend.remote:
         return  # callbacks cannot write into a checkpoint on a store
