@@ -130,7 +130,7 @@ def run_trainer(variant: str, out: Path, steps: int, every: int) -> dict[str, An
         trainer = protect(trainer)
     elif variant == "async":
         try:
-            trainer = protect(trainer, async_save=True)  # type: ignore[call-arg,unused-ignore]
+            trainer = protect(trainer, async_save=True)
         except TypeError as exc:  # this ckptguard's protect() has no async_save
             return {"status": NOT_AVAILABLE, "reason": str(exc)}
     start, cpu = time.perf_counter(), time.process_time()
@@ -171,7 +171,7 @@ def run_lightning(variant: str, out: Path, steps: int, every: int) -> dict[str, 
         plugins = [AtomicCheckpointIO()]
     elif variant == "async":
         try:
-            plugins = [AtomicCheckpointIO(async_save=True)]  # type: ignore[call-arg,unused-ignore]
+            plugins = [AtomicCheckpointIO(async_save=True)]
         except TypeError as exc:  # this ckptguard's AtomicCheckpointIO has no async_save
             return {"status": NOT_AVAILABLE, "reason": str(exc)}
     L.seed_everything(0, verbose=False)

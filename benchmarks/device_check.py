@@ -531,6 +531,127 @@ def _kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+def check_trainer_async(ctx: Ctx, work: Path) -> dict[str, Any]:
+    """``protect(trainer, async_save=True)`` training on the device, in a child process
+    (one visible GPU: the Trainer would wrap the model in DataParallel over several)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", ctx.device,
+           "--trainer-child", str(work / "run")]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
+    if ctx.cuda:
+        env["CUDA_VISIBLE_DEVICES"] = str(ctx.devices[0].index)
+    work.mkdir(parents=True)
+    log = work / "child.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(  # noqa: S603 - this script, as a child
+            cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    timeout = max(5.0, min(CHILD_TIMEOUT_S, ctx.deadline_at - time.monotonic() - 10))
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
+    out: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}
+    out["exit_code"] = proc.returncode
+    out["exited_cleanly"] = proc.returncode == 0 and bool(lines)
+    if not out["exited_cleanly"] or out.get("failed_steps"):
+        out["output_tail"] = output[-4000:]
+    out["ok_flags"] = ["exited_cleanly"] + (
+        [] if "skipped" in out else ["every_checkpoint_verified", "holds_the_saved_moment"]
+    )
+    return out
+
+
+def trainer_child(out: Path, device_kind: str) -> int:
+    try:
+        from transformers import (  # noqa: PLC0415
+            GPT2Config,
+            GPT2LMHeadModel,
+            Trainer,
+            TrainerCallback,
+            TrainingArguments,
+        )
+    except ImportError:
+        print("RESULT " + json.dumps({"skipped": "transformers is not installed"}), flush=True)
+        return 0
+    import safetensors.torch  # noqa: PLC0415
+
+    from ckptguard.integrations.transformers import protect  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=512, n_positions=32, n_embd=256, n_layer=2, n_head=4)
+    )
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": row, "labels": row} for row in torch.randint(0, 512, (48, 32), generator=g)
+    ]
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=12, save_strategy="steps", save_steps=4,
+        per_device_train_batch_size=4, use_cpu=device_kind == "cpu", report_to=[], seed=0,
+        data_seed=0, disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    recorded: dict[int, dict[str, Any]] = {}
+    # The background write of each save (but the last) is held until the next step's
+    # optimizer has changed the weights and moments in place on the device.
+    go = threading.Event()
+    go.set()
+
+    def hold(name: str) -> None:
+        if name == "deferred.write" and threading.current_thread() is not threading.main_thread():
+            go.wait(60)
+
+    _faults.set_fault_hook(hold)
+
+    class Record(TrainerCallback):
+        """At the end of a step that saves, what its checkpoint must hold (the save comes
+        next, with no change in between). Not on_save: protect() makes an async save wait
+        for its commit when a callback acts on_save (it may read the files)."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            del control
+            if state.global_step - 1 in recorded:
+                go.set()  # this step changed what the save in flight holds
+            if state.global_step % args.save_steps == 0:
+                opt_state = kwargs["optimizer"].state_dict()["state"]
+                recorded[state.global_step] = {
+                    "weights": _copy(kwargs["model"].state_dict()),
+                    "exp_avg": {str(k): _copy(v["exp_avg"]) for k, v in opt_state.items()},
+                }
+                if state.global_step < args.max_steps:
+                    go.clear()  # this step's save is about to start: hold its write
+
+    trainer = protect(Trainer(model=model, args=args, train_dataset=data), async_save=True)
+    trainer.add_callback(Record())
+    trainer.train()
+    _faults.set_fault_hook(None)
+    trained: Any = trainer.model
+    device = str(next(trained.parameters()).device)
+    failed, verified = [], []
+    for step, want in sorted(recorded.items()):
+        ckpt = out / f"checkpoint-{step}"
+        verified.append(ckptguard.verify(ckpt).ok)
+        weights = safetensors.torch.load_file(ckpt / "model.safetensors")
+        moments = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        same = all(_same_bits(want["weights"][k], v) for k, v in weights.items())
+        got = {str(k): v["exp_avg"] for k, v in moments["state"].items()}
+        if not (same and len(weights) >= 10 and _same_bits(want["exp_avg"], got)):
+            failed.append(step)
+    result = {
+        "device": device,
+        "steps_saved": sorted(recorded),
+        "every_checkpoint_verified": len(verified) == 3 and all(verified),
+        "holds_the_saved_moment": len(recorded) == 3 and not failed,
+        "failed_steps": failed,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
 # -- the torchrun child of check_distributed --------------------------------------------------
 def _dist_replicated(root: Path, device: torch.device) -> dict[str, Any]:
     import torch.distributed as dist  # noqa: PLC0415
@@ -663,6 +784,7 @@ CHECKS: dict[str, Callable[[Ctx, Path], dict[str, Any]]] = {
     "low_precision": check_low_precision,
     "async_isolation": check_async_isolation,
     "distributed": check_distributed,
+    "trainer_async": check_trainer_async,
 }
 
 
@@ -671,7 +793,7 @@ def run_check(name: str, ctx: Ctx, work: Path) -> dict[str, Any]:
     try:
         result = CHECKS[name](ctx, work / name)
         flags = result.pop("ok_flags")
-        result["failed"] = [k for k in flags if result[k] is not True]
+        result["failed"] = [k for k in flags if result.get(k) is not True]
         result["ok"] = not result["failed"]
     except Exception as exc:  # reported per check; the others still run
         result = {
@@ -702,6 +824,10 @@ def _summary(name: str, result: dict[str, Any]) -> str:
             f"blocked {result['racing_save_blocked_s'] * 1e3:.1f} ms of a "
             f"{result['racing_save_total_s']:.2f} s save"
         )
+    if name == "trainer_async":
+        if "skipped" in result:
+            return f"skipped: {result['skipped']}"
+        return f"steps {result['steps_saved']} on {result['device']}"
     if name == "every_device":
         return ", ".join(result["devices"])
     if name == "low_precision":
@@ -753,9 +879,12 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
     parser.add_argument("--deadline", type=float, default=285.0, help="watchdog, seconds")
     parser.add_argument("--dist-child", nargs=2, metavar=("REPORTS", "ROOT"))
+    parser.add_argument("--trainer-child", type=Path, metavar="OUT")
     args = parser.parse_args()
     if args.dist_child:
         return dist_child(Path(args.dist_child[0]), Path(args.dist_child[1]), args.device)
+    if args.trainer_child:
+        return trainer_child(args.trainer_child, args.device)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
             f"device-check: found no CUDA device (torch {torch.__version__}, built for CUDA "
