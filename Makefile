@@ -58,7 +58,7 @@ bench: install
 	# Object-store requests of start-up, latest() and a save on roots of 10 and 1000
 	# checkpoints (counts, not times).
 	$(PY) benchmarks/bench_requests.py --counts 10 1000 --json benchmarks/results/requests-latest.json
-	# End to end (issue 18): a GPT-2 of ~33M parameters, 40 steps on CPU, a save every 10,
+	# End to end (issue 18): a GPT-2 of ~29M parameters, 40 steps on CPU, a save every 10,
 	# plain / sync / async, Trainer and Lightning, each run a fresh process (~6 min).
 	$(PY) benchmarks/bench_frameworks.py --rounds 3 --json benchmarks/results/frameworks-latest.json
 
