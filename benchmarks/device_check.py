@@ -838,7 +838,7 @@ def _summary(name: str, result: dict[str, Any]) -> str:
 def print_report(report: dict[str, Any]) -> None:
     print(f"\n  {'check':18} {'result':6} {'s':>6}  notes")
     for name, result in report["checks"].items():
-        verdict = "ok" if result["ok"] else "FAIL"
+        verdict = "FAIL" if not result["ok"] else "skip" if "skipped" in result else "ok"
         print(f"  {name:18} {verdict:6} {result['seconds']:6.1f}  {_summary(name, result)}")
     stall = report["checks"].get("stall", {})
     if "methods" in stall:
