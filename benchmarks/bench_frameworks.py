@@ -284,6 +284,8 @@ def summarize(
             "train_median_s": statistics.median(train),
             "train_min_s": min(train),
             "train_max_s": max(train),
+            "train_s_each_round": train,
+            "process_cpu_s_each_round": [s["process_cpu_s"] for s in runs],
             "train_cpu_median_s": med(name, "train_cpu_s"),
             "process_median_s": med(name, "process_s"),
             "process_cpu_median_s": med(name, "process_cpu_s"),
