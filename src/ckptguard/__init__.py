@@ -35,6 +35,7 @@ from ckptguard._format.layout import Naming
 from ckptguard._format.manifest import FileEntry, Manifest
 from ckptguard._manager.load import load
 from ckptguard._manager.manager import CheckpointInfo, CheckpointManager, PendingSave
+from ckptguard._manager.preemption import PREEMPTED_EXIT_CODE, Preemption
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._protocol.api import read_manifest, verify
 from ckptguard._protocol.recovery import EntryKind, RecoveryReport, RootEntry, recover, scan
@@ -50,7 +51,7 @@ from ckptguard._tools.doctor import DoctorReport, doctor
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted() order, which tests/test_api.py checks
     "AtomicCheckpoint",
     "CheckpointError",
     "CheckpointInfo",
@@ -72,7 +73,9 @@ __all__ = [
     "Naming",
     "NoValidCheckpoint",
     "Outcome",
+    "PREEMPTED_EXIT_CODE",
     "PendingSave",
+    "Preemption",
     "ProtectedCheckpoint",
     "RankFailure",
     "ReadOnlyStorage",

@@ -12,6 +12,7 @@ import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -134,3 +135,31 @@ def test_buffers_are_reused_from_one_save_to_the_next(tmp_path: Path) -> None:
             torch.save(state, staging / "opt.pt")
         deferred.run()
     assert snapshots.allocations == 5  # exp_avg, step, weight (= tied), param, od.a: once
+
+
+def test_a_copy_of_a_device_tensor_is_saved_with_its_device(tmp_path: Path) -> None:
+    """torch.save records each storage's device; a copy taken from a CUDA tensor is tagged
+    with that device (the tagger is what a CUDA machine uses: marked here by hand, as this
+    machine has no GPU; benchmarks/device_check.py compares the bytes on a real one)."""
+    from ckptguard.integrations import _capture
+
+    copy = torch.arange(6, dtype=torch.float32)
+    _capture._register_tagger()
+    _capture._DEVICE_OF[copy.untyped_storage().data_ptr()] = "cuda:1"
+    try:
+        torch.save({"t": copy, "other": torch.ones(2)}, tmp_path / "t.pt")
+    finally:
+        _capture._forget(copy)
+    seen: list[str] = []
+
+    def where(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    loaded = torch.load(tmp_path / "t.pt", map_location=where, weights_only=True)
+    assert sorted(seen) == ["cpu", "cuda:1"]
+    assert torch.equal(loaded["t"], copy)
+    torch.save(copy, tmp_path / "u.pt")  # forgotten: a plain CPU storage again
+    seen.clear()
+    torch.load(tmp_path / "u.pt", map_location=where, weights_only=True)
+    assert seen == ["cpu"]

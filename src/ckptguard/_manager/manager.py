@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 from ckptguard._coordination.base import Coordinator, default_coordinator
 from ckptguard._errors import (
@@ -32,6 +32,7 @@ from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.admin import Admin
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
 from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
+from ckptguard._manager.preemption import Handling, exit_preempted, policy_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._manager.saver import (
@@ -49,10 +50,11 @@ from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable, Collection, Mapping
+    from collections.abc import Callable, Collection, Mapping, Sequence
     from pathlib import Path
 
     from ckptguard._manager.mirror import Mirror
+    from ckptguard._manager.preemption import Preemption
     from ckptguard._protocol.strategy import IfExists
     from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
@@ -93,6 +95,7 @@ class CheckpointManager:
         new_lineage: bool = False,
         read_only: bool | None = None,
         max_concurrency: int | None = None,
+        preemption: bool | str | int | Sequence[str | int] | Preemption = False,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -116,6 +119,12 @@ class CheckpointManager:
         ``max_concurrency`` (default 16): an object store's requests in flight at once
         (multipart parts, ranged reads, the mirror's files), which also bounds the memory
         of transfers (that many part-size buffers, 8 MiB each, plus two).
+
+        ``preemption=True`` (SIGTERM), a signal name or number (``"SIGUSR1"`` for SLURM's
+        ``--signal=USR1@90``), several, or a :class:`Preemption` policy: the signal only
+        records a request, which :meth:`preemption_requested` turns into one step every
+        rank agrees on (see ``preemption.py``). Off by default: the program's signals are
+        its own, and SIGTERM finishes an in-flight async save and ends the process.
 
         ``storage``: the storage to use instead of the one the root's kind implies (a
         fault-injecting wrapper in tests); for a URL root it wraps an ``FsspecStorage``.
@@ -188,6 +197,7 @@ class CheckpointManager:
         )
         self.coordinator = coordinator or default_coordinator()
         self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
+        policy = policy_of(preemption)  # a wrong value raises before start-up
         self.lineage, self._hold = start(
             self.backend,
             self.catalog,
@@ -201,6 +211,7 @@ class CheckpointManager:
         )
         self.catalog.owns = self.lineage.owns
         self.admin.owns_run = self.lineage.owns_run
+        self.preemption = None if policy is None else self._handle_preemption(policy)
 
     @property
     def in_flight(self) -> PendingSave | None:
@@ -445,6 +456,39 @@ class CheckpointManager:
         self.wait()
         return self.admin.delete(step, force=force)
 
+    # -- preemption ------------------------------------------------------------------------
+    def _handle_preemption(self, policy: Preemption) -> Handling:
+        try:
+            return Handling(policy, self.coordinator, strict=True)
+        except BaseException:  # refused: another handler, or not the main thread
+            if self._hold is not None:
+                self._hold.release()
+            raise
+
+    def preemption_requested(self, step: int) -> bool:
+        """Every rank, at every step boundary: whether to save ``step`` now and exit.
+
+        True on every rank at the same step once any rank received a preemption signal
+        (see ``preemption=``); then ``save`` and :meth:`exit_preempted`.
+        """
+        if self.preemption is None:
+            raise ValueError(
+                "preemption_requested() needs CheckpointManager(..., preemption=True) "
+                "(or the signal to handle)"
+            )
+        return self.preemption.poll(step)
+
+    def exit_preempted(self) -> NoReturn:
+        """After the preemption save: wait for it, log one line, exit with the code.
+
+        Raises ``SystemExit(ckptguard.PREEMPTED_EXIT_CODE)`` (75, EX_TEMPFAIL); the line
+        names the signal, the step and the committed checkpoint.
+        """
+        self.wait()
+        step = None if self.preemption is None else self.preemption.step
+        path = None if step is None else self.backend.join(self.naming.name(step))
+        exit_preempted(step, path if path is not None and self.backend.exists(path) else None)
+
     # -- waiting and closing ------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Finish the in-flight async save: its CheckpointInfo, or its error raised.
@@ -469,6 +513,8 @@ class CheckpointManager:
             self.saver.release()
             if self._hold is not None:
                 self._hold.release()
+            if self.preemption is not None:
+                self.preemption.close()
             forget(self)
 
     def __enter__(self) -> CheckpointManager:

@@ -18,6 +18,11 @@ the moment of its call, in the format the framework loads. Everything else (JSON
 tokenizer, small or tensor-free ``torch.save`` objects such as RNG states and training
 arguments) is written at once, as without the capture.
 
+A copy of a CUDA tensor keeps its device in the file: ``torch.save`` records each
+storage's device, and a pinned copy is tagged with the device its tensor was on (a
+``torch.serialization`` tagger for those copies alone), so the file loads onto the same
+device as a file written at the moment of the call would.
+
 A call that cannot be deferred faithfully (a file object instead of a path, tensor
 subclasses such as DTensor, sparse or quantized tensors, a non-contiguous tensor that
 safetensors would refuse, an object that cannot be copied) is made at once: slower,
@@ -49,6 +54,33 @@ _log = logging.getLogger("ckptguard.integrations")
 # Below this many tensor bytes a write is made at once: copying it buys nothing.
 DEFER_MIN_BYTES = 64 << 10
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+# The storage of a pinned copy -> the device of the tensor it copies (see the docstring).
+_DEVICE_OF: dict[int, str] = {}
+_tagger_registered = False
+
+
+def _tag_copy(storage: Any) -> str | None:
+    try:
+        return _DEVICE_OF.get(int(storage.data_ptr()))
+    except Exception:
+        return None
+
+
+def _restore_nothing(storage: Any, location: str) -> None:
+    del storage, location  # loading uses torch's own deserializers
+
+
+def _register_tagger() -> None:
+    global _tagger_registered  # noqa: PLW0603 - once per process
+    if not _tagger_registered:
+        torch.serialization.register_package(1, _tag_copy, _restore_nothing)
+        _tagger_registered = True
+
+
+def _forget(buffer: torch.Tensor) -> None:
+    _DEVICE_OF.pop(int(buffer.untyped_storage().data_ptr()), None)
 
 
 class NotDeferrable(Exception):
@@ -87,12 +119,18 @@ class Snapshots:
             or buffer.shape != source.shape
             or (cuda and not buffer.is_pinned())
         ):
+            if buffer is not None:
+                _forget(buffer)
             buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=cuda)
             self._buffers[key] = buffer
             self.allocations += 1
         buffer.copy_(source, non_blocking=cuda)
         if cuda:
             self._devices.add(source.device)
+            _register_tagger()
+            _DEVICE_OF[int(buffer.untyped_storage().data_ptr())] = str(source.device)
+        else:
+            _forget(buffer)
         self._used.add(key)
         self.copied_bytes += buffer.numel() * buffer.element_size()
         return buffer
@@ -102,9 +140,11 @@ class Snapshots:
         for device in self._devices:
             torch.cuda.synchronize(device)
         for key in [k for k in self._buffers if k not in self._used]:
-            del self._buffers[key]
+            _forget(self._buffers.pop(key))
 
     def release(self) -> None:
+        for buffer in self._buffers.values():
+            _forget(buffer)
         self._buffers.clear()
 
     @property

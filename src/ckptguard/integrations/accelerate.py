@@ -58,6 +58,11 @@ from ckptguard._protocol.backend import parent_of
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.base import is_url
 from ckptguard.integrations._capture import Snapshots, capture
+from ckptguard.integrations._preemption import (
+    attach_to_accelerator,
+    exit_preempted,
+    preemption_requested,
+)
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -72,7 +77,7 @@ if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator
     from ckptguard._protocol.transaction import AtomicCheckpoint as Transaction
 
-__all__ = ["protect", "wait"]
+__all__ = ["exit_preempted", "preemption_requested", "protect", "wait"]
 
 _log = logging.getLogger("ckptguard.integrations.accelerate")
 _ATTR = "_ckptguard_guard"
@@ -121,6 +126,7 @@ def protect(
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
     async_save: bool = False,
+    preemption: Any = False,
     **others: Any,
 ) -> T:
     """Make ``accelerator.save_state`` / ``load_state`` atomic and verified; returns it.
@@ -143,6 +149,12 @@ def protect(
     save is in flight: the next ``save_state``, ``load_state`` and :func:`wait` wait for
     it and raise its error; exit and SIGTERM wait for it. It returns the path the
     checkpoint will have.
+
+    ``preemption=True`` (SIGTERM; or a signal name such as ``"SIGUSR1"``, several, a
+    ``ckptguard.Preemption``): the loop asks :func:`preemption_requested` at each step,
+    then calls ``save_state()`` and :func:`exit_preempted` (see
+    ``integrations/_preemption.py``). Off by default: a loop that does not ask would only
+    die later, after the grace period.
     """
     options = RemoteOptions.of(
         "protect(accelerator)",
@@ -180,6 +192,7 @@ def protect(
 
     acc.save_state = save_state
     acc.load_state = load_state
+    attach_to_accelerator(acc, preemption)
     setattr(acc, _ATTR, guard)
     return accelerator
 

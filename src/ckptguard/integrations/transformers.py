@@ -56,12 +56,14 @@ from ckptguard._errors import CheckpointError, NoValidCheckpoint, UnsupportedRoo
 from ckptguard._format.layout import HF_NAMING, MANIFEST_NAME, RESERVED_NAMES
 from ckptguard._manager.adoption import newest_adoptable
 from ckptguard._manager.manager import CheckpointManager
+from ckptguard._manager.preemption import policy_of
 from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._manager.saver import PendingSave
 from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
 from ckptguard.integrations._capture import Snapshots, capture
+from ckptguard.integrations._preemption import TrainerPreemption
 from ckptguard.integrations._remote import (
     RemoteOptions,
     cache_root,
@@ -199,6 +201,7 @@ def protect(
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
     async_save: bool = False,
+    preemption: Any = True,
     **others: Any,
 ) -> T:
     """Make every checkpoint of ``trainer`` atomic, exactly-once and verified; returns it.
@@ -222,6 +225,13 @@ def protect(
     rotates (see ``integrations/_capture.py``). At most one save is in flight; a failed
     one raises at the next save or at the end of ``train()``; process exit and SIGTERM
     wait for it. Costs host memory of about one checkpoint's tensors.
+
+    ``preemption`` (default True: SIGTERM; a signal name such as ``"SIGUSR1"``, several,
+    a ``ckptguard.Preemption``, or False: off): on that signal every rank agrees on one
+    step, the trainer saves it and stops, and ``train()`` exits the process with
+    ``ckptguard.PREEMPTED_EXIT_CODE`` (see ``integrations/_preemption.py``). The handler
+    is installed while ``train()`` runs; off, with a warning, when the program handles
+    the signal itself.
     """
     options = RemoteOptions.of(
         "protect(trainer)",
@@ -252,6 +262,7 @@ def protect(
 
         warn_at_start(str(t.args.output_dir), log=_log)  # versions, leftovers (fast)
     guard = _Guard(keep_last=_keep_last(t.args.save_total_limit), options=options)
+    preempt = None if policy_of(preemption) is None else TrainerPreemption(preemption)
     original_save = t._save_checkpoint  # noqa: SLF001 - the hook this integration wraps
     original_output_dir = t._get_output_dir  # noqa: SLF001
     original_train = t.train
@@ -282,12 +293,18 @@ def protect(
         limit = t.args.save_total_limit
         guard.keep_last = _keep_last(limit)
         t.args.save_total_limit = None
+        if preempt is not None:
+            preempt.arm()
         try:
             result = original_train(*args_list, **kwargs)
         finally:
             t.args.save_total_limit = limit
+            if preempt is not None:
+                preempt.disarm()
         for manager in guard.managers.values():
             manager.wait()  # mirror uploads: their failure is raised here
+        if preempt is not None:
+            preempt.exit_if_preempted(guard.managers.values())
         return result
 
     handler = t.callback_handler
@@ -323,6 +340,8 @@ def protect(
     t._save_checkpoint = _save_checkpoint  # noqa: SLF001
     t.train = train
     handler.on_save = on_save
+    if preempt is not None:
+        t.add_callback(preempt.callback)
     setattr(t, _ATTR, guard)
     _log.info("ckptguard protects the checkpoints of %s in %s", type(t).__name__, t.args.output_dir)
     return trainer
