@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint types pytest install bench chaos clean-venv docs
+.PHONY: demo test lint types pytest install bench chaos clean-venv docs device-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,20 @@ bench: install
 	# Object-store requests of start-up, latest() and a save on roots of 10 and 1000
 	# checkpoints (counts, not times).
 	$(PY) benchmarks/bench_requests.py --counts 10 1000 --json benchmarks/results/requests-latest.json
+	# End to end (issue 18): a GPT-2 of ~29M parameters, 40 steps on CPU, a save every 10,
+	# plain / sync / async, Trainer and Lightning, each run a fresh process (~6 min).
+	$(PY) benchmarks/bench_frameworks.py --rounds 3 --json benchmarks/results/frameworks-latest.json
+
+# ckptguard's CUDA paths on a machine with NVIDIA GPUs (under 5 minutes): async stall
+# against a pinned device-to-host copy and dcp.async_save, every device, bf16/fp8, NCCL.
+# Without CUDA it says so and exits 0; `--device cpu` runs the same checks on the CPU.
+# Not through `install`: the venv's torch is pinned to the CPU build. It runs this
+# checkout's ckptguard with the Python whose torch has CUDA (DEVICE_PYTHON; default: the
+# venv's if there is one, else python3; it needs torch, numpy and xxhash, filelock,
+# tenacity, packaging).
+DEVICE_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+device-check:
+	PYTHONPATH=src $(DEVICE_PYTHON) benchmarks/device_check.py --json benchmarks/results/device-latest.json
 
 # The reliability and security gauntlet in full (make test runs a sample of each row),
 # which prints its table of figures and writes them as JSON; then the full crash sweep
