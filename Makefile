@@ -61,6 +61,9 @@ bench: install
 	# End to end (issue 18): a GPT-2 of ~29M parameters, 40 steps on CPU, a save every 10,
 	# plain / sync / async, Trainer and Lightning, each run a fresh process (~6 min).
 	$(PY) benchmarks/bench_frameworks.py --rounds 3 --json benchmarks/results/frameworks-latest.json
+	# Saves on preemption (issue 18): the per-step cost of the agreement, and the time from
+	# the signal to a committed checkpoint of 100 MiB, with 1 and 2 ranks.
+	$(PY) benchmarks/bench_preemption.py --mib 100 --rounds 5 --json benchmarks/results/preemption-latest.json
 
 # ckptguard's CUDA paths on a machine with NVIDIA GPUs (under 5 minutes): async stall
 # against a pinned device-to-host copy and dcp.async_save, every device, bf16/fp8, NCCL.
