@@ -92,6 +92,7 @@ def _save_steps(
 ) -> None:
     for step in steps:
         mgr.save(step, _state(step), metrics=metrics(step) if metrics else None)
+    mgr.wait()  # retired checkpoints leave trash in the background (issue 18)
 
 
 # -- save / list / latest / verify / restore ---------------------------------------------------

@@ -3,7 +3,9 @@
 Retention runs only after a new checkpoint is committed and verified, under the root's
 lock where there is one, and never deletes the newest valid checkpoint, the best one, a
 pinned one, or anything that is not valid. What it keeps in place of what it deletes is
-checksum-verified first (once per save id in this process).
+checksum-verified first (once per save id in this process). A retired checkpoint's name
+is gone when the save returns; on a local root its files are removed by a background
+thread, which the next save, ``wait`` and ``close`` wait for.
 """
 
 from __future__ import annotations
@@ -251,4 +253,10 @@ class Retainer:
             for name in deletions:
                 if self.on_retire is not None:
                     self.on_retire(name)
-                self.backend.retire(name)
+                # The name goes now, under the lock; its files are removed by a thread
+                # (see rename.py), off the save's path. ``drain`` waits for it.
+                self.backend.retire(name, background=True)
+
+    def drain(self) -> None:
+        """Wait until the checkpoints retired so far are removed from the disk."""
+        self.backend.drain()
