@@ -649,37 +649,44 @@ def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None)
 class Removals:
     """What retention hands over after renaming a checkpoint into trash, run on threads.
 
-    Each job (fsync the root, then remove the trash entry) gets a daemon thread; ``wait``
-    joins them. A failure is logged, never raised: the name is gone already, and what is
-    left in trash is removed by the next publish or start-up.
+    Each job (fsync the root, then remove the trash entry) gets a thread of its own; ``wait``
+    joins them. A storage failure is logged, never raised: the name is gone already, and
+    what is left in trash is removed by the next publish or start-up. Anything else (a
+    bug, an interrupt, a test's simulated power cut) is raised again by ``wait``. The
+    threads are not daemons: a normal exit lets them finish.
     """
 
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> None:
-        thread = threading.Thread(
-            target=self._run, args=(job,), name="ckptguard-remove", daemon=True
-        )
+        thread = threading.Thread(target=self._run, args=(job,), name="ckptguard-remove")
         with self._lock:
             self._threads.append(thread)
         thread.start()
 
-    @staticmethod
-    def _run(job: Callable[[], None]) -> None:
+    def _run(self, job: Callable[[], None]) -> None:
         try:
             job()
         except (OSError, CheckpointError) as exc:
             _log.warning("could not remove a retired checkpoint from trash (%s); the next "
                          "save or start-up will", exc)  # fmt: skip
+        except BaseException as exc:  # handed to the thread that waits
+            with self._lock:
+                self._errors.append(exc)
 
     def wait(self) -> None:
-        """Until every job submitted so far has finished."""
+        """Until every job submitted so far has finished; raises what one of them raised."""
         with self._lock:
             threads, self._threads = self._threads, []
         for thread in threads:
             thread.join()
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
 
 
 class RenameCommit:
