@@ -10,6 +10,7 @@ thread, which the next save, ``wait`` and ``close`` wait for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
@@ -84,8 +85,32 @@ class Retainer:
 
         Each committer does all three. Nothing is deleted on the strength of a save that
         does not verify. With one process, failures raise; with several, they are logged
-        on every rank (the commit itself has succeeded by then, on every node).
+        on every rank (the commit itself has succeeded by then, on every node). A save
+        that raises here returns only once the removals it started have stopped.
         """
+        try:
+            return self._after_save(
+                catalog, step, path, committer=committer, pin=pin, coord=coord,
+                also_keep=also_keep, verify_after_save=verify_after_save, upload=upload,
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.drain()
+            raise
+
+    def _after_save(
+        self,
+        catalog: Catalog,
+        step: int,
+        path: str,
+        *,
+        committer: bool,
+        pin: bool,
+        coord: Coordinator,
+        also_keep: Collection[str],
+        verify_after_save: bool,
+        upload: Callable[[str], None] | None,
+    ) -> CheckpointInfo:
         error: str | None = None
         report: VerifyReport | None = None
         if committer:
