@@ -19,8 +19,8 @@ byte and the manifest are durable.
 
 Retention (after ``publish``) renames each retired checkpoint into trash under the lock;
 with ``retire(..., background=True)`` the fsync of ROOT and the unlinking of its files
-(about 0.25 s per GiB on an ext4 disk mounted with ``discard``, mostly waiting on the
-journal) run on a background thread (:class:`Removals`), which the next ``commit`` and
+(0.15 to 0.3 s per GiB on an ext4 disk mounted with ``discard``, most of it waiting, not
+CPU) run on a background thread (:class:`Removals`), which the next ``commit`` and
 ``drain`` wait for. A crash there leaves a ``*.retired`` trash entry, removed by the next
 publish or start-up (``cleanup.repair_trash``).
 
