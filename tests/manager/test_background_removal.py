@@ -203,7 +203,9 @@ def test_sigkill_during_background_removal_keeps_every_kept_checkpoint(tmp_path:
     # directory of each call): the point was reached.
     assert calls, log[-2000:]
     assert all(".ckptguard/trash/checkpoint-1." in line for line in calls), calls
-    assert calls[-1].endswith("= ?"), calls
+    # The killed call never returned: strace ends its line with "= ?", or leaves it
+    # "<unfinished ...>" when another thread's call was printed in between.
+    assert calls[-1].endswith(("= ?", "<unfinished ...>")), calls
     assert "killed by SIGKILL" in log, log[-2000:]
     (held,) = _trash(root)  # cut mid-removal
     assert held.startswith("checkpoint-1."), held
