@@ -34,9 +34,12 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -52,7 +55,7 @@ import ckptguard
 from ckptguard._storage.local import LocalStorage
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 MiB = 1 << 20
 
@@ -257,6 +260,60 @@ def raw_write(blobs: list[memoryview], out: Path, *, durable: bool) -> None:
 
 
 # -- the sections ---------------------------------------------------------------------------
+KEEP_LAST = 2  # retention as in training: every timed save retires the checkpoint before last
+
+
+def ckptguard_savers(
+    state: dict[str, torch.Tensor], work: Path, storage: LocalStorage, stalls: Timings
+) -> tuple[Any, Any, Callable[[Path], Measured], Callable[[Path], Measured]]:
+    """A sync and an async manager, each saving as a training run does.
+
+    One manager of each kind for the whole run: the async one allocates its staging
+    buffers at its first save and reuses them (the steady state). Retention runs inside
+    every save (``keep_last=2`` on a root that holds two earlier checkpoints, so each
+    timed save retires one). The sync save is timed until it returns, the async one
+    until its commit (``PendingSave.result``); the removal of the retired checkpoint,
+    which runs in the background after that, is waited for outside the timing and
+    recorded as its own row.
+    """
+    steps = itertools.count(1)
+    managers = []
+    for kind in ("sync", "async"):
+        mgr = ckptguard.CheckpointManager(
+            work / f"cg-{kind}", keep_last=KEEP_LAST, storage=storage, async_save=kind == "async"
+        )
+        for _ in range(KEEP_LAST):  # the earlier checkpoints that retention finds
+            mgr.save(next(steps), {"model": state})
+            mgr.wait()
+        managers.append(mgr)
+    sync_mgr, async_mgr = managers
+
+    def drained(mgr: Any, name: str) -> None:
+        start = time.perf_counter()
+        mgr.wait()  # the retired checkpoint's removal (background): off the timed path
+        stalls.add(name, time.perf_counter() - start)
+
+    def ckptguard_sync(out: Path) -> Measured:
+        del out
+        start, cpu = time.perf_counter(), cpu_now()
+        sync_mgr.save(next(steps), {"model": state}, blocking=True)
+        measured = Measured(time.perf_counter() - start, cpu_now() - cpu)
+        drained(sync_mgr, "removal after the sync save returned (background)")
+        return measured
+
+    def ckptguard_async(out: Path) -> Measured:
+        del out
+        start, cpu = time.perf_counter(), cpu_now()
+        job = async_mgr.save(next(steps), {"model": state}, blocking=False)
+        stalls.add("ckptguard async", time.perf_counter() - start)
+        job.result()
+        measured = Measured(time.perf_counter() - start, cpu_now() - cpu)
+        drained(async_mgr, "removal after the async save committed (background)")
+        return measured
+
+    return sync_mgr, async_mgr, ckptguard_sync, ckptguard_async
+
+
 def bench_save(
     state: dict[str, torch.Tensor], rounds: int, work: Path, *, durable: bool
 ) -> Timings:
@@ -268,32 +325,9 @@ def bench_save(
     fs = "+fsync" if durable else ""
     stalls = Timings()
 
-    # One manager of each kind for the whole run, as in training: the async one allocates
-    # its staging buffers at its first save (a warm-up save below) and reuses them.
-    sync_mgr = ckptguard.CheckpointManager(work / "cg-sync", keep_last=None, storage=storage)
-    async_mgr = ckptguard.CheckpointManager(
-        work / "cg-async", keep_last=None, storage=storage, async_save=True
+    sync_mgr, async_mgr, ckptguard_sync, ckptguard_async = ckptguard_savers(
+        state, work, storage, stalls
     )
-    steps = itertools.count(1)
-
-    def ckptguard_sync(out: Path) -> Measured:
-        del out
-        start, cpu = time.perf_counter(), cpu_now()
-        info = sync_mgr.save(next(steps), {"model": state}, blocking=True)
-        measured = Measured(time.perf_counter() - start, cpu_now() - cpu)
-        shutil.rmtree(info.path)
-        return measured
-
-    def ckptguard_async(out: Path) -> Measured:
-        del out
-        start, cpu = time.perf_counter(), cpu_now()
-        async_mgr.save(next(steps), {"model": state}, blocking=False)
-        stalls.add("ckptguard async", time.perf_counter() - start)
-        info = async_mgr.wait()
-        measured = Measured(time.perf_counter() - start, cpu_now() - cpu)
-        if info is not None:
-            shutil.rmtree(info.path)
-        return measured
 
     def torch_save(out: Path) -> None:
         out.mkdir()
@@ -345,10 +379,276 @@ def bench_save(
     timings = Timings()
     interleave(methods, rounds, work, timings)
     for name, ts in stalls.samples.items():
-        timings.samples[f"stall: {name}"] = ts
+        timings.samples[name if name.startswith("removal") else f"stall: {name}"] = ts
     sync_mgr.close()
     async_mgr.close()
     return timings
+
+
+FIVE = ("raw write+fsync", "ckptguard sync", "ckptguard async", "torch.save+fsync", "dcp.save")
+
+
+def five_methods(
+    state: dict[str, torch.Tensor], work: Path, stalls: Timings
+) -> tuple[dict[str, Callable[[Path], Measured | float | None]], Callable[[], None]]:
+    """The five durable saves of issue 18, as a training run makes them; and a closer."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict_saver import save  # noqa: PLC0415
+
+    blobs = [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values()]
+    sync_mgr, async_mgr, ckptguard_sync, ckptguard_async = ckptguard_savers(
+        state, work, LocalStorage(), stalls
+    )
+
+    def torch_save(out: Path) -> None:
+        out.mkdir()
+        torch.save(state, out / "model.pt")
+        fsync_tree(out)
+
+    def dcp_save(out: Path) -> None:
+        save({"model": state}, storage_writer=FileSystemWriter(str(out)), no_dist=True)
+
+    methods: dict[str, Callable[[Path], Measured | float | None]] = dict(
+        zip(
+            FIVE,
+            [
+                lambda out: raw_write(blobs, out, durable=True),
+                ckptguard_sync,
+                ckptguard_async,
+                torch_save,
+                dcp_save,
+            ],
+            strict=True,
+        )
+    )
+
+    def close() -> None:
+        sync_mgr.close()
+        async_mgr.close()
+
+    return methods, close
+
+
+def bench_five(state: dict[str, torch.Tensor], rounds: int, work: Path) -> Timings:
+    """The five saves interleaved in one run, the order rotated every round."""
+    stalls = Timings()
+    methods, close = five_methods(state, work, stalls)
+    try:
+        interleave(methods, 1, work, Timings(), label="warm-up")
+        stalls.samples.clear()
+        timings = Timings()
+        interleave(methods, rounds, work, timings)
+    finally:
+        close()
+    for name, ts in stalls.samples.items():
+        if name.startswith("removal"):
+            timings.samples[name] = ts
+    return timings
+
+
+# -- GIL contention ------------------------------------------------------------------------
+def _python_step(a: torch.Tensor) -> float:
+    """A Python-heavy training step: a bit of pure Python and small tensor ops."""
+    total = sum(i * i for i in range(300))
+    for _ in range(4):
+        a = torch.tanh(a @ a) * 0.5
+    return total + float(a[0, 0])
+
+
+def _rate(until: Callable[[], bool], a: torch.Tensor) -> tuple[float, float]:
+    """Steps per second of ``_python_step`` until ``until()``; and the seconds it ran."""
+    count, start = 0, time.perf_counter()
+    while not until():
+        _python_step(a)
+        count += 1
+    elapsed = time.perf_counter() - start
+    return count / max(elapsed, 1e-9), elapsed
+
+
+def bench_gil(state: dict[str, torch.Tensor], rounds: int, work: Path) -> dict[str, Any]:
+    """How much a background save slows a Python-heavy loop on the training thread.
+
+    Each round, in rotated order: the loop's step rate while an async save is in flight
+    (from its return to its commit); while a plain thread writes and fsyncs the same bytes
+    (os.write releases the GIL: what any in-process writer costs in CPU and memory
+    bandwidth); and alone, for as long as the save ran.
+    """
+    a = torch.randn(32, 32)
+    blobs = [t.reshape(-1).view(torch.uint8).numpy().data for t in state.values()]
+    # The loop's small tensor ops on one intra-op thread: on 2 cores, OpenMP threads that
+    # spin beside any background thread would measure oversubscription, not the GIL.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mgr = ckptguard.CheckpointManager(work / "gil", keep_last=KEEP_LAST, async_save=True)
+    steps = itertools.count(1)
+    for _ in range(KEEP_LAST + 1):
+        mgr.save(next(steps), {"model": state})
+        mgr.wait()
+    rates: dict[str, list[float]] = {"alone": [], "async save": [], "raw writer thread": []}
+    window = [1.0]
+
+    def beside_save() -> None:
+        job = mgr.save(next(steps), {"model": state})
+        rate, window[0] = _rate(job.done, a)
+        mgr.wait()
+        rates["async save"].append(rate)
+
+    def beside_writer() -> None:
+        out = work / "gil-raw"
+        thread = threading.Thread(target=raw_write, args=(blobs, out), kwargs={"durable": True})
+        thread.start()
+        rates["raw writer thread"].append(_rate(lambda: not thread.is_alive(), a)[0])
+        thread.join()
+        shutil.rmtree(out)
+
+    def alone() -> None:
+        deadline = time.perf_counter() + window[0]
+        rates["alone"].append(_rate(lambda: time.perf_counter() >= deadline, a)[0])
+
+    runs = [beside_save, beside_writer, alone]
+    for r in range(rounds + 1):  # the first round warms up
+        for run in runs[r % 3 :] + runs[: r % 3]:
+            run()
+        if r == 0:
+            for v in rates.values():
+                v.clear()
+    mgr.close()
+    torch.set_num_threads(threads)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {
+        "steps_per_s": med,
+        "slowdown": med["alone"] / med["async save"] - 1.0,
+        "slowdown_beside_raw_writer": med["alone"] / med["raw writer thread"] - 1.0,
+        # What the save costs the loop beyond a writer that never holds the GIL.
+        "slowdown_vs_raw_writer": med["raw writer thread"] / med["async save"] - 1.0,
+        "rounds": rounds,
+    }
+
+
+# -- metadata operations per save (strace) -------------------------------------------------
+TRACED = (
+    "fsync,fdatasync,openat,mkdir,mkdirat,rename,renameat,renameat2,getdents64,unlink,"
+    "unlinkat,rmdir,newfstatat,statx,stat,lstat,flock,chmod,fchmod,fchmodat"
+)
+MARK = "/ckptguard-bench-mark-"  # an os.stat of a missing path: a marker in the trace
+
+
+def traced_child(method: str, mib: int, work: Path) -> None:
+    """Run in a child under strace: a warm-up save, then one save between two markers."""
+    state = gpt_like_state(mib)
+    stalls = Timings()
+    methods, close = five_methods(state, work, stalls)
+    try:
+        methods[method](work / "warm-up")
+        shutil.rmtree(work / "warm-up", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.stat(MARK + "start")
+        # ckptguard's savers wait for the retired checkpoint's background removal after
+        # the save (outside their timing): counted too.
+        methods[method](work / "traced")
+        with contextlib.suppress(OSError):
+            os.stat(MARK + "end")
+    finally:
+        close()
+
+
+_CALL = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
+_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. (\w+) resumed>(.*)$")
+
+
+def _calls(trace: str) -> Iterator[tuple[str, str]]:
+    """(name, arguments and result) of each call of a strace -f log, split calls joined."""
+    pending: dict[str, str] = {}
+    for line in trace.splitlines():
+        if line.endswith("<unfinished ...>"):
+            pid = line.split(None, 1)[0]
+            pending[pid] = line.removesuffix("<unfinished ...>")
+            continue
+        whole = line
+        if m := _RESUMED.match(line):
+            whole = pending.pop(m.group(1), "") + m.group(3)
+        if m := _CALL.match(whole):
+            yield m.group(2), m.group(3)
+        elif MARK in whole:
+            yield "mark", whole
+
+
+def count_ops(trace: str, work: Path) -> dict[str, int]:
+    """Metadata operations under ``work`` between the two markers of a strace -f -y log."""
+    counts = dict.fromkeys(
+        ("fsync file", "fsync dir", "create", "mkdir", "rename", "listing", "unlink", "rmdir",
+         "stat", "lock", "chmod"), 0,
+    )  # fmt: skip
+    dirs: set[str] = set()
+    inside = False
+    where = str(work)
+    for name, rest in _calls(trace):
+        if MARK + "start" in rest:
+            inside = True
+            continue
+        if MARK + "end" in rest:
+            break
+        if where not in rest:
+            continue
+        result = rest.rsplit(") = ", 1)[-1]
+        failed = result.startswith("-1")
+        if name == "openat" and "O_DIRECTORY" in rest and not failed:
+            dirs.add(result.split("<", 1)[-1].split(">", 1)[0])
+        if not inside:
+            continue
+        if name in {"fsync", "fdatasync"}:
+            path = rest.split("<", 1)[1].split(">", 1)[0] if "<" in rest else ""
+            counts["fsync dir" if path in dirs else "fsync file"] += 1
+        elif name == "openat" and "O_CREAT" in rest and not failed:
+            counts["create"] += 1
+        elif name in {"mkdir", "mkdirat"}:
+            counts["mkdir"] += 1
+        elif name.startswith("rename"):
+            counts["rename"] += 1
+        elif name == "getdents64" and not result.startswith("0"):
+            counts["listing"] += 1
+        elif name == "rmdir" or (name == "unlinkat" and "AT_REMOVEDIR" in rest):
+            counts["rmdir"] += 1
+        elif name in {"unlink", "unlinkat"}:
+            counts["unlink"] += 1
+        elif name in {"newfstatat", "statx", "stat", "lstat"} and "AT_EMPTY_PATH" not in rest:
+            counts["stat"] += 1
+        elif name == "flock" and "LOCK_UN" not in rest:
+            counts["lock"] += 1
+        elif "chmod" in name:
+            counts["chmod"] += 1
+    return counts
+
+
+def bench_ops(mib: int, base: Path) -> dict[str, dict[str, int]]:
+    """Each of the five saves once under strace (outside any timed round): its counts."""
+    strace = shutil.which("strace")
+    if strace is None:
+        print("  strace not found: metadata operations not counted")
+        return {}
+    out = {}
+    for method in FIVE:
+        work = Path(tempfile.mkdtemp(prefix="ops-", dir=base))
+        log = work.parent / f"{work.name}.strace"
+        cmd = [strace, "-f", "-y", "-qq", "-o", str(log), "-e", f"trace={TRACED}",
+               sys.executable, __file__, "--trace-child", method, "--mib", str(mib),
+               "--dir", str(work)]  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # noqa: S603 - our own
+        out[method] = count_ops(log.read_text(), work)
+        log.unlink()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def print_ops(table: dict[str, dict[str, int]]) -> None:
+    if not table:
+        return
+    cols = list(next(iter(table.values())))
+    print("\nmetadata operations per save (strace -f, one save after a warm-up; ckptguard")
+    print("saves with keep_last=2 retiring one checkpoint, its background removal included)")
+    print(f"  {'method':20}" + "".join(f"{c:>11}" for c in cols))
+    for name, row in table.items():
+        print(f"  {name:20}" + "".join(f"{row[c]:>11}" for c in cols))
 
 
 def bench_restore(state: dict[str, torch.Tensor], rounds: int, work: Path) -> Timings:
@@ -550,6 +850,25 @@ def report(results: dict[str, Any], nbytes: int) -> list[str]:
         checks["dcp_async_stall_vs_memcpy"] = _ratio(
             save["stall: dcp.async_save"]["median_s"], stall_floor
         )
+    for fs in ("disk", "tmpfs"):
+        five = results.get(f"five_{fs}")
+        if not five:
+            continue
+        sync = five["ckptguard sync"]
+        for peer in ("raw write+fsync", "torch.save+fsync", "dcp.save"):
+            # Above 1: the sync save is faster than the peer (a throughput ratio).
+            checks[f"{fs}_{peer}_time_over_sync"] = five[peer]["median_s"] / sync["median_s"]
+        checks[f"{fs}_async_until_committed_over_sync"] = (
+            five["ckptguard async"]["median_s"] / sync["median_s"]
+        )
+        checks[f"{fs}_async_cpu_over_sync_cpu"] = (
+            five["ckptguard async"]["cpu_median_s"] / sync["cpu_median_s"]
+        )
+    gil = results.get("gil")
+    if gil:
+        checks["gil_loop_slowdown_beside_async_save"] = gil["slowdown"]
+        checks["gil_loop_slowdown_beside_raw_writer_thread"] = gil["slowdown_beside_raw_writer"]
+        checks["gil_loop_async_save_vs_raw_writer_thread"] = gil["slowdown_vs_raw_writer"]
     cpu = results.get("cpu")
     if cpu:
         floor = cpu["raw write (floor)"]["cpu_median_s"]
@@ -608,14 +927,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="state size (default 1024)")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--only", default="save,cpu,restore,memory,trainer")
+    parser.add_argument("--only", default="save,cpu,five,ops,gil,restore,memory,trainer")
     parser.add_argument("--growth-mib", type=int, default=128)
     parser.add_argument("--trainer-mib", type=int, default=128)
+    parser.add_argument("--ops-mib", type=int, default=64, help="state size for ops counts")
+    parser.add_argument("--gil-mib", type=int, default=1024, help="state size for gil")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: tmp)")
+    parser.add_argument("--tmpfs", type=Path, default=Path("/dev/shm"), help="for five")  # noqa: S108
+    parser.add_argument("--trace-child", choices=FIVE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.trace_child:
+        traced_child(args.trace_child, args.mib, args.dir)
+        return
     sections = set(args.only.split(","))
     state = gpt_like_state(args.mib)
     nbytes = nbytes_of(state)
@@ -644,11 +970,26 @@ def main() -> None:
             print("saves without fsync ...", flush=True)
             t = bench_save(state, args.rounds, work, durable=False)
             results["cpu"] = {
-                k.replace(" (floor)", " (floor)"): v
-                for k, v in t.summary(nbytes).items()
-                if not k.startswith("stall")
+                k: v for k, v in t.summary(nbytes).items() if not k.startswith(("stall", "removal"))
             }
             print_table("saves without fsync (CPU cost)", results["cpu"])
+        if "five" in sections:
+            for fs, base in (("disk", work), ("tmpfs", args.tmpfs)):
+                print(f"five durable saves interleaved ({fs}) ...", flush=True)
+                where = Path(tempfile.mkdtemp(prefix="ckptguard-bench-", dir=base))
+                try:
+                    results[f"five_{fs}"] = bench_five(state, args.rounds, where).summary(nbytes)
+                finally:
+                    shutil.rmtree(where, ignore_errors=True)
+                print_table(f"five durable saves interleaved, {fs}", results[f"five_{fs}"])
+        if "ops" in sections:
+            print("metadata operations (strace) ...", flush=True)
+            results["ops"] = bench_ops(args.ops_mib, work)
+            print_ops(results["ops"])
+        if "gil" in sections:
+            print("a Python-heavy loop beside a background save ...", flush=True)
+            results["gil"] = bench_gil(gpt_like_state(args.gil_mib), args.rounds, work)
+            print(f"\nGIL: {json.dumps(results['gil'], indent=2)}")
         if "restore" in sections:
             print("cold restores ...", flush=True)
             results["restore"] = bench_restore(state, args.rounds, work).summary(nbytes)

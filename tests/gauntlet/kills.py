@@ -391,6 +391,7 @@ def _kill_loop(root: Path, kills: int, seed: int, *, asynchronous: bool = False)
     mgr = ckptguard.CheckpointManager(root, keep_last=LOOP_KEEP, check_environment=False)
     step = 0 if prev is None else prev + 1
     mgr.save(step, _loop_state(step))
+    mgr.wait()  # retired checkpoints leave trash in the background
     latest = mgr.latest()
     left, ownerless = _leftovers(root, dead=st.dead)
     if latest is None or latest.step != step or left or ownerless - st.ownerless:

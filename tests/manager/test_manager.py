@@ -92,6 +92,7 @@ def _save_steps(
 ) -> None:
     for step in steps:
         mgr.save(step, _state(step), metrics=metrics(step) if metrics else None)
+    mgr.wait()  # retired checkpoints leave trash in the background (issue 18)
 
 
 # -- save / list / latest / verify / restore ---------------------------------------------------
@@ -204,6 +205,7 @@ def test_pin_and_unpin(tmp_path: Path) -> None:
     mgr.unpin(99)  # never pinned: nothing to do
     mgr.save(5, _state(5))
     assert _dirs(root) == _names(2, 5)
+    mgr.wait()  # the retired checkpoints leave trash in the background
     _assert_no_leftovers(root)
 
 

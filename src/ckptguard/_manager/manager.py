@@ -493,12 +493,14 @@ class CheckpointManager:
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Finish the in-flight async save: its CheckpointInfo, or its error raised.
 
-        None when no save is in flight (or its result was already taken). A failed save is
-        raised once, by whichever of ``wait``, ``save``, ``close`` or
-        ``PendingSave.result`` comes first. With a mirror, also waits for every queued
+        Also waits until the checkpoints that retention retired are off the disk (their
+        names went during the save). None when no save is in flight (or its result was
+        already taken). A failed save is raised once, by whichever of ``wait``, ``save``,
+        ``close`` or ``PendingSave.result`` comes first. With a mirror, also waits for every queued
         upload and raises the first mirroring failure since the last ``wait``.
         """
         info = self.saver.wait(timeout)
+        self.retainer.drain()  # retired checkpoints off the disk
         if self.mirror is not None:
             self.mirror.wait()
         return info
@@ -508,6 +510,7 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            self.retainer.drain()
             if self.mirror is not None:
                 self.mirror.close()
             self.saver.release()

@@ -3,11 +3,14 @@
 Retention runs only after a new checkpoint is committed and verified, under the root's
 lock where there is one, and never deletes the newest valid checkpoint, the best one, a
 pinned one, or anything that is not valid. What it keeps in place of what it deletes is
-checksum-verified first (once per save id in this process).
+checksum-verified first (once per save id in this process). A retired checkpoint's name
+is gone when the save returns; on a local root its files are removed by a background
+thread, which the next save, ``wait`` and ``close`` wait for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import TYPE_CHECKING
@@ -82,8 +85,32 @@ class Retainer:
 
         Each committer does all three. Nothing is deleted on the strength of a save that
         does not verify. With one process, failures raise; with several, they are logged
-        on every rank (the commit itself has succeeded by then, on every node).
+        on every rank (the commit itself has succeeded by then, on every node). A save
+        that raises here returns only once the removals it started have stopped.
         """
+        try:
+            return self._after_save(
+                catalog, step, path, committer=committer, pin=pin, coord=coord,
+                also_keep=also_keep, verify_after_save=verify_after_save, upload=upload,
+            )  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.drain()
+            raise
+
+    def _after_save(
+        self,
+        catalog: Catalog,
+        step: int,
+        path: str,
+        *,
+        committer: bool,
+        pin: bool,
+        coord: Coordinator,
+        also_keep: Collection[str],
+        verify_after_save: bool,
+        upload: Callable[[str], None] | None,
+    ) -> CheckpointInfo:
         error: str | None = None
         report: VerifyReport | None = None
         if committer:
@@ -251,4 +278,10 @@ class Retainer:
             for name in deletions:
                 if self.on_retire is not None:
                     self.on_retire(name)
-                self.backend.retire(name)
+                # The name goes now, under the lock; its files are removed by a thread
+                # (see rename.py), off the save's path. ``drain`` waits for it.
+                self.backend.retire(name, background=True)
+
+    def drain(self) -> None:
+        """Wait until the checkpoints retired so far are removed from the disk."""
+        self.backend.drain()

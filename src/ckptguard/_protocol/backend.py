@@ -192,8 +192,14 @@ class Backend:
         with self._typed("preparing the checkpoint root"):
             self.strategy.prepare_root(self.layout, self.storage, retry=self.retry)
 
-    def retire(self, name: str) -> bool:
-        return self.strategy.retire(self.layout, self.storage, name, retry=self.retry)
+    def retire(self, name: str, *, background: bool = False) -> bool:
+        return self.strategy.retire(
+            self.layout, self.storage, name, retry=self.retry, background=background
+        )
+
+    def drain(self) -> None:
+        """Wait for the removals of ``retire(..., background=True)``."""
+        self.strategy.drain()
 
     def repair(self, *, stale_after: float, lock_timeout: float) -> list[str]:
         with self._typed("repairing what a crash left in the root"):

@@ -41,6 +41,8 @@ from ckptguard._storage.retry import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ckptguard._storage.base import Storage
 
 __all__ = [
@@ -77,13 +79,21 @@ class StagingState:
 
 
 def retire_checkpoint(
-    layout: RootLayout, name: str, *, storage: Storage, retry: RetryPolicy = DEFAULT_RETRY
+    layout: RootLayout,
+    name: str,
+    *,
+    storage: Storage,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    later: Callable[[Callable[[], None]], None] | None = None,
 ) -> bool:
     """Delete a committed checkpoint: rename it into trash (one atomic step), then remove it.
 
     A crash mid-way leaves either the whole checkpoint or a trash entry that recovery
     removes; never a half-deleted checkpoint under its name. Returns whether it is gone;
     failures are logged, not raised (deleting old checkpoints must not fail a save).
+
+    ``later``: runs the rest (fsync of the root, then the removal of the trash entry)
+    elsewhere, e.g. on a background thread; the name is gone when this returns.
     """
     source = os.path.join(layout.root, name)
     target = os.path.join(layout.trash, f"{name}.{new_save_id()}{RETIRED_SUFFIX}")
@@ -97,8 +107,10 @@ def retire_checkpoint(
             policy=retry,
             also_transient=NFS_LAG_ERRNOS,
         )
-        storage.fsync_dir(layout.root)
-        remove_retrying(storage, target, what="remove retired checkpoint", policy=retry)
+        if later is not None:
+            later(functools.partial(_remove_retired, layout, storage, target, retry))
+            return True
+        _remove_retired(layout, storage, target, retry)
     except (OSError, CheckpointError) as exc:
         if isinstance(exc, OSError) and exc.errno == errno.ENOENT and not os.path.lexists(source):
             return True
@@ -106,6 +118,16 @@ def retire_checkpoint(
         return False
     _log.info("deleted %s", source)
     return True
+
+
+def _remove_retired(layout: RootLayout, storage: Storage, target: str, retry: RetryPolicy) -> None:
+    """Make the name's removal durable (fsync the root), then remove the trash entry.
+
+    In that order: a power cut can then bring back the whole checkpoint under its name (the
+    next retention retires it again), never a half-removed one.
+    """
+    storage.fsync_dir(layout.root)
+    remove_retrying(storage, target, what="remove retired checkpoint", policy=retry)
 
 
 def remove_retrying(

@@ -280,10 +280,16 @@ class MarkerCommit:
         return f"{manifest.save_id}/"
 
     def retire(
-        self, layout: RootLayout, storage: Storage, name: str, *, retry: RetryPolicy
+        self,
+        layout: RootLayout,
+        storage: Storage,
+        name: str,
+        *,
+        retry: RetryPolicy,
+        background: bool = False,
     ) -> bool:
         """Its manifest first (invisible from then on), then its data."""
-        del retry  # the storage retries each request
+        del retry, background  # the storage retries each request; removal is inline
         path = f"{layout.root}/{name}"
         try:
             storage.remove_file(f"{path}/{MANIFEST_NAME}")
@@ -293,6 +299,9 @@ class MarkerCommit:
             return False
         _log.info("deleted %s", path)
         return True
+
+    def drain(self) -> None:
+        """Nothing runs in the background here."""
 
     def repair(
         self, layout: RootLayout, storage: Storage, *, stale_after: float, lock_timeout: float

@@ -17,6 +17,13 @@ byte and the manifest are durable.
 5. ``publish`` fsync ROOT (the commit is now durable), drop the replaced checkpoint from
                trash, remove stale staging dirs of dead savers.
 
+Retention (after ``publish``) renames each retired checkpoint into trash under the lock;
+with ``retire(..., background=True)`` the fsync of ROOT and the unlinking of its files
+(0.15 to 0.3 s per GiB on an ext4 disk mounted with ``discard``, most of it waiting, not
+CPU) run on a background thread (:class:`Removals`), which the next ``commit`` and
+``drain`` wait for. A crash there leaves a ``*.retired`` trash entry, removed by the next
+publish or start-up (``cleanup.repair_trash``).
+
 ``abort`` removes a staging dir; it runs on any failure before the commit. A crash at
 any point leaves either the old state or the new one; ``recovery.recover`` repairs the
 in-between states a crash can leave (stale staging, a replace cut between its renames).
@@ -40,6 +47,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._errors import (
@@ -94,12 +102,13 @@ from ckptguard._storage.retry import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from contextlib import AbstractContextManager
 
     from ckptguard._storage.base import FileDigest, Storage
 
 __all__ = [
+    "Removals",
     "RenameCommit",
     "abort",
     "commit",
@@ -637,11 +646,57 @@ def explain_full(err: StorageFull, staging: Staging, expected_bytes: int | None)
     err.bytes_needed = need
 
 
+class Removals:
+    """What retention hands over after renaming a checkpoint into trash, run on threads.
+
+    Each job (fsync the root, then remove the trash entry) gets a thread of its own; ``wait``
+    joins them. A storage failure is logged, never raised: the name is gone already, and
+    what is left in trash is removed by the next publish or start-up. Anything else (a
+    bug, an interrupt, a test's simulated power cut) is raised again by ``wait``. The
+    threads are not daemons: a normal exit lets them finish.
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        thread = threading.Thread(target=self._run, args=(job,), name="ckptguard-remove")
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except (OSError, CheckpointError) as exc:
+            _log.warning("could not remove a retired checkpoint from trash (%s); the next "
+                         "save or start-up will", exc)  # fmt: skip
+        except BaseException as exc:  # handed to the thread that waits
+            with self._lock:
+                self._errors.append(exc)
+
+    def wait(self) -> None:
+        """Until every job submitted so far has finished; raises what one of them raised."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join()
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+
 class RenameCommit:
     """The commit strategy of POSIX filesystems: a staging dir renamed into place."""
 
     kind = "rename"
     shared = False  # node-local roots exist: the transaction probes who sees what
+
+    def __init__(self) -> None:
+        self.removals = Removals()
 
     def prepare_root(self, layout: RootLayout, storage: Storage, *, retry: RetryPolicy) -> None:
         """The root itself (like mkdir -p); its meta dirs come with the first save."""
@@ -714,6 +769,9 @@ class RenameCommit:
         lock_timeout: float,
         stale_after: float,
     ) -> CommitResult:
+        # The previous retention's removals first: publish then finds trash empty, and
+        # never removes what one of our threads is removing.
+        self.removals.wait()
         with root_lock(staging.layout, lock_timeout):
             result = commit(
                 staging, manifest, if_exists=if_exists, dir_mode=dir_mode, supersedes=supersedes
@@ -732,9 +790,20 @@ class RenameCommit:
         return ""
 
     def retire(
-        self, layout: RootLayout, storage: Storage, name: str, *, retry: RetryPolicy
+        self,
+        layout: RootLayout,
+        storage: Storage,
+        name: str,
+        *,
+        retry: RetryPolicy,
+        background: bool = False,
     ) -> bool:
-        return retire_checkpoint(layout, name, storage=storage, retry=retry)
+        later = self.removals.submit if background else None
+        return retire_checkpoint(layout, name, storage=storage, retry=retry, later=later)
+
+    def drain(self) -> None:
+        """Wait for the removals that ``retire(..., background=True)`` started."""
+        self.removals.wait()
 
     def repair(
         self, layout: RootLayout, storage: Storage, *, stale_after: float, lock_timeout: float

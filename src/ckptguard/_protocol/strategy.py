@@ -183,9 +183,22 @@ class CommitStrategy(Protocol):
         """Where, relative to a checkpoint, its files lie ("" or "<save id>/")."""
 
     def retire(
-        self, layout: RootLayout, storage: Storage, name: str, *, retry: RetryPolicy
+        self,
+        layout: RootLayout,
+        storage: Storage,
+        name: str,
+        *,
+        retry: RetryPolicy,
+        background: bool = False,
     ) -> bool:
-        """Delete a committed checkpoint so that no reader sees half of it; whether gone."""
+        """Delete a committed checkpoint so that no reader sees half of it; whether gone.
+
+        ``background``: the name is gone on return; what is left of the data may be
+        removed by a thread, which ``drain`` waits for.
+        """
+
+    def drain(self) -> None:
+        """Wait for removals started by ``retire(..., background=True)``."""
 
     def repair(
         self, layout: RootLayout, storage: Storage, *, stale_after: float, lock_timeout: float

@@ -101,8 +101,8 @@ class _LocalWriter:
             self._hasher.update(view)
             self._size += self._write_all(view)
             return
-        # write(2) releases the GIL and xxhash does not: hash while another thread writes,
-        # so a large tensor costs max(hash, write) instead of their sum.
+        # Hash while another thread writes, so a large tensor costs max(hash, write)
+        # instead of their sum (write(2) and xxhash 4's update both release the GIL).
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptguard-write")
         pending = self._pool.submit(self._write_all, view)
