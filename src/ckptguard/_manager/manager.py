@@ -38,6 +38,7 @@ from ckptguard._manager.retention import RetentionPolicy
 from ckptguard._manager.saver import (
     AsyncSaver,
     PendingSave,
+    begin_transaction,
     finish_transaction,
     forget,
     watch_exit,
@@ -633,12 +634,7 @@ class CheckpointManager:
         started: float,
         also_keep: Collection[str],
     ) -> PendingSave:
-        tx.__enter__()
-        try:
-            finish = write(tx)
-        except BaseException as exc:
-            tx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
+        finish = begin_transaction(tx, write)
 
         def work(coord: Coordinator) -> CheckpointInfo:
             finish_transaction(tx, finish if callable(finish) else None, coord)

@@ -230,6 +230,20 @@ def _hook_thread_shutdown() -> None:
     _threading_exit_hooked = True
 
 
+def begin_transaction(tx: AtomicCheckpoint, write: Callable[[AtomicCheckpoint], Any]) -> Any:
+    """Enter ``tx`` and run ``write(tx)`` on this thread; returns what ``write`` returned.
+
+    That is a ``finish`` for :func:`finish_transaction`, or None. On an error the save is
+    aborted and the error raised.
+    """
+    tx.__enter__()
+    try:
+        return write(tx)
+    except BaseException as exc:
+        tx.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+
 def finish_transaction(
     tx: AtomicCheckpoint, finish: Callable[[], None] | None, coord: Coordinator
 ) -> None:
@@ -390,17 +404,10 @@ class AsyncSaver:
         pin: bool,  # noqa: FBT001 - positional thread argument
         coord: Coordinator,
     ) -> None:
-        try:
-            info = self._commit(job.step, snapshot, None, metrics, metadata, pin=pin, coord=coord)
-        except BaseException as exc:
-            _log.error(
-                "async save of step %d to %s failed: %s: %s (raised again by the next "
-                "save, wait or close)",
-                job.step, job.path, type(exc).__name__, exc,
-            )  # fmt: skip
-            job._finish(None, exc)  # noqa: SLF001
-        else:
-            job._finish(info, None)  # noqa: SLF001
+        def commit(coord: Coordinator) -> CheckpointInfo:
+            return self._commit(job.step, snapshot, None, metrics, metadata, pin=pin, coord=coord)
+
+        self._run_work(job, commit, coord)
         if not self.committer and self._buffers is not None:
             self._buffers.release()  # a rank that did not commit needs no copy
 

@@ -311,8 +311,10 @@ class _Patches:
         import safetensors.torch  # noqa: PLC0415 - only with the frameworks
 
         original_save, original_file = torch.save, safetensors.torch.save_file
-        targets: list[tuple[Any, str, Any]] = [(torch, "save", _make_torch_save(original_save))]
-        replacement = _make_save_file(original_file)
+        targets: list[tuple[Any, str, Any]] = [
+            (torch, "save", _deferring(original_save, _copy_for_torch_save))
+        ]
+        replacement = _deferring(original_file, _copy_for_save_file)
         # transformers, accelerate, peft import it under their own names
         targets.extend(
             (module, name, replacement)
@@ -350,43 +352,37 @@ def _contiguous_dict(tensors: Any) -> None:
         raise NotDeferrable("not a dict of contiguous tensors")
 
 
-def _make_torch_save(original: Callable[..., Any]) -> Callable[..., Any]:
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+def _copy_for_torch_save(obj: Any, path: str, snapshots: Snapshots, deferred: Deferred) -> Any:
+    _big_enough(obj)
+    return copy_tree(obj, snapshots, (path, len(deferred.writes)))
+
+
+def _copy_for_save_file(tensors: Any, path: str, snapshots: Snapshots, _: Deferred) -> Any:
+    _contiguous_dict(tensors)
+    _big_enough(tensors)
+    return {name: snapshots.copy((path, name), t) for name, t in tensors.items()}
+
+
+def _deferring(
+    original: Callable[..., Any], copy: Callable[[Any, str, Snapshots, Deferred], Any]
+) -> Callable[..., Any]:
+    """``original(obj, target, ...)`` deferred when this thread captures ``target``'s dir."""
+
+    def deferring(obj: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
         active = _current()
-        path = None if active is None else _under(active[0], f)
+        path = None if active is None else _under(active[0], target)
         if active is None or path is None:
-            return original(obj, f, *args, **kwargs)
+            return original(obj, target, *args, **kwargs)
         _directory, snapshots, deferred = active
         try:
-            _big_enough(obj)
-            copied = copy_tree(obj, snapshots, (path, len(deferred.writes)))
+            copied = copy(obj, path, snapshots, deferred)
         except NotDeferrable as why:
             deferred.done_at_once.append((path, str(why)))
-            return original(obj, f, *args, **kwargs)
+            return original(obj, target, *args, **kwargs)
         deferred.writes.append(_Write(path, original, (copied, path, *args), dict(kwargs)))
         return None
 
-    return save
-
-
-def _make_save_file(original: Callable[..., Any]) -> Callable[..., Any]:
-    def save_file(tensors: Any, filename: Any, *args: Any, **kwargs: Any) -> Any:
-        active = _current()
-        path = None if active is None else _under(active[0], filename)
-        if active is None or path is None:
-            return original(tensors, filename, *args, **kwargs)
-        _directory, snapshots, deferred = active
-        try:
-            _contiguous_dict(tensors)
-            _big_enough(tensors)
-            copied = {name: snapshots.copy((path, name), t) for name, t in tensors.items()}
-        except NotDeferrable as why:
-            deferred.done_at_once.append((path, str(why)))
-            return original(tensors, filename, *args, **kwargs)
-        deferred.writes.append(_Write(path, original, (copied, path, *args), dict(kwargs)))
-        return None
-
-    return save_file
+    return deferring
 
 
 @contextlib.contextmanager

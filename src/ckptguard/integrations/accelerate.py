@@ -53,7 +53,7 @@ from ckptguard._coordination.base import default_coordinator
 from ckptguard._errors import NoValidCheckpoint
 from ckptguard._format.layout import ACCELERATE_NAMING
 from ckptguard._manager.manager import CheckpointManager
-from ckptguard._manager.saver import BackgroundSaves, finish_transaction
+from ckptguard._manager.saver import BackgroundSaves, begin_transaction, finish_transaction
 from ckptguard._protocol.backend import parent_of
 from ckptguard._protocol.transaction import AtomicCheckpoint
 from ckptguard._storage.base import is_url
@@ -310,12 +310,7 @@ def _save_in_background(
     if guard.background is None:
         guard.background = BackgroundSaves(default_coordinator())
     config = acc.project_configuration
-    tx.__enter__()
-    try:
-        finish = write(tx)
-    except BaseException as exc:
-        tx.__exit__(type(exc), exc, exc.__traceback__)
-        raise
+    finish = begin_transaction(tx, write)
 
     def work(coord: Coordinator) -> None:
         finish_transaction(tx, finish, coord)
