@@ -53,7 +53,15 @@ def _launch(nproc: int, *args: str) -> list[dict[str, Any]]:
     done = subprocess.run(  # noqa: S603 - this script, as a child
         [*cmd, str(HERE), *args], capture_output=True, text=True, env=env, timeout=600, check=False
     )
-    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    # Two ranks share torchrun's stdout: their lines may run together ("{...}{...}").
+    lines: list[dict[str, Any]] = []
+    decoder = json.JSONDecoder()
+    for text in done.stdout.splitlines():
+        at = text.find("{")
+        while at != -1:
+            value, end = decoder.raw_decode(text, at)
+            lines.append(value)
+            at = text.find("{", end)
     if not lines:
         raise RuntimeError(f"child failed ({done.returncode}): {done.stderr[-3000:]}")
     return lines
