@@ -181,15 +181,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def _watch(wake_read: int) -> None:
     """The watcher thread: note the request; after the grace period, fall back."""
+    from ckptguard._manager.saver import wakeups  # noqa: PLC0415 - a cycle otherwise
+
     watching = False
-    while True:
-        try:
-            data = os.read(wake_read, 1)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries read(2) itself
-            continue
-        if not data:  # pragma: no cover - the write end is never closed
-            return
-        signum = data[0]
+    for signum in wakeups(wake_read):
         if watching or not _REQ.users.get(signum):  # a repeat, or another signal's wakeup
             continue
         watching = True

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ckptguard._coordination.base import side_channel
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from types import FrameType
 
     from ckptguard._coordination.base import Coordinator
@@ -158,8 +158,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         os.write(_wake_write, bytes([signum]))
 
 
-def _watch_sigterm(wake_read: int) -> None:
-    """The watcher thread: on SIGTERM, finish in-flight saves, then die of SIGTERM."""
+def wakeups(wake_read: int) -> Iterator[int]:
+    """The signal numbers a handler writes to a watcher's pipe, one at a time."""
     while True:
         try:
             data = os.read(wake_read, 1)
@@ -167,10 +167,16 @@ def _watch_sigterm(wake_read: int) -> None:
             continue
         if not data:  # pragma: no cover - the write end is never closed
             return
+        yield data[0]
+
+
+def _watch_sigterm(wake_read: int) -> None:
+    """The watcher thread: on SIGTERM, finish in-flight saves, then die of SIGTERM."""
+    for signum in wakeups(wake_read):
         try:
             _finish_in_flight("SIGTERM")
         finally:
-            os.kill(os.getpid(), data[0])
+            os.kill(os.getpid(), signum)
 
 
 def _install_sigterm() -> None:
