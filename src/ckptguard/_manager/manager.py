@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ckptguard._protocol.strategy import IfExists
     from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
+    from ckptguard._state.procwriter import WriterProcess
     from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.base import Storage
 
@@ -97,13 +98,18 @@ class CheckpointManager:
         read_only: bool | None = None,
         max_concurrency: int | None = None,
         preemption: bool | str | int | Sequence[str | int] | Preemption = False,
+        async_writer: Literal["thread", "process"] = "thread",
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
         ``async_save=True``: ``save`` returns once the state is copied into staging buffers
         and writes, commits and retains in a background thread (``blocking=`` overrides it
         per save). ``exit_timeout``: how long process exit (atexit, SIGTERM) waits for an
-        in-flight async save before giving up on it.
+        in-flight async save before giving up on it. ``async_writer="process"`` (a local
+        root, Linux): the tensor files of async saves are written by a separate process
+        started at the first one, from memory shared with it, so a Python-heavy training
+        loop does not share the GIL with the writer (see ``_state/procwriter.py``);
+        the default ``"thread"`` writes them on the background thread.
 
         ``verify_after_save=True`` reads every new checkpoint back and checks its checksums
         before retention may delete anything. Off by default: the checksums are computed
@@ -197,7 +203,9 @@ class CheckpointManager:
             self.backend, naming, pinned=self.admin.pinned, mirror=mirror_backend
         )
         self.coordinator = coordinator or default_coordinator()
-        self.saver = AsyncSaver(self, self.coordinator, self._commit_state)
+        self.saver = AsyncSaver(
+            self, self.coordinator, self._commit_state, self._writer_process(async_writer)
+        )
         policy = policy_of(preemption)  # a wrong value raises before start-up
         self.lineage, self._hold = start(
             self.backend,
@@ -213,6 +221,33 @@ class CheckpointManager:
         self.catalog.owns = self.lineage.owns
         self.admin.owns_run = self.lineage.owns_run
         self.preemption = None if policy is None else self._handle_preemption(policy)
+
+    def _writer_process(self, kind: str) -> WriterProcess | None:
+        """The writer process ``async_writer`` asks for (not started yet), or None."""
+        if kind == "thread":
+            return None
+        if kind != "process":
+            raise ValueError(f"async_writer must be 'thread' or 'process', got {kind!r}")
+        from ckptguard._state.procwriter import (  # noqa: PLC0415 - only this option needs it
+            WriterProcess,
+            process_writer_unsupported,
+        )
+        from ckptguard._storage.base import innermost  # noqa: PLC0415
+        from ckptguard._storage.local import LocalStorage  # noqa: PLC0415
+
+        why = process_writer_unsupported()
+        local = innermost(self.storage)
+        if why is None and self.backend.remote:
+            why = "it writes to local storage only (the root is on an object store)"
+        elif why is None and type(local) is not LocalStorage:
+            why = f"it writes with a plain LocalStorage, and storage= is a {type(local).__name__}"
+        if why is not None:
+            raise UnsupportedRoot(
+                f"async_writer='process' is not available for {self.root}: {why}",
+                path=self.root,
+                hint="use the default async_writer='thread'",
+            )
+        return WriterProcess(local)
 
     @property
     def in_flight(self) -> PendingSave | None:

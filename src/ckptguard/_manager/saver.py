@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ckptguard._coordination.base import Coordinator
     from ckptguard._manager.catalog import CheckpointInfo
     from ckptguard._protocol.transaction import AtomicCheckpoint
+    from ckptguard._state.procwriter import WriterProcess
     from ckptguard._state.serialization import EncodedState, StagingBuffers
 
     # (step, snapshot, state, metrics, metadata, pin=, coord=) -> the committed info
@@ -311,13 +312,21 @@ class AsyncSaver:
 
     The training thread snapshots the state into the buffers (``start``); a thread then
     runs the manager's commit with that snapshot. ``wait`` returns its result or raises
-    its error, once.
+    its error, once. With a ``writer`` (``async_writer="process"``), the buffers are
+    shared with that process, which writes the tensor files while the thread waits.
     """
 
-    def __init__(self, owner: Any, coordinator: Coordinator, commit: Commit) -> None:
+    def __init__(
+        self,
+        owner: Any,
+        coordinator: Coordinator,
+        commit: Commit,
+        writer: WriterProcess | None = None,
+    ) -> None:
         self.owner = owner  # the manager: exit finishes its save
         self.coordinator = coordinator
         self._commit = commit
+        self.writer = writer
         self.pending: PendingSave | None = None
         self.committer: bool | None = None  # whether this rank committed the last save
         self._buffers: StagingBuffers | None = None
@@ -340,12 +349,14 @@ class AsyncSaver:
         if self._background is None:
             self._background = side_channel(self.coordinator, "async")
         if self._buffers is None:
-            self._buffers = StagingBuffers()
+            self._buffers = StagingBuffers(shared=self.writer is not None)
         # Only a rank that may commit keeps a copy: after the first save, the ranks that
         # committed it (one per node at most); before it, every rank.
         snapshot = None
         if self.committer is not False:
             snapshot = self._buffers.snapshot(encode_state(state))
+            if self.writer is not None:
+                snapshot.writer = self.writer.write
         else:
             self._buffers.release()
         job = PendingSave(step, path, time.perf_counter() - started)
@@ -433,6 +444,8 @@ class AsyncSaver:
         return job._info  # noqa: SLF001
 
     def release(self) -> None:
-        """Free the staging buffers."""
+        """Free the staging buffers; end the writer process."""
         if self._buffers is not None:
             self._buffers.release()
+        if self.writer is not None:
+            self.writer.close()

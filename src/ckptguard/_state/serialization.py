@@ -135,7 +135,8 @@ class _Pending:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: Any  # tensor or ndarray
+    source: Any  # tensor, ndarray, or the bytes themselves (a memoryview)
+    offset: int = -1  # where a snapshot put it in its staging block
 
 
 @dataclass
@@ -256,6 +257,8 @@ class _Encoder:
 
 
 def _tensor_bytes(source: Any) -> memoryview:
+    if isinstance(source, memoryview):
+        return source
     if _is_ndarray(source):
         np = sys.modules["numpy"]
         return memoryview(np.ascontiguousarray(source)).cast("B")
@@ -275,6 +278,10 @@ class EncodedState:
 
     tree: Any
     groups: list[_Group]
+    # A snapshot's staging block, and what writes its tensor files instead of this thread
+    # (the writer process: ``procwriter.WriterProcess.write``).
+    block: Any = None
+    writer: Callable[[str, EncodedState], dict[str, FileDigest]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -318,19 +325,10 @@ def encode_state(state: Any) -> EncodedState:
 
 def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> dict[str, FileDigest]:
     """Write an encoded state into ``directory``; returns the digests of the files written."""
-    digests: dict[str, FileDigest] = {}
-    # A large file is fsynced by another thread as soon as it is written, while the next
-    # one is written: its writeback overlaps the next file's writes.
-    with BackgroundFsyncs(storage, workers=2) as syncs:
-        for group in encoded.groups:
-            path = os.path.join(directory, group.file)
-            digest = digests[group.file] = _write_group(path, group, storage)
-            if digest.size >= PARALLEL_FSYNC_MIN:
-                syncs.submit(path)
-            else:  # small: inline (see PARALLEL_FSYNC_MIN)
-                call_fsync(
-                    functools.partial(storage.fsync_file, path), what="fsync file", path=path
-                )
+    if encoded.writer is not None:
+        digests = encoded.writer(directory, encoded)
+    else:
+        digests = write_tensor_files(directory, encoded.groups, storage)
     doc = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -339,6 +337,28 @@ def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> di
     }
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
     digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
+    return digests
+
+
+def write_tensor_files(
+    directory: str, groups: list[_Group], storage: Storage
+) -> dict[str, FileDigest]:
+    """One fsynced safetensors file per group in ``directory``; their digests.
+
+    A large file is fsynced by another thread as soon as it is written, while the next
+    one is written: its writeback overlaps the next file's writes.
+    """
+    digests: dict[str, FileDigest] = {}
+    with BackgroundFsyncs(storage, workers=2) as syncs:
+        for group in groups:
+            path = os.path.join(directory, group.file)
+            digest = digests[group.file] = _write_group(path, group, storage)
+            if digest.size >= PARALLEL_FSYNC_MIN:
+                syncs.submit(path)
+            else:  # small: inline (see PARALLEL_FSYNC_MIN)
+                call_fsync(
+                    functools.partial(storage.fsync_file, path), what="fsync file", path=path
+                )
     return digests
 
 
@@ -403,9 +423,12 @@ class StagingBuffers:
     than it holds; a snapshot may be taken again only once the previous one is written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
+        """``shared=True``: the block is memory a writer process maps (see ``procwriter``)."""
         self._block: Any = None  # torch uint8 tensor, or numpy uint8 array without torch
         self._pinned = False
+        self._shared = shared
+        self._shared_block: Any = None  # procwriter.SharedBlock
         self.allocations = 0
 
     @property
@@ -415,15 +438,27 @@ class StagingBuffers:
     def release(self) -> None:
         """Free the block (the next snapshot allocates again)."""
         self._block = None
+        if self._shared_block is not None:
+            self._shared_block.close()
+            self._shared_block = None
 
     def _ensure(self, nbytes: int, *, use_torch: bool, pinned: bool) -> Any:
         block = self._block
         fits = block is not None and int(block.shape[0]) >= nbytes
+        pinned = pinned and not self._shared
         kind_ok = block is not None and (_is_tensor(block) == use_torch) and self._pinned >= pinned
         if fits and kind_ok:
             return block
-        self._block = None  # free the old block before allocating the new one
-        if use_torch:
+        self.release()  # free the old block before allocating the new one
+        if self._shared:
+            # Not pinned: CUDA copies into it are synchronous (the writer process is for
+            # CPU-bound Python loops; see docs/performance.md).
+            from ckptguard._state.procwriter import SharedBlock  # noqa: PLC0415
+
+            self._shared_block = SharedBlock(nbytes)
+            array = self._shared_block.array()
+            self._block = _torch().from_numpy(array) if use_torch else array
+        elif use_torch:
             torch = _torch()
             self._block = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
         else:
@@ -455,6 +490,7 @@ class StagingBuffers:
         copies = iter(t for g in groups for t in g.tensors)
         for p, off, dst in zip(pending, offsets, copies, strict=True):
             n = _nbytes(p)
+            dst.offset = off
             if _is_tensor(p.source):
                 view = block[off : off + n].view(p.source.dtype).view(p.shape)
                 if not _copy_bytes(flat[off : off + n], p.source):
@@ -470,7 +506,7 @@ class StagingBuffers:
             for device in {p.source.device for p in pending if _is_tensor(p.source)}:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-        return EncodedState(encoded.tree, groups)
+        return EncodedState(encoded.tree, groups, block=self._shared_block)
 
 
 # -- reading -------------------------------------------------------------------------------
