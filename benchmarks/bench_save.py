@@ -480,18 +480,35 @@ def bench_gil(state: dict[str, torch.Tensor], rounds: int, work: Path) -> dict[s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mgr = ckptguard.CheckpointManager(work / "gil", keep_last=KEEP_LAST, async_save=True)
+    proc = ckptguard.CheckpointManager(
+        work / "gil-proc", keep_last=KEEP_LAST, async_save=True, async_writer="process"
+    )
     steps = itertools.count(1)
-    for _ in range(KEEP_LAST + 1):
-        mgr.save(next(steps), {"model": state})
-        mgr.wait()
-    rates: dict[str, list[float]] = {"alone": [], "async save": [], "raw writer thread": []}
+    for m in (mgr, proc):
+        for _ in range(KEEP_LAST + 1):
+            m.save(next(steps), {"model": state})
+            m.wait()
+    rates: dict[str, list[float]] = {
+        "alone": [],
+        "async save": [],
+        "async save, writer process": [],
+        "raw writer thread": [],
+    }
+    commits: dict[str, list[float]] = {"async save": [], "async save, writer process": []}
     window = [1.0]
 
-    def beside_save() -> None:
-        job = mgr.save(next(steps), {"model": state})
+    def beside(m: ckptguard.CheckpointManager, name: str) -> None:
+        job = m.save(next(steps), {"model": state}, blocking=False)
         rate, window[0] = _rate(job.done, a)
-        mgr.wait()
-        rates["async save"].append(rate)
+        m.wait()
+        rates[name].append(rate)
+        commits[name].append(window[0] + job.stall_seconds)
+
+    def beside_save() -> None:
+        beside(mgr, "async save")
+
+    def beside_process() -> None:
+        beside(proc, "async save, writer process")
 
     def beside_writer() -> None:
         out = work / "gil-raw"
@@ -505,22 +522,29 @@ def bench_gil(state: dict[str, torch.Tensor], rounds: int, work: Path) -> dict[s
         deadline = time.perf_counter() + window[0]
         rates["alone"].append(_rate(lambda: time.perf_counter() >= deadline, a)[0])
 
-    runs = [beside_save, beside_writer, alone]
+    runs = [beside_save, beside_process, beside_writer, alone]
     for r in range(rounds + 1):  # the first round warms up
-        for run in runs[r % 3 :] + runs[: r % 3]:
+        for run in runs[r % 4 :] + runs[: r % 4]:
             run()
         if r == 0:
-            for v in rates.values():
+            for v in (*rates.values(), *commits.values()):
                 v.clear()
     mgr.close()
+    proc.close()
     torch.set_num_threads(threads)
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "steps_per_s": med,
         "slowdown": med["alone"] / med["async save"] - 1.0,
+        "slowdown_writer_process": med["alone"] / med["async save, writer process"] - 1.0,
         "slowdown_beside_raw_writer": med["alone"] / med["raw writer thread"] - 1.0,
         # What the save costs the loop beyond a writer that never holds the GIL.
         "slowdown_vs_raw_writer": med["raw writer thread"] / med["async save"] - 1.0,
+        "slowdown_writer_process_vs_raw_writer": (
+            med["raw writer thread"] / med["async save, writer process"] - 1.0
+        ),
+        # Until committed, the loop running beside it (the stall included).
+        "commit_s": {k: statistics.median(v) for k, v in commits.items()},
         "rounds": rounds,
     }
 
@@ -869,6 +893,7 @@ def report(results: dict[str, Any], nbytes: int) -> list[str]:
         checks["gil_loop_slowdown_beside_async_save"] = gil["slowdown"]
         checks["gil_loop_slowdown_beside_raw_writer_thread"] = gil["slowdown_beside_raw_writer"]
         checks["gil_loop_async_save_vs_raw_writer_thread"] = gil["slowdown_vs_raw_writer"]
+        checks["gil_loop_slowdown_beside_writer_process"] = gil["slowdown_writer_process"]
     cpu = results.get("cpu")
     if cpu:
         floor = cpu["raw write (floor)"]["cpu_median_s"]

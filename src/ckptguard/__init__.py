@@ -30,6 +30,7 @@ from ckptguard._errors import (
     UnsafeManifest,
     UnsupportedFile,
     UnsupportedRoot,
+    WriterDied,
 )
 from ckptguard._format.layout import Naming
 from ckptguard._format.manifest import FileEntry, Manifest
@@ -98,6 +99,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, which tests/test_api.py chec
     "UnsupportedFile",
     "UnsupportedRoot",
     "VerifyReport",
+    "WriterDied",
     "__version__",
     "atomic_checkpoint",
     "capture_rng_state",

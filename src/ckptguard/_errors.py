@@ -60,6 +60,7 @@ __all__ = [
     "UnsafeManifest",
     "UnsupportedFile",
     "UnsupportedRoot",
+    "WriterDied",
     "storage_error_from_os",
 ]
 
@@ -327,6 +328,15 @@ class TransientStorageError(StorageError):
     default_hint = (
         "the filesystem kept failing with a normally transient error; check the server "
         "(NFS/Lustre), or raise the retry deadline"
+    )
+
+
+class WriterDied(StorageError):
+    """The writer process of ``async_writer="process"`` ended in the middle of a save."""
+
+    default_hint = (
+        "the save was aborted and its staging removed; earlier checkpoints are intact. "
+        "The next save starts a new writer process (was it killed by the OOM killer?)"
     )
 
 

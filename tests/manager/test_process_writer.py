@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptguard import CheckpointManager
-from ckptguard._errors import UnsupportedRoot
-from ckptguard._state.procwriter import WriterDied
+from ckptguard import CheckpointManager, UnsupportedRoot, WriterDied
 from ckptguard._storage.local import LocalStorage
 
 pytestmark = pytest.mark.skipif(

@@ -161,15 +161,6 @@ def _error_from(reply: dict[str, Any]) -> BaseException:
     return RuntimeError(f"the writer process failed: {name}: {message}")
 
 
-class WriterDied(_errors.StorageError):
-    """The writer process ended in the middle of a save."""
-
-    default_hint = (
-        "the save was aborted and its staging removed; earlier checkpoints are intact. "
-        "The next save starts a new writer process (was it killed, by the OOM killer?)"
-    )
-
-
 # -- the training process's side ------------------------------------------------------------
 class WriterProcess:
     """The writer process of one manager, started at its first write; one write at a time."""
@@ -204,14 +195,14 @@ class WriterProcess:
         self.starts += 1
         return ours
 
-    def _died(self, path: str) -> WriterDied:
+    def _died(self, path: str) -> _errors.WriterDied:
         code = None
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = self._proc.wait(5)
         self._reset()
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
-        return WriterDied(
+        return _errors.WriterDied(
             f"the writer process ended ({how}) while writing the save to {path}", path=path
         )
 
