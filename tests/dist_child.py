@@ -94,11 +94,16 @@ def manager(root: Path, rounds: int, rank: int) -> dict[str, object]:
     return {"errors": [], "infos": infos, "restored_equal": same, "aborted": aborted}
 
 
-def async_saves(root: Path, rounds: int) -> dict[str, object]:
+def async_saves(root: Path, rounds: int, writer: str = "thread") -> dict[str, object]:
     """Async saves while the training thread keeps using the process group."""
     import torch
 
-    mgr = ckptguard.CheckpointManager(root, keep_last=None, async_save=True)
+    mgr = ckptguard.CheckpointManager(
+        root,
+        keep_last=None,
+        async_save=True,
+        async_writer="process" if writer == "process" else "thread",
+    )
     w = torch.zeros(1 << 16)
     errors: list[str] = []
     stalls = []
@@ -117,12 +122,19 @@ def async_saves(root: Path, rounds: int) -> dict[str, object]:
     if last is None or last.step != rounds or not last.valid:
         errors.append(f"last save: {last}")
     capacity = mgr.saver._buffers.capacity if mgr.saver._buffers is not None else 0
+    writer_pid = mgr.saver.writer.pid if mgr.saver.writer is not None else None
     for step in range(1, rounds + 1):
         got = mgr.restore(step)
         if got["step"] != step or not bool(torch.all(got["w"] == float(step))):
             errors.append(f"checkpoint-{step} does not hold the state at its save")
     mgr.close()
-    return {"errors": errors, "buffer_bytes": capacity, "stalls": stalls}
+    return {
+        "errors": errors,
+        "buffer_bytes": capacity,
+        "stalls": stalls,
+        "pid": os.getpid(),
+        "writer_pid": writer_pid,
+    }
 
 
 def doctor(root: Path) -> dict[str, object]:
@@ -213,8 +225,8 @@ def main() -> None:
         report = sharded(root, rounds)
     elif mode == "doctor":
         report = doctor(root)
-    elif mode == "async":
-        report = async_saves(root, rounds)
+    elif mode in {"async", "async_process"}:
+        report = async_saves(root, rounds, writer=mode.removeprefix("async_"))
     elif mode == "killed":
         report = killed(root, rounds, rank)
     else:

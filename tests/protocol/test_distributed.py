@@ -195,9 +195,14 @@ def test_async_saves_under_torchrun(tmp_path: Path) -> None:
 
 
 def test_async_saves_on_node_local_roots(tmp_path: Path) -> None:
-    reports = _two_nodes("async", str(tmp_path / "node{node}"), 4, tmp_path / "out")
+    """With async_writer="process": each node's committer has a writer process of its own."""
+    reports = _two_nodes("async_process", str(tmp_path / "node{node}"), 4, tmp_path / "out")
     assert [r["errors"] for r in reports] == [[], []]
     assert all(r["buffer_bytes"] >= 4 << 16 for r in reports)  # each node's writer keeps one
+    writers = {r["writer_pid"] for r in reports}
+    assert None not in writers
+    assert len(writers) == 2
+    assert writers.isdisjoint({r["pid"] for r in reports})
     for node in (0, 1):
         assert ckptguard.verify(tmp_path / f"node{node}" / "checkpoint-4").ok
 
