@@ -41,7 +41,7 @@ types: install
 	$(VENV)/bin/mypy
 
 pytest: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=40
 
 test: lint types pytest
 
