@@ -13,7 +13,9 @@ step's batch drawn from the step number, ``AtomicCheckpointIO``), real signals:
   step 4, both exit 75;
 - the control, Lightning without the callback: SIGTERM ends ``fit`` with Lightning's
   ``SIGTERMException`` and exit code 0, no checkpoint (this is what the callback changes:
-  the first test fails on such a run).
+  the first test fails on such a run);
+- refusals, in this process: no ``AtomicCheckpointIO`` (``ValueError``), a SIGTERM handler
+  of the program's own (``RuntimeError``, the handler left in place).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import xxhash
 
 import ckptguard
 import driver_jobs
-from ckptguard.integrations.lightning import load
+from ckptguard.integrations.lightning import AtomicCheckpointIO, SaveOnPreemption, load
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -152,3 +154,44 @@ def test_control_without_the_callback_lightning_ends_fit_with_no_save_and_exit_0
     assert not (tmp_path / "run" / "ckpts").exists()  # no save at all
     assert max(int(s) for s in _steps(tmp_path / "run")["weights"]) == 5
     assert not (tmp_path / "run" / "final.json").exists()  # fit did not return
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's and torch's deprecations: not the subject
+def test_refused_without_the_plugin_or_over_the_programs_own_handler(tmp_path: Path) -> None:
+    """In this process: clear errors, and the program's handler is left in place."""
+    import lightning as L  # noqa: N812 - Lightning's own convention
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(*plugins: Any) -> None:
+        trainer = L.Trainer(
+            max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False,
+            default_root_dir=str(tmp_path), plugins=list(plugins), callbacks=[SaveOnPreemption()],
+        )  # fmt: skip
+        data = torch.utils.data.TensorDataset(torch.randn(8, 2))
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=2))
+
+    with pytest.raises(ValueError, match=r"add AtomicCheckpointIO to the Trainer"):
+        fit()
+
+    def own(signum: int, frame: Any) -> None:
+        del signum, frame
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        with pytest.raises(RuntimeError, match="the program already handles SIGTERM"):
+            fit(AtomicCheckpointIO())
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not list(tmp_path.rglob("*.ckpt"))

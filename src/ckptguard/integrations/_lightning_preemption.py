@@ -169,7 +169,12 @@ class SaveOnPreemption(Callback):
                 self.handling = Handling(self.policy, strict=True)
             except RuntimeError as exc:
                 self._restore_lightning()
-                raise RuntimeError(f"SaveOnPreemption: {exc}") from None
+                problem = str(exc).split("; create the manager", 1)[0]  # the manager's hint
+                raise RuntimeError(
+                    f"SaveOnPreemption {problem}; run trainer.fit in the main thread without a "
+                    "handler of your own for that signal, or leave SaveOnPreemption out and "
+                    "save from your handler's flag"
+                ) from None
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 
