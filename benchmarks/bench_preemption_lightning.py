@@ -99,7 +99,8 @@ def _child(mib: int, async_save: bool, signal_rank: int) -> None:  # noqa: FBT00
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
             x = batch[0]
-            return self.net(x).pow(2).mean() + self.bulk[:8].sum() * 0.0
+            loss: torch.Tensor = self.net(x).pow(2).mean() + self.bulk[:8].sum() * 0.0
+            return loss
 
         def configure_optimizers(self) -> Any:
             return torch.optim.AdamW(self.parameters(), lr=1e-3)

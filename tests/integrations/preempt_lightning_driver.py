@@ -1,7 +1,8 @@
 """A tiny Lightning run that a preemption signal stops (``SaveOnPreemption``).
 
     python tests/integrations/preempt_lightning_driver.py OUT [--steps 12]
-        [--signal-at STEP] [--signal-rank R] [--announce] [--no-callback] [--async]
+        [--signal-at STEP | --signal-in-sanity] [--signal-rank R] [--announce]
+        [--no-callback] [--async]
 
 One epoch of ``--steps`` optimizer steps; ``ModelCheckpoint`` (``OUT/ckpts``) saves only
 at the epoch's end, so a checkpoint of a step inside the epoch comes from the preemption
@@ -11,7 +12,8 @@ uninterrupted one (Lightning restarts a non-stateful loader's epoch on resume). 
 resumes from the newest checkpoint that verifies (prints ``resumed from step N``).
 
 ``--signal-at K``: rank ``--signal-rank`` sends itself SIGTERM at the end of step K,
-before ``SaveOnPreemption`` votes. ``--announce``: rank 0 prints ``step N`` after each
+before ``SaveOnPreemption`` votes; ``--signal-in-sanity``: in the first batch of the
+sanity-check validation instead. ``--announce``: rank 0 prints ``step N`` after each
 step and sleeps 0.1 s, for a signal sent from outside. ``--no-callback``: Lightning alone
 (the control). Rank 0 writes ``OUT/steps.json`` (each step's weight digest, and the first
 step trained) and, when ``fit`` returns, ``OUT/final.json`` (and prints the SIGTERM
@@ -65,6 +67,20 @@ class Tiny(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
+class Validated(Tiny):
+    """``--signal-in-sanity``: rank ``signal_rank`` sends itself SIGTERM in the sanity check."""
+
+    def __init__(self, signal_rank: int) -> None:
+        super().__init__()
+        self.signal_rank = signal_rank
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.sanity_checking and batch_idx == 0 and self.global_rank == self.signal_rank:
+            print("signal in the sanity check", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.net(batch[0])
+
+
 def digests(module: torch.nn.Module) -> dict[str, str]:
     return {
         k: xxhash.xxh3_64_hexdigest(v.detach().contiguous().numpy().tobytes())
@@ -103,6 +119,7 @@ def main() -> int:
     ap.add_argument("--signal-at", type=int, default=None)
     ap.add_argument("--signal-rank", type=int, default=0)
     ap.add_argument("--announce", action="store_true")
+    ap.add_argument("--signal-in-sanity", action="store_true")
     ap.add_argument("--no-callback", action="store_true")
     ap.add_argument("--async", dest="async_save", action="store_true")
     opts = ap.parse_args()
@@ -138,10 +155,14 @@ def main() -> int:
     if rank == 0:
         step = 0 if resume is None else int(torch.load(resume, weights_only=True)["global_step"])
         print(f"resumed from step {step}", flush=True)
-    model = Tiny()
+    model = Validated(opts.signal_rank) if opts.signal_in_sanity else Tiny()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8 * 1000, 1)),
                                        batch_size=8)  # fmt: skip
-    trainer.fit(model, train_dataloaders=data, ckpt_path=resume)
+    val = None
+    if opts.signal_in_sanity:
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(16, 8)),
+                                          batch_size=8)  # fmt: skip
+    trainer.fit(model, train_dataloaders=data, val_dataloaders=val, ckpt_path=resume)
     if rank == 0:
         print(f"SIGTERM after fit: {signal.getsignal(signal.SIGTERM)!r}", flush=True)
         with open(os.path.join(opts.out, "final.json"), "w") as f:

@@ -11,6 +11,9 @@ step's batch drawn from the step number, ``AtomicCheckpointIO``), real signals:
 - two gloo ranks under torchrun (sync and ``async_save=True``): rank 1 alone sends itself
   SIGTERM at the end of step 4: both ranks stop at step 4, one committed checkpoint of
   step 4, both exit 75;
+- SIGTERM during the sanity-check validation (Lightning's handlers are in place from
+  there on; without the callback's takeover Lightning ends ``fit`` there): saved at
+  step 1, exit 75;
 - the control, Lightning without the callback: SIGTERM ends ``fit`` with Lightning's
   ``SIGTERMException`` and exit code 0, no checkpoint (this is what the callback changes:
   the first test fails on such a run);
@@ -142,6 +145,19 @@ def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(
     assert max(int(s) for s in _steps(tmp_path / "run")["weights"]) == 4
 
 
+def test_sigterm_in_the_sanity_check_is_saved_at_the_first_step(
+    tmp_path: Path, jobs: list[Job]
+) -> None:
+    """The sanity check runs with Lightning's handlers installed: the callback takes over."""
+    job = Job(tmp_path / "run", "--signal-in-sanity")
+    jobs.append(job)
+    done = driver_jobs.finish(job)
+    assert done.returncode == 75, done.stderr[-4000:]
+    checkpoint = tmp_path / "run" / "ckpts" / "epoch=0-step=1.ckpt"
+    assert LINE.findall(done.stderr) == [("0", "SIGTERM", "1", str(checkpoint))]
+    assert ckptguard.verify(checkpoint).ok
+
+
 def test_control_without_the_callback_lightning_ends_fit_with_no_save_and_exit_0(
     tmp_path: Path, jobs: list[Job]
 ) -> None:
@@ -167,7 +183,8 @@ def test_refused_without_the_plugin_or_over_the_programs_own_handler(tmp_path: P
             self.net = torch.nn.Linear(2, 1)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: ARG002
-            return self.net(batch[0]).sum()
+            loss: torch.Tensor = self.net(batch[0]).sum()
+            return loss
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)

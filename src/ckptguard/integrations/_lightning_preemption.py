@@ -9,7 +9,8 @@
 Guarantees (the signal handling and the agreement are the manager's,
 ``_manager/preemption.py``):
 
-- While the training loop runs (``on_train_start`` to the end of training), the named
+- While ``fit`` runs its sanity check and its training loop (``on_sanity_check_start``,
+  or ``on_train_start`` without a sanity check, to the end of training), the named
   signals (SIGTERM by default) are ckptguard's, not Lightning's: Lightning's handler (which
   sets ``trainer.received_sigterm`` and stops every rank at the next batch with
   ``SIGTERMException``, without a save, and broadcasts from inside the handler) does not
@@ -31,10 +32,13 @@ stop through it runs the epoch's end first (a validation run, ``ModelCheckpoint`
 epoch-end and ``last.ckpt`` saves) inside the scheduler's grace period. Lightning itself
 ends ``fit`` on SIGTERM with a ``SystemExit`` (``SIGTERMException``) on every rank.
 
-Partial: a signal that arrives between Lightning's handler registration and
-``on_train_start`` (the sanity-check validation) is Lightning's (``SIGTERMException``,
-no save); a repeat of the signal after Lightning's teardown restored the handlers (the
-last moments before the exit) ends the process by the signal's default action.
+A SIGTERM that Lightning's handler took between its registration and the swap (a
+moment) is sent again, to ckptguard's, and Lightning's flag cleared.
+
+Partial: a signal before Lightning installs its handlers in ``fit`` (setup, restoring a
+checkpoint) meets the program's handler (by default, the end of the process); a repeat of
+the signal after Lightning's teardown restored the handlers (the last moments before the
+exit) ends the process by the signal's default action.
 """
 
 from __future__ import annotations
@@ -118,6 +122,10 @@ class SaveOnPreemption(Callback):
                 "SaveOnPreemption()])"
             )
 
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        del pl_module
+        self._take_signals(trainer)  # fit's first hook after Lightning installed its handlers
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         del pl_module
         self._take_signals(trainer)
@@ -177,6 +185,11 @@ class SaveOnPreemption(Callback):
                 ) from None
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+        if signal.SIGTERM in sigs and getattr(connector, "received_sigterm", False):
+            # Lightning's handler got it before the swap: ours gets it again instead, and
+            # Lightning's flag (which would raise SIGTERMException) is cleared.
+            connector.received_sigterm = False
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _restore_lightning(self) -> None:
         for sig, handler in self._lightning.items():
