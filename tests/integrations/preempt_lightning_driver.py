@@ -2,7 +2,7 @@
 
     python tests/integrations/preempt_lightning_driver.py OUT [--steps 12]
         [--signal-at STEP | --signal-in-sanity] [--signal-rank R] [--announce]
-        [--no-callback] [--async]
+        [--no-callback] [--async] [--devices N]
 
 One epoch of ``--steps`` optimizer steps; ``ModelCheckpoint`` (``OUT/ckpts``) saves only
 at the epoch's end, so a checkpoint of a step inside the epoch comes from the preemption
@@ -15,9 +15,10 @@ resumes from the newest checkpoint that verifies (prints ``resumed from step N``
 before ``SaveOnPreemption`` votes; ``--signal-in-sanity``: in the first batch of the
 sanity-check validation instead. ``--announce``: rank 0 prints ``step N`` after each
 step and sleeps 0.1 s, for a signal sent from outside. ``--no-callback``: Lightning alone
-(the control). Rank 0 writes ``OUT/steps.json`` (each step's weight digest, and the first
-step trained) and, when ``fit`` returns, ``OUT/final.json`` (and prints the SIGTERM
-handler then in place).
+(the control). ``--devices N``: DDP on gloo with N processes that Lightning launches
+itself (the first is this one), without torchrun. Rank 0 writes ``OUT/steps.json`` (each
+step's weight digest, and the first step trained) and, when ``fit`` returns,
+``OUT/final.json`` (and prints the SIGTERM handler then in place).
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ def main() -> int:
     ap.add_argument("--signal-in-sanity", action="store_true")
     ap.add_argument("--no-callback", action="store_true")
     ap.add_argument("--async", dest="async_save", action="store_true")
+    ap.add_argument("--devices", type=int, default=1)
     opts = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # one rank of a job launched by torchrun (no re-launch by Lightning)
+    devices = world if world > 1 else opts.devices
+    if world > 1 and "RANK" in os.environ:  # a rank of torchrun's (no re-launch by Lightning)
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
         os.environ.setdefault("NODE_RANK", "0")
         os.environ.setdefault("TORCHELASTIC_RUN_ID", "ckptguard-test")
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))  # torchrun's, Lightning's
     logging.basicConfig(level=logging.WARNING, format=f"rank{rank}: %(message)s")
     os.makedirs(opts.out, exist_ok=True)
     ckpts = os.path.join(opts.out, "ckpts")
@@ -138,8 +141,8 @@ def main() -> int:
         max_epochs=1,
         max_steps=opts.steps,
         accelerator="cpu",
-        devices=world,
-        strategy="ddp" if world > 1 else "auto",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         plugins=[AtomicCheckpointIO(async_save=opts.async_save)],
         callbacks=[
             record,
@@ -181,7 +184,7 @@ def _exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "--devices" not in sys.argv:
         sys.exit(main())  # a plain script: SaveOnPreemption's SystemExit(75) is its exit
     try:
         _exit(main())

@@ -10,7 +10,8 @@ step's batch drawn from the step number, ``AtomicCheckpointIO``), real signals:
   step and ends bit-identical to the uninterrupted run;
 - two gloo ranks under torchrun (sync and ``async_save=True``): rank 1 alone sends itself
   SIGTERM at the end of step 4: both ranks stop at step 4, one committed checkpoint of
-  step 4, both exit 75;
+  step 4, both exit 75; the same with ``strategy="ddp"`` launched by Lightning itself
+  (the launching process, rank 0, exits 75);
 - SIGTERM during the sanity-check validation (Lightning's handlers are in place from
   there on; without the callback's takeover Lightning ends ``fit`` there): saved at
   step 1, exit 75;
@@ -143,6 +144,23 @@ def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(
     assert report.manifest is not None
     assert report.manifest.step == 4
     assert max(int(s) for s in _steps(tmp_path / "run")["weights"]) == 4
+
+
+def test_lightnings_own_ddp_launcher_both_ranks_stop_at_the_same_step(
+    tmp_path: Path, jobs: list[Job]
+) -> None:
+    """``strategy="ddp"`` launched by Lightning (no torchrun): this process is rank 0."""
+    job = Job(tmp_path / "run", "--devices", "2", "--signal-at", "4", "--signal-rank", "1")
+    jobs.append(job)
+    done = driver_jobs.finish(job)
+    assert done.returncode == 75, done.stderr[-4000:]
+    checkpoint = tmp_path / "run" / "ckpts" / "epoch=0-step=4.ckpt"
+    assert sorted(LINE.findall(done.stderr)) == [
+        ("0", "a peer's signal", "4", str(checkpoint)),
+        ("1", "SIGTERM", "4", str(checkpoint)),
+    ], done.stderr[-4000:]
+    assert [p.name for p in checkpoint.parent.glob("*.ckpt")] == [checkpoint.name]
+    assert ckptguard.verify(checkpoint).ok
 
 
 def test_sigterm_in_the_sanity_check_is_saved_at_the_first_step(
