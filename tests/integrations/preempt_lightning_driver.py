@@ -2,7 +2,7 @@
 
     python tests/integrations/preempt_lightning_driver.py OUT [--steps 12]
         [--signal-at STEP | --signal-in-sanity] [--signal-rank R] [--announce]
-        [--no-callback] [--async] [--devices N]
+        [--no-callback] [--async [--slow-commit]] [--devices N]
 
 One epoch of ``--steps`` optimizer steps; ``ModelCheckpoint`` (``OUT/ckpts``) saves only
 at the epoch's end, so a checkpoint of a step inside the epoch comes from the preemption
@@ -16,7 +16,9 @@ before ``SaveOnPreemption`` votes; ``--signal-in-sanity``: in the first batch of
 sanity-check validation instead. ``--announce``: rank 0 prints ``step N`` after each
 step and sleeps 0.1 s, for a signal sent from outside. ``--no-callback``: Lightning alone
 (the control). ``--devices N``: DDP on gloo with N processes that Lightning launches
-itself (the first is this one), without torchrun. Rank 0 writes ``OUT/steps.json`` (each
+itself (the first is this one), without torchrun. ``--slow-commit``: each background write
+starts 1 s late, and the process prints whether the checkpoint the preemption line names
+exists when the line is logged. Rank 0 writes ``OUT/steps.json`` (each
 step's weight digest, and the first step trained) and, when ``fit`` returns,
 ``OUT/final.json`` (and prints the SIGTERM handler then in place).
 """
@@ -113,6 +115,28 @@ class Record(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class FileAtLine(logging.Handler):
+    """Prints whether the file the preemption line names exists when the line is logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("preempted by") and ": committed " in message:
+            path = message.split(": committed ", 1)[1].split(";", 1)[0]
+            print(f"at the line: exists={os.path.exists(path)}", flush=True)
+
+
+def slow_commit() -> None:
+    """``--slow-commit``: each background write starts 1 s late; see ``FileAtLine``."""
+    from ckptguard._storage import faults
+
+    def hook(name: str) -> None:
+        if name == "deferred.write":
+            time.sleep(1.0)
+
+    faults.set_fault_hook(hook)
+    logging.getLogger("ckptguard.preemption").addHandler(FileAtLine())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -124,7 +148,10 @@ def main() -> int:
     ap.add_argument("--no-callback", action="store_true")
     ap.add_argument("--async", dest="async_save", action="store_true")
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--slow-commit", action="store_true")
     opts = ap.parse_args()
+    if opts.slow_commit:
+        slow_commit()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     devices = world if world > 1 else opts.devices
     if world > 1 and "RANK" in os.environ:  # a rank of torchrun's (no re-launch by Lightning)

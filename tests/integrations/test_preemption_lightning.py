@@ -10,8 +10,9 @@ step's batch drawn from the step number, ``AtomicCheckpointIO``), real signals:
   step and ends bit-identical to the uninterrupted run;
 - two gloo ranks under torchrun (sync and ``async_save=True``): rank 1 alone sends itself
   SIGTERM at the end of step 4: both ranks stop at step 4, one committed checkpoint of
-  step 4, both exit 75; the same with ``strategy="ddp"`` launched by Lightning itself
-  (the launching process, rank 0, exits 75);
+  step 4, both exit 75; with ``async_save=True`` the background write starts 1 s late and
+  the file exists when rank 0 logs the line; the same with ``strategy="ddp"`` launched by
+  Lightning itself (the launching process, rank 0, exits 75);
 - SIGTERM during the sanity-check validation (Lightning's handlers are in place from
   there on; without the callback's takeover Lightning ends ``fit`` there): saved at
   step 1, exit 75;
@@ -127,7 +128,7 @@ def test_sigterm_during_fit_commits_the_agreed_step_and_exits_75(
 def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(
     tmp_path: Path, jobs: list[Job], mode: str
 ) -> None:
-    extra = ["--async"] if mode == "async" else []
+    extra = ["--async", "--slow-commit"] if mode == "async" else []
     job = Job(tmp_path / "run", "--signal-at", "4", "--signal-rank", "1", *extra, nproc=2)
     jobs.append(job)
     done = driver_jobs.finish(job)
@@ -144,6 +145,8 @@ def test_sigterm_to_one_rank_stops_both_ranks_at_the_same_step(
     assert report.manifest is not None
     assert report.manifest.step == 4
     assert max(int(s) for s in _steps(tmp_path / "run")["weights"]) == 4
+    if mode == "async":  # the background write started 1 s late: both lines waited for it
+        assert done.stdout.count("at the line: exists=True") == 2, done.stdout
 
 
 def test_lightnings_own_ddp_launcher_both_ranks_stop_at_the_same_step(
