@@ -35,7 +35,9 @@ ends ``fit`` on SIGTERM with a ``SystemExit`` (``SIGTERMException``) on every ra
 A SIGTERM that Lightning's handler took between its registration and the swap (a
 moment) is sent again, to ckptguard's, and Lightning's flag cleared.
 
-Partial: a signal before Lightning installs its handlers in ``fit`` (setup, restoring a
+Partial: a save that fails on global rank 0 raises there, and the other ranks wait in
+``save_checkpoint``'s barrier (as for any failed Lightning save) until the scheduler's
+SIGKILL; a signal before Lightning installs its handlers in ``fit`` (setup, restoring a
 checkpoint) meets the program's handler (by default, the end of the process); a repeat of
 the signal after Lightning's teardown restored the handlers (the last moments before the
 exit) ends the process by the signal's default action.
@@ -93,8 +95,10 @@ class SaveOnPreemption(Callback):
     its name for the step, else ``default_root_dir/checkpoints``).
 
     Needs ``AtomicCheckpointIO`` in the Trainer's plugins (checked at ``fit``'s setup).
-    Raises ``RuntimeError`` at the start of training where the signal cannot be taken
-    (not the main thread, or the program handled it before ``fit``).
+    Raises ``RuntimeError`` when ``fit`` takes the signals (its sanity check, or the start
+    of training) where they cannot be taken: not the main thread, or the program handled
+    one before ``fit``. A process that agreed on a preemption stays preempted: a later
+    ``fit`` saves and exits at its first step.
     """
 
     def __init__(
