@@ -11,10 +11,14 @@ see the request at the same step. What each framework gets:
 - Accelerate (``protect(accelerator, preemption=True)``, off by default: the loop must
   ask): the loop asks ``preemption_requested(accelerator, step)``, calls
   ``save_state()`` and ``exit_preempted(accelerator, path)``.
-
-Not Lightning: its ``fit`` installs a SIGTERM handler of its own (and SIGUSR1 on SLURM
-with auto-requeue) that stops every rank with ``SIGTERMException`` at the next batch,
-without a save.
+- Lightning (``SaveOnPreemption``, a callback, opt-in; ``_lightning_preemption.py``):
+  its ``fit`` installs a SIGTERM handler of its own (and SIGUSR1 on SLURM with
+  auto-requeue) that stops every rank with ``SIGTERMException`` at the next batch,
+  without a save. The callback takes the named signals from it while the training loop
+  runs, votes at each optimizer step's ``on_train_batch_end``, saves the agreed step with
+  ``trainer.save_checkpoint`` (through ``AtomicCheckpointIO``), logs the line and raises
+  ``SystemExit(PREEMPTED_EXIT_CODE)`` on every rank; Lightning's handlers come back at the
+  end of training.
 """
 
 from __future__ import annotations

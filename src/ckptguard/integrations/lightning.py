@@ -43,6 +43,10 @@ writes and commits the file. At most one save is in flight; a removal of that ve
 a load and ``teardown`` (the end of ``fit``) wait for it, and a failed save raises at the
 next save or at ``teardown``; exit and SIGTERM wait for it.
 
+:class:`SaveOnPreemption` (a callback, opt-in): on SIGTERM (or the signals named) every
+rank agrees on one step, that step is saved through the plugin, and ``fit`` raises
+``SystemExit(PREEMPTED_EXIT_CODE)`` (75) on every rank (``_lightning_preemption.py``).
+
 Not supported: strategies that save sharded checkpoints as directories of their own
 (``FSDPStrategy`` and ``ModelParallelStrategy`` with sharded state dicts) bypass the plugin.
 """
@@ -83,6 +87,7 @@ from ckptguard._storage.base import is_url
 from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import LocalStorage
 from ckptguard.integrations._capture import NotDeferrable, Snapshots, copy_tree
+from ckptguard.integrations._lightning_preemption import SaveOnPreemption
 from ckptguard.integrations._remote import cache_root
 from ckptguard.integrations._remotefile import (
     clean_file_cache,
@@ -102,6 +107,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FILE",
     "AtomicCheckpointIO",
+    "SaveOnPreemption",
     "checkpoint_file",
     "last_valid_checkpoint",
     "load",
