@@ -7,6 +7,7 @@ with its torchrun workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -101,8 +102,18 @@ class Job:
         return self._done
 
     def stop(self) -> None:
-        """End the run if a failed test left it running."""
+        """End the run if a failed test left it running, its workers too.
+
+        torchrun starts each worker in a session of its own, outside the run's process
+        group: they are found as descendants before the group is killed.
+        """
         if self.proc.poll() is None:
+            import psutil  # type: ignore[import-untyped]  # only a failed test gets here
+
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.wait()
 
