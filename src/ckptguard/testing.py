@@ -51,6 +51,7 @@ from ckptguard._storage.faults import (
     DEFERRED_FAULT_POINTS,
     FAULT_POINTS,
     REMOTE_FAULT_POINTS,
+    REUSE_FAULT_POINTS,
     set_fault_hook,
 )
 from ckptguard._storage.local import LocalStorage
@@ -94,7 +95,9 @@ OPERATIONS: tuple[str, ...] = (
     "remove_file",
     "open_tree",
 )
-PROTOCOL_STEPS: tuple[str, ...] = FAULT_POINTS + REMOTE_FAULT_POINTS + DEFERRED_FAULT_POINTS
+PROTOCOL_STEPS: tuple[str, ...] = (
+    FAULT_POINTS + REMOTE_FAULT_POINTS + DEFERRED_FAULT_POINTS + REUSE_FAULT_POINTS
+)
 
 Action = Literal["raise", "kill", "tear", "power_cut"]
 

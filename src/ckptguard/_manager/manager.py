@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
     from ckptguard._state.procwriter import WriterProcess
+    from ckptguard._state.reuse import Incremental
     from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.base import Storage
 
@@ -99,6 +100,8 @@ class CheckpointManager:
         max_concurrency: int | None = None,
         preemption: bool | str | int | Sequence[str | int] | Preemption = False,
         async_writer: Literal["thread", "process"] = "thread",
+        incremental: bool | None = None,
+        full_every: int = 10,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -132,6 +135,14 @@ class CheckpointManager:
         records a request, which :meth:`preemption_requested` turns into one step every
         rank agrees on (see ``preemption.py``). Off by default: the program's signals are
         its own, and SIGTERM finishes an in-flight async save and ends the process.
+
+        ``incremental`` (default: on for a local root): a file of a save that a committed
+        checkpoint of the root holds already (a frozen backbone, a reference model) is
+        linked to it (a reflink, or a hard link) instead of written again; every
+        checkpoint still lists and verifies every byte, and deleting one never damages
+        another (see ``_state/reuse.py`` and docs/incremental.md). ``full_every`` (10):
+        every N-th save is written in full, so that one damaged shared file reaches at
+        most N checkpoints. Not on object stores yet (each save writes every byte).
 
         ``storage``: the storage to use instead of the one the root's kind implies (a
         fault-injecting wrapper in tests); for a URL root it wraps an ``FsspecStorage``.
@@ -206,6 +217,8 @@ class CheckpointManager:
         self.saver = AsyncSaver(
             self, self.coordinator, self._commit_state, self._writer_process(async_writer)
         )
+        self.incremental = self._incremental(wanted=incremental, full_every=full_every)
+        self.saver.split_frozen = self.incremental is not None
         policy = policy_of(preemption)  # a wrong value raises before start-up
         self.lineage, self._hold = start(
             self.backend,
@@ -248,6 +261,22 @@ class CheckpointManager:
                 hint="use the default async_writer='thread'",
             )
         return WriterProcess(local)
+
+    def _incremental(self, *, wanted: bool | None, full_every: int) -> Incremental | None:
+        """Incremental saves' state (None: every save writes every byte)."""
+        from ckptguard._state.reuse import Incremental  # noqa: PLC0415
+
+        policy = Incremental(full_every)  # a bad full_every raises either way
+        if wanted is None:
+            wanted = not self.backend.remote
+        elif wanted and self.backend.remote:
+            raise UnsupportedRoot(
+                f"incremental=True is not available for {self.root} yet: on an object "
+                "store every save writes every byte",
+                path=self.root,
+                hint="leave incremental unset (or False) for object-store roots",
+            )
+        return policy if wanted else None
 
     @property
     def in_flight(self) -> PendingSave | None:
@@ -359,8 +388,9 @@ class CheckpointManager:
             self.saver.committer = committer
 
         path, committer = commit_state(
-            self.options, step, encoded, state, metrics, metadata, coord=coord, took_part=took_part
-        )
+            self.options, step, encoded, state, metrics, metadata,
+            coord=coord, took_part=took_part, incremental=self.incremental,
+        )  # fmt: skip
         return self._after_commit(step, path, committer=committer, pin=pin, coord=coord)
 
     def _save_sharded(

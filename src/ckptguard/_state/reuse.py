@@ -1,0 +1,229 @@
+"""Incremental saves: bytes a committed checkpoint already holds are linked, not written.
+
+The unit of reuse is a whole file, known by its size and xxh3-128, which every manifest
+already records. A file of a new save whose content equals a file of a committed
+checkpoint of the same root is not written again: the new checkpoint gets a reflink of
+it where the filesystem has them (btrfs, XFS: a new inode sharing the extents,
+copy-on-write) and a hard link otherwise (the same inode under a second name). Either
+way each checkpoint stays a complete directory whose manifest lists every byte it needs,
+so a reader, ``verify`` and ``restore`` see nothing new, and deleting any checkpoint
+(retention, ``ckptguard clean``, ``rm -rf``) only drops names: the others keep the data.
+
+Which files are looked at before they are written (hashed from memory; linked when a
+committed file matches, written otherwise):
+
+- a module's frozen parameters, which the state format puts in a file of their own
+  (``<key>.frozen.safetensors``, see ``serialization._Encoder._module``);
+- any file that was unchanged at this manager's previous save (buffers, a reference
+  model in a plain dict, an optimizer of frozen parts).
+
+Every other file is written and hashed as before (no cost where everything changes);
+one that turns out equal to a committed file is remembered, so the next save looks at
+it first. Files under ``MIN_BYTES`` are always written: a link saves nothing there.
+
+Durability: a link is a new name in the staging dir, made durable by the seal's fsync
+of that directory like every file's name; the data it names was fsynced when its first
+checkpoint was committed. A source that disappears before it is linked (retention or a
+cleanup removed it) is written instead.
+
+The trade-off (docs/incremental.md): a shared file is one copy on disk, so a bit flip in
+it damages every checkpoint that shares it. ``full_every`` bounds how many: every N-th
+save is written in full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ckptguard._format.manifest import Manifest
+    from ckptguard._storage.base import FileDigest
+
+__all__ = ["MIN_BYTES", "Incremental", "Reuse", "link_file"]
+
+_log = logging.getLogger("ckptguard.incremental")
+
+MIN_BYTES = 64 * 1024
+_FICLONE = 0x40049409  # _IOW(0x94, 9, int): linux/fs.h
+FROZEN_SUFFIX = ".frozen.safetensors"
+# Errors that mean "cannot link this one here": the file is written instead.
+_CANNOT_LINK = {
+    errno.ENOENT,  # the source was removed meanwhile
+    errno.EXDEV,  # another filesystem
+    errno.EMLINK,  # too many links to the inode
+    errno.EPERM,  # hard links refused (protected_hardlinks, some FUSE mounts)
+    errno.EACCES,
+    errno.ENOTSUP,
+    errno.EOPNOTSUPP,
+    errno.EINVAL,
+    errno.ENOSYS,
+}
+
+
+def _reflink(source: str, dest: str) -> bool:
+    """A reflink of ``source`` at ``dest`` (fsynced); False where the filesystem has none."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+        except OSError as exc:
+            os.close(dst)
+            os.unlink(dest)
+            if exc.errno in {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL,
+                             errno.ENOTTY, errno.ENOSYS, errno.EPERM}:  # fmt: skip
+                return False
+            raise
+        try:
+            os.fsync(dst)  # its own inode: the extents it shares must be recorded
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return True
+
+
+def link_file(source: str, dest: str, *, try_reflink: bool) -> str | None:
+    """Make ``dest`` (absent) hold ``source``'s bytes without copying them.
+
+    Returns "reflink" or "hardlink", or None where neither is possible here (the caller
+    writes the file).
+    """
+    try:
+        if try_reflink and _reflink(source, dest):
+            return "reflink"
+        os.link(source, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _CANNOT_LINK:
+            return None
+        raise
+    return "hardlink"
+
+
+@dataclass
+class Reuse:
+    """One save's view of what it may link: committed files by (size, checksum)."""
+
+    sources: dict[tuple[int, str], str]  # -> the absolute path of a committed file
+    expect_same: set[str]  # files unchanged at the previous save: hashed before writing
+    try_reflink: bool = True
+    linked: dict[str, str] = field(default_factory=dict)  # file -> how ("hardlink", ...)
+    linked_bytes: int = 0
+    same: set[str] = field(default_factory=set)  # files equal to a committed one
+
+    def __post_init__(self) -> None:
+        self._sizes = {size for size, _ in self.sources}
+
+    def worth_hashing(self, file: str, size: int) -> bool:
+        """Whether to hash ``file`` from memory first: likely unchanged, and a match may exist."""
+        if size < MIN_BYTES or size not in self._sizes:
+            return False
+        return file.endswith(FROZEN_SUFFIX) or file in self.expect_same
+
+    def link(self, file: str, digest: FileDigest, dest: str) -> bool:
+        """Link ``dest`` to a committed file with ``digest``; False: write it instead."""
+        source = self.sources.get((digest.size, digest.checksum))
+        if source is None:
+            return False
+        try:  # a cheap check that it is still the file its manifest lists
+            if os.stat(source, follow_symlinks=False).st_size != digest.size:
+                return False
+        except OSError:
+            return False
+        how = link_file(source, dest, try_reflink=self.try_reflink)
+        if how is None:
+            return False
+        if how == "hardlink":
+            self.try_reflink = False  # this filesystem has no reflinks: stop asking
+        self.linked[file] = how
+        self.linked_bytes += digest.size
+        self.same.add(file)
+        return True
+
+    def written(self, digests: dict[str, FileDigest]) -> None:
+        """Note which written files turned out equal to a committed one (for next time)."""
+        for file, digest in digests.items():
+            if (digest.size, digest.checksum) in self.sources:
+                self.same.add(file)
+
+
+class Incremental:
+    """A manager's incremental saves: which committed files to link, and when to write all.
+
+    ``full_every``: every N-th save is written in full (no links), so one damaged
+    shared file reaches at most N checkpoints. The count is kept in each manifest
+    (``ckptguard.incremental.chain``: saves since the last full one).
+    """
+
+    def __init__(self, full_every: int) -> None:
+        if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
+            raise ValueError(f"full_every must be a positive int, got {full_every!r}")
+        self.full_every = full_every
+        self.expect_same: set[str] = set()
+        self.try_reflink = True
+        self._cache: dict[str, tuple[tuple[int, int], Manifest]] = {}
+
+    def plan(self, checkpoints: Iterable[str]) -> tuple[Reuse | None, int]:
+        """This save's :class:`Reuse` (None: a full save) and its chain count.
+
+        ``checkpoints``: the local paths of the root's committed checkpoints, newest first.
+        """
+        paths = list(checkpoints)
+        for gone in set(self._cache) - set(paths):
+            del self._cache[gone]
+        manifests = [(path, m) for path in paths if (m := self._manifest(path))]
+        newest_chain = _chain(manifests[0][1]) if manifests else None
+        if newest_chain is None or newest_chain + 1 >= self.full_every:
+            return None, 0
+        sources: dict[tuple[int, str], str] = {}
+        for path, manifest in reversed(manifests):  # newest last: it wins a tie
+            for entry in manifest.files:
+                if entry.size >= MIN_BYTES:
+                    sources[(entry.size, entry.checksum)] = os.path.join(path, entry.path)
+        reuse = Reuse(sources, set(self.expect_same), try_reflink=self.try_reflink)
+        return reuse, newest_chain + 1
+
+    def done(self, reuse: Reuse | None) -> None:
+        """After a save: remember what was unchanged, and whether reflinks work here."""
+        if reuse is None:
+            return
+        self.expect_same = set(reuse.same)
+        self.try_reflink = reuse.try_reflink
+
+    def _manifest(self, path: str) -> Manifest | None:
+        from ckptguard._format.layout import MANIFEST_NAME  # noqa: PLC0415
+        from ckptguard._protocol.api import read_manifest  # noqa: PLC0415
+
+        try:
+            st = os.stat(os.path.join(path, MANIFEST_NAME))
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with contextlib.suppress(Exception):  # a bad manifest: not a source
+            manifest = read_manifest(path)
+            self._cache[path] = (key, manifest)
+            return manifest
+        return None
+
+
+def _chain(manifest: Manifest) -> int | None:
+    """Saves since the last full one, as the manifest records it (None: not recorded)."""
+    flags = manifest.metadata.get("ckptguard")
+    if not isinstance(flags, dict):
+        return None
+    inc = flags.get("incremental")
+    if not isinstance(inc, dict):
+        return 0 if flags.get("kind") == "state" else None
+    chain = inc.get("chain")
+    return chain if isinstance(chain, int) and not isinstance(chain, bool) else None
