@@ -34,8 +34,6 @@ save is written in full.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 from dataclasses import dataclass, field
@@ -45,67 +43,14 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from ckptguard._format.manifest import Manifest
-    from ckptguard._storage.base import FileDigest
+    from ckptguard._storage.base import FileDigest, Storage
 
-__all__ = ["MIN_BYTES", "Incremental", "Reuse", "link_file"]
+__all__ = ["FROZEN_SUFFIX", "MIN_BYTES", "Incremental", "Reuse"]
 
 _log = logging.getLogger("ckptguard.incremental")
 
 MIN_BYTES = 64 * 1024
-_FICLONE = 0x40049409  # _IOW(0x94, 9, int): linux/fs.h
 FROZEN_SUFFIX = ".frozen.safetensors"
-# Errors that mean "cannot link this one here": the file is written instead.
-_CANNOT_LINK = {
-    errno.ENOENT,  # the source was removed meanwhile
-    errno.EXDEV,  # another filesystem
-    errno.EMLINK,  # too many links to the inode
-    errno.EPERM,  # hard links refused (protected_hardlinks, some FUSE mounts)
-    errno.EACCES,
-    errno.ENOTSUP,
-    errno.EOPNOTSUPP,
-    errno.EINVAL,
-    errno.ENOSYS,
-}
-
-
-def _reflink(source: str, dest: str) -> bool:
-    """A reflink of ``source`` at ``dest`` (fsynced); False where the filesystem has none."""
-    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.ioctl(dst, _FICLONE, src)
-        except OSError as exc:
-            os.close(dst)
-            os.unlink(dest)
-            if exc.errno in {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL,
-                             errno.ENOTTY, errno.ENOSYS, errno.EPERM}:  # fmt: skip
-                return False
-            raise
-        try:
-            os.fsync(dst)  # its own inode: the extents it shares must be recorded
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-    return True
-
-
-def link_file(source: str, dest: str, *, try_reflink: bool) -> str | None:
-    """Make ``dest`` (absent) hold ``source``'s bytes without copying them.
-
-    Returns "reflink" or "hardlink", or None where neither is possible here (the caller
-    writes the file).
-    """
-    try:
-        if try_reflink and _reflink(source, dest):
-            return "reflink"
-        os.link(source, dest, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in _CANNOT_LINK:
-            return None
-        raise
-    return "hardlink"
 
 
 @dataclass
@@ -128,7 +73,7 @@ class Reuse:
             return False
         return file.endswith(FROZEN_SUFFIX) or file in self.expect_same
 
-    def link(self, file: str, digest: FileDigest, dest: str) -> bool:
+    def link(self, file: str, digest: FileDigest, dest: str, storage: Storage) -> bool:
         """Link ``dest`` to a committed file with ``digest``; False: write it instead."""
         source = self.sources.get((digest.size, digest.checksum))
         if source is None:
@@ -138,7 +83,8 @@ class Reuse:
                 return False
         except OSError:
             return False
-        how = link_file(source, dest, try_reflink=self.try_reflink)
+        link = getattr(storage, "link_file", None)  # local storages have it
+        how = None if link is None else link(source, dest, try_reflink=self.try_reflink)
         if how is None:
             return False
         if how == "hardlink":

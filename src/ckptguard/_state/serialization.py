@@ -373,7 +373,7 @@ def write_encoded(
         for group in encoded.groups:
             if reuse.worth_hashing(group.file, _group_size(group)):
                 digest = _digest_group(group)
-                if reuse.link(group.file, digest, os.path.join(directory, group.file)):
+                if reuse.link(group.file, digest, os.path.join(directory, group.file), storage):
                     digests[group.file] = digest
                     fault_point("reuse.linked")
                     continue
