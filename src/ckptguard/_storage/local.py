@@ -256,8 +256,8 @@ class LocalStorage:
         """Make ``dest`` (absent) hold ``source``'s bytes without copying them.
 
         Returns "reflink" or "hardlink"; None where neither is possible here (the caller
-        writes the file). A reflink is fsynced here (an inode of its own); either way the new name needs
-        its directory's fsync, like any new file.
+        writes the file). A reflink is fsynced here (an inode of its own); either way
+        the new name needs its directory's fsync, like any new file.
         """
         return _link_file(source, dest, try_reflink=try_reflink, mode=self.file_mode)
 
