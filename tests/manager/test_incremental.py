@@ -127,7 +127,7 @@ def test_a_source_removed_before_it_is_linked_is_written_instead(tmp_path: Path)
     try:
         # Between the plan and the link (the staging dir exists, nothing written yet),
         # another process removes every committed copy of the frozen file.
-        removed = []
+        removed: list[str] = []
 
         def remove_sources(point: str) -> None:
             if point == "stage.created" and not removed:
