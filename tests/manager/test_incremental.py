@@ -6,9 +6,11 @@ Real files throughout: bytes written are the process's own count (``wchar`` of
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,7 @@ def test_frozen_parameters_are_linked_and_not_written_again(tmp_path: Path) -> N
             # Bytes this process wrote for the save: what changed, plus the small files.
             assert written[step - 1] <= 1.1 * changed + small + 16384, (step, written, changed)
             meta = ckptguard.read_manifest(ckpt).metadata["ckptguard"]["incremental"]
+            assert meta.pop("linked_by") in {"hardlink", "reflink"}
             assert meta == {
                 "chain": step - 1,
                 "linked_files": [FROZEN],
@@ -265,3 +268,30 @@ def test_a_power_cut_right_after_a_link_leaves_every_committed_checkpoint(tmp_pa
 def test_full_every_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="full_every"):
         CheckpointManager(tmp_path / "a", full_every=0)
+
+
+def test_list_and_inspect_show_what_each_checkpoint_owns_and_shares(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    mgr, _, _ = _saves(root, range(1, 4))
+    mgr.close()
+    frozen = (root / "checkpoint-1" / FROZEN).stat().st_size
+
+    def cli(*args: str) -> dict[str, object]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptguard", *args, "--json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        out: dict[str, object] = json.loads(proc.stdout)
+        return out
+
+    rows = cli("list", str(root))["checkpoints"]
+    assert isinstance(rows, list)
+    assert [(r["name"], r["shared_bytes"]) for r in rows] == [
+        (f"checkpoint-{s}", frozen) for s in (1, 2, 3)
+    ]
+    shown = cli("inspect", str(root / "checkpoint-3"))
+    assert shown["shared_bytes"] == frozen
+    assert shown["shared_files"] == [FROZEN]
+    shutil.rmtree(root / "checkpoint-1")
+    shutil.rmtree(root / "checkpoint-2")  # checkpoint-3 is the last holder: it owns it now
+    assert cli("inspect", str(root / "checkpoint-3"))["shared_bytes"] == 0

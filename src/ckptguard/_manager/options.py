@@ -227,6 +227,11 @@ def _with_incremental(
         "chain": chain,
         "linked_files": sorted(reuse.linked) if reuse is not None else [],
         "linked_bytes": reuse.linked_bytes if reuse is not None else 0,
+        "linked_by": (
+            ("reflink" if "reflink" in reuse.linked.values() else "hardlink")
+            if reuse is not None and reuse.linked
+            else None
+        ),
     }
     out[RESERVED_METADATA] = flags
     return out

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._storage.base import FileDigest, Storage
 
-__all__ = ["FROZEN_SUFFIX", "MIN_BYTES", "Incremental", "Reuse"]
+__all__ = ["FROZEN_SUFFIX", "MIN_BYTES", "Incremental", "Reuse", "owned_and_shared", "shared_files"]
 
 _log = logging.getLogger("ckptguard.incremental")
 
@@ -173,3 +173,39 @@ def _chain(manifest: Manifest) -> int | None:
         return 0 if flags.get("kind") == "state" else None
     chain = inc.get("chain")
     return chain if isinstance(chain, int) and not isinstance(chain, bool) else None
+
+
+def shared_files(checkpoint: str, manifest: Manifest) -> set[str] | None:
+    """The files of a local checkpoint that share their bytes with another checkpoint.
+
+    A file with more than one name on disk (a hard link), or one this checkpoint's save
+    reflinked (as its manifest records: a reflink cannot be told from a copy afterwards,
+    so it counts as shared even once the other checkpoint is gone). None where the checkpoint is not a
+    local directory (an object store).
+    """
+    if not os.path.isdir(checkpoint):
+        return None
+    shared = set(_linked_in(manifest))
+    for entry in manifest.files:
+        with contextlib.suppress(OSError):
+            if os.stat(os.path.join(checkpoint, entry.path), follow_symlinks=False).st_nlink > 1:
+                shared.add(entry.path)
+    return shared
+
+
+def _linked_in(manifest: Manifest) -> list[str]:
+    flags = manifest.metadata.get("ckptguard")
+    inc = flags.get("incremental") if isinstance(flags, dict) else None
+    if not isinstance(inc, dict) or inc.get("linked_by") != "reflink":
+        return []  # hard links show on disk (their link count), as they are now
+    linked = inc.get("linked_files")
+    return [f for f in linked if isinstance(f, str)] if isinstance(linked, list) else []
+
+
+def owned_and_shared(checkpoint: str, manifest: Manifest) -> tuple[int, int] | None:
+    """(bytes this checkpoint owns alone, bytes it shares with others); None off local disk."""
+    shared = shared_files(checkpoint, manifest)
+    if shared is None:
+        return None
+    shared_bytes = sum(f.size for f in manifest.files if f.path in shared)
+    return manifest.total_size - shared_bytes, shared_bytes
