@@ -180,8 +180,8 @@ def shared_files(checkpoint: str, manifest: Manifest) -> set[str] | None:
 
     A file with more than one name on disk (a hard link), or one this checkpoint's save
     reflinked (as its manifest records: a reflink cannot be told from a copy afterwards,
-    so it counts as shared even once the other checkpoint is gone). None where the checkpoint is not a
-    local directory (an object store).
+    so it counts as shared even once the other checkpoint is gone). None where the
+    checkpoint is not a local directory (an object store).
     """
     if not os.path.isdir(checkpoint):
         return None
