@@ -295,3 +295,32 @@ def test_list_and_inspect_show_what_each_checkpoint_owns_and_shares(tmp_path: Pa
     shutil.rmtree(root / "checkpoint-1")
     shutil.rmtree(root / "checkpoint-2")  # checkpoint-3 is the last holder: it owns it now
     assert cli("inspect", str(root / "checkpoint-3"))["shared_bytes"] == 0
+
+
+def test_a_frameworks_unchanged_files_are_linked_from_the_third_save(tmp_path: Path) -> None:
+    """save_files (the Trainer's, Accelerate's): files are written by the framework, so
+    the first save after start learns which are unchanged; from then on they are linked."""
+    root = tmp_path / "run"
+    base = os.urandom(1 << 20)  # a frozen base model's shard: the same every save
+    with CheckpointManager(root, keep_last=3) as mgr:
+        for step in range(1, 6):
+
+            def write(tx: ckptguard.AtomicCheckpoint) -> None:
+                (tx.staging_dir / "base.bin").write_bytes(base)
+                (tx.staging_dir / "head.bin").write_bytes(os.urandom(1 << 17))
+                (tx.staging_dir / "config.json").write_text('{"layers": 2}')
+
+            mgr.save_files(step, write)
+        inodes = {s: _ino(root / f"checkpoint-{s}" / "base.bin") for s in (3, 4, 5)}
+        assert len(set(inodes.values())) == 1, inodes  # one file on disk
+        linked = {
+            s: ckptguard.read_manifest(root / f"checkpoint-{s}").metadata["ckptguard"][
+                "incremental"
+            ]["linked_files"]
+            for s in (3, 4, 5)
+        }
+        assert linked == {3: ["base.bin"], 4: ["base.bin"], 5: ["base.bin"]}
+        assert (root / "checkpoint-5" / "head.bin").stat().st_nlink == 1
+        for s in (3, 4, 5):
+            assert mgr.verify(s).ok
+            assert (root / f"checkpoint-{s}" / "base.bin").read_bytes() == base

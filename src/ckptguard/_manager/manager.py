@@ -18,6 +18,7 @@ after the new checkpoint is committed and verified.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
@@ -31,7 +32,14 @@ from ckptguard._errors import (
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.admin import Admin
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
+from ckptguard._manager.options import (
+    SaveOptions,
+    clean_metrics,
+    commit_state,
+    flagged,
+    result_of,
+    with_incremental,
+)
 from ckptguard._manager.preemption import Handling, exit_preempted, policy_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
@@ -50,7 +58,6 @@ from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Collection, Mapping, Sequence
     from pathlib import Path
 
@@ -678,10 +685,12 @@ class CheckpointManager:
         tx.prepare = prepare
         tx.supersedes = supersedes
         tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
+        learn = self._link_unchanged(tx)
         if not blocking:
-            return self._save_files_async(step, tx, write, started, also_keep)
+            return self._save_files_async(step, tx, write, started, also_keep, learn=learn)
         with tx:
             write(tx)
+        learn()
         return self._after_commit(
             step,
             result_of(tx).path,
@@ -691,6 +700,37 @@ class CheckpointManager:
             coord=self.coordinator,
         )
 
+    def _link_unchanged(self, tx: AtomicCheckpoint) -> Callable[[], None]:
+        """Incremental framework saves: link the files a committed checkpoint holds.
+
+        Wraps ``tx.prepare`` (it runs on each committer before the seal); returns what to
+        call after the commit, which learns from the manifest which files were unchanged.
+        """
+        inc = self.incremental
+        if inc is None:
+            return lambda: None
+        from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
+
+        user = tx.prepare
+        planned: list[Any] = []
+
+        def prepare(staging: Path) -> None:
+            if user is not None:
+                user(staging)
+            reuse, chain = inc.plan(self.options.committed())
+            planned.append(reuse)
+            if reuse is not None:
+                link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)
+            tx.metadata = with_incremental(tx.metadata, chain, reuse)
+
+        def learn() -> None:
+            if planned and tx.result is not None:
+                files = ((f.path, f.size, f.checksum) for f in tx.result.manifest.files)
+                inc.learn(planned[-1], files)
+
+        tx.prepare = prepare
+        return learn
+
     def _save_files_async(
         self,
         step: int,
@@ -698,11 +738,14 @@ class CheckpointManager:
         write: Callable[[AtomicCheckpoint], Any],
         started: float,
         also_keep: Collection[str],
+        *,
+        learn: Callable[[], None],
     ) -> PendingSave:
         finish = begin_transaction(tx, write)
 
         def work(coord: Coordinator) -> CheckpointInfo:
             finish_transaction(tx, finish if callable(finish) else None, coord)
+            learn()
             return self._after_commit(
                 step,
                 result_of(tx).path,

@@ -207,7 +207,7 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
                 tx.known.update(written)
                 if incremental is not None:
                     incremental.done(reuse)
-                    tx.metadata = _with_incremental(tx.metadata, chain, reuse)
+                    tx.metadata = with_incremental(tx.metadata, chain, reuse)
         return result_of(tx).path, committer
 
     if coord.world_size == 1:
@@ -217,7 +217,7 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
     return attempt()
 
 
-def _with_incremental(
+def with_incremental(
     metadata: Mapping[str, Any] | None, chain: int, reuse: Reuse | None
 ) -> dict[str, Any]:
     """``metadata`` with what an incremental save linked (its files and bytes)."""

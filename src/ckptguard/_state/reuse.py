@@ -39,6 +39,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ckptguard._storage.faults import fault_point
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -51,6 +53,7 @@ _log = logging.getLogger("ckptguard.incremental")
 
 MIN_BYTES = 64 * 1024
 FROZEN_SUFFIX = ".frozen.safetensors"
+LINK_SUFFIX = ".ckptguard-link"  # a link made beside a framework's file, then renamed over it
 
 
 @dataclass
@@ -137,6 +140,13 @@ class Incremental:
         reuse = Reuse(sources, set(self.expect_same), try_reflink=self.try_reflink)
         return reuse, newest_chain + 1
 
+    def learn(self, reuse: Reuse | None, files: Iterable[tuple[str, int, str]]) -> None:
+        """After a framework save: which of its files (rel, size, checksum) were unchanged."""
+        if reuse is None:
+            return
+        reuse.same.update(rel for rel, size, checksum in files if (size, checksum) in reuse.sources)
+        self.done(reuse)
+
     def done(self, reuse: Reuse | None) -> None:
         """After a save: remember what was unchanged, and whether reflinks work here."""
         if reuse is None:
@@ -209,3 +219,35 @@ def owned_and_shared(checkpoint: str, manifest: Manifest) -> tuple[int, int] | N
         return None
     shared_bytes = sum(f.size for f in manifest.files if f.path in shared)
     return manifest.total_size - shared_bytes, shared_bytes
+
+
+def link_unchanged_files(
+    staging_dir: str, reuse: Reuse, storage: Storage, known: dict[str, FileDigest]
+) -> None:
+    """Files a framework wrote into ``staging_dir`` that equal a committed one: linked.
+
+    Only files unchanged at the previous save are looked at (each is read back and
+    hashed, from the page cache); each equal one is replaced by a link to the committed
+    file and its digest put in ``known`` (the seal trusts it). Others are left to the
+    seal, which hashes and fsyncs every file; :meth:`Incremental.learn` then notes from
+    the manifest which files turned out unchanged, for the next save.
+    """
+    files, _dirs = storage.walk_files(staging_dir)
+    for rel in files:
+        if rel in known or rel not in reuse.expect_same:
+            continue
+        path = os.path.join(staging_dir, rel)
+        size = os.stat(path, follow_symlinks=False).st_size
+        if not reuse.worth_hashing(rel, size):
+            continue
+        digest = storage.hash_file(path, fsync=False)
+        if (digest.size, digest.checksum) not in reuse.sources:
+            continue
+        # Linked beside it first: if the source went away meanwhile, the written file stays.
+        spare = f"{path}{LINK_SUFFIX}"
+        if not reuse.link(rel, digest, spare, storage):
+            continue
+        storage.remove_file(path)
+        storage.rename_noreplace(spare, path)
+        known[rel] = digest
+        fault_point("reuse.linked")
