@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -19,6 +20,11 @@ import torch
 import ckptguard
 from ckptguard import CheckpointManager
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
+from request_counter import counting
+from s3_servers import S3Server, start_moto
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 FROZEN = "model.frozen.safetensors"
 
@@ -324,3 +330,52 @@ def test_a_frameworks_unchanged_files_are_linked_from_the_third_save(tmp_path: P
         for s in (3, 4, 5):
             assert mgr.verify(s).ok
             assert (root / f"checkpoint-{s}" / "base.bin").read_bytes() == base
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Server) -> None:
+    """Opt-in there: each reused file is one CopyObject, no byte uploaded; every
+    checkpoint keeps objects of its own, so retention deletes them independently."""
+    model = _model()
+    url = moto.url("incremental")
+    with counting() as requests:
+        mgr = CheckpointManager(
+            url, storage_options=moto.storage_options, incremental=True, keep_last=2
+        )
+        try:
+            counts = []
+            for step in range(1, 5):
+                requests.take()
+                with torch.no_grad():
+                    head = model.get_submodule("2")
+                    assert isinstance(head, torch.nn.Linear)
+                    head.weight.add_(1.0)
+                mgr.save(step, {"model": model, "step": step})
+                counts.append(requests.take())
+            assert "CopyObject" not in counts[0]
+            assert [c.get("CopyObject", 0) for c in counts[1:]] == [1, 1, 1]
+            assert all(c.get("PutObject", 0) == counts[0]["PutObject"] - 1 for c in counts[1:])
+            assert [c.step for c in mgr.list()] == [3, 4]
+            for step in (3, 4):
+                assert mgr.verify(step).ok
+                meta = ckptguard.read_manifest(
+                    mgr.backend.join(f"checkpoint-{step}"), storage_options=moto.storage_options
+                ).metadata["ckptguard"]["incremental"]
+                assert meta["linked_files"] == [FROZEN]
+                assert meta["linked_by"] == "copy"
+            target = _model(seed=4)
+            mgr.restore(4, {"model": target, "step": None})
+            for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
+                assert torch.equal(a, b)
+        finally:
+            mgr.close()
+    with CheckpointManager(url, storage_options=moto.storage_options) as default:
+        assert default.incremental is None  # off by default on object stores

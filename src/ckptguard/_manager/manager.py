@@ -274,15 +274,8 @@ class CheckpointManager:
         from ckptguard._state.reuse import Incremental  # noqa: PLC0415
 
         policy = Incremental(full_every)  # a bad full_every raises either way
-        if wanted is None:
+        if wanted is None:  # object stores: opt-in (each copy is a request of its own)
             wanted = not self.backend.remote
-        elif wanted and self.backend.remote:
-            raise UnsupportedRoot(
-                f"incremental=True is not available for {self.root} yet: on an object "
-                "store every save writes every byte",
-                path=self.root,
-                hint="leave incremental unset (or False) for object-store roots",
-            )
         return policy if wanted else None
 
     @property
@@ -707,7 +700,7 @@ class CheckpointManager:
         call after the commit, which learns from the manifest which files were unchanged.
         """
         inc = self.incremental
-        if inc is None:
+        if inc is None or self.backend.remote:  # a framework's files are spooled, then sent
             return lambda: None
         from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
 
@@ -717,7 +710,7 @@ class CheckpointManager:
         def prepare(staging: Path) -> None:
             if user is not None:
                 user(staging)
-            reuse, chain = inc.plan(self.options.committed())
+            reuse, chain = inc.plan(self.options.committed(), self.options.manifest_reader())
             planned.append(reuse)
             if reuse is not None:
                 link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)

@@ -132,6 +132,10 @@ class SaveOptions:
                 found.append((step, self.backend.join(name)))
         return [path for _, path in sorted(found, reverse=True)]
 
+    def manifest_reader(self) -> Callable[[str], Manifest] | None:
+        """How incremental saves read an object store's manifests (None: a local root)."""
+        return self.backend.read_manifest if self.backend.remote else None
+
     def transaction(
         self,
         step: int,
@@ -202,7 +206,7 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
                 tx.expected_bytes = snapshot.nbytes
                 reuse, chain = None, 0
                 if incremental is not None:
-                    reuse, chain = incremental.plan(options.committed())
+                    reuse, chain = incremental.plan(options.committed(), options.manifest_reader())
                 written = write_encoded(tx.write_path, snapshot, tx.storage, reuse=reuse)
                 tx.known.update(written)
                 if incremental is not None:
@@ -228,10 +232,8 @@ def with_incremental(
         "linked_files": sorted(reuse.linked) if reuse is not None else [],
         "linked_bytes": reuse.linked_bytes if reuse is not None else 0,
         "linked_by": (
-            ("reflink" if "reflink" in reuse.linked.values() else "hardlink")
-            if reuse is not None and reuse.linked
-            else None
-        ),
+            min(set(reuse.linked.values())) if reuse is not None and reuse.linked else None
+        ),  # "copy" (an object store), "hardlink" or "reflink"
     }
     out[RESERVED_METADATA] = flags
     return out

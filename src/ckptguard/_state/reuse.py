@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from ckptguard._storage.faults import fault_point
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from ckptguard._format.manifest import Manifest
     from ckptguard._storage.base import FileDigest, Storage
@@ -81,10 +81,12 @@ class Reuse:
         source = self.sources.get((digest.size, digest.checksum))
         if source is None:
             return False
+        size_of = getattr(storage, "size_of", None)  # an object store's
         try:  # a cheap check that it is still the file its manifest lists
-            if os.stat(source, follow_symlinks=False).st_size != digest.size:
-                return False
+            size = size_of(source) if size_of else os.stat(source, follow_symlinks=False).st_size
         except OSError:
+            return False
+        if size != digest.size:
             return False
         link = getattr(storage, "link_file", None)  # local storages have it
         how = None if link is None else link(source, dest, try_reflink=self.try_reflink)
@@ -120,15 +122,19 @@ class Incremental:
         self.try_reflink = True
         self._cache: dict[str, tuple[tuple[int, int], Manifest]] = {}
 
-    def plan(self, checkpoints: Iterable[str]) -> tuple[Reuse | None, int]:
+    def plan(
+        self, checkpoints: Iterable[str], read: Callable[[str], Manifest] | None = None
+    ) -> tuple[Reuse | None, int]:
         """This save's :class:`Reuse` (None: a full save) and its chain count.
 
-        ``checkpoints``: the local paths of the root's committed checkpoints, newest first.
+        ``checkpoints``: the paths of the root's committed checkpoints, newest first;
+        ``read``: how to read a manifest of an object store (local ones are cached by
+        their inode and mtime).
         """
         paths = list(checkpoints)
         for gone in set(self._cache) - set(paths):
             del self._cache[gone]
-        manifests = [(path, m) for path in paths if (m := self._manifest(path))]
+        manifests = [(path, m) for path in paths if (m := self._manifest(path, read))]
         newest_chain = _chain(manifests[0][1]) if manifests else None
         if newest_chain is None or newest_chain + 1 >= self.full_every:
             return None, 0
@@ -154,10 +160,19 @@ class Incremental:
         self.expect_same = set(reuse.same)
         self.try_reflink = reuse.try_reflink
 
-    def _manifest(self, path: str) -> Manifest | None:
+    def _manifest(self, path: str, read: Callable[[str], Manifest] | None) -> Manifest | None:
         from ckptguard._format.layout import MANIFEST_NAME  # noqa: PLC0415
         from ckptguard._protocol.api import read_manifest  # noqa: PLC0415
 
+        if read is not None:  # an object store: a manifest is replaced only with its name's
+            cached = self._cache.get(path)  # save id prefix, so a stale entry fails its copy
+            if cached is not None:
+                return cached[1]
+            with contextlib.suppress(Exception):
+                manifest = read(path)
+                self._cache[path] = ((0, 0), manifest)
+                return manifest
+            return None
         try:
             st = os.stat(os.path.join(path, MANIFEST_NAME))
         except OSError:
