@@ -64,6 +64,10 @@ bench: install
 	# Saves on preemption (issue 18): the per-step cost of the agreement, and the time from
 	# the signal to a committed checkpoint of 100 MiB, with 1 and 2 ranks.
 	$(PY) benchmarks/bench_preemption.py --mib 100 --rounds 5 --json benchmarks/results/preemption-latest.json
+	# Incremental saves (issue 19): a 90%-frozen model saved 10 times (bytes written, disk
+	# growth, time against a full save), the worst case where everything changes, and a
+	# Trainer fine-tune of a frozen-base GPT-2 against the plain Trainer.
+	$(PY) benchmarks/bench_incremental.py --rounds 9 --json benchmarks/results/incremental-latest.json
 
 # ckptguard's CUDA paths on a machine with NVIDIA GPUs (under 5 minutes): async stall
 # against a pinned device-to-host copy and dcp.async_save, every device, bf16/fp8, NCCL.

@@ -51,6 +51,7 @@ from ckptguard._storage.faults import (
     DEFERRED_FAULT_POINTS,
     FAULT_POINTS,
     REMOTE_FAULT_POINTS,
+    REUSE_FAULT_POINTS,
     set_fault_hook,
 )
 from ckptguard._storage.local import LocalStorage
@@ -93,8 +94,11 @@ OPERATIONS: tuple[str, ...] = (
     "remove_tree",
     "remove_file",
     "open_tree",
+    "link_file",
 )
-PROTOCOL_STEPS: tuple[str, ...] = FAULT_POINTS + REMOTE_FAULT_POINTS + DEFERRED_FAULT_POINTS
+PROTOCOL_STEPS: tuple[str, ...] = (
+    FAULT_POINTS + REMOTE_FAULT_POINTS + DEFERRED_FAULT_POINTS + REUSE_FAULT_POINTS
+)
 
 Action = Literal["raise", "kill", "tear", "power_cut"]
 
@@ -231,6 +235,23 @@ class _Durable:
     def created(self, path: str) -> None:
         if self.covers(path):
             self.ident(path, fresh=True)
+
+    def linked(self, src: str, dst: str, *, synced: bool) -> None:
+        """``dst``: a new name for ``src``'s data (a hard link), or a fsynced reflink.
+
+        Either way the data is as durable as ``src``'s; the new name still needs its
+        directory's fsync.
+        """
+        if not self.covers(dst):
+            return
+        oid = self.ident(dst, fresh=True)
+        if self.covers(src):
+            source = self.ident(src)
+            if source in self.data:
+                self.data[oid] = self.data[source]
+        elif synced or not self.covers(src):
+            with open(dst, "rb") as f:  # outside the tree: taken as durable
+                self.data[oid] = f.read()
 
     # Each fsync is recorded in two halves: what is there is read before the fsync (what
     # other threads write during it is not made durable by it), and kept once it returned.
@@ -496,6 +517,15 @@ class FaultyStorage:
         self.inner.make_dir(path, mode=mode, exist_ok=exist_ok)
         if not existed:
             self._created(path)
+
+    def link_file(self, source: str, dest: str, *, try_reflink: bool = True) -> str | None:
+        self._check("link_file", dest)
+        link = getattr(self.inner, "link_file", None)  # an optional capability
+        how: str | None = None if link is None else link(source, dest, try_reflink=try_reflink)
+        if how is not None and self._durable is not None:
+            with self._lock:
+                self._durable.linked(source, dest, synced=how == "reflink")
+        return how
 
     def open_write(self, path: str, *, fsync: bool = True) -> FileWriter:
         self._check("open_write", path)

@@ -35,6 +35,7 @@ SCENARIOS: tuple[str, ...] = (
     "malicious",
     "permissions",
     "objectstore",
+    "incremental",
 )
 
 MAX_EXAMPLES = 5

@@ -18,6 +18,7 @@ after the new checkpoint is committed and verified.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
@@ -31,7 +32,14 @@ from ckptguard._errors import (
 from ckptguard._format.layout import HF_NAMING, Naming
 from ckptguard._manager.admin import Admin
 from ckptguard._manager.catalog import Catalog, CheckpointInfo
-from ckptguard._manager.options import SaveOptions, clean_metrics, commit_state, flagged, result_of
+from ckptguard._manager.options import (
+    SaveOptions,
+    clean_metrics,
+    commit_state,
+    flagged,
+    result_of,
+    with_incremental,
+)
 from ckptguard._manager.preemption import Handling, exit_preempted, policy_of
 from ckptguard._manager.retainer import Retainer
 from ckptguard._manager.retention import RetentionPolicy
@@ -50,7 +58,6 @@ from ckptguard._protocol.locking import DEFAULT_LOCK_TIMEOUT
 from ckptguard._storage.retry import DEFAULT_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Collection, Mapping, Sequence
     from pathlib import Path
 
@@ -60,6 +67,7 @@ if TYPE_CHECKING:
     from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
     from ckptguard._state.procwriter import WriterProcess
+    from ckptguard._state.reuse import Incremental
     from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.base import Storage
 
@@ -99,6 +107,8 @@ class CheckpointManager:
         max_concurrency: int | None = None,
         preemption: bool | str | int | Sequence[str | int] | Preemption = False,
         async_writer: Literal["thread", "process"] = "thread",
+        incremental: bool | None = None,
+        full_every: int = 10,
     ) -> None:
         """Checkpoints of one run under ``root``: a directory, or a URL (s3://bucket/run).
 
@@ -132,6 +142,14 @@ class CheckpointManager:
         records a request, which :meth:`preemption_requested` turns into one step every
         rank agrees on (see ``preemption.py``). Off by default: the program's signals are
         its own, and SIGTERM finishes an in-flight async save and ends the process.
+
+        ``incremental`` (default: on for a local root): a file of a save that a committed
+        checkpoint of the root holds already (a frozen backbone, a reference model) is
+        linked to it (a reflink, or a hard link) instead of written again; every
+        checkpoint still lists and verifies every byte, and deleting one never damages
+        another (see ``_state/reuse.py`` and docs/incremental.md). ``full_every`` (10):
+        every N-th save is written in full, so that one damaged shared file reaches at
+        most N checkpoints. Not on object stores yet (each save writes every byte).
 
         ``storage``: the storage to use instead of the one the root's kind implies (a
         fault-injecting wrapper in tests); for a URL root it wraps an ``FsspecStorage``.
@@ -206,6 +224,8 @@ class CheckpointManager:
         self.saver = AsyncSaver(
             self, self.coordinator, self._commit_state, self._writer_process(async_writer)
         )
+        self.incremental = self._incremental(wanted=incremental, full_every=full_every)
+        self.saver.split_frozen = self.incremental is not None
         policy = policy_of(preemption)  # a wrong value raises before start-up
         self.lineage, self._hold = start(
             self.backend,
@@ -248,6 +268,15 @@ class CheckpointManager:
                 hint="use the default async_writer='thread'",
             )
         return WriterProcess(local)
+
+    def _incremental(self, *, wanted: bool | None, full_every: int) -> Incremental | None:
+        """Incremental saves' state (None: every save writes every byte)."""
+        from ckptguard._state.reuse import Incremental  # noqa: PLC0415
+
+        policy = Incremental(full_every)  # a bad full_every raises either way
+        if wanted is None:  # object stores: opt-in (each copy is a request of its own)
+            wanted = not self.backend.remote
+        return policy if wanted else None
 
     @property
     def in_flight(self) -> PendingSave | None:
@@ -359,8 +388,9 @@ class CheckpointManager:
             self.saver.committer = committer
 
         path, committer = commit_state(
-            self.options, step, encoded, state, metrics, metadata, coord=coord, took_part=took_part
-        )
+            self.options, step, encoded, state, metrics, metadata,
+            coord=coord, took_part=took_part, incremental=self.incremental,
+        )  # fmt: skip
         return self._after_commit(step, path, committer=committer, pin=pin, coord=coord)
 
     def _save_sharded(
@@ -648,10 +678,12 @@ class CheckpointManager:
         tx.prepare = prepare
         tx.supersedes = supersedes
         tx.fail_fast = True  # ``write`` may be inside a framework's own collectives
+        learn = self._link_unchanged(tx)
         if not blocking:
-            return self._save_files_async(step, tx, write, started, also_keep)
+            return self._save_files_async(step, tx, write, started, also_keep, learn=learn)
         with tx:
             write(tx)
+        learn()
         return self._after_commit(
             step,
             result_of(tx).path,
@@ -661,6 +693,37 @@ class CheckpointManager:
             coord=self.coordinator,
         )
 
+    def _link_unchanged(self, tx: AtomicCheckpoint) -> Callable[[], None]:
+        """Incremental framework saves: link the files a committed checkpoint holds.
+
+        Wraps ``tx.prepare`` (it runs on each committer before the seal); returns what to
+        call after the commit, which learns from the manifest which files were unchanged.
+        """
+        inc = self.incremental
+        if inc is None or self.backend.remote:  # a framework's files are spooled, then sent
+            return lambda: None
+        from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
+
+        user = tx.prepare
+        planned: list[Any] = []
+
+        def prepare(staging: Path) -> None:
+            if user is not None:
+                user(staging)
+            reuse, chain = inc.plan(self.options.committed(), self.options.manifest_reader())
+            planned.append(reuse)
+            if reuse is not None:
+                link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)
+            tx.metadata = with_incremental(tx.metadata, chain, reuse)
+
+        def learn() -> None:
+            if planned and tx.result is not None:
+                files = ((f.path, f.size, f.checksum) for f in tx.result.manifest.files)
+                inc.learn(planned[-1], files)
+
+        tx.prepare = prepare
+        return learn
+
     def _save_files_async(
         self,
         step: int,
@@ -668,11 +731,14 @@ class CheckpointManager:
         write: Callable[[AtomicCheckpoint], Any],
         started: float,
         also_keep: Collection[str],
+        *,
+        learn: Callable[[], None],
     ) -> PendingSave:
         finish = begin_transaction(tx, write)
 
         def work(coord: Coordinator) -> CheckpointInfo:
             finish_transaction(tx, finish if callable(finish) else None, coord)
+            learn()
             return self._after_commit(
                 step,
                 result_of(tx).path,

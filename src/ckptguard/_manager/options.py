@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._protocol.backend import Backend
     from ckptguard._protocol.strategy import CommitResult, IfExists
+    from ckptguard._state.reuse import Incremental, Reuse
     from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.retry import RetryPolicy
 
@@ -122,6 +123,19 @@ class SaveOptions:
     lock_timeout: float
     stale_after: float
 
+    def committed(self) -> list[str]:
+        """The paths of the root's step-named entries, newest first (local roots)."""
+        found = []
+        for name in self.backend.names():
+            step = self.naming.step(name)
+            if step is not None:
+                found.append((step, self.backend.join(name)))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def manifest_reader(self) -> Callable[[str], Manifest] | None:
+        """How incremental saves read an object store's manifests (None: a local root)."""
+        return self.backend.read_manifest if self.backend.remote else None
+
     def transaction(
         self,
         step: int,
@@ -161,6 +175,7 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
     *,
     coord: Coordinator,
     took_part: Callable[[bool], None],
+    incremental: Incremental | None = None,
 ) -> tuple[str, bool]:
     """Every rank calls; each committer writes its state into the agreed staging.
 
@@ -168,6 +183,8 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
     ``metadata`` is flagged already. ``encoded`` is the state ready to write (a snapshot
     for async saves); a committer without one encodes ``state`` (the training thread's,
     for blocking saves only). ``took_part(committer)`` learns whether this rank committed.
+    ``incremental``: link files that committed checkpoints hold already (see reuse.py);
+    the manifest's metadata records how many (``ckptguard.incremental``).
     Returns (the checkpoint's path, whether this rank committed it).
     """
     from ckptguard._state.serialization import encode_state, write_encoded  # noqa: PLC0415 - torch
@@ -185,9 +202,16 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
                             f"rank {coord.rank} commits for its node this time but took "
                             "no snapshot (it did not commit the previous save); save again"
                         )
-                    snapshot = encode_state(state)
+                    snapshot = encode_state(state, split_frozen=incremental is not None)
                 tx.expected_bytes = snapshot.nbytes
-                tx.known.update(write_encoded(tx.write_path, snapshot, tx.storage))
+                reuse, chain = None, 0
+                if incremental is not None:
+                    reuse, chain = incremental.plan(options.committed(), options.manifest_reader())
+                written = write_encoded(tx.write_path, snapshot, tx.storage, reuse=reuse)
+                tx.known.update(written)
+                if incremental is not None:
+                    incremental.done(reuse)
+                    tx.metadata = with_incremental(tx.metadata, chain, reuse)
         return result_of(tx).path, committer
 
     if coord.world_size == 1:
@@ -195,3 +219,21 @@ def commit_state(  # noqa: PLR0917 - the manager's save, positionally as it call
         final = options.backend.join(options.naming.name(step))
         return call_save_with_retry(attempt, final=final, policy=options.retry)
     return attempt()
+
+
+def with_incremental(
+    metadata: Mapping[str, Any] | None, chain: int, reuse: Reuse | None
+) -> dict[str, Any]:
+    """``metadata`` with what an incremental save linked (its files and bytes)."""
+    out = dict(metadata or {})
+    flags = dict(out.get(RESERVED_METADATA) or {})
+    flags["incremental"] = {
+        "chain": chain,
+        "linked_files": sorted(reuse.linked) if reuse is not None else [],
+        "linked_bytes": reuse.linked_bytes if reuse is not None else 0,
+        "linked_by": (
+            min(set(reuse.linked.values())) if reuse is not None and reuse.linked else None
+        ),  # "copy" (an object store), "hardlink" or "reflink"
+    }
+    out[RESERVED_METADATA] = flags
+    return out

@@ -327,6 +327,7 @@ class AsyncSaver:
         self.coordinator = coordinator
         self._commit = commit
         self.writer = writer
+        self.split_frozen = False  # incremental saves: frozen parameters in files of their own
         self.pending: PendingSave | None = None
         self.committer: bool | None = None  # whether this rank committed the last save
         self._buffers: StagingBuffers | None = None
@@ -354,7 +355,7 @@ class AsyncSaver:
         # committed it (one per node at most); before it, every rank.
         snapshot = None
         if self.committer is not False:
-            snapshot = self._buffers.snapshot(encode_state(state))
+            snapshot = self._buffers.snapshot(encode_state(state, split_frozen=self.split_frozen))
             if self.writer is not None:
                 snapshot.writer = self.writer.write
         else:

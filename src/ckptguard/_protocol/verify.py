@@ -173,7 +173,10 @@ def verify_checkpoint(
                     continue
                 bytes_checked += digest.size
                 if digest.size != entry.size or digest.checksum != entry.checksum:
-                    problems.add(f"{entry.path}: checksum mismatch (content altered)")
+                    problems.add(
+                        f"{entry.path}: checksum mismatch (content altered)"
+                        + shared_damage_note(path, entry.path)
+                    )
                     continue
             files += 1
         warnings = _strays(
@@ -245,6 +248,54 @@ def _why_missing(tree: CheckpointTree, rel: str) -> str:
     except (CheckpointError, OSError):
         return "missing"
     return "missing"
+
+
+def sharing_checkpoints(checkpoint: str, rel: str) -> list[str]:
+    """The sibling checkpoints holding the same file on disk as ``rel``.
+
+    Incremental saves link files (see ``_state/reuse.py``); empty for object stores or
+    a file with one name.
+    """
+    path = os.path.join(checkpoint, rel)
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):
+        return []
+    if st.st_nlink < 2:
+        return []
+    ident = (st.st_dev, st.st_ino)
+    root, me = os.path.split(os.path.normpath(checkpoint))
+    found = []
+    try:
+        siblings = sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+    for name in siblings:
+        if name == me or name.startswith("."):
+            continue
+        try:
+            with os.scandir(os.path.join(root, name)) as entries:
+                for entry in entries:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    other = entry.stat(follow_symlinks=False)
+                    if (other.st_dev, other.st_ino) == ident:
+                        found.append(name)
+                        break
+        except OSError:
+            continue
+    return found
+
+
+def shared_damage_note(checkpoint: str, rel: str) -> str:
+    """For a damaged file: which other checkpoints share it (and are damaged too)."""
+    others = sharing_checkpoints(checkpoint, rel)
+    if not others:
+        return ""
+    return (
+        f"; the same file on disk is part of {', '.join(others)} too (an incremental save "
+        "linked it): they are damaged as well"
+    )
 
 
 def verify_local(

@@ -27,6 +27,7 @@ torch is imported only when the state holds tensors (or a target asks for them).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import math
@@ -50,6 +51,7 @@ from ckptguard._format.safetensors import (
     parse_header,
 )
 from ckptguard._storage.base import Source
+from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import (
     PARALLEL_FSYNC_MIN,
     LocalSource,
@@ -59,6 +61,7 @@ from ckptguard._storage.retry import BackgroundFsyncs, call_fsync
 
 if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
+    from ckptguard._state.reuse import Reuse
     from ckptguard._storage.base import FileDigest, Storage
 
 __all__ = [
@@ -147,7 +150,8 @@ class _Group:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, *, split_frozen: bool = False) -> None:
+        self.split_frozen = split_frozen
         self.groups: dict[str, _Group] = {}
         self.seen: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._shared: _Group | None = None
@@ -203,8 +207,35 @@ class _Encoder:
             encoded = item
         return {"__npscalar__": {"dtype": dtype, "value": encoded}}
 
+    def _module(self, module: Any, group: _Group, path: list[str], where: str) -> Any:
+        """A module's state_dict, its frozen parameters in a file of their own.
+
+        Parameters with ``requires_grad=False`` (a frozen backbone or embedding, a
+        reference model) go to ``<file>.frozen.safetensors``: that file stays the same
+        from save to save, so an incremental save links it instead of writing it again
+        (see ``_state/reuse.py``). Everything else stays in the group's file.
+        """
+        frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+        state = module.state_dict()
+        if not frozen or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+            return self.encode(state, group, path, where)
+        cold = self.frozen_group_for(group)
+        return {
+            key: self.encode(
+                value, cold if key in frozen else group, [*path, key], f"{where}[{key!r}]"
+            )
+            for key, value in state.items()
+        }
+
+    def frozen_group_for(self, group: _Group) -> _Group:
+        file = group.file.removesuffix(".safetensors") + ".frozen.safetensors"
+        return self.groups.setdefault(file, _Group(file))
+
     def encode(self, value: Any, group: _Group, path: list[str], where: str) -> Any:
         if _is_stateful(value):
+            torch = sys.modules.get("torch")
+            if self.split_frozen and torch is not None and isinstance(value, torch.nn.Module):
+                return self._module(value, group, path, where)
             value = value.state_dict()
         if _is_np_scalar(value):  # before float: np.float64 subclasses float
             return self._np_scalar(value, where)
@@ -292,9 +323,13 @@ def _nbytes(pending: _Pending) -> int:
     return math.prod(pending.shape) * DTYPE_SIZES[pending.dtype]
 
 
-def encode_state(state: Any) -> EncodedState:
-    """The tree of ``state`` (``state_dict()`` called where needed), tensors by reference."""
-    encoder = _Encoder()
+def encode_state(state: Any, *, split_frozen: bool = False) -> EncodedState:
+    """The tree of ``state`` (``state_dict()`` called where needed), tensors by reference.
+
+    ``split_frozen``: a module's frozen parameters go to a file of their own (for
+    incremental saves, see ``_Encoder._module``).
+    """
+    encoder = _Encoder(split_frozen=split_frozen)
     if isinstance(state, Mapping) and not _is_stateful(state):
         tree: Any = {}
         plain = all(isinstance(k, str) and not k.startswith("__") for k in state)
@@ -323,12 +358,33 @@ def encode_state(state: Any) -> EncodedState:
     return EncodedState(tree, [g for g in encoder.groups.values() if g.tensors])
 
 
-def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> dict[str, FileDigest]:
-    """Write an encoded state into ``directory``; returns the digests of the files written."""
+def write_encoded(
+    directory: str, encoded: EncodedState, storage: Storage, *, reuse: Reuse | None = None
+) -> dict[str, FileDigest]:
+    """Write an encoded state into ``directory``; returns the digests of the files written.
+
+    With ``reuse`` (an incremental save, see ``reuse.py``), files likely unchanged are
+    hashed from memory first and linked to an equal committed file where one exists.
+    """
+    digests: dict[str, FileDigest] = {}
+    groups = encoded.groups
+    if reuse is not None:
+        groups = []
+        for group in encoded.groups:
+            if reuse.worth_hashing(group.file, _group_size(group)):
+                digest = _digest_group(group)
+                if reuse.link(group.file, digest, os.path.join(directory, group.file), storage):
+                    digests[group.file] = digest
+                    fault_point("reuse.linked")
+                    continue
+            groups.append(group)
     if encoded.writer is not None:
-        digests = encoded.writer(directory, encoded)
+        written = encoded.writer(directory, dataclasses.replace(encoded, groups=groups))
     else:
-        digests = write_tensor_files(directory, encoded.groups, storage)
+        written = write_tensor_files(directory, groups, storage)
+    if reuse is not None:
+        reuse.written(written)
+    digests.update(written)
     doc = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -338,6 +394,31 @@ def write_encoded(directory: str, encoded: EncodedState, storage: Storage) -> di
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
     digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
     return digests
+
+
+def _group_size(group: _Group) -> int:
+    header, infos = build_header(
+        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
+    )
+    return len(header) + sum(info.nbytes for info in infos)
+
+
+def _digest_group(group: _Group) -> FileDigest:
+    """The size and xxh3-128 the group's file would have, hashed from memory."""
+    from ckptguard._storage.base import FileDigest  # noqa: PLC0415
+
+    header, infos = build_header(
+        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
+    )
+    by_name = {p.name: p for p in group.tensors}
+    hasher = xxhash.xxh3_128(header)
+    size = len(header)
+    for info in infos:
+        if info.nbytes:
+            data = _tensor_bytes(by_name[info.name].source)
+            hasher.update(data)
+            size += len(data)
+    return FileDigest(size, hasher.hexdigest())
 
 
 def write_tensor_files(

@@ -17,6 +17,7 @@ __all__ = [
     "FAULT_POINTS",
     "FILE_FAULT_POINTS",
     "REMOTE_FAULT_POINTS",
+    "REUSE_FAULT_POINTS",
     "fault_point",
     "set_fault_hook",
 ]
@@ -58,6 +59,10 @@ FILE_FAULT_POINTS: tuple[str, ...] = (
 # files whose tensors the framework's save call handed over as snapshots.
 DEFERRED_FAULT_POINTS: tuple[str, ...] = (
     "deferred.write",  # before each deferred file is written (staging dir exists, invisible)
+)
+
+REUSE_FAULT_POINTS: tuple[str, ...] = (
+    "reuse.linked",  # an incremental save linked a committed file into its staging dir
 )
 
 _hook: Callable[[str], None] | None = None

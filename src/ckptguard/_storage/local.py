@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -137,6 +138,61 @@ class _LocalWriter:
             self.abort()
 
 
+_FICLONE = 0x40049409  # _IOW(0x94, 9, int): linux/fs.h
+# Errors that mean "cannot link this one here": the file is written instead.
+_CANNOT_LINK = {
+    errno.ENOENT,  # the source was removed meanwhile
+    errno.EXDEV,  # another filesystem
+    errno.EMLINK,  # too many links to the inode
+    errno.EPERM,  # hard links refused (protected_hardlinks, some FUSE mounts)
+    errno.EACCES,
+    errno.ENOTSUP,
+    errno.EOPNOTSUPP,
+    errno.EINVAL,
+    errno.ENOSYS,
+}
+
+
+def _reflink(source: str, dest: str, mode: int) -> bool:
+    """A reflink of ``source`` at ``dest`` (fsynced); False where the filesystem has none."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+        except OSError as exc:
+            os.close(dst)
+            os.unlink(dest)
+            if exc.errno in {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL,
+                             errno.ENOTTY, errno.ENOSYS, errno.EPERM}:  # fmt: skip
+                return False
+            raise
+        try:
+            os.fsync(dst)  # its own inode: the extents it shares must be recorded
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return True
+
+
+def _link_file(source: str, dest: str, *, try_reflink: bool, mode: int) -> str | None:
+    """Make ``dest`` (absent) hold ``source``'s bytes without copying them.
+
+    Returns "reflink" or "hardlink", or None where neither is possible here (the caller
+    writes the file).
+    """
+    try:
+        if try_reflink and _reflink(source, dest, mode):
+            return "reflink"
+        os.link(source, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _CANNOT_LINK:
+            return None
+        raise
+    return "hardlink"
+
+
 class LocalStorage:
     """POSIX storage with the fsync discipline of the on-disk contract."""
 
@@ -196,6 +252,15 @@ class LocalStorage:
         return os.path.lexists(path)
 
     # -- files -------------------------------------------------------------------------
+    def link_file(self, source: str, dest: str, *, try_reflink: bool = True) -> str | None:
+        """Make ``dest`` (absent) hold ``source``'s bytes without copying them.
+
+        Returns "reflink" or "hardlink"; None where neither is possible here (the caller
+        writes the file). A reflink is fsynced here (an inode of its own); either way
+        the new name needs its directory's fsync, like any new file.
+        """
+        return _link_file(source, dest, try_reflink=try_reflink, mode=self.file_mode)
+
     def open_write(self, path: str, *, fsync: bool = True) -> _LocalWriter:
         # Created inside its directory opened with O_NOFOLLOW: if that directory (a staging
         # dir) was swapped for a symlink, nothing is written through it (partial: only the

@@ -588,6 +588,20 @@ class FsspecStorage:
             f"object stores have no rename ({src} -> {dst}); the manifest is the commit"
         )
 
+    def link_file(self, source: str, dest: str, *, try_reflink: bool = True) -> str | None:
+        """A server-side copy of ``source`` at ``dest``: no byte passes through here.
+
+        Incremental saves (``_state/reuse.py``): each checkpoint keeps objects of its own,
+        so deleting one never touches another. None if ``source`` is gone.
+        """
+        del try_reflink
+        src, dst = self.key(source), self.key(dest)
+        try:
+            self._retry(lambda: self.fs.copy(src, dst), what="copy", path=dest)
+        except FileNotFoundError:
+            return None
+        return "copy"
+
     def open_read(self, path: str) -> Any:
         return self.fs.open(self.key(path), "rb", block_size=READ_CHUNK, cache_type="none")
 

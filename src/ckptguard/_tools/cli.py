@@ -36,12 +36,14 @@ problems are listed, ``"problems"`` is a list of objects::
 ``error``: do not load it (corrupt, no manifest, a failed check); ``warning``: usable,
 but look. The rest, by command:
 
-- list: ``root``, ``checkpoints``: [{name, path, step, created_at, size_bytes, files,
+- list: ``root``, ``checkpoints``: [{name, path, step, created_at, size_bytes,
+  shared_bytes (shared with other checkpoints by incremental saves; null off local disk), files,
   metrics, run, pinned, best, mirrored (null without --mirror), status, problems}], one
   per name (with --mirror, names only the mirror holds too: status "mirror only");
 - verify: ``path``, ``kind`` ("checkpoint" or "root"), ``checkpoints``: [{path, name,
   step, ok, files_checked, bytes_checked, problems}];
-- inspect: ``path``, name, step, save_id, created_at, size_bytes, metrics, metadata,
+- inspect: ``path``, name, step, save_id, created_at, size_bytes, shared_bytes,
+  shared_files, metrics, metadata,
   writer, versions, files, tensors, and ``state``: the saved state without its tensors
   (each tensor a ``{"__tensor__": {file, name, dtype, shape}}``), or null;
 - clean: ``root``, ``dry_run``, ``planned``: [{kind, path, name, action, size_bytes,
@@ -263,6 +265,7 @@ def _row(info: CheckpointInfo, backend: Backend, *, checksums: bool) -> dict[str
         "step": info.step,
         "created_at": info.created_at,
         "size_bytes": info.size_bytes if has_manifest else None,
+        "shared_bytes": _shared_bytes(info.path) if has_manifest and not backend.remote else None,
         "files": info.files if has_manifest else None,
         "metrics": dict(info.metrics),
         "run": info.run,
@@ -272,6 +275,18 @@ def _row(info: CheckpointInfo, backend: Backend, *, checksums: bool) -> dict[str
         "status": status,
         "problems": _problems(info.path, info.problems),
     }
+
+
+def _shared_bytes(path: str) -> int | None:
+    """How many of a local checkpoint's bytes it shares with others (incremental saves)."""
+    from ckptguard._protocol.api import read_manifest  # noqa: PLC0415
+    from ckptguard._state.reuse import owned_and_shared  # noqa: PLC0415
+
+    try:
+        split = owned_and_shared(path, read_manifest(path))
+    except (CheckpointError, OSError):
+        return None
+    return None if split is None else split[1]
 
 
 def _other_rows(backend: Backend, listed: set[str], *, checksums: bool) -> list[dict[str, Any]]:
@@ -404,7 +419,7 @@ def list_cmd(root: str, *, checksums: bool, mirror: str | None, as_json: bool) -
         table.add_row(
             escape(row["name"]),
             _when(row["created_at"], seconds=False),
-            _size(row["size_bytes"]) if row["size_bytes"] is not None else "-",
+            _size_cell(row),
             str(row["files"]) if row["files"] is not None else "-",
             escape(metrics) or "-",
             " ".join(f for f in ("pinned", "best", "mirrored") if row[f]),
@@ -414,6 +429,16 @@ def list_cmd(root: str, *, checksums: bool, mirror: str | None, as_json: bool) -
     _out.print(table)
     for problem in problems:
         _out.print(f"  {escape(problem)}")
+
+
+def _size_cell(row: dict[str, Any]) -> str:
+    """The size, and how much of it other checkpoints share (incremental saves)."""
+    if row["size_bytes"] is None:
+        return "-"
+    shared = row.get("shared_bytes")
+    if not shared:
+        return _size(row["size_bytes"])
+    return f"{_size(row['size_bytes'])} ({_size(shared)} shared)"
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -663,6 +688,10 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
         ) from None
     finally:
         close()
+    from ckptguard._state.reuse import owned_and_shared, shared_files  # noqa: PLC0415
+
+    shared = None if single.remote else shared_files(where, manifest)
+    split = None if single.remote else owned_and_shared(where, manifest)
     if as_json:
         _emit(
             ok=True,
@@ -672,6 +701,8 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
             save_id=manifest.save_id,
             created_at=manifest.created_at,
             size_bytes=manifest.total_size,
+            shared_bytes=None if split is None else split[1],
+            shared_files=None if shared is None else sorted(shared),
             metrics=dict(manifest.metrics),
             metadata=dict(manifest.metadata),
             writer=manifest.writer.to_dict(),
@@ -685,18 +716,22 @@ def inspect_cmd(path: str, *, as_json: bool) -> None:
     _out.print(f"[bold]{escape(where)}[/]")
     _out.print(f"  step {manifest.step}, saved {_when(manifest.created_at)} by {escape(w.host)} "
                f"pid {w.pid} (ranks {list(w.ranks)} of {w.world_size})")  # fmt: skip
+    owned = (f" ({_size(split[0])} its own, {_size(split[1])} shared with other "
+             "checkpoints)") if split is not None and split[1] else ""  # fmt: skip
     _out.print(f"  save id {manifest.save_id}, {len(manifest.files)} files, "
-               f"{_size(manifest.total_size)}")  # fmt: skip
+               f"{_size(manifest.total_size)}{owned}")  # fmt: skip
     if manifest.metrics:
         _out.print(f"  metrics: {escape(json.dumps(dict(manifest.metrics)))}")
     versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.items() if k != "platform")
     _out.print(f"  versions: {escape(versions)}")
     _print_state(state)
     files = Table(title="files")
-    for column in ("path", "size", "xxh3-128"):
+    for column in ("path", "size", "xxh3-128", "shared"):
         files.add_column(column, justify="right" if column == "size" else "left")
     for f in manifest.files:
-        files.add_row(escape(f.path), _size(f.size), f.checksum)
+        files.add_row(
+            escape(f.path), _size(f.size), f.checksum, "yes" if shared and f.path in shared else ""
+        )
     _out.print(files)
     if tensors:
         table = Table(title="tensors")

@@ -1,0 +1,332 @@
+"""Incremental saves (issue 19) under the gauntlet's faults.
+
+The state: a model with a frozen embedding and backbone (their own file, linked from the
+checkpoint before) and a trainable head, plus an optimizer; every value is a function of
+the step, so each checkpoint's content is known. Rows:
+
+- SIGKILL at every named protocol step of an incremental save (the third save, which
+  links the frozen file), ``reuse.linked`` included, in a child process: committed
+  checkpoints lost or corrupt = 0, each restores exactly, resume takes the newest, and
+  the next save links again, verifies and leaves no staging or trash;
+- a power cut at every storage operation of that save (``FaultyStorage(track=...)``,
+  the link a name that needs its directory's fsync): after the machine comes back,
+  every checkpoint whose save returned is there and exact, and the next save works;
+- retention that deletes the checkpoint each new save linked from (``keep_last=1``),
+  then ``rm -rf`` and ``ckptguard``'s delete of the rest in every order: every kept
+  checkpoint verifies and restores exactly;
+- a bit flip in a shared file: ``verify`` reports every checkpoint that shares it, and
+  ``latest()``/``restore()`` fall back to the newest checkpoint without it;
+- control: the same deletions made by overwriting each file in place before removing it
+  (which ckptguard never does to a committed file) must damage the checkpoints that
+  share those files: the deletion check can fail.
+
+Children run as ``python -m gauntlet.incremental kill ROOT POINT MARKER``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ckptguard
+from ckptguard._storage.faults import FAULT_POINTS, REUSE_FAULT_POINTS, set_fault_hook
+from ckptguard.testing import Fault, FaultyStorage, PowerCut, flip_bit
+from gauntlet import Row
+
+SCENARIO = "incremental"
+TESTS = Path(__file__).resolve().parents[1]
+FROZEN = "model.frozen.safetensors"
+AFTER_RENAME = {"commit.renamed", "publish.root_synced", "publish.done"}
+# The points an incremental manager save of a new name passes.
+POINTS = [
+    p for p in (*FAULT_POINTS, *REUSE_FAULT_POINTS)
+    if p not in {"commit.moved_to_trash", "commit.quarantined"}
+]  # fmt: skip
+
+
+def _model(step: int) -> torch.nn.Module:
+    """A frozen embedding and backbone (the same every step), a head that depends on step."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 4)
+    frozen = [torch.nn.Embedding(1024, 64), torch.nn.Linear(64, 64)]
+    for p in [*frozen[0].parameters(), *frozen[1].parameters()]:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        head.weight.fill_(float(step))
+        head.bias.fill_(-float(step))
+    return torch.nn.Sequential(*frozen, head)
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"model": _model(step), "moment": torch.full((4, 64), float(step)), "step": step}
+
+
+def _exact(mgr: ckptguard.CheckpointManager, step: int) -> str | None:
+    """What is wrong with checkpoint-``step``'s content, or None."""
+    model = _model(-1)
+    got = mgr.restore(step, {"model": model, "moment": None, "step": None})
+    if got["step"] != step or not torch.equal(got["moment"], torch.full((4, 64), float(step))):
+        return f"checkpoint-{step} restores the wrong moment or step"
+    for (name, a), b in zip(
+        _model(step).state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        if not torch.equal(a, b):
+            return f"checkpoint-{step}: {name} differs from what was saved"
+    return None
+
+
+def _manager(root: Path | str, **kwargs: Any) -> ckptguard.CheckpointManager:
+    kwargs.setdefault("keep_last", None)
+    return ckptguard.CheckpointManager(root, check_environment=False, **kwargs)
+
+
+def _linked(root: Path, step: int) -> list[str]:
+    meta = ckptguard.read_manifest(root / f"checkpoint-{step}").metadata["ckptguard"]
+    return list(meta.get("incremental", {}).get("linked_files", []))
+
+
+def _env() -> dict[str, str]:
+    path = [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+# -- row 1: a kill at every named step ------------------------------------------------------
+def _kill_child(root: str, point: str, marker: str) -> None:
+    def hook(reached: str) -> None:
+        if reached == point:
+            Path(marker).write_text(reached)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mgr = _manager(root)
+    set_fault_hook(hook)
+    mgr.save(3, _state(3))
+    print(f"no kill happened at {point}", file=sys.stderr)
+    sys.exit(3)
+
+
+def _kill_case(work: Path, point: str) -> str | None:
+    root, marker = work / "run", work / "reached"
+    with _manager(root) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+    cmd = [sys.executable, "-m", "gauntlet.incremental", "kill", str(root), point, str(marker)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    where = f"killed at {point}"
+    if not marker.exists():
+        return f"{where}: never reached (exit {proc.returncode}): {proc.stderr[-300:]}"
+    if proc.returncode != -signal.SIGKILL:
+        return f"{where}: the child exited with {proc.returncode}, not SIGKILL"
+    expected = [1, 2, 3] if point in AFTER_RENAME else [1, 2]
+    with _manager(root) as mgr:
+        infos = mgr.list(checksums=True)
+        if [i.step for i in infos] != expected:
+            return f"{where}: checkpoints {[i.step for i in infos]}, expected {expected}"
+        for info in infos:
+            if not info.valid:
+                return f"{where}: checkpoint-{info.step} does not verify: {info.problems}"
+            if problem := _exact(mgr, info.step):
+                return f"{where}: {problem}"
+        latest = mgr.latest()
+        if latest is None or latest.step != expected[-1]:
+            return f"{where}: latest() is {latest and latest.step}, expected {expected[-1]}"
+        mgr.save(4, _state(4))
+        if FROZEN not in _linked(root, 4) or not mgr.verify(4).ok:
+            return f"{where}: the next save did not link and verify: {_linked(root, 4)}"
+    left = [e.path for e in ckptguard.scan(root).entries if "/.ckptguard/" in e.path]
+    left = [p for p in left if "/staging/" in p or "/trash/" in p]
+    return f"{where}: the next save left {left}" if left else None
+
+
+def _kill_row(full: bool, work: Path) -> Row:
+    points = POINTS if full else ["stage.created", "reuse.linked", "commit.renamed"]
+    row = Row(
+        SCENARIO,
+        "SIGKILL at every named step of an incremental save (reuse.linked included): "
+        "committed checkpoints lost or corrupt = 0; each restores exactly; the next save "
+        "links and verifies",
+    )
+    for n, point in enumerate(points):
+        case = work / "kills" / f"{n:02d}-{point}"
+        case.mkdir(parents=True)
+        try:
+            row.trial(_kill_case(case, point))
+        except Exception as exc:  # a check that raises fails too
+            row.trial(f"killed at {point}: {type(exc).__name__}: {exc}")
+    row.figures = {"points": len(points)}
+    return row
+
+
+# -- row 2: a power cut at every storage operation -------------------------------------------
+def _power_case(work: Path, at: int | None) -> tuple[str | None, int]:
+    """Cut the power at the ``at``-th operation of the third save (None: count them)."""
+    root = work / "run"
+    storage = FaultyStorage(track=root)
+    with _manager(root, storage=storage) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+    before = storage.calls
+    if at is not None:
+        storage.add(Fault.power_cut(at=before + at))
+    returned = [1, 2]
+    mgr = _manager(root, storage=storage)
+    try:
+        mgr.save(3, _state(3))
+        returned.append(3)
+        mgr.close()
+    except PowerCut:
+        pass
+    ops = storage.calls - before
+    if at is None:
+        return None, ops
+    storage.power_loss()
+    where = f"power cut at operation {at} of the linking save"
+    with _manager(root) as after:
+        valid = {i.step for i in after.list(checksums=True) if i.valid}
+        if not set(returned) <= valid:
+            return f"{where}: saves {returned} returned, valid now {sorted(valid)}", ops
+        for step in sorted(valid):
+            if problem := _exact(after, step):
+                return f"{where}: {problem}", ops
+        after.save(5, _state(5))
+        if not after.verify(5).ok:
+            return f"{where}: the next save does not verify", ops
+    return None, ops
+
+
+def _power_row(full: bool, work: Path) -> Row:
+    row = Row(
+        SCENARIO,
+        "power cut at every storage operation of an incremental save (a link is a name "
+        "that needs its directory's fsync): checkpoints whose save returned lost = 0",
+    )
+    (work / "count").mkdir(parents=True)
+    _, ops = _power_case(work / "count", None)
+    cuts = range(1, ops + 1) if full else range(1, ops + 1, max(1, ops // 4))
+    for at in cuts:
+        case = work / "power" / f"{at:03d}"
+        case.mkdir(parents=True)
+        try:
+            row.trial(_power_case(case, at)[0])
+        except Exception as exc:
+            row.trial(f"power cut at {at}: {type(exc).__name__}: {exc}")
+    row.figures = {"operations": ops, "cuts": len(cuts)}
+    return row
+
+
+# -- row 3 and its control: deleting the checkpoints others link to --------------------------
+def _remove(path: Path, *, in_place: bool) -> None:
+    """``rm -rf``; the control first truncates each file (an in-place overwrite)."""
+    if in_place:
+        for f in path.iterdir():
+            with f.open("r+b") as handle:
+                handle.truncate(0)
+    shutil.rmtree(path)
+
+
+def _deletion_case(work: Path, order: int, *, in_place: bool) -> str | None:
+    root = work / "run"
+    with _manager(root, keep_last=1) as mgr:  # each save retires the one it linked from
+        for step in range(1, 5):
+            mgr.save(step, _state(step))
+            if FROZEN not in _linked(root, step) and step > 1:
+                return f"save {step} linked nothing: {_linked(root, step)}"
+    with _manager(root) as mgr:
+        for step in (5, 6, 7):
+            mgr.save(step, _state(step))
+        kept = [4, 5, 6, 7]
+        doomed = [kept[order % 4], kept[(order + 1) % 4]]
+        _remove(root / f"checkpoint-{doomed[0]}", in_place=in_place)
+        if in_place:
+            _remove(root / f"checkpoint-{doomed[1]}", in_place=True)
+        else:
+            mgr.delete(doomed[1], force=True)
+        for step in sorted(set(kept) - set(doomed)):
+            report = mgr.verify(step)
+            if not report.ok:
+                return f"deleted {doomed}: checkpoint-{step} is damaged: {report.problems}"
+            if problem := _exact(mgr, step):
+                return f"deleted {doomed}: {problem}"
+    return None
+
+
+def _deletion_rows(full: bool, work: Path) -> list[Row]:
+    claim = Row(
+        SCENARIO,
+        "retention, rm -rf and delete of the checkpoints others link to: kept checkpoints "
+        "damaged = 0",
+    )
+    control = Row(
+        SCENARIO,
+        "control: the same deletions made by overwriting each file in place first (what "
+        "ckptguard never does) must damage some",
+        control=True,
+    )
+    orders = range(4) if full else range(2)
+    for row in (claim, control):
+        for order in orders:
+            case = work / ("control" if row.control else "delete") / str(order)
+            case.mkdir(parents=True)
+            try:
+                row.trial(_deletion_case(case, order, in_place=row.control))
+            except Exception as exc:
+                row.trial(f"order {order}: {type(exc).__name__}: {exc}")
+    return [claim, control]
+
+
+# -- row 4: a bit flip in a shared file ------------------------------------------------------
+def _flip_case(work: Path, victim: int) -> str | None:
+    root = work / "run"
+    with _manager(root, full_every=3) as mgr:
+        for step in range(1, 7):  # chains: 1 full, 2-3 linked to it; 4 full, 5-6 linked
+            mgr.save(step, _state(step))
+        flip_bit(root / f"checkpoint-{victim}" / FROZEN, seed=victim)
+        group = [1, 2, 3] if victim <= 3 else [4, 5, 6]
+        for step in group:
+            report = mgr.verify(step)
+            others = [f"checkpoint-{s}" for s in group if s != step]
+            if report.ok or not all(o in " ".join(report.problems) for o in others):
+                return f"flip in {victim}: verify({step}) does not name {others}: {report.problems}"
+        newest = 3 if victim > 3 else 6
+        latest = mgr.latest()
+        if latest is None or latest.step != newest:
+            return f"flip in {victim}: latest() is {latest and latest.step}, expected {newest}"
+        return _exact(mgr, newest)
+
+
+def _flip_row(full: bool, work: Path) -> Row:
+    row = Row(
+        SCENARIO,
+        "a bit flip in a shared file: every checkpoint sharing it reported; resume falls "
+        "back to the newest without it",
+    )
+    victims = range(1, 7) if full else (2, 6)
+    for victim in victims:
+        case = work / "flip" / str(victim)
+        case.mkdir(parents=True)
+        try:
+            row.trial(_flip_case(case, victim))
+        except Exception as exc:
+            row.trial(f"flip in {victim}: {type(exc).__name__}: {exc}")
+    return row
+
+
+def run(full: bool, work: Path) -> list[Row]:
+    """The rows (see the module docstring)."""
+    return [
+        _kill_row(full, work),
+        _power_row(full, work),
+        *_deletion_rows(full, work),
+        _flip_row(full, work),
+    ]
+
+
+if __name__ == "__main__":  # the child: kill ROOT POINT MARKER
+    if sys.argv[1] == "kill":
+        _kill_child(sys.argv[2], sys.argv[3], sys.argv[4])
