@@ -379,3 +379,22 @@ def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Ser
             mgr.close()
     with CheckpointManager(url, storage_options=moto.storage_options) as default:
         assert default.incremental is None  # off by default on object stores
+
+
+def test_a_source_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    mgr, model, _ = _saves(root, range(1, 3))
+    try:
+        elsewhere = tmp_path / "elsewhere.bin"
+        for step in (1, 2):  # every committed copy becomes a symlink to a file outside
+            source = root / f"checkpoint-{step}" / FROZEN
+            elsewhere.write_bytes(source.read_bytes())
+            source.unlink()
+            source.symlink_to(elsewhere)
+        mgr.save(3, {"model": model, "opt": _optimizer(model), "step": 3})
+        written = root / "checkpoint-3" / FROZEN
+        assert not written.is_symlink()
+        assert written.stat().st_nlink == 1  # written, not linked to anything outside
+        assert mgr.verify(3).ok
+    finally:
+        mgr.close()

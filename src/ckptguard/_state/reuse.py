@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,12 @@ class Reuse:
         if source is None:
             return False
         size_of = getattr(storage, "size_of", None)  # an object store's
-        try:  # a cheap check that it is still the file its manifest lists
-            size = size_of(source) if size_of else os.stat(source, follow_symlinks=False).st_size
+        try:  # a cheap check that it is still the regular file its manifest lists
+            if size_of is not None:
+                size = size_of(source)
+            else:
+                st = os.stat(source, follow_symlinks=False)
+                size = st.st_size if stat.S_ISREG(st.st_mode) else -1  # never a symlink
         except OSError:
             return False
         if size != digest.size:
