@@ -71,11 +71,15 @@ class Reuse:
     def __post_init__(self) -> None:
         self._sizes = {size for size, _ in self.sources}
 
+    def likely_same(self, file: str) -> bool:
+        """Whether ``file`` is likely unchanged: frozen parameters, or unchanged last time."""
+        return file.endswith(FROZEN_SUFFIX) or file in self.expect_same
+
     def worth_hashing(self, file: str, size: int) -> bool:
         """Whether to hash ``file`` from memory first: likely unchanged, and a match may exist."""
         if size < MIN_BYTES or size not in self._sizes:
             return False
-        return file.endswith(FROZEN_SUFFIX) or file in self.expect_same
+        return self.likely_same(file)
 
     def link(self, file: str, digest: FileDigest, dest: str, storage: Storage) -> bool:
         """Link ``dest`` to a committed file with ``digest``; False: write it instead."""

@@ -371,7 +371,10 @@ def write_encoded(
     if reuse is not None:
         groups = []
         for group in encoded.groups:
-            if reuse.worth_hashing(group.file, _group_size(group)):
+            # The cheap test first: the size needs the group's header built.
+            if reuse.likely_same(group.file) and reuse.worth_hashing(
+                group.file, _group_size(group)
+            ):
                 digest = _digest_group(group)
                 if reuse.link(group.file, digest, os.path.join(directory, group.file), storage):
                     digests[group.file] = digest
