@@ -4,11 +4,29 @@ import dataclasses
 import os
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 
 from ckptguard._format.owner import WriterInfo, current_writer
+from s3_servers import S3Server, start_moto
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 for the module's tests, stopped by PID after them.
+
+    (Modules that define their own ``moto`` fixture use theirs.)
+    """
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

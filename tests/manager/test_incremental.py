@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -21,10 +20,7 @@ import ckptguard
 from ckptguard import CheckpointManager
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
 from request_counter import counting
-from s3_servers import S3Server, start_moto
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from s3_servers import S3Server
 
 FROZEN = "model.frozen.safetensors"
 
@@ -330,15 +326,6 @@ def test_a_frameworks_unchanged_files_are_linked_from_the_third_save(tmp_path: P
         for s in (3, 4, 5):
             assert mgr.verify(s).ok
             assert (root / f"checkpoint-{s}" / "base.bin").read_bytes() == base
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Server) -> None:
