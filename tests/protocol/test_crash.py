@@ -24,6 +24,7 @@ from ckptguard._storage.faults import (
     FAULT_POINTS,
     FILE_FAULT_POINTS,
     REMOTE_FAULT_POINTS,
+    REUSE_FAULT_POINTS,
 )
 
 CHILD = Path(__file__).parents[1] / "crash_child.py"
@@ -63,7 +64,13 @@ def test_fault_point_names_match_the_code() -> None:
                 assert isinstance(arg, ast.Constant)
                 assert isinstance(arg.value, str)
                 called.add(arg.value)
-    listed = FAULT_POINTS + REMOTE_FAULT_POINTS + FILE_FAULT_POINTS + DEFERRED_FAULT_POINTS
+    listed = (
+        FAULT_POINTS
+        + REMOTE_FAULT_POINTS
+        + FILE_FAULT_POINTS
+        + DEFERRED_FAULT_POINTS
+        + REUSE_FAULT_POINTS
+    )
     assert called == set(listed)
 
 
