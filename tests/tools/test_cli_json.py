@@ -83,8 +83,8 @@ def _corrupt(root: Path, step: int) -> Path:
 ROOT_KEYS = {"root", "checkpoints"}
 VERIFY_KEYS = {"path", "kind", "checkpoints"}
 INSPECT_KEYS = {
-    "path", "name", "step", "save_id", "created_at", "size_bytes", "metrics", "metadata",
-    "writer", "versions", "files", "tensors", "state",
+    "path", "name", "step", "save_id", "created_at", "size_bytes", "shared_bytes",
+    "shared_files", "metrics", "metadata", "writer", "versions", "files", "tensors", "state",
 }  # fmt: skip
 CLEAN_KEYS = {"root", "dry_run", "planned", "recovery_actions", "removed"}
 PIN_KEYS = {"root", "step", "path", "pinned"}
