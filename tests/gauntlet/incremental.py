@@ -11,6 +11,7 @@ the step, so each checkpoint's content is known. Rows:
 - a power cut at every storage operation of that save (``FaultyStorage(track=...)``,
   the link a name that needs its directory's fsync): after the machine comes back,
   every checkpoint whose save returned is there and exact, and the next save works;
+  control: with the staging directories' fsyncs skipped, a save that returned is lost;
 - retention that deletes the checkpoint each new save linked from (``keep_last=1``),
   then ``rm -rf`` and ``ckptguard``'s delete of the rest in every order: every kept
   checkpoint verifies and restores exactly;
@@ -164,10 +165,19 @@ def _kill_row(full: bool, work: Path) -> Row:
 
 
 # -- row 2: a power cut at every storage operation -------------------------------------------
-def _power_case(work: Path, at: int | None) -> tuple[str | None, int]:
-    """Cut the power at the ``at``-th operation of the third save (None: count them)."""
+def _staging_dir(path: str) -> bool:
+    """The control's skipped fsyncs: those of staging directories (the names inside)."""
+    return os.path.isdir(path) and "/.ckptguard/staging/" in path
+
+
+def _power_case(work: Path, at: int | None, *, control: bool = False) -> tuple[str | None, int]:
+    """Cut the power at the ``at``-th operation of the third save (None: count them).
+
+    ``control``: the staging directories' fsyncs are skipped, and the power is lost right
+    after the third save returned: its names (the link's too) must be lost.
+    """
     root = work / "run"
-    storage = FaultyStorage(track=root)
+    storage = FaultyStorage(track=root, ignore_fsync=_staging_dir if control else False)
     with _manager(root, storage=storage) as mgr:
         for step in (1, 2):
             mgr.save(step, _state(step))
@@ -183,7 +193,7 @@ def _power_case(work: Path, at: int | None) -> tuple[str | None, int]:
     except PowerCut:
         pass
     ops = storage.calls - before
-    if at is None:
+    if at is None and not control:
         return None, ops
     storage.power_loss()
     where = f"power cut at operation {at} of the linking save"
@@ -217,6 +227,22 @@ def _power_row(full: bool, work: Path) -> Row:
         except Exception as exc:
             row.trial(f"power cut at {at}: {type(exc).__name__}: {exc}")
     row.figures = {"operations": ops, "cuts": len(cuts)}
+    return row
+
+
+def _power_control_row(work: Path) -> Row:
+    row = Row(
+        SCENARIO,
+        "control: the same with the staging directories' fsyncs skipped must lose a save "
+        "that returned (its names, the link's among them)",
+        control=True,
+    )
+    case = work / "power-control"
+    case.mkdir(parents=True)
+    try:
+        row.trial(_power_case(case, None, control=True)[0])
+    except Exception as exc:
+        row.trial(f"control: {type(exc).__name__}: {exc}")
     return row
 
 
@@ -322,6 +348,7 @@ def run(full: bool, work: Path) -> list[Row]:
     return [
         _kill_row(full, work),
         _power_row(full, work),
+        _power_control_row(work),
         *_deletion_rows(full, work),
         _flip_row(full, work),
     ]
