@@ -92,6 +92,8 @@ chaos: install
 	# The exit-abort loop (issue 16): 50 two-rank protect() resumes, 0 may abort at exit,
 	# with 25 control runs without ckptguard's exit handler that must show the abort.
 	CKPTGUARD_EXIT_LOOP=50 $(PY) -m pytest -q tests/integrations/test_exit_abort.py
+	# Heavier variants of make test's tests (the Trainer's ZeRO-2 checkpoint killed mid-save).
+	CKPTGUARD_CHAOS=1 $(PY) -m pytest -q -m chaos
 	# Multi-host kills (issue 17): hosts in network namespaces killed at more points of a
 	# save straight to S3 (make test kills one host at one point).
 	CKPTGUARD_MULTIHOST_SWEEP=1 $(PY) -m pytest -q tests/multihost

@@ -45,13 +45,17 @@ if os.environ.get("CI"):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long exit-abort loop runs only when asked for (``make chaos``).
+    """The long exit-abort loop and the heavier variants run only when asked (``make chaos``).
 
     Deselected, not skipped: a skipped test would read as a test that passed.
     """
+    wanted = set()
     if int(os.environ.get("CKPTGUARD_EXIT_LOOP", "0") or 0) > 0:
-        return
-    keep = [item for item in items if item.get_closest_marker("exit_loop") is None]
+        wanted.add("exit_loop")
+    if os.environ.get("CKPTGUARD_CHAOS") == "1":  # heavier variants (make chaos)
+        wanted.add("chaos")
+    held = {"exit_loop", "chaos"} - wanted
+    keep = [i for i in items if not any(i.get_closest_marker(m) for m in held)]
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep

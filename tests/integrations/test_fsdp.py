@@ -272,7 +272,8 @@ def _hf_env(engine: str) -> dict[str, str]:
     "engine",
     [
         "fsdp2",
-        "zero2",
+        # ZeRO-2's files are ZeRO-3's without the partitioned parameters: make chaos (73 s)
+        pytest.param("zero2", marks=pytest.mark.chaos),
         "zero3",
     ],
 )
