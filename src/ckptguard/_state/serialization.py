@@ -371,11 +371,12 @@ def write_encoded(
     if reuse is not None:
         groups = []
         for group in encoded.groups:
-            # The cheap test first: the size needs the group's header built.
-            if reuse.likely_same(group.file) and reuse.worth_hashing(
-                group.file, _group_size(group)
-            ):
-                digest = _digest_group(group)
+            if not reuse.likely_same(group.file):  # the cheap test first
+                groups.append(group)
+                continue
+            header, infos = _layout(group)
+            if reuse.worth_hashing(group.file, len(header) + sum(i.nbytes for i in infos)):
+                digest = _digest_group(group, header, infos)
                 if reuse.link(group.file, digest, os.path.join(directory, group.file), storage):
                     digests[group.file] = digest
                     fault_point("reuse.linked")
@@ -399,20 +400,15 @@ def write_encoded(
     return digests
 
 
-def _group_size(group: _Group) -> int:
-    header, infos = build_header(
-        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
-    )
-    return len(header) + sum(info.nbytes for info in infos)
+def _layout(group: _Group) -> tuple[bytes, list[TensorInfo]]:
+    """The group's safetensors header and tensor layout (as ``_write_group`` writes it)."""
+    return build_header(((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"})
 
 
-def _digest_group(group: _Group) -> FileDigest:
+def _digest_group(group: _Group, header: bytes, infos: list[TensorInfo]) -> FileDigest:
     """The size and xxh3-128 the group's file would have, hashed from memory."""
     from ckptguard._storage.base import FileDigest  # noqa: PLC0415
 
-    header, infos = build_header(
-        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
-    )
     by_name = {p.name: p for p in group.tensors}
     hasher = xxhash.xxh3_128(header)
     size = len(header)
@@ -448,9 +444,7 @@ def write_tensor_files(
 
 def _write_group(path: str, group: _Group, storage: Storage) -> FileDigest:
     """One safetensors file (not fsynced yet); its digest, computed while written."""
-    header, infos = build_header(
-        ((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"}
-    )
+    header, infos = _layout(group)
     by_name = {p.name: p for p in group.tensors}
     writer = storage.open_write(path, fsync=False)
     try:
