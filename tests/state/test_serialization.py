@@ -43,6 +43,7 @@ from ckptguard._state.serialization import (
     STATE_VERSION,
     TargetMismatch,
     read_state,
+    safetensors_digest,
     write_state,
 )
 
@@ -584,6 +585,32 @@ def test_files_load_with_the_reference_safetensors_library(tmp_path: Path) -> No
         assert_same(t, loaded_mixed[name], name)
     opt_tensors = safetensors.torch.load_file(ckpt / "optimizer.safetensors")
     assert len(opt_tensors) == 3 * len(list(model.parameters()))  # step, exp_avg, exp_avg_sq
+
+
+def test_digest_from_memory_is_that_of_the_reference_safetensors_file(tmp_path: Path) -> None:
+    """Every dtype, names in mixed order, with and without metadata: the digest of what
+    ``safetensors.torch.save_file`` writes, known without writing it (incremental saves
+    link a framework's unchanged file this way, see reuse.py)."""
+    torch.manual_seed(0)
+    tensors = {
+        f"{chr(ord('z') - i)}.{str(dt).removeprefix('torch.')}": _sample(dt)
+        for i, dt in enumerate(TORCH_DTYPES)
+    }
+    for dt in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2):
+        tensors[f"m.{str(dt).removeprefix('torch.')}"] = torch.arange(6).to(dt)
+    tensors["a.empty"] = torch.zeros(0, 3)
+    tensors["b.more"] = torch.randn(4, 5)
+    tensors["b.morë"] = torch.randn(3)
+    storage = ckptguard.LocalStorage()
+    for n, metadata in enumerate([{"format": "pt"}, None, {"ü": "ë"}]):
+        reference = tmp_path / f"reference{n}.safetensors"
+        safetensors.torch.save_file(tensors, reference, metadata=metadata)
+        data = reference.read_bytes()
+        assert {i.dtype for i in parse_header(data, len(data), "x")[1]} == set(DTYPE_SIZES)
+        assert safetensors_digest(tensors, metadata) == storage.hash_file(str(reference))
+    assert safetensors_digest(tensors, if_size=lambda size: size < 100) is None
+    assert safetensors_digest(tensors, {"a": "1", "b": "2"}) is None  # the library's order varies
+    assert safetensors_digest({"x": torch.zeros(2).to_sparse()}) is None
 
 
 def _manifest_for(digests: Mapping[str, ckptguard.FileDigest]) -> Manifest:

@@ -52,6 +52,17 @@ DTYPE_SIZES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }  # fmt: skip
+# The order the safetensors library lays tensors out in: by dtype, in this order, then by
+# name. Each starts aligned to its item size, and a file written here is byte for byte
+# the file ``safetensors.torch.save_file`` writes for the same tensors and metadata (so
+# its digest can be known before either writes it: see ``_state/reuse.py``).
+_DTYPE_ORDER = {
+    dtype: rank
+    for rank, dtype in enumerate(
+        ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+         "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+    )
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,11 @@ def build_header(
 ) -> tuple[bytes, list[TensorInfo]]:
     """The header bytes (length prefix included) and the layout for (name, dtype, shape).
 
-    Tensors are laid out by descending item size, so each one starts aligned to its item
-    size (the data section starts at a multiple of 8); that keeps zero-copy views valid.
+    Tensors are laid out as the safetensors library lays them out (``_DTYPE_ORDER``): by
+    descending item size, so each one starts aligned to its item size (the data section
+    starts at a multiple of 8); that keeps zero-copy views valid.
     """
-    items = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t[1]], t[0]))
+    items = sorted(tensors, key=lambda t: (_DTYPE_ORDER[t[1]], t[0]))
     infos: list[TensorInfo] = []
     offset = 0
     body: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, overload
 
 from ckptguard._coordination.base import Coordinator, default_coordinator
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from ckptguard._protocol.transaction import AtomicCheckpoint
     from ckptguard._protocol.verify import VerifyReport
     from ckptguard._state.procwriter import WriterProcess
-    from ckptguard._state.reuse import Incremental
+    from ckptguard._state.reuse import Incremental, Reuse
     from ckptguard._state.serialization import EncodedState
     from ckptguard._storage.base import Storage
 
@@ -226,6 +227,9 @@ class CheckpointManager:
         )
         self.incremental = self._incremental(wanted=incremental, full_every=full_every)
         self.saver.split_frozen = self.incremental is not None
+        # A framework save's plan of what to link, by its transaction (see reuse_for).
+        self._plans: weakref.WeakKeyDictionary[AtomicCheckpoint, Callable[[], Reuse | None]]
+        self._plans = weakref.WeakKeyDictionary()
         policy = policy_of(preemption)  # a wrong value raises before start-up
         self.lineage, self._hold = start(
             self.backend,
@@ -705,24 +709,42 @@ class CheckpointManager:
         from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
 
         user = tx.prepare
-        planned: list[Any] = []
+        planned: list[tuple[Reuse | None, int]] = []
+
+        def plan() -> Reuse | None:  # once per save: the framework's writes may ask first
+            if not planned:
+                planned.append(inc.plan(self.options.committed(), self.options.manifest_reader()))
+            return planned[0][0]
 
         def prepare(staging: Path) -> None:
             if user is not None:
                 user(staging)
-            reuse, chain = inc.plan(self.options.committed(), self.options.manifest_reader())
-            planned.append(reuse)
+            reuse = plan()
             if reuse is not None:
                 link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)
-            tx.metadata = with_incremental(tx.metadata, chain, reuse)
+            tx.metadata = with_incremental(tx.metadata, planned[0][1], reuse)
 
         def learn() -> None:
             if planned and tx.result is not None:
                 files = ((f.path, f.size, f.checksum) for f in tx.result.manifest.files)
-                inc.learn(planned[-1], files)
+                inc.learn(planned[0][0], files)
 
         tx.prepare = prepare
+        self._plans[tx] = plan
         return learn
+
+    def reuse_for(self, tx: AtomicCheckpoint) -> Reuse | None:
+        """What this framework save may link (incremental saves), for a committer.
+
+        For integrations that know a file's content before it is written (the
+        Trainer's frozen weights, ``integrations/_frozen.py``): a file linked with
+        :meth:`Reuse.link` goes into ``tx.known`` under its path in the checkpoint. None
+        on other ranks, and where this save is written in full.
+        """
+        plan = self._plans.get(tx)
+        if plan is None or self.coordinator.rank != tx.committer:
+            return None
+        return plan()
 
     def _save_files_async(
         self,

@@ -77,9 +77,11 @@ class Reuse:
 
     def worth_hashing(self, file: str, size: int) -> bool:
         """Whether to hash ``file`` from memory first: likely unchanged, and a match may exist."""
-        if size < MIN_BYTES or size not in self._sizes:
-            return False
-        return self.likely_same(file)
+        return self.may_match(size) and self.likely_same(file)
+
+    def may_match(self, size: int) -> bool:
+        """Whether a committed file of ``size`` bytes exists to link to (a cheap test)."""
+        return size >= MIN_BYTES and size in self._sizes
 
     def link(self, file: str, digest: FileDigest, dest: str, storage: Storage) -> bool:
         """Link ``dest`` to a committed file with ``digest``; False: write it instead."""

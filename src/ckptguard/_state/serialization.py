@@ -81,6 +81,7 @@ STATE_VERSION = 1
 MAX_STATE_JSON = 64 * 1024 * 1024  # the tree only (tensors live elsewhere): generous
 _FILE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,100}")
 
+_PT = {"format": "pt"}  # the metadata every file written here has (what transformers expects)
 _TORCH_TO_ST = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
@@ -400,9 +401,42 @@ def write_encoded(
     return digests
 
 
-def _layout(group: _Group) -> tuple[bytes, list[TensorInfo]]:
+def _layout(
+    group: _Group, metadata: Mapping[str, str] | None = _PT
+) -> tuple[bytes, list[TensorInfo]]:
     """The group's safetensors header and tensor layout (as ``_write_group`` writes it)."""
-    return build_header(((p.name, p.dtype, p.shape) for p in group.tensors), {"format": "pt"})
+    return build_header(((p.name, p.dtype, p.shape) for p in group.tensors), metadata)
+
+
+def safetensors_digest(
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    if_size: Callable[[int], bool] | None = None,
+) -> FileDigest | None:
+    """The digest of what ``safetensors.torch.save_file`` writes, without writing it.
+
+    Hashed from memory: the library's layout is the one ``_format/safetensors.py`` builds,
+    byte for byte. None where a value is not a tensor safetensors stores,
+    where ``metadata`` has more than one key (the library writes them in a hash map's
+    order, which varies from call to call), or where ``if_size(file size)`` says it is
+    not worth hashing.
+    """
+    if metadata is not None and len(metadata) > 1:
+        return None
+    torch = _torch()
+    group = _Group("")
+    for name, value in tensors.items():
+        if not isinstance(name, str) or type(value) not in (torch.Tensor, torch.nn.Parameter):
+            return None  # a subclass (DTensor, quantized) may not be what the library writes
+        dtype = _TORCH_TO_ST.get(str(value.dtype).removeprefix("torch."))
+        if dtype is None or value.is_sparse or value.layout != torch.strided:
+            return None
+        group.tensors.append(_Pending(name, dtype, tuple(value.shape), value.detach()))
+    header, infos = _layout(group, metadata)
+    if if_size is not None and not if_size(len(header) + sum(i.nbytes for i in infos)):
+        return None
+    return _digest_group(group, header, infos)
 
 
 def _digest_group(group: _Group, header: bytes, infos: list[TensorInfo]) -> FileDigest:

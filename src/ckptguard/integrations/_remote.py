@@ -110,6 +110,8 @@ class RemoteOptions:
     storage_options: Mapping[str, Any] | None = None
     cache_dir: str | None = None
     async_save: bool = False  # see integrations/_capture.py
+    incremental: bool | None = None  # None: CheckpointManager's default (on for local roots)
+    full_every: int | None = None  # None: CheckpointManager's default
 
     @classmethod
     def of(cls, who: str, extra: Mapping[str, Any], **given: Any) -> RemoteOptions:
@@ -118,11 +120,14 @@ class RemoteOptions:
             why = _NOT_FOR_FRAMEWORKS.get(name)
             if why is not None:
                 raise TypeError(f"{who} does not take {name}= ({why})")
+            if name in {"incremental", "full_every"}:
+                continue
             raise TypeError(
                 f"{who} got an unexpected keyword argument {name!r}; it takes async_save=, "
-                "mirror=, keep_last=, verify_after_save=, storage_options= and cache_dir="
+                "mirror=, keep_last=, verify_after_save=, storage_options=, cache_dir=, "
+                "incremental= and full_every="
             )
-        options = cls(**given)
+        options = cls(**given, **extra)
         if options.mirror is not None and not is_url(options.mirror):
             raise TypeError(f"{who}: mirror= must be an object-store URL, got {options.mirror!r}")
         if options.keep_last is not None and (
@@ -131,6 +136,11 @@ class RemoteOptions:
             or options.keep_last < 1
         ):
             raise TypeError(f"{who}: keep_last= must be a positive int or None")
+        if options.incremental not in {None, True, False}:
+            raise TypeError(f"{who}: incremental= must be True, False or None (the default)")
+        every = options.full_every
+        if every is not None and (type(every) is not int or every < 1):
+            raise TypeError(f"{who}: full_every= must be a positive int")
         return options
 
     def manager_kwargs(self, root: str, keep_last: int | None) -> dict[str, Any]:
@@ -141,12 +151,16 @@ class RemoteOptions:
         # On a local root without a mirror they are for URLs given elsewhere (Accelerate's
         # save_state(URL)), not for this root.
         options = self.storage_options if remote or self.mirror is not None else None
-        return {
+        kwargs: dict[str, Any] = {
             "keep_last": self.keep_last if self.keep_last is not None else keep_last,
             "storage_options": options,
             "mirror": self.mirror,
             "verify_after_save": self.verify_after_save,
+            "incremental": self.incremental,
         }
+        if self.full_every is not None:
+            kwargs["full_every"] = self.full_every
+        return kwargs
 
     def uses_cache(self, root: str) -> bool:
         return is_url(root) or self.mirror is not None

@@ -43,6 +43,7 @@ newer local one verifies, and hands the Trainer that directory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -63,6 +64,7 @@ from ckptguard._protocol.backend import backend_for
 from ckptguard._protocol.verify import verify_local as verify
 from ckptguard._storage.base import is_url
 from ckptguard.integrations._capture import Snapshots, capture
+from ckptguard.integrations._frozen import frozen_first
 from ckptguard.integrations._preemption import TrainerPreemption
 from ckptguard.integrations._remote import (
     RemoteOptions,
@@ -472,10 +474,11 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
             if background:
                 if guard.snapshots is None:
                     guard.snapshots = Snapshots()
-                with capture(staging, guard.snapshots) as deferred:
+                with capture(staging, guard.snapshots) as deferred, frozen_weights(tx):
                     run_original()
             else:
-                run_original()
+                with frozen_weights(tx):
+                    run_original()
         finally:
             guard.redirect = None
             undo_push()
@@ -508,6 +511,18 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
 
     remote = manager.backend.remote
 
+    def frozen_weights(tx: AtomicCheckpoint) -> contextlib.AbstractContextManager[Any]:
+        """Incremental saves: the frozen weights in shards of their own, linked (_frozen.py)."""
+        if manager.incremental is None or remote:
+            return contextlib.nullcontext()
+        return frozen_first(
+            _unwrapped(trainer),
+            os.path.join(tx.staging_dir, name),
+            lambda: manager.reuse_for(tx),
+            tx.storage,
+            tx.known,
+        )
+
     def prepare(staging: Path) -> None:
         _hoist(staging, name)
 
@@ -533,6 +548,16 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
         _log.warning("not pushing %s to the Hub: it is on an object store", final)
     elif pushes:
         trainer._push_from_checkpoint(final)  # noqa: SLF001 - the Trainer's own push, deferred
+
+
+def _unwrapped(trainer: Any) -> Any:
+    """The model whose ``save_pretrained`` the Trainer calls (without DDP or compile)."""
+    model = trainer.model
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        with contextlib.suppress(Exception):
+            return accelerator.unwrap_model(model, keep_torch_compile=False)
+    return getattr(model, "_orig_mod", model)
 
 
 def _commit_late_writes(
