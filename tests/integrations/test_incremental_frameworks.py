@@ -1,11 +1,12 @@
-"""Incremental Trainer saves with a frozen base model (``integrations/_frozen.py``).
+"""Incremental framework saves: the Trainer's frozen base model, Accelerate's files.
 
 In-process Trainers (one process, CPU) on a tiny GPT-2 whose embedding and first block
 are frozen (about 1.3 MiB of its weights): each save puts the frozen weights in a shard
 of their own, the first save writes it, later saves link it to the committed one and
 write only the trainable weights and the optimizer. Bytes written are the process's own
 (``/proc/self/io`` wchar) between two saves: a control, the first save, shows the count
-sees the shard when it is written.
+sees the shard when it is written. Accelerate: a frozen reference model's file, written
+by Accelerate, is replaced by a link once it is known to be unchanged.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import safetensors
 import torch
-
-import ckptguard
-
-transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
@@ -30,7 +29,9 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from ckptguard.integrations.transformers import protect  # noqa: E402
+import ckptguard
+from ckptguard.integrations.accelerate import protect as protect_accelerator
+from ckptguard.integrations.transformers import protect
 
 INDEX = "model.safetensors.index.json"
 
@@ -211,3 +212,42 @@ def test_retention_deletes_the_linked_checkpoint_and_the_rest_stays_whole(
     assert (ckpt / shard_in(ckpt)).stat().st_nlink == 1
     _same_weights(ckpt, trainer.model)
     assert os.listdir(run) == ["checkpoint-6"] or "checkpoint-6" in os.listdir(run)
+
+
+def test_accelerate_links_a_frozen_reference_model_it_saved_unchanged(tmp_path: Path) -> None:
+    """A policy that trains and a frozen reference model (DPO-style) under Accelerate:
+    ``model_1.safetensors`` (the reference) is linked from the third save on (the second
+    learns that it is unchanged); the policy's file and the optimizer are written."""
+    config = ProjectConfiguration(project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True)
+    acc = protect_accelerator(Accelerator(cpu=True, project_config=config))
+    try:
+        _accelerate_saves(acc, tmp_path / "p" / "checkpoints")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _accelerate_saves(acc: Any, ckpts: Path) -> None:
+    torch.manual_seed(0)
+    policy, reference = torch.nn.Linear(256, 256), torch.nn.Linear(512, 512)
+    reference.requires_grad_(False)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    policy, reference, opt = acc.prepare(policy, reference, opt)
+    for _ in range(4):
+        loss = policy(torch.randn(2, 256)).pow(2).mean()
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        acc.save_state()
+    linked = [_incremental(ckpts / f"checkpoint_{i}")["linked_files"] for i in range(4)]
+    assert linked[0] == linked[1] == []
+    assert linked[2] == linked[3] == ["model_1.safetensors"]
+    assert (ckpts / "checkpoint_3" / "model_1.safetensors").stat().st_nlink >= 2
+    for i in range(4):
+        assert ckptguard.verify(ckpts / f"checkpoint_{i}").ok
+    trained = policy.weight.detach().clone()
+    with torch.no_grad():
+        policy.weight.zero_()
+        reference.weight.zero_()
+    acc.load_state(str(ckpts / "checkpoint_3"))
+    assert torch.equal(policy.weight, trained)
+    assert reference.weight.abs().sum() > 0
