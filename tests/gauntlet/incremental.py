@@ -19,27 +19,40 @@ the step, so each checkpoint's content is known. Rows:
   ``latest()``/``restore()`` fall back to the newest checkpoint without it;
 - control: the same deletions made by overwriting each file in place before removing it
   (which ckptguard never does to a committed file) must damage the checkpoints that
-  share those files: the deletion check can fail.
+  share those files: the deletion check can fail;
+- concurrent savers: K spawned processes save each round's checkpoint on one root at
+  the same moment (a barrier at ``seal.done``), ``if_exists="keep"`` and ``keep_last=2``,
+  a 1 MiB part the same for all (linked from the third round on) and a part that is the
+  writer's: one commit per round, no error, the kept checkpoints verify and restore one
+  writer's state exactly, nothing left in staging or trash, and saves did link.
 
 Children run as ``python -m gauntlet.incremental kill ROOT POINT MARKER``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 import ckptguard
 from ckptguard._storage.faults import FAULT_POINTS, REUSE_FAULT_POINTS, set_fault_hook
 from ckptguard.testing import Fault, FaultyStorage, PowerCut, flip_bit
 from gauntlet import Row
+from gauntlet.concurrency import _run as run_processes
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Barrier
 
 SCENARIO = "incremental"
 TESTS = Path(__file__).resolve().parents[1]
@@ -343,6 +356,107 @@ def _flip_row(full: bool, work: Path) -> Row:
     return row
 
 
+# -- row 5: concurrent savers on one root ----------------------------------------------------
+BASE = "base.safetensors"
+
+
+def _saver_state(wid: int, rnd: int) -> dict[str, Any]:
+    """A 1 MiB part every writer and round shares (linked), and one that is the writer's."""
+    return {
+        "base": {"x": np.arange(1 << 17, dtype=np.int64)},
+        "w": np.full(2048, 1000 * rnd + wid, dtype=np.int64),
+        "wid": wid,
+        "round": rnd,
+    }
+
+
+def _saver(wid: int, root: str, rounds: int, barrier: Barrier, out: str) -> None:
+    """A spawned process: saves ``checkpoint-<round>`` each round, all commits at once."""
+    logging.getLogger("ckptguard").setLevel(logging.ERROR)  # "kept the one there" is expected
+    seen: set[str] = set()
+
+    def hook(point: str) -> None:
+        seen.add(point)
+        if point == "seal.done":
+            barrier.wait()  # every peer has linked or written, and sealed: all commit at once
+
+    records: list[dict[str, Any]] = []
+    fatal = None
+    try:
+        mgr = _manager(root, keep_last=2, if_exists="keep")
+        set_fault_hook(hook)
+        for rnd in range(1, rounds + 1):
+            seen.clear()
+            record: dict[str, Any] = {"round": rnd, "error": None}
+            try:
+                record["save_id"] = mgr.save(rnd, _saver_state(wid, rnd), blocking=True).save_id
+            except Exception as exc:
+                if "seal.done" not in seen:
+                    barrier.wait()  # keep the peers in step; the error is reported
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            record["renamed"] = "commit.renamed" in seen
+            record["linked"] = "reuse.linked" in seen
+            records.append(record)
+    except BaseException as exc:
+        fatal = "".join(traceback.format_exception(exc))
+        raise
+    finally:
+        Path(out).write_text(json.dumps({"records": records, "fatal": fatal}))
+
+
+def _concurrent_case(work: Path, k: int, rounds: int) -> tuple[str | None, int]:
+    """(what went wrong, how many saves linked the shared file)."""
+    root = work / "run"
+    reports, problem = run_processes(_saver, k, str(root), rounds, work / "reports")
+    if problem is not None:
+        return problem, 0
+    records = [r for report in reports for r in report["records"]]
+    errors = [r["error"] for r in records if r["error"]]
+    if errors:
+        return f"K={k}: {len(errors)} saves failed: {errors[:2]}", 0
+    for rnd in range(1, rounds + 1):
+        commits = sum(r["renamed"] for r in records if r["round"] == rnd)
+        if commits != 1:
+            return f"K={k}: round {rnd} was committed {commits} times", 0
+    linked = sum(r["linked"] for r in records)
+    with _manager(root) as mgr:
+        steps = [i.step for i in mgr.list(checksums=True) if i.valid]
+        if steps != [rounds - 1, rounds]:
+            return f"K={k}: valid checkpoints {steps}, expected the last two rounds", linked
+        for step in steps:
+            got = mgr.restore(step)
+            wid, base = got["wid"], got["base"]["x"]
+            if got["round"] != step or not (got["w"] == 1000 * step + wid).all():
+                return f"K={k}: checkpoint-{step} mixes writers (wid {wid})", linked
+            if not np.array_equal(base, np.arange(1 << 17, dtype=np.int64)):
+                return f"K={k}: checkpoint-{step}'s shared part differs", linked
+    left = [e.path for e in ckptguard.scan(root).entries if "/.ckptguard/" in e.path]
+    left = [p for p in left if "/staging/" in p or "/trash/" in p]
+    if left:
+        return f"K={k}: left behind {left}", linked
+    return (f"K={k}: no save linked the shared file" if linked == 0 else None), linked
+
+
+def _concurrent_row(full: bool, work: Path) -> Row:
+    row = Row(
+        SCENARIO,
+        "K processes save each round's checkpoint on one root at once, incremental, with "
+        "keep_last=2 retiring what the next round links from: one commit per round, kept "
+        "checkpoints whole and one writer's, nothing left over",
+    )
+    linked = {}
+    for k, rounds in ((2, 8), (4, 8)) if full else ((4, 6),):
+        case = work / "concurrent" / f"k{k}"
+        case.mkdir(parents=True)
+        try:
+            problem, linked[f"K={k}"] = _concurrent_case(case, k, rounds)
+            row.trial(problem)
+        except Exception as exc:
+            row.trial(f"K={k}: {type(exc).__name__}: {exc}")
+    row.figures = {"saves that linked the shared file": linked}
+    return row
+
+
 def run(full: bool, work: Path) -> list[Row]:
     """The rows (see the module docstring)."""
     return [
@@ -351,6 +465,7 @@ def run(full: bool, work: Path) -> list[Row]:
         _power_control_row(work),
         *_deletion_rows(full, work),
         _flip_row(full, work),
+        _concurrent_row(full, work),
     ]
 
 

@@ -158,13 +158,9 @@ def test_a_copy_of_a_checkpoint_verifies_on_its_own(tmp_path: Path) -> None:
     copies = {"cp": tmp_path / "cp" / "checkpoint-3", "rsync": tmp_path / "rsync" / "checkpoint-3"}
     copies["cp"].parent.mkdir()
     subprocess.run(["cp", "-r", str(root / "checkpoint-3"), str(copies["cp"])], check=True)
-    if shutil.which("rsync"):
-        copies["rsync"].parent.mkdir()
-        subprocess.run(
-            ["rsync", "-a", f"{root / 'checkpoint-3'}/", f"{copies['rsync']}/"], check=True
-        )
-    else:
-        del copies["rsync"]
+    assert shutil.which("rsync"), "rsync is missing: .ci/run installs it (apt-get install rsync)"
+    copies["rsync"].parent.mkdir()
+    subprocess.run(["rsync", "-a", f"{root / 'checkpoint-3'}/", f"{copies['rsync']}/"], check=True)
     shutil.rmtree(root)  # the originals, and every file they shared, are gone
     for copy in copies.values():
         assert ckptguard.verify(copy).ok, copy
