@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import ckptguard
 from ckptguard import CheckpointManager
+from ckptguard._storage import objectstore
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
 from request_counter import counting
 from s3_servers import S3Server
@@ -325,14 +327,13 @@ def test_a_frameworks_unchanged_files_are_linked_from_the_third_save(tmp_path: P
 
 
 def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Server) -> None:
-    """Opt-in there: each reused file is one CopyObject, no byte uploaded; every
-    checkpoint keeps objects of its own, so retention deletes them independently."""
+    """On by default there too: each reused file is one CopyObject, no byte uploaded;
+    every checkpoint keeps objects of its own, so retention deletes them independently.
+    The only source is the newest checkpoint: one manifest to read at most."""
     model = _model()
     url = moto.url("incremental")
     with counting() as requests:
-        mgr = CheckpointManager(
-            url, storage_options=moto.storage_options, incremental=True, keep_last=2
-        )
+        mgr = CheckpointManager(url, storage_options=moto.storage_options, keep_last=2)
         try:
             counts = []
             for step in range(1, 5):
@@ -346,6 +347,8 @@ def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Ser
             assert "CopyObject" not in counts[0]
             assert [c.get("CopyObject", 0) for c in counts[1:]] == [1, 1, 1]
             assert all(c.get("PutObject", 0) == counts[0]["PutObject"] - 1 for c in counts[1:])
+            # planning reads the newest manifest only: no more GETs than the first save
+            assert all(c.get("GetObject", 0) == counts[0].get("GetObject", 0) for c in counts)
             assert [c.step for c in mgr.list()] == [3, 4]
             for step in (3, 4):
                 assert mgr.verify(step).ok
@@ -360,8 +363,67 @@ def test_on_an_object_store_unchanged_files_are_copied_by_the_server(moto: S3Ser
                 assert torch.equal(a, b)
         finally:
             mgr.close()
-    with CheckpointManager(url, storage_options=moto.storage_options) as default:
-        assert default.incremental is None  # off by default on object stores
+    with CheckpointManager(url, storage_options=moto.storage_options, incremental=False) as off:
+        assert off.incremental is None
+
+
+class _Raw:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+def _refuse_copies(request: Any, **_kwargs: object) -> Any:
+    """botocore's before-send: the answer of a store without server-side copy (501)."""
+    from aiobotocore.awsrequest import AioAWSResponse
+
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+        b"<Message>CopyObject is not implemented</Message></Error>"
+    )
+    return AioAWSResponse(request.url, 501, {"Content-Type": "application/xml"}, _Raw(body))
+
+
+def test_a_store_that_refuses_copies_gets_every_file_uploaded(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store without CopyObject: the first refusal is logged, the file is uploaded
+    instead, and no later save asks again; every checkpoint is whole."""
+    original = objectstore.FsspecStorage.__init__
+
+    def init(self: objectstore.FsspecStorage, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.fs.connect()
+        self.fs.s3.meta.events.register("before-send.s3.CopyObject", _refuse_copies)
+
+    monkeypatch.setattr(objectstore.FsspecStorage, "__init__", init)
+    model, url = _model(), moto.url("no-copy")
+    with (
+        counting() as requests,
+        CheckpointManager(url, storage_options=moto.storage_options, keep_last=None) as mgr,
+    ):
+        counts = []
+        for step in range(1, 5):
+            requests.take()
+            mgr.save(step, {"model": model, "step": step})
+            counts.append(requests.take())
+        assert [c.get("CopyObject", 0) for c in counts] == [0, 1, 0, 0]  # refused once
+        assert all(c["PutObject"] == counts[0]["PutObject"] for c in counts)  # all uploaded
+        assert [i.step for i in mgr.list()] == [1, 2, 3, 4]
+        for step in range(1, 5):
+            assert mgr.verify(step).ok
+            meta = ckptguard.read_manifest(
+                mgr.backend.join(f"checkpoint-{step}"), storage_options=moto.storage_options
+            ).metadata["ckptguard"]["incremental"]
+            assert meta["linked_files"] == []
+        target = _model(seed=4)
+        mgr.restore(4, {"model": target, "step": None})
+        for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    refused = [r for r in caplog.records if "server-side copy failed" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_a_source_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:

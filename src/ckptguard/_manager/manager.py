@@ -144,13 +144,14 @@ class CheckpointManager:
         rank agrees on (see ``preemption.py``). Off by default: the program's signals are
         its own, and SIGTERM finishes an in-flight async save and ends the process.
 
-        ``incremental`` (default: on for a local root): a file of a save that a committed
-        checkpoint of the root holds already (a frozen backbone, a reference model) is
-        linked to it (a reflink, or a hard link) instead of written again; every
-        checkpoint still lists and verifies every byte, and deleting one never damages
-        another (see ``_state/reuse.py`` and docs/incremental.md). ``full_every`` (10):
-        every N-th save is written in full, so that one damaged shared file reaches at
-        most N checkpoints. Not on object stores yet (each save writes every byte).
+        ``incremental`` (default: on; False turns it off): a file of a save that a
+        committed checkpoint of the root holds already (a frozen backbone, a reference
+        model) is linked to it (a reflink, or a hard link; on an object store a
+        server-side copy of the newest checkpoint's object) instead of written again;
+        every checkpoint still lists and verifies every byte, and deleting one never
+        damages another (see ``_state/reuse.py`` and docs/incremental.md).
+        ``full_every`` (10): every N-th save is written in full, so that one damaged
+        shared file reaches at most N checkpoints.
 
         ``storage``: the storage to use instead of the one the root's kind implies (a
         fault-injecting wrapper in tests); for a URL root it wraps an ``FsspecStorage``.
@@ -278,9 +279,7 @@ class CheckpointManager:
         from ckptguard._state.reuse import Incremental  # noqa: PLC0415
 
         policy = Incremental(full_every)  # a bad full_every raises either way
-        if wanted is None:  # object stores: opt-in (each copy is a request of its own)
-            wanted = not self.backend.remote
-        return policy if wanted else None
+        return policy if wanted is not False else None
 
     @property
     def in_flight(self) -> PendingSave | None:

@@ -140,9 +140,13 @@ class Incremental:
 
         ``checkpoints``: the paths of the root's committed checkpoints, newest first;
         ``read``: how to read a manifest of an object store (local ones are cached by
-        their inode and mtime).
+        their inode and mtime). On an object store only the newest checkpoint is a
+        source: a file unchanged since the last save is in it, and a save then reads one
+        manifest at most (none once cached), however many checkpoints the root holds.
         """
         paths = list(checkpoints)
+        if read is not None:
+            paths = paths[:1]
         for gone in set(self._cache) - set(paths):
             del self._cache[gone]
         manifests = [(path, m) for path in paths if (m := self._manifest(path, read))]

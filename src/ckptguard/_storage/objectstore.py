@@ -379,6 +379,7 @@ class FsspecStorage:
         import fsspec  # noqa: PLC0415 - only for object-store roots
 
         self.transfers = Transfers(max_concurrency)
+        self._no_copy = False  # the store refused a server-side copy (see link_file)
 
         self.url = url.rstrip("/")
         self.retry = retry
@@ -595,10 +596,19 @@ class FsspecStorage:
         so deleting one never touches another. None if ``source`` is gone.
         """
         del try_reflink
+        if self._no_copy:
+            return None
         src, dst = self.key(source), self.key(dest)
         try:
             self._retry(lambda: self.fs.copy(src, dst), what="copy", path=dest)
         except FileNotFoundError:
+            return None
+        except Exception as exc:  # a store without server-side copy: upload instead
+            self._no_copy = True
+            _log.warning(
+                "%s: server-side copy failed (%s: %s); incremental saves upload every file",
+                self.url, type(exc).__name__, exc,
+            )  # fmt: skip
             return None
         return "copy"
 
