@@ -377,7 +377,7 @@ class _Raw:
 
 def _refuse_copies(request: Any, **_kwargs: object) -> Any:
     """botocore's before-send: the answer of a store without server-side copy (501)."""
-    from aiobotocore.awsrequest import AioAWSResponse
+    from aiobotocore.awsrequest import AioAWSResponse  # type: ignore[import-untyped]
 
     body = (
         b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
