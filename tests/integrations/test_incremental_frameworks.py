@@ -32,6 +32,8 @@ from transformers import (
 import ckptguard
 from ckptguard.integrations.accelerate import protect as protect_accelerator
 from ckptguard.integrations.transformers import protect
+from request_counter import counting
+from s3_servers import S3Server
 
 INDEX = "model.safetensors.index.json"
 
@@ -98,7 +100,12 @@ def _model() -> Any:
 
 
 def _train(
-    out: Path, steps: int, *, resume: bool = False, stop_at: int | None = None, **options: Any
+    out: Path | str,
+    steps: int,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    **options: Any,
 ) -> tuple[Any, Written]:
     written = Written()
     callbacks: list[TrainerCallback] = [written] if stop_at is None else [written, StopAt(stop_at)]
@@ -212,6 +219,31 @@ def test_retention_deletes_the_linked_checkpoint_and_the_rest_stays_whole(
     assert (ckpt / shard_in(ckpt)).stat().st_nlink == 1
     _same_weights(ckpt, trainer.model)
     assert os.listdir(run) == ["checkpoint-6"] or "checkpoint-6" in os.listdir(run)
+
+
+def test_on_an_object_store_the_frozen_shard_is_copied_by_the_server(moto: S3Server) -> None:
+    """``output_dir="s3://..."``: the frozen shard of every save after the first is one
+    CopyObject of the newest checkpoint's object (nothing uploaded for it), and a run
+    resumed from the store ends where an uninterrupted one does."""
+    url, options = moto.url("frozen"), moto.storage_options
+    with counting() as requests:
+        _train(url, 8, stop_at=6, storage_options=options)
+        copies = requests.take().get("CopyObject", 0)
+    assert copies == 2  # saves 4 and 6
+    ckpts = {step: f"{url}/checkpoint-{step}" for step in (2, 4, 6)}
+    for step, ckpt in ckpts.items():
+        assert ckptguard.verify(ckpt, storage_options=options).ok
+        meta = ckptguard.read_manifest(ckpt, storage_options=options).metadata["ckptguard"]
+        linked = meta["incremental"]["linked_files"]
+        assert linked == ([] if step == 2 else ["model-00001-of-00002.safetensors"]), linked
+        if step > 2:
+            assert meta["incremental"]["linked_by"] == "copy"
+    resumed, _ = _train(url, 8, resume=True, storage_options=options)
+    reference, _ = _train(moto.url("frozen-reference"), 8, storage_options=options)
+    assert resumed.state.global_step == 8
+    ref_state = reference.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, ref_state[name]), name
 
 
 def test_accelerate_links_a_frozen_reference_model_it_saved_unchanged(tmp_path: Path) -> None:

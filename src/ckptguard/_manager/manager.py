@@ -703,9 +703,12 @@ class CheckpointManager:
         call after the commit, which learns from the manifest which files were unchanged.
         """
         inc = self.incremental
-        if inc is None or self.backend.remote:  # a framework's files are spooled, then sent
+        if inc is None:
             return lambda: None
-        from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
+        from ckptguard._state.reuse import (  # noqa: PLC0415
+            copy_unchanged_spooled,
+            link_unchanged_files,
+        )
 
         user = tx.prepare
         planned: list[tuple[Reuse | None, int]] = []
@@ -719,13 +722,18 @@ class CheckpointManager:
             if user is not None:
                 user(staging)
             reuse = plan()
-            if reuse is not None:
+            if reuse is not None and self.backend.remote:  # spooled, then uploaded
+                copy_unchanged_spooled(os.fspath(staging), tx.write_path, reuse, tx.storage,
+                                       tx.known)  # fmt: skip
+            elif reuse is not None:
                 link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)
             tx.metadata = with_incremental(tx.metadata, planned[0][1], reuse)
 
         def learn() -> None:
             if planned and tx.result is not None:
-                files = ((f.path, f.size, f.checksum) for f in tx.result.manifest.files)
+                manifest = tx.result.manifest
+                prefix = f"{manifest.save_id}/"  # an object store's files are under it
+                files = ((f.path.removeprefix(prefix), f.size, f.checksum) for f in manifest.files)
                 inc.learn(planned[0][0], files)
 
         tx.prepare = prepare

@@ -48,7 +48,16 @@ if TYPE_CHECKING:
     from ckptguard._format.manifest import Manifest
     from ckptguard._storage.base import FileDigest, Storage
 
-__all__ = ["FROZEN_SUFFIX", "MIN_BYTES", "Incremental", "Reuse", "owned_and_shared", "shared_files"]
+__all__ = [
+    "FROZEN_SUFFIX",
+    "MIN_BYTES",
+    "Incremental",
+    "Reuse",
+    "copy_unchanged_spooled",
+    "link_unchanged_files",
+    "owned_and_shared",
+    "shared_files",
+]
 
 _log = logging.getLogger("ckptguard.incremental")
 
@@ -249,6 +258,33 @@ def owned_and_shared(checkpoint: str, manifest: Manifest) -> tuple[int, int] | N
         return None
     shared_bytes = sum(f.size for f in manifest.files if f.path in shared)
     return manifest.total_size - shared_bytes, shared_bytes
+
+
+def copy_unchanged_spooled(
+    spool: str, prefix: str, reuse: Reuse, storage: Storage, known: dict[str, FileDigest]
+) -> None:
+    """Object stores: spooled files of a framework that equal a committed object, copied.
+
+    The framework wrote into a local ``spool`` that the commit uploads under ``prefix``.
+    Each file unchanged at the previous save is hashed (from the page cache); an equal
+    one is copied by the server from the committed object to ``prefix/<file>``, its
+    digest put in ``known`` and its spooled copy removed, so it is not uploaded.
+    """
+    from ckptguard._storage.local import LocalStorage  # noqa: PLC0415
+
+    local = LocalStorage()
+    files, _dirs = local.walk_files(spool)
+    for rel in files:
+        if rel in known or rel not in reuse.expect_same:
+            continue
+        path = os.path.join(spool, rel)
+        if not reuse.worth_hashing(rel, os.stat(path, follow_symlinks=False).st_size):
+            continue
+        digest = local.hash_file(path, fsync=False)
+        if reuse.link(rel, digest, f"{prefix}/{rel}", storage):
+            os.unlink(path)
+            known[rel] = digest
+            fault_point("reuse.linked")
 
 
 def link_unchanged_files(

@@ -14,8 +14,9 @@ names for the duration of the save:
   ``from_pretrained`` and the Trainer's resume load it as they load any sharded model.
 - ``safe_save_file``: for a frozen shard, its digest is computed from memory (the file
   safetensors writes is the one ckptguard's writer would write, byte for byte); when a
-  committed checkpoint of the root holds that file, it is linked (``Reuse.link``) and
-  nothing is written. Otherwise, and for every other file, the call goes through to
+  committed checkpoint of the root holds that file, it is linked (``Reuse.link``; on an
+  object store a server-side copy of the newest checkpoint's object) and nothing is
+  written. Otherwise, and for every other file, the call goes through to
   what was there (safetensors, or the async capture's deferral).
 
 A model whose frozen part is small, a PEFT adapter (its own save path) and a state dict
@@ -63,6 +64,8 @@ def frozen_first(
     reuse_for: Callable[[], Reuse | None],
     storage: Storage,
     known: dict[str, FileDigest],
+    *,
+    dest_for: Callable[[str], str] | None = None,
 ) -> Iterator[set[str]]:
     """While open, ``model.save_pretrained(directory)`` links its frozen weights.
 
@@ -70,8 +73,10 @@ def frozen_first(
     are linked, not written.
 
     ``reuse_for()``: this save's plan (None: written in full); a linked file's digest goes
-    into ``known`` under its path relative to ``directory``. Yields the names of the
-    frozen shards (filled in by the save).
+    into ``known`` under its path relative to ``directory``; ``dest_for(that path)``
+    names where the link goes (default: the file itself; on an object store, where the
+    spooled file would be uploaded to). Yields the names of the frozen shards (filled in
+    by the save).
     """
     frozen_files: set[str] = set()
     frozen = frozen_names(model)
@@ -110,7 +115,8 @@ def frozen_first(
         path = os.path.abspath(os.fspath(filename)) if isinstance(filename, str) else None
         rel = os.path.relpath(path, root) if path and path.startswith(root + os.sep) else None
         if path and rel in frozen_files and not kwargs and isinstance(tensors, dict):
-            digest = _link(tensors, metadata, (str(rel), path), reuse_for(), storage)
+            dest = path if dest_for is None else dest_for(str(rel))
+            digest = _link(tensors, metadata, (str(rel), dest), reuse_for(), storage)
             if digest is not None:
                 known[rel] = digest
                 fault_point("reuse.linked")

@@ -513,7 +513,7 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
 
     def frozen_weights(tx: AtomicCheckpoint) -> contextlib.AbstractContextManager[Any]:
         """Incremental saves: the frozen weights in shards of their own, linked (_frozen.py)."""
-        if manager.incremental is None or remote:
+        if manager.incremental is None:
             return contextlib.nullcontext()
         return frozen_first(
             _unwrapped(trainer),
@@ -521,6 +521,7 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
             lambda: manager.reuse_for(tx),
             tx.storage,
             tx.known,
+            dest_for=(lambda rel: f"{tx.write_path}/{rel}") if remote else None,  # not spooled
         )
 
     def prepare(staging: Path) -> None:
