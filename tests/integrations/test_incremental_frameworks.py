@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import safetensors
 import torch
 from accelerate import Accelerator
@@ -246,19 +247,32 @@ def test_on_an_object_store_the_frozen_shard_is_copied_by_the_server(moto: S3Ser
         assert torch.equal(tensor, ref_state[name]), name
 
 
-def test_accelerate_links_a_frozen_reference_model_it_saved_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_accelerate_links_a_frozen_reference_model_it_saved_unchanged(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """A policy that trains and a frozen reference model (DPO-style) under Accelerate:
     ``model_1.safetensors`` (the reference) is linked from the third save on (the second
-    learns that it is unchanged); the policy's file and the optimizer are written."""
-    config = ProjectConfiguration(project_dir=str(tmp_path / "p"), automatic_checkpoint_naming=True)
-    acc = protect_accelerator(Accelerator(cpu=True, project_config=config))
+    learns that it is unchanged): a hard link on a local root, a server-side copy of the
+    spooled file's committed object on a store (not uploaded). The policy's file and
+    the optimizer are written; ``load_state`` restores both models."""
+    options: dict[str, Any] | None = None
+    if where == "s3":
+        server = request.getfixturevalue("moto")
+        project, options = server.url("accelerate"), server.storage_options
+    else:
+        project = str(tmp_path / "p")
+    config = ProjectConfiguration(project_dir=project, automatic_checkpoint_naming=True)
+    acc = protect_accelerator(Accelerator(cpu=True, project_config=config), storage_options=options)
     try:
-        _accelerate_saves(acc, tmp_path / "p" / "checkpoints")
+        with counting() as requests:
+            _accelerate_saves(acc, f"{project}/checkpoints", options)
+        assert requests.take().get("CopyObject", 0) == (2 if where == "s3" else 0)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _accelerate_saves(acc: Any, ckpts: Path) -> None:
+def _accelerate_saves(acc: Any, ckpts: str, options: dict[str, Any] | None) -> None:
     torch.manual_seed(0)
     policy, reference = torch.nn.Linear(256, 256), torch.nn.Linear(512, 512)
     reference.requires_grad_(False)
@@ -270,16 +284,19 @@ def _accelerate_saves(acc: Any, ckpts: Path) -> None:
         opt.step()
         opt.zero_grad()
         acc.save_state()
-    linked = [_incremental(ckpts / f"checkpoint_{i}")["linked_files"] for i in range(4)]
+    linked = []
+    for i in range(4):
+        manifest = ckptguard.read_manifest(f"{ckpts}/checkpoint_{i}", storage_options=options)
+        linked.append(manifest.metadata["ckptguard"]["incremental"]["linked_files"])
+        assert ckptguard.verify(f"{ckpts}/checkpoint_{i}", storage_options=options).ok
     assert linked[0] == linked[1] == []
     assert linked[2] == linked[3] == ["model_1.safetensors"]
-    assert (ckpts / "checkpoint_3" / "model_1.safetensors").stat().st_nlink >= 2
-    for i in range(4):
-        assert ckptguard.verify(ckpts / f"checkpoint_{i}").ok
+    if options is None:
+        assert (Path(ckpts) / "checkpoint_3" / "model_1.safetensors").stat().st_nlink >= 2
     trained = policy.weight.detach().clone()
     with torch.no_grad():
         policy.weight.zero_()
         reference.weight.zero_()
-    acc.load_state(str(ckpts / "checkpoint_3"))
+    acc.load_state(f"{ckpts}/checkpoint_3")
     assert torch.equal(policy.weight, trained)
     assert reference.weight.abs().sum() > 0
