@@ -8,6 +8,9 @@ the step, so each checkpoint's content is known. Rows:
   links the frozen file), ``reuse.linked`` included, in a child process: committed
   checkpoints lost or corrupt = 0, each restores exactly, resume takes the newest, and
   the next save links again, verifies and leaves no staging or trash;
+- the same on an object store (moto), where the link is a server-side copy: a kill at
+  ``reuse.linked`` and at the remote commit's steps loses nothing committed, a start
+  with ``stale_after=0`` leaves no orphan object, and the next save copies again;
 - a power cut at every storage operation of that save (``FaultyStorage(track=...)``,
   the link a name that needs its directory's fsync): after the machine comes back,
   every checkpoint whose save returned is there and exact, and the next save works;
@@ -46,10 +49,13 @@ import numpy as np
 import torch
 
 import ckptguard
+from ckptguard._protocol.marker import clean_store
 from ckptguard._storage.faults import FAULT_POINTS, REUSE_FAULT_POINTS, set_fault_hook
+from ckptguard._storage.objectstore import FsspecStorage
 from ckptguard.testing import Fault, FaultyStorage, PowerCut, flip_bit
 from gauntlet import Row
 from gauntlet.concurrency import _run as run_processes
+from s3_servers import S3Server, start_moto
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Barrier
@@ -173,6 +179,81 @@ def _kill_row(full: bool, work: Path) -> Row:
             row.trial(_kill_case(case, point))
         except Exception as exc:  # a check that raises fails too
             row.trial(f"killed at {point}: {type(exc).__name__}: {exc}")
+    row.figures = {"points": len(points)}
+    return row
+
+
+# -- row 1b: a kill at every step of an incremental save on an object store (moto) ----------
+REMOTE_POINTS = ["reuse.linked", "remote.data_uploaded", "remote.manifest_written"]
+
+
+def _kill_remote_child(url: str, options: str, point: str, marker: str) -> None:
+    def hook(reached: str) -> None:
+        if reached == point:
+            Path(marker).write_text(reached)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mgr = _manager(url, storage_options=json.loads(options))
+    set_fault_hook(hook)
+    mgr.save(3, _state(3))
+    print(f"no kill happened at {point}", file=sys.stderr)
+    sys.exit(3)
+
+
+def _kill_remote_case(server: S3Server, work: Path, point: str) -> str | None:
+    url, options, marker = server.url(f"kill-{point}"), server.storage_options, work / "reached"
+    with _manager(url, storage_options=options) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+    cmd = [sys.executable, "-m", "gauntlet.incremental", "kill-remote", url,
+           json.dumps(options), point, str(marker)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    where = f"killed at {point} (s3)"
+    if not marker.exists():
+        return f"{where}: never reached (exit {proc.returncode}): {proc.stderr[-300:]}"
+    if proc.returncode != -signal.SIGKILL:
+        return f"{where}: the child exited with {proc.returncode}, not SIGKILL"
+    expected = [1, 2, 3] if point == "remote.manifest_written" else [1, 2]
+    with _manager(url, storage_options=options, stale_after=0) as mgr:  # cleans up at start
+        infos = mgr.list(checksums=True)
+        if [i.step for i in infos] != expected:
+            return f"{where}: checkpoints {[i.step for i in infos]}, expected {expected}"
+        for info in infos:
+            if not info.valid:
+                return f"{where}: checkpoint-{info.step} does not verify: {info.problems}"
+            if problem := _exact(mgr, info.step):
+                return f"{where}: {problem}"
+        if left := clean_store(FsspecStorage(url, options), url, grace=0, dry_run=True):
+            return f"{where}: orphans after a start with stale_after=0: {left}"
+        mgr.save(4, _state(4))
+        manifest = ckptguard.read_manifest(f"{url}/checkpoint-4", storage_options=options)
+        if FROZEN not in manifest.metadata["ckptguard"]["incremental"]["linked_files"]:
+            return f"{where}: the next save did not copy {FROZEN} on the server"
+        if not mgr.verify(4).ok:
+            return f"{where}: the next save does not verify"
+    return None
+
+
+def _kill_remote_row(full: bool, work: Path) -> Row:
+    row = Row(
+        SCENARIO,
+        "SIGKILL at each step of an incremental save on an object store (moto; reuse.linked "
+        "is a server-side copy): committed checkpoints lost or corrupt = 0; no orphans "
+        "after a clean-up start; the next save copies and verifies",
+    )
+    points = REMOTE_POINTS if full else ["reuse.linked", "remote.manifest_written"]
+    (work / "moto").mkdir(parents=True, exist_ok=True)
+    server = start_moto(work / "moto")
+    try:
+        for point in points:
+            case = work / "kills-s3" / point
+            case.mkdir(parents=True)
+            try:
+                row.trial(_kill_remote_case(server, case, point))
+            except Exception as exc:
+                row.trial(f"killed at {point} (s3): {type(exc).__name__}: {exc}")
+    finally:
+        server.stop()
     row.figures = {"points": len(points)}
     return row
 
@@ -461,6 +542,7 @@ def run(full: bool, work: Path) -> list[Row]:
     """The rows (see the module docstring)."""
     return [
         _kill_row(full, work),
+        _kill_remote_row(full, work),
         _power_row(full, work),
         _power_control_row(work),
         *_deletion_rows(full, work),
@@ -469,6 +551,8 @@ def run(full: bool, work: Path) -> list[Row]:
     ]
 
 
-if __name__ == "__main__":  # the child: kill ROOT POINT MARKER
+if __name__ == "__main__":  # the child: kill ROOT POINT MARKER, kill-remote URL OPTIONS ...
     if sys.argv[1] == "kill":
         _kill_child(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "kill-remote":
+        _kill_remote_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
