@@ -78,6 +78,10 @@ class StagingState:
     owner: WriterInfo | None
 
 
+class _AlreadyGone(Exception):
+    """The checkpoint to retire no longer exists: nothing to retry."""
+
+
 def retire_checkpoint(
     layout: RootLayout,
     name: str,
@@ -97,11 +101,20 @@ def retire_checkpoint(
     """
     source = os.path.join(layout.root, name)
     target = os.path.join(layout.trash, f"{name}.{new_save_id()}{RETIRED_SUFFIX}")
+
+    def rename() -> None:
+        try:
+            storage.rename_noreplace(source, target)
+        except FileNotFoundError:
+            if not os.path.lexists(source):  # gone already (another process retired it):
+                raise _AlreadyGone from None  # nothing to wait for
+            raise  # the name is there: NFS lag, retried
+
     try:
         storage.make_dir(layout.meta, mode=0o700, exist_ok=True)
         storage.make_dir(layout.trash, mode=0o700, exist_ok=True)
         call_with_retry(
-            lambda: storage.rename_noreplace(source, target),
+            rename,
             what="retire checkpoint",
             path=source,
             policy=retry,
@@ -111,6 +124,8 @@ def retire_checkpoint(
             later(functools.partial(_remove_retired, layout, storage, target, retry))
             return True
         _remove_retired(layout, storage, target, retry)
+    except _AlreadyGone:
+        return True
     except (OSError, CheckpointError) as exc:
         if isinstance(exc, OSError) and exc.errno == errno.ENOENT and not os.path.lexists(source):
             return True
