@@ -23,7 +23,7 @@ import sys
 from datetime import timedelta
 import torch.distributed as dist
 import ckptguard
-dist.init_process_group("gloo", timeout=timedelta(seconds=40))
+dist.init_process_group("gloo", timeout=timedelta(seconds=15))
 fail_fast = sys.argv[2] == "on"
 mgr = ckptguard.CheckpointManager(sys.argv[1], keep_last=None)
 original = ckptguard._protocol.transaction.AtomicCheckpoint.__enter__
@@ -79,6 +79,6 @@ def test_a_failing_rank_ends_the_job_instead_of_deadlocking(tmp_path: Path, mode
         # Rank 1's own error ended the job: no rank waited out a timeout.
         assert not timed_out, proc.stderr[-3000:]
     else:
-        # Without fail-fast the ranks wait for each other until the 40 s timeout.
+        # Without fail-fast the ranks wait for each other until the 15 s timeout.
         assert timed_out, proc.stderr[-3000:]
     assert not (tmp_path / "root" / "checkpoint-1").exists()
