@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 import ckptguard
 from ckptguard import CheckpointManager
 from ckptguard._storage import objectstore
+from ckptguard._storage.faults import set_fault_hook
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
 from request_counter import counting
 from s3_servers import S3Server
@@ -443,3 +445,100 @@ def test_a_source_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
         assert mgr.verify(3).ok
     finally:
         mgr.close()
+
+
+# -- async saves: frozen files a committed checkpoint holds are not copied -----------------
+def _embedding(model: torch.nn.Module) -> torch.nn.Embedding:
+    embedding = model.get_submodule("0")
+    assert isinstance(embedding, torch.nn.Embedding)
+    return embedding
+
+
+def _frozen_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+
+
+def test_async_saves_leave_the_frozen_part_out_of_the_snapshot(tmp_path: Path) -> None:
+    """The snapshot's staging buffers hold only what is not linked; a frozen parameter
+    changed right after ``save`` returns does not reach the checkpoint (it links the
+    committed copy that equals the parameters at the call)."""
+    model = _model()
+    opt = _optimizer(model)
+    frozen_before = [p.detach().clone() for p in model.parameters() if not p.requires_grad]
+    with CheckpointManager(tmp_path / "run", keep_last=None, async_save=True) as mgr:
+        mgr.save(1, {"model": model, "opt": opt, "step": 1}, blocking=True)
+        for step in (2, 3):
+            _train(model, opt, step)
+            pending = mgr.save(step, {"model": model, "opt": opt, "step": step})
+            kept = _embedding(model).weight.detach().clone()
+            with torch.no_grad():  # the training thread goes on, and touches the frozen part
+                _embedding(model).weight.add_(1.0)
+            pending.result()
+            with torch.no_grad():
+                _embedding(model).weight.copy_(kept)
+        buffers = mgr.saver._buffers  # the staging buffers' size is the point
+        assert buffers is not None
+        assert 0 < buffers.capacity < _frozen_bytes(model)
+        for step in (2, 3):
+            assert FROZEN in _linked(tmp_path / "run", step)
+            assert mgr.verify(step).ok
+        target = _model(seed=5)
+        mgr.restore(3, {"model": target, "opt": None, "step": None})
+    frozen_after = [p for p in target.parameters() if not p.requires_grad]
+    for a, b in zip(frozen_before, frozen_after, strict=True):
+        assert torch.equal(a, b)
+
+
+def _linked(root: Path, step: int) -> list[str]:
+    meta = ckptguard.read_manifest(root / f"checkpoint-{step}").metadata["ckptguard"]
+    return list(meta["incremental"]["linked_files"])
+
+
+def _hold_background() -> tuple[threading.Event, Any]:
+    """The background save waits at ``stage.created`` until the event is set."""
+    go = threading.Event()
+
+    def hook(point: str) -> None:
+        if point == "stage.created" and threading.current_thread().name.startswith("ckptguard"):
+            assert go.wait(60)
+
+    return go, hook
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["unchanged", "changed"])
+def test_a_prelinked_frozen_file_whose_source_is_gone_is_written_only_if_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changed: bool
+) -> None:
+    """The committed copy disappears between ``save()`` and the background link: the live
+    parameters are written if they still hash the same; if they changed, the save fails
+    with a CheckpointError and nothing of it is visible."""
+    from ckptguard._state import reuse as reuse_module
+
+    model = _model()
+    opt = _optimizer(model)
+    root = tmp_path / "run"
+    with CheckpointManager(root, keep_last=None, async_save=True) as mgr:
+        mgr.save(1, {"model": model, "opt": opt, "step": 1}, blocking=True)
+        go, hook = _hold_background()
+        set_fault_hook(hook)
+        try:
+            pending = mgr.save(2, {"model": model, "opt": opt, "step": 2})
+            monkeypatch.setattr(reuse_module.Reuse, "link", lambda *_a, **_k: False)  # gone
+            if changed:
+                with torch.no_grad():
+                    _embedding(model).weight.add_(1.0)
+            go.set()
+            if changed:
+                with pytest.raises(ckptguard.CheckpointError, match="frozen parameters changed"):
+                    pending.result()
+                assert not (root / "checkpoint-2").exists()
+            else:
+                info = pending.result()
+                assert info.valid
+                assert FROZEN not in _linked(root, 2)  # written
+                assert _ino(root / "checkpoint-2" / FROZEN) != _ino(root / "checkpoint-1" / FROZEN)
+                assert mgr.verify(2).ok
+        finally:
+            set_fault_hook(None)
+        left = [e.path for e in ckptguard.scan(root).entries if "/staging/" in e.path]
+        assert left == []

@@ -228,6 +228,7 @@ class CheckpointManager:
         )
         self.incremental = self._incremental(wanted=incremental, full_every=full_every)
         self.saver.split_frozen = self.incremental is not None
+        self.saver.prelink = self._prelink if self.incremental is not None else None
         # A framework save's plan of what to link, by its transaction (see reuse_for).
         self._plans: weakref.WeakKeyDictionary[AtomicCheckpoint, Callable[[], Reuse | None]]
         self._plans = weakref.WeakKeyDictionary()
@@ -280,6 +281,21 @@ class CheckpointManager:
 
         policy = Incremental(full_every)  # a bad full_every raises either way
         return policy if wanted is not False else None
+
+    def _prelink(self, encoded: EncodedState) -> EncodedState:
+        """Async saves: frozen files a committed checkpoint holds stay out of the snapshot."""
+        from ckptguard._state.reuse import FROZEN_SUFFIX  # noqa: PLC0415
+        from ckptguard._state.serialization import prelink_frozen  # noqa: PLC0415 - torch
+
+        inc = self.incremental
+        if inc is None or not any(g.file.endswith(FROZEN_SUFFIX) for g in encoded.groups):
+            return encoded
+        try:
+            reuse, _chain = inc.plan(self.options.committed(), self.options.manifest_reader())
+        except Exception as exc:  # the background save plans (and reports) again
+            _log.debug("no prelink for this save: %s", exc)
+            return encoded
+        return prelink_frozen(encoded, reuse)
 
     @property
     def in_flight(self) -> PendingSave | None:

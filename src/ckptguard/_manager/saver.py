@@ -328,6 +328,9 @@ class AsyncSaver:
         self._commit = commit
         self.writer = writer
         self.split_frozen = False  # incremental saves: frozen parameters in files of their own
+        # incremental saves: leaves the frozen files a committed checkpoint holds out of the
+        # snapshot (``serialization.prelink_frozen``)
+        self.prelink: Callable[[EncodedState], EncodedState] | None = None
         self.pending: PendingSave | None = None
         self.committer: bool | None = None  # whether this rank committed the last save
         self._buffers: StagingBuffers | None = None
@@ -355,7 +358,10 @@ class AsyncSaver:
         # committed it (one per node at most); before it, every rank.
         snapshot = None
         if self.committer is not False:
-            snapshot = self._buffers.snapshot(encode_state(state, split_frozen=self.split_frozen))
+            encoded = encode_state(state, split_frozen=self.split_frozen)
+            if self.prelink is not None:
+                encoded = self.prelink(encoded)
+            snapshot = self._buffers.snapshot(encoded)
             if self.writer is not None:
                 snapshot.writer = self.writer.write
         else:

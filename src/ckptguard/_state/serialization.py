@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from ckptguard._errors import CorruptCheckpoint, StateFormatError, TargetMismatch
+from ckptguard._errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    StateFormatError,
+    TargetMismatch,
+)
 from ckptguard._format.layout import STATE_NAME
 from ckptguard._format.safetensors import (
     DTYPE_SIZES,
@@ -50,6 +55,7 @@ from ckptguard._format.safetensors import (
     build_header,
     parse_header,
 )
+from ckptguard._state.reuse import FROZEN_SUFFIX
 from ckptguard._storage.base import Source
 from ckptguard._storage.faults import fault_point
 from ckptguard._storage.local import (
@@ -314,6 +320,10 @@ class EncodedState:
     # (the writer process: ``procwriter.WriterProcess.write``).
     block: Any = None
     writer: Callable[[str, EncodedState], dict[str, FileDigest]] | None = None
+    # Async incremental saves: frozen files a committed checkpoint holds, by file: their
+    # digest (hashed when the save started) and the live tensors, not copied (see
+    # ``prelink_frozen``).
+    prelinked: dict[str, tuple[FileDigest, _Group]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -368,6 +378,12 @@ def write_encoded(
     hashed from memory first and linked to an equal committed file where one exists.
     """
     digests: dict[str, FileDigest] = {}
+    for file, (digest, live) in encoded.prelinked.items():
+        if reuse is not None and reuse.link(file, digest, os.path.join(directory, file), storage):
+            digests[file] = digest
+            fault_point("reuse.linked")
+        else:  # the source went away (or a full save is due): the live tensors, if unchanged
+            digests[file] = _write_unchanged(directory, live, digest, storage)
     groups = encoded.groups
     if reuse is not None:
         groups = []
@@ -399,6 +415,48 @@ def write_encoded(
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False).encode("utf-8")
     digests[STATE_NAME] = storage.write_bytes(os.path.join(directory, STATE_NAME), data)
     return digests
+
+
+def prelink_frozen(encoded: EncodedState, reuse: Reuse | None) -> EncodedState:
+    """Async incremental saves: the frozen files a committed checkpoint holds, not copied.
+
+    On the training thread, before the snapshot: each frozen-parameter file (likely
+    unchanged) is hashed from memory; one that equals a committed file is left out of the
+    snapshot (no host copy) and kept as ``prelinked``, to be linked by the background
+    write. Hashing costs about what the copy would; the staging buffers shrink by the
+    frozen part. A frozen file that cannot be linked then is written from the live
+    tensors, and only if they still hash the same (``_write_unchanged``).
+    """
+    if reuse is None:
+        return encoded
+    groups, prelinked = [], dict(encoded.prelinked)
+    for group in encoded.groups:
+        if group.file.endswith(FROZEN_SUFFIX):
+            header, infos = _layout(group)
+            if reuse.may_match(len(header) + sum(i.nbytes for i in infos)):
+                digest = _digest_group(group, header, infos)
+                if (digest.size, digest.checksum) in reuse.sources:
+                    prelinked[group.file] = (digest, group)
+                    continue
+        groups.append(group)
+    return dataclasses.replace(encoded, groups=groups, prelinked=prelinked)
+
+
+def _write_unchanged(
+    directory: str, group: _Group, digest: FileDigest, storage: Storage
+) -> FileDigest:
+    """Write a prelinked group from its live tensors; the save fails if they changed."""
+    written = write_tensor_files(directory, [group], storage)[group.file]
+    if written != digest:
+        storage.remove_file(os.path.join(directory, group.file))
+        raise CheckpointError(
+            f"{group.file}: frozen parameters changed while the async save was in flight "
+            "(they were not copied: a committed checkpoint held them, then it was gone); "
+            "this save is abandoned",
+            hint="save again (the next save copies them); parameters that change should "
+            "require grad, or be saved with blocking=True",
+        )
+    return written
 
 
 def _layout(
@@ -618,7 +676,9 @@ class StagingBuffers:
             for device in {p.source.device for p in pending if _is_tensor(p.source)}:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-        return EncodedState(encoded.tree, groups, block=self._shared_block)
+        return EncodedState(
+            encoded.tree, groups, block=self._shared_block, prelinked=dict(encoded.prelinked)
+        )
 
 
 # -- reading -------------------------------------------------------------------------------
