@@ -459,15 +459,17 @@ def _frozen_bytes(model: torch.nn.Module) -> int:
 
 
 def test_async_saves_leave_the_frozen_part_out_of_the_snapshot(tmp_path: Path) -> None:
-    """The snapshot's staging buffers hold only what is not linked; a frozen parameter
-    changed right after ``save`` returns does not reach the checkpoint (it links the
-    committed copy that equals the parameters at the call)."""
+    """From the second incremental save (the first learns the file is unchanged) the
+    snapshot's staging buffers hold only what is not linked; a frozen parameter changed
+    right after ``save`` returns does not reach the checkpoint (it links the committed
+    copy that equals the parameters at the call)."""
     model = _model()
     opt = _optimizer(model)
     frozen_before = [p.detach().clone() for p in model.parameters() if not p.requires_grad]
     with CheckpointManager(tmp_path / "run", keep_last=None, async_save=True) as mgr:
-        mgr.save(1, {"model": model, "opt": opt, "step": 1}, blocking=True)
-        for step in (2, 3):
+        for step in (1, 2):
+            mgr.save(step, {"model": model, "opt": opt, "step": step}, blocking=True)
+        for step in (3, 4):
             _train(model, opt, step)
             pending = mgr.save(step, {"model": model, "opt": opt, "step": step})
             kept = _embedding(model).weight.detach().clone()
@@ -479,11 +481,11 @@ def test_async_saves_leave_the_frozen_part_out_of_the_snapshot(tmp_path: Path) -
         buffers = mgr.saver._buffers  # the staging buffers' size is the point
         assert buffers is not None
         assert 0 < buffers.capacity < _frozen_bytes(model)
-        for step in (2, 3):
+        for step in (2, 3, 4):
             assert FROZEN in _linked(tmp_path / "run", step)
             assert mgr.verify(step).ok
         target = _model(seed=5)
-        mgr.restore(3, {"model": target, "opt": None, "step": None})
+        mgr.restore(4, {"model": target, "opt": None, "step": None})
     frozen_after = [p for p in target.parameters() if not p.requires_grad]
     for a, b in zip(frozen_before, frozen_after, strict=True):
         assert torch.equal(a, b)
@@ -518,11 +520,12 @@ def test_a_prelinked_frozen_file_whose_source_is_gone_is_written_only_if_unchang
     opt = _optimizer(model)
     root = tmp_path / "run"
     with CheckpointManager(root, keep_last=None, async_save=True) as mgr:
-        mgr.save(1, {"model": model, "opt": opt, "step": 1}, blocking=True)
+        for step in (1, 2):
+            mgr.save(step, {"model": model, "opt": opt, "step": step}, blocking=True)
         go, hook = _hold_background()
         set_fault_hook(hook)
         try:
-            pending = mgr.save(2, {"model": model, "opt": opt, "step": 2})
+            pending = mgr.save(3, {"model": model, "opt": opt, "step": 3})
             monkeypatch.setattr(reuse_module.Reuse, "link", lambda *_a, **_k: False)  # gone
             if changed:
                 with torch.no_grad():
@@ -531,13 +534,13 @@ def test_a_prelinked_frozen_file_whose_source_is_gone_is_written_only_if_unchang
             if changed:
                 with pytest.raises(ckptguard.CheckpointError, match="frozen parameters changed"):
                     pending.result()
-                assert not (root / "checkpoint-2").exists()
+                assert not (root / "checkpoint-3").exists()
             else:
                 info = pending.result()
                 assert info.valid
-                assert FROZEN not in _linked(root, 2)  # written
-                assert _ino(root / "checkpoint-2" / FROZEN) != _ino(root / "checkpoint-1" / FROZEN)
-                assert mgr.verify(2).ok
+                assert FROZEN not in _linked(root, 3)  # written
+                assert _ino(root / "checkpoint-3" / FROZEN) != _ino(root / "checkpoint-2" / FROZEN)
+                assert mgr.verify(3).ok
         finally:
             set_fault_hook(None)
         left = [e.path for e in ckptguard.scan(root).entries if "/staging/" in e.path]

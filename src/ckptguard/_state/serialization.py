@@ -420,18 +420,19 @@ def write_encoded(
 def prelink_frozen(encoded: EncodedState, reuse: Reuse | None) -> EncodedState:
     """Async incremental saves: the frozen files a committed checkpoint holds, not copied.
 
-    On the training thread, before the snapshot: each frozen-parameter file (likely
-    unchanged) is hashed from memory; one that equals a committed file is left out of the
-    snapshot (no host copy) and kept as ``prelinked``, to be linked by the background
-    write. Hashing costs about what the copy would; the staging buffers shrink by the
-    frozen part. A frozen file that cannot be linked then is written from the live
+    On the training thread, before the snapshot: each frozen-parameter file that was
+    unchanged at the previous save (frozen parameters updated in place, such as an EMA
+    teacher, are not: they are not hashed here) is hashed from memory; one that equals a
+    committed file is left out of the snapshot (no host copy) and kept as ``prelinked``,
+    to be linked by the background write. Hashing costs about what the copy would; the
+    staging buffers shrink by the frozen part. A frozen file that cannot be linked then is written from the live
     tensors, and only if they still hash the same (``_write_unchanged``).
     """
     if reuse is None:
         return encoded
     groups, prelinked = [], dict(encoded.prelinked)
     for group in encoded.groups:
-        if group.file.endswith(FROZEN_SUFFIX):
+        if group.file.endswith(FROZEN_SUFFIX) and group.file in reuse.expect_same:
             header, infos = _layout(group)
             if reuse.may_match(len(header) + sum(i.nbytes for i in infos)):
                 digest = _digest_group(group, header, infos)
