@@ -425,8 +425,9 @@ def prelink_frozen(encoded: EncodedState, reuse: Reuse | None) -> EncodedState:
     teacher, are not: they are not hashed here) is hashed from memory; one that equals a
     committed file is left out of the snapshot (no host copy) and kept as ``prelinked``,
     to be linked by the background write. Hashing costs about what the copy would; the
-    staging buffers shrink by the frozen part. A frozen file that cannot be linked then is written from the live
-    tensors, and only if they still hash the same (``_write_unchanged``).
+    staging buffers shrink by the frozen part. A frozen file that cannot be linked then
+    is written from the live tensors, and only if they still hash the same
+    (``_write_unchanged``).
     """
     if reuse is None:
         return encoded
