@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from transformers import (
 )
 
 import ckptguard
+from ckptguard._state.reuse import Reuse
+from ckptguard.integrations._frozen import frozen_first
 from ckptguard.integrations.accelerate import protect as protect_accelerator
 from ckptguard.integrations.transformers import protect
 from request_counter import counting
@@ -300,3 +303,55 @@ def _accelerate_saves(acc: Any, ckpts: str, options: dict[str, Any] | None) -> N
     acc.load_state(f"{ckpts}/checkpoint_3")
     assert torch.equal(policy.weight, trained)
     assert reference.weight.abs().sum() > 0
+
+
+# -- frozen_first itself ------------------------------------------------------------------
+def _shards(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.safetensors"))
+
+
+def test_frozen_first_acts_only_for_its_own_thread(tmp_path: Path) -> None:
+    """Another thread's save_pretrained while a save has frozen_first open is left alone."""
+    model, other = _model(), _model()
+    with frozen_first(model, str(tmp_path / "mine"), lambda: None, ckptguard.LocalStorage(), {}):
+        thread = threading.Thread(target=other.save_pretrained, args=(str(tmp_path / "other"),))
+        thread.start()
+        thread.join()
+        model.save_pretrained(str(tmp_path / "mine"))
+    assert _shards(tmp_path / "other") == ["model.safetensors"]
+    assert _shards(tmp_path / "mine") == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    model.save_pretrained(str(tmp_path / "after"))  # closed: as before
+    assert _shards(tmp_path / "after") == ["model.safetensors"]
+
+
+def test_a_linked_shard_written_again_never_writes_into_the_committed_file(
+    tmp_path: Path,
+) -> None:
+    """save_pretrained twice into one save's folder: the second write of the linked frozen
+    shard makes a new file; the committed one (same inode until then) keeps its bytes."""
+    storage = ckptguard.LocalStorage()
+    model = _model()
+    committed = tmp_path / "committed"
+    with frozen_first(model, str(committed), lambda: None, storage, {}):
+        model.save_pretrained(str(committed))
+    shard = "model-00001-of-00002.safetensors"
+    digest = storage.hash_file(str(committed / shard))
+    reuse = Reuse({(digest.size, digest.checksum): str(committed / shard)}, set())
+    known: dict[str, ckptguard.FileDigest] = {}
+    staging = tmp_path / "staging"
+    with frozen_first(model, str(staging), lambda: reuse, storage, known):
+        model.save_pretrained(str(staging))
+        assert (staging / shard).stat().st_ino == (committed / shard).stat().st_ino
+        assert known == {shard: digest}
+        with torch.no_grad():  # a frozen weight changes before the second save
+            model.transformer.wte.weight.add_(1.0)
+        model.save_pretrained(str(staging))
+    assert storage.hash_file(str(committed / shard)) == digest
+    assert (committed / shard).stat().st_nlink == 1
+    assert (staging / shard).stat().st_ino != (committed / shard).stat().st_ino
+    assert known == {}
+    assert reuse.linked == {}
+    assert reuse.linked_bytes == 0

@@ -270,6 +270,8 @@ def test_a_power_cut_right_after_a_link_leaves_every_committed_checkpoint(tmp_pa
 def test_full_every_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="full_every"):
         CheckpointManager(tmp_path / "a", full_every=0)
+    with pytest.raises(TypeError, match="incremental must be True, False or None"):
+        CheckpointManager(tmp_path / "a", incremental=0)  # type: ignore[arg-type]
 
 
 def test_list_and_inspect_show_what_each_checkpoint_owns_and_shares(tmp_path: Path) -> None:
@@ -377,31 +379,45 @@ class _Raw:
         return self.body
 
 
-def _refuse_copies(request: Any, **_kwargs: object) -> Any:
-    """botocore's before-send: the answer of a store without server-side copy (501)."""
-    from aiobotocore.awsrequest import AioAWSResponse  # type: ignore[import-untyped]
+def _refusing(status: int, code: str) -> Any:
+    """botocore's before-send for CopyObject: the store's error answer instead."""
 
-    body = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
-        b"<Message>CopyObject is not implemented</Message></Error>"
-    )
-    return AioAWSResponse(request.url, 501, {"Content-Type": "application/xml"}, _Raw(body))
+    def refuse(request: Any, **_kwargs: object) -> Any:
+        from aiobotocore.awsrequest import AioAWSResponse  # type: ignore[import-untyped]
+
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+            "<Message>CopyObject refused</Message></Error>"
+        ).encode()
+        return AioAWSResponse(request.url, status, {"Content-Type": "application/xml"}, _Raw(body))
+
+    return refuse
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [(501, "NotImplemented", [0, 1, 0, 0]), (403, "AccessDenied", [0, 1, 1, 1])],
+    ids=["no-copy-store", "copy-denied"],
+)
 def test_a_store_that_refuses_copies_gets_every_file_uploaded(
-    moto: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    moto: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    refusal: tuple[int, str, list[int]],
 ) -> None:
-    """A store without CopyObject: the first refusal is logged, the file is uploaded
-    instead, and no later save asks again; every checkpoint is whole."""
+    """A refused CopyObject: the file is uploaded instead and every checkpoint is whole.
+    A store without CopyObject (501) is not asked again; a refusal of one copy (403) is
+    that copy's only."""
+    status, code, copies = refusal
     original = objectstore.FsspecStorage.__init__
 
     def init(self: objectstore.FsspecStorage, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self.fs.connect()
-        self.fs.s3.meta.events.register("before-send.s3.CopyObject", _refuse_copies)
+        self.fs.s3.meta.events.register("before-send.s3.CopyObject", _refusing(status, code))
 
     monkeypatch.setattr(objectstore.FsspecStorage, "__init__", init)
-    model, url = _model(), moto.url("no-copy")
+    model, url = _model(), moto.url(f"no-copy-{status}")
     with (
         counting() as requests,
         CheckpointManager(url, storage_options=moto.storage_options, keep_last=None) as mgr,
@@ -411,7 +427,7 @@ def test_a_store_that_refuses_copies_gets_every_file_uploaded(
             requests.take()
             mgr.save(step, {"model": model, "step": step})
             counts.append(requests.take())
-        assert [c.get("CopyObject", 0) for c in counts] == [0, 1, 0, 0]  # refused once
+        assert [c.get("CopyObject", 0) for c in counts] == copies
         assert all(c["PutObject"] == counts[0]["PutObject"] for c in counts)  # all uploaded
         assert [i.step for i in mgr.list()] == [1, 2, 3, 4]
         for step in range(1, 5):
@@ -425,7 +441,7 @@ def test_a_store_that_refuses_copies_gets_every_file_uploaded(
         for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
             assert torch.equal(a, b)
     refused = [r for r in caplog.records if "server-side copy failed" in r.getMessage()]
-    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
+    assert len(refused) == sum(copies), [r.getMessage() for r in caplog.records]
 
 
 def test_a_source_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:

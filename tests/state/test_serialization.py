@@ -602,7 +602,7 @@ def test_digest_from_memory_is_that_of_the_reference_safetensors_file(tmp_path: 
     tensors["b.more"] = torch.randn(4, 5)
     tensors["b.morë"] = torch.randn(3)
     storage = ckptguard.LocalStorage()
-    for n, metadata in enumerate([{"format": "pt"}, None, {"ü": "ë"}]):
+    for n, metadata in enumerate([{"format": "pt"}, None, {}, {"ü": "ë"}]):
         reference = tmp_path / f"reference{n}.safetensors"
         safetensors.torch.save_file(tensors, reference, metadata=metadata)
         data = reference.read_bytes()

@@ -93,7 +93,7 @@ def build_header(
     infos: list[TensorInfo] = []
     offset = 0
     body: dict[str, Any] = {}
-    if metadata:
+    if metadata is not None:  # {} too, as the library writes it
         body["__metadata__"] = dict(metadata)
     for name, dtype, shape in items:
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]

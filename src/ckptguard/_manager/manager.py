@@ -279,6 +279,8 @@ class CheckpointManager:
         """Incremental saves' state (None: every save writes every byte)."""
         from ckptguard._state.reuse import Incremental  # noqa: PLC0415
 
+        if wanted is not None and not isinstance(wanted, bool):
+            raise TypeError(f"incremental must be True, False or None, got {wanted!r}")
         policy = Incremental(full_every)  # a bad full_every raises either way
         return policy if wanted is not False else None
 

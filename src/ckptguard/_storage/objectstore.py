@@ -357,6 +357,18 @@ async def _s3_range_into(fs: Any, bucket: str, key: str, offset: int, view: memo
     return pos, resp.get("ETag"), resp.get("ContentRange")
 
 
+def _unsupported(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the store has no such operation."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NotImplementedError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in {errno.ENOSYS, errno.EOPNOTSUPP}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class FsspecStorage:
     """The storage contract on an fsspec filesystem.
 
@@ -603,8 +615,11 @@ class FsspecStorage:
             self._retry(lambda: self.fs.copy(src, dst), what="copy", path=dest)
         except FileNotFoundError:
             return None
-        except Exception as exc:  # a store without server-side copy: upload instead
-            self._no_copy = True
+        except Exception as exc:  # uploaded instead
+            if not _unsupported(exc):  # this copy only (retries ran out, access denied...)
+                _log.warning("%s: server-side copy failed (%s); uploading it", dest, exc)
+                return None
+            self._no_copy = True  # a store without server-side copy: never asked again
             _log.warning(
                 "%s: server-side copy failed (%s: %s); incremental saves upload every file",
                 self.url, type(exc).__name__, exc,

@@ -110,7 +110,7 @@ class RemoteOptions:
     storage_options: Mapping[str, Any] | None = None
     cache_dir: str | None = None
     async_save: bool = False  # see integrations/_capture.py
-    incremental: bool | None = None  # None: CheckpointManager's default (on for local roots)
+    incremental: bool | None = None  # None: CheckpointManager's default (on)
     full_every: int | None = None  # None: CheckpointManager's default
 
     @classmethod
@@ -136,7 +136,7 @@ class RemoteOptions:
             or options.keep_last < 1
         ):
             raise TypeError(f"{who}: keep_last= must be a positive int or None")
-        if options.incremental not in {None, True, False}:
+        if options.incremental is not None and not isinstance(options.incremental, bool):
             raise TypeError(f"{who}: incremental= must be True, False or None (the default)")
         every = options.full_every
         if every is not None and (type(every) is not int or every < 1):
