@@ -131,6 +131,30 @@ def _kill_child(root: str, point: str, marker: str) -> None:
     sys.exit(3)
 
 
+def _killed_problem(proc: subprocess.CompletedProcess[str], marker: Path, where: str) -> str | None:
+    """What is wrong with a child that should have been SIGKILLed at its point."""
+    if not marker.exists():
+        return f"{where}: never reached (exit {proc.returncode}): {proc.stderr[-300:]}"
+    if proc.returncode != -signal.SIGKILL:
+        return f"{where}: the child exited with {proc.returncode}, not SIGKILL"
+    return None
+
+
+def _committed_problem(
+    mgr: ckptguard.CheckpointManager, expected: list[int], where: str
+) -> str | None:
+    """What is wrong with the committed checkpoints after a kill (``expected``: steps)."""
+    infos = mgr.list(checksums=True)
+    if [i.step for i in infos] != expected:
+        return f"{where}: checkpoints {[i.step for i in infos]}, expected {expected}"
+    for info in infos:
+        if not info.valid:
+            return f"{where}: checkpoint-{info.step} does not verify: {info.problems}"
+        if problem := _exact(mgr, info.step):
+            return f"{where}: {problem}"
+    return None
+
+
 def _kill_case(work: Path, point: str) -> str | None:
     root, marker = work / "run", work / "reached"
     with _manager(root) as mgr:
@@ -139,20 +163,12 @@ def _kill_case(work: Path, point: str) -> str | None:
     cmd = [sys.executable, "-m", "gauntlet.incremental", "kill", str(root), point, str(marker)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, check=False)
     where = f"killed at {point}"
-    if not marker.exists():
-        return f"{where}: never reached (exit {proc.returncode}): {proc.stderr[-300:]}"
-    if proc.returncode != -signal.SIGKILL:
-        return f"{where}: the child exited with {proc.returncode}, not SIGKILL"
+    if problem := _killed_problem(proc, marker, where):
+        return problem
     expected = [1, 2, 3] if point in AFTER_RENAME else [1, 2]
     with _manager(root) as mgr:
-        infos = mgr.list(checksums=True)
-        if [i.step for i in infos] != expected:
-            return f"{where}: checkpoints {[i.step for i in infos]}, expected {expected}"
-        for info in infos:
-            if not info.valid:
-                return f"{where}: checkpoint-{info.step} does not verify: {info.problems}"
-            if problem := _exact(mgr, info.step):
-                return f"{where}: {problem}"
+        if problem := _committed_problem(mgr, expected, where):
+            return problem
         latest = mgr.latest()
         if latest is None or latest.step != expected[-1]:
             return f"{where}: latest() is {latest and latest.step}, expected {expected[-1]}"
@@ -209,20 +225,12 @@ def _kill_remote_case(server: S3Server, work: Path, point: str) -> str | None:
            json.dumps(options), point, str(marker)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, check=False)
     where = f"killed at {point} (s3)"
-    if not marker.exists():
-        return f"{where}: never reached (exit {proc.returncode}): {proc.stderr[-300:]}"
-    if proc.returncode != -signal.SIGKILL:
-        return f"{where}: the child exited with {proc.returncode}, not SIGKILL"
+    if problem := _killed_problem(proc, marker, where):
+        return problem
     expected = [1, 2, 3] if point == "remote.manifest_written" else [1, 2]
     with _manager(url, storage_options=options, stale_after=0) as mgr:  # cleans up at start
-        infos = mgr.list(checksums=True)
-        if [i.step for i in infos] != expected:
-            return f"{where}: checkpoints {[i.step for i in infos]}, expected {expected}"
-        for info in infos:
-            if not info.valid:
-                return f"{where}: checkpoint-{info.step} does not verify: {info.problems}"
-            if problem := _exact(mgr, info.step):
-                return f"{where}: {problem}"
+        if problem := _committed_problem(mgr, expected, where):
+            return problem
         if left := clean_store(FsspecStorage(url, options), url, grace=0, dry_run=True):
             return f"{where}: orphans after a start with stale_after=0: {left}"
         mgr.save(4, _state(4))
