@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -25,6 +25,9 @@ from ckptguard._storage.faults import set_fault_hook
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
 from request_counter import counting
 from s3_servers import S3Server
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 FROZEN = "model.frozen.safetensors"
 
@@ -561,3 +564,57 @@ def test_a_prelinked_frozen_file_whose_source_is_gone_is_written_only_if_unchang
             set_fault_hook(None)
         left = [e.path for e in ckptguard.scan(root).entries if "/staging/" in e.path]
         assert left == []
+
+
+# -- reflinks: a real XFS filesystem on a loop device --------------------------------------
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh XFS filesystem (reflinks on) mounted on a loop device, for this test only.
+
+    Needs root and mkfs.xfs (xfsprogs: .ci/run installs it); the image is sparse.
+    """
+    assert shutil.which("mkfs.xfs"), "mkfs.xfs is missing: apt-get install xfsprogs"
+    image, mount = tmp_path / "xfs.img", tmp_path / "xfs"
+    with image.open("wb") as f:
+        f.truncate(320 << 20)  # mkfs.xfs's minimum is 300 MiB
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_on_xfs_frozen_files_are_reflinked_and_damage_does_not_spread(xfs: Path) -> None:
+    """Reflinks (FICLONE): each checkpoint's frozen file is an inode of its own sharing the
+    extents, nothing rewritten; a bit flipped in place in one of them is copied on write,
+    so only that checkpoint is damaged; each reflinked file counts as shared."""
+    from ckptguard._state.reuse import owned_and_shared
+
+    root = xfs / "run"
+    mgr, model, written = _saves(root, range(1, 5))
+    try:
+        inodes = {_ino(root / f"checkpoint-{s}" / FROZEN) for s in range(1, 5)}
+        assert len(inodes) == 4
+        frozen_size = (root / "checkpoint-1" / FROZEN).stat().st_size
+        for step in (2, 3, 4):
+            meta = ckptguard.read_manifest(root / f"checkpoint-{step}").metadata["ckptguard"]
+            assert meta["incremental"]["linked_by"] == "reflink"
+            assert meta["incremental"]["linked_files"] == [FROZEN]
+            assert (root / f"checkpoint-{step}" / FROZEN).stat().st_nlink == 1
+            assert written[step - 1] < frozen_size  # not written again
+            manifest = ckptguard.read_manifest(root / f"checkpoint-{step}")
+            shares = owned_and_shared(str(root / f"checkpoint-{step}"), manifest)
+            assert shares is not None
+            assert shares[1] >= frozen_size
+        flip_bit(root / "checkpoint-3" / FROZEN, seed=3)
+        assert not mgr.verify(3).ok
+        for step in (1, 2, 4):
+            assert mgr.verify(step).ok, step
+        target = _model(seed=7)
+        mgr.restore(4, {"model": target, "opt": None, "step": None})
+        for a, b in zip(model.state_dict().values(), target.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        mgr.close()
