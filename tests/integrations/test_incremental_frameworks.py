@@ -36,6 +36,7 @@ from ckptguard._state.reuse import Reuse
 from ckptguard.integrations._frozen import frozen_first
 from ckptguard.integrations.accelerate import protect as protect_accelerator
 from ckptguard.integrations.transformers import protect
+from proc_io import wchar
 from request_counter import counting
 from s3_servers import S3Server
 
@@ -57,11 +58,11 @@ class Written(TrainerCallback):
     """Bytes this process wrote between one save's end and the next's."""
 
     def __init__(self) -> None:
-        self.mark = _wchar()
+        self.mark = wchar()
         self.per_save: list[int] = []
 
     def on_save(self, *args: Any, **kwargs: Any) -> None:  # noqa: ARG002
-        now = _wchar()
+        now = wchar()
         self.per_save.append(now - self.mark)
         self.mark = now
 
@@ -75,13 +76,6 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ARG002
         if state.global_step >= self.step:
             control.should_training_stop = True
-
-
-def _wchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no wchar in /proc/self/io")
 
 
 def _model() -> Any:

@@ -23,6 +23,7 @@ from ckptguard import CheckpointManager
 from ckptguard._storage import objectstore
 from ckptguard._storage.faults import set_fault_hook
 from ckptguard.testing import FaultyStorage, PowerCut, cut_power_at, flip_bit
+from proc_io import wchar
 from request_counter import counting
 from s3_servers import S3Server
 
@@ -54,13 +55,6 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> Non
     opt.zero_grad()
 
 
-def _wchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no wchar in /proc/self/io")
-
-
 def _ino(path: Path) -> int:
     return path.stat().st_ino
 
@@ -74,9 +68,9 @@ def _saves(
     written = []
     for step in steps:
         _train(model, opt, step)
-        before = _wchar()
+        before = wchar()
         mgr.save(step, {"model": model, "opt": opt, "step": step})
-        written.append(_wchar() - before)
+        written.append(wchar() - before)
     return mgr, model, written
 
 

@@ -723,10 +723,7 @@ class CheckpointManager:
         inc = self.incremental
         if inc is None:
             return lambda: None
-        from ckptguard._state.reuse import (  # noqa: PLC0415
-            copy_unchanged_spooled,
-            link_unchanged_files,
-        )
+        from ckptguard._state.reuse import link_unchanged_files  # noqa: PLC0415
 
         user = tx.prepare
         planned: list[tuple[Reuse | None, int]] = []
@@ -740,11 +737,10 @@ class CheckpointManager:
             if user is not None:
                 user(staging)
             reuse = plan()
-            if reuse is not None and self.backend.remote:  # spooled, then uploaded
-                copy_unchanged_spooled(os.fspath(staging), tx.write_path, reuse, tx.storage,
-                                       tx.known)  # fmt: skip
-            elif reuse is not None:
-                link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known)
+            if reuse is not None:  # on a store the files are spooled, then uploaded
+                upload_to = tx.write_path if self.backend.remote else None
+                link_unchanged_files(os.fspath(staging), reuse, tx.storage, tx.known,
+                                     upload_to=upload_to)  # fmt: skip
             tx.metadata = with_incremental(tx.metadata, planned[0][1], reuse)
 
         def learn() -> None:

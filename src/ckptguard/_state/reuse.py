@@ -53,7 +53,6 @@ __all__ = [
     "MIN_BYTES",
     "Incremental",
     "Reuse",
-    "copy_unchanged_spooled",
     "link_unchanged_files",
     "owned_and_shared",
     "shared_files",
@@ -260,35 +259,13 @@ def owned_and_shared(checkpoint: str, manifest: Manifest) -> tuple[int, int] | N
     return manifest.total_size - shared_bytes, shared_bytes
 
 
-def copy_unchanged_spooled(
-    spool: str, prefix: str, reuse: Reuse, storage: Storage, known: dict[str, FileDigest]
-) -> None:
-    """Object stores: spooled files of a framework that equal a committed object, copied.
-
-    The framework wrote into a local ``spool`` that the commit uploads under ``prefix``.
-    Each file unchanged at the previous save is hashed (from the page cache); an equal
-    one is copied by the server from the committed object to ``prefix/<file>``, its
-    digest put in ``known`` and its spooled copy removed, so it is not uploaded.
-    """
-    from ckptguard._storage.local import LocalStorage  # noqa: PLC0415
-
-    local = LocalStorage()
-    files, _dirs = local.walk_files(spool)
-    for rel in files:
-        if rel in known or rel not in reuse.expect_same:
-            continue
-        path = os.path.join(spool, rel)
-        if not reuse.worth_hashing(rel, os.stat(path, follow_symlinks=False).st_size):
-            continue
-        digest = local.hash_file(path, fsync=False)
-        if reuse.link(rel, digest, f"{prefix}/{rel}", storage):
-            os.unlink(path)
-            known[rel] = digest
-            fault_point("reuse.linked")
-
-
 def link_unchanged_files(
-    staging_dir: str, reuse: Reuse, storage: Storage, known: dict[str, FileDigest]
+    staging_dir: str,
+    reuse: Reuse,
+    storage: Storage,
+    known: dict[str, FileDigest],
+    *,
+    upload_to: str | None = None,
 ) -> None:
     """Files a framework wrote into ``staging_dir`` that equal a committed one: linked.
 
@@ -297,8 +274,15 @@ def link_unchanged_files(
     file and its digest put in ``known`` (the seal trusts it). Others are left to the
     seal, which hashes and fsyncs every file; :meth:`Incremental.learn` then notes from
     the manifest which files turned out unchanged, for the next save.
+
+    ``upload_to``: on an object store, ``staging_dir`` is the local spool the commit
+    uploads under that prefix; an equal file is copied there by the server instead
+    (``storage.link_file``), and its spooled copy removed so that it is not uploaded.
     """
-    files, _dirs = storage.walk_files(staging_dir)
+    from ckptguard._storage.local import LocalStorage  # noqa: PLC0415
+
+    local = storage if upload_to is None else LocalStorage()  # where the files are now
+    files, _dirs = local.walk_files(staging_dir)
     for rel in files:
         if rel in known or rel not in reuse.expect_same:
             continue
@@ -306,14 +290,19 @@ def link_unchanged_files(
         size = os.stat(path, follow_symlinks=False).st_size
         if not reuse.worth_hashing(rel, size):
             continue
-        digest = storage.hash_file(path, fsync=False)
+        digest = local.hash_file(path, fsync=False)
         if (digest.size, digest.checksum) not in reuse.sources:
             continue
-        # Linked beside it first: if the source went away meanwhile, the written file stays.
-        spare = f"{path}{LINK_SUFFIX}"
-        if not reuse.link(rel, digest, spare, storage):
-            continue
-        storage.remove_file(path)
-        storage.rename_noreplace(spare, path)
+        if upload_to is not None:
+            if not reuse.link(rel, digest, f"{upload_to}/{rel}", storage):
+                continue
+            os.unlink(path)
+        else:
+            # Linked beside it first: if the source went away meanwhile, the written file stays.
+            spare = f"{path}{LINK_SUFFIX}"
+            if not reuse.link(rel, digest, spare, storage):
+                continue
+            storage.remove_file(path)
+            storage.rename_noreplace(spare, path)
         known[rel] = digest
         fault_point("reuse.linked")

@@ -32,6 +32,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ckptguard._storage.faults import fault_point
+from ckptguard.integrations._capture import tensor_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -52,10 +53,6 @@ def frozen_names(model: Any) -> set[str]:
     if named is None:
         return set()
     return {name for name, p in named(remove_duplicate=False) if not p.requires_grad}
-
-
-def _nbytes(tensors: dict[str, Any]) -> int:
-    return sum(int(t.numel()) * int(t.element_size()) for t in tensors.values())
 
 
 class _Save:
@@ -81,7 +78,7 @@ class _Save:
         from huggingface_hub.serialization._base import StateDictSplit  # noqa: PLC0415
 
         cold = {k: v for k, v in state_dict.items() if k in self.frozen}
-        if args or len(cold) == len(state_dict) or _nbytes(cold) < FROZEN_SHARD_MIN:
+        if args or len(cold) == len(state_dict) or tensor_bytes(cold) < FROZEN_SHARD_MIN:
             return before(state_dict, *args, **kwargs)
         warm = {k: v for k, v in state_dict.items() if k not in self.frozen}
         parts = [before(cold, **kwargs), before(warm, **kwargs)]

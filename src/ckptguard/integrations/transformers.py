@@ -553,12 +553,13 @@ def _save(trainer: Any, guard: _Guard, root: str, run_original: Any) -> None:
 
 def _unwrapped(trainer: Any) -> Any:
     """The model whose ``save_pretrained`` the Trainer calls (without DDP or compile)."""
-    model = trainer.model
-    accelerator = getattr(trainer, "accelerator", None)
-    if accelerator is not None:
-        with contextlib.suppress(Exception):
-            return accelerator.unwrap_model(model, keep_torch_compile=False)
-    return getattr(model, "_orig_mod", model)
+    unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
+    if not callable(unwrap):
+        return trainer.model
+    try:
+        return unwrap(trainer.model, keep_torch_compile=False)
+    except TypeError:  # an accelerate without keep_torch_compile
+        return unwrap(trainer.model)
 
 
 def _commit_late_writes(
@@ -680,8 +681,7 @@ def _let_node_leaders_save_weights(trainer: Any) -> Any:
     (``should_save_on_this_rank``), whatever ``save_on_each_node`` says: every other node's
     checkpoint would lack the model, and resuming there would fail.
     """
-    unwrap = getattr(getattr(trainer, "accelerator", None), "unwrap_model", None)
-    model = unwrap(trainer.model) if callable(unwrap) else trainer.model
+    model = _unwrapped(trainer)
     if not callable(getattr(model, "should_save_on_this_rank", None)):
         return None  # transformers 4.x: is_main_process (= should_save) alone decides
 
